@@ -1,0 +1,1 @@
+"""The `embedstore` command line: parse, call the embedstore library, print."""

@@ -1,0 +1,152 @@
+"""The `embedstore` command (Typer). Thin: each command parses, calls embedstore, prints.
+
+Library imports happen inside the commands so `embedstore --help` is quick and decode worker
+processes (which re-import the entry module) stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from embedstore.errors import UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="DINOv2 embeddings for radiology archives.")
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def ingest(
+    sources: list[str] = typer.Argument(..., help="Files or directories (searched recursively)."),
+    store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
+    model: str = typer.Option("dinov2_vits14", help="dinov2_vit{s,b,l,g}14[_reg] or any timm model name."),
+    weights: str = typer.Option("hub", help="hub, random, or a checkpoint path (Meta .pth or timm file)."),
+    image_size: int = typer.Option(224, help="Model input size; a multiple of the patch size (14)."),
+    patches: bool = typer.Option(True, "--patches/--no-patches", help="Keep patch tokens in Zarr."),
+    window: str = typer.Option("auto", help="CT window: auto (the study's [-1024, 600]) or a preset name."),
+    batch_size: int = typer.Option(32, help="Slices per model batch."),
+    workers: Optional[int] = typer.Option(None, help="Decode worker processes (0 decodes inline)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    seed: int = typer.Option(0, help="Seed for --weights random."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Drop this model's rows and rebuild."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Embed every slice under SOURCES into STORE; reruns embed only what is missing."""
+    from embedstore.ingest.run import IngestOptions, default_workers, ingest as run_ingest
+
+    options = IngestOptions(
+        model=model, weights=weights, image_size=image_size, seed=seed, keep_patches=patches, window=window,
+        batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
+        precision=precision, overwrite=overwrite, show_progress=progress,
+    )
+    summary = run_ingest(sources, store, options)
+    print_summary(summary)
+    if json_out:
+        json_out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def print_summary(summary) -> None:
+    table = Table(title=f"ingest {summary.run_id}", show_header=False)
+    table.add_column(overflow="fold")
+    table.add_column(overflow="fold")
+    table.add_row("model", summary.model_id)
+    table.add_row("store", summary.store)
+    table.add_row("slices found", f"{summary.n_found:,}")
+    table.add_row("embedded", f"{summary.n_embedded:,}")
+    table.add_row("skipped (already in store)", f"{summary.n_skipped:,}")
+    failed = ", ".join(f"{reason} {n}" for reason, n in summary.failures_by_reason.items())
+    table.add_row("failed files", f"{summary.n_failed:,}" + (f" ({failed})" if failed else ""))
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("slices/s", f"{summary.slices_per_s:,.1f}")
+    table.add_row("stage seconds", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))
+    out.print(table)
+
+
+@app.command()
+def info(
+    store: Path = typer.Argument(..., help="Store directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """What a store holds: tables, models, modalities, series, patch storage, failures."""
+    from embedstore.store import Store
+    from embedstore.store.info import store_info
+
+    summary = store_info(Store.open(store))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_info(summary)
+
+
+def print_info(summary: dict) -> None:
+    out.print(f"[bold]{summary['store']}[/bold]  format v{summary['format_version']}, "
+              f"{summary['vector_dim'] or '-'}-d vectors, {summary['series']:,} series, "
+              f"{summary['studies']:,} studies, patches {summary['patch_bytes'] / 1e6:,.1f} MB")
+    tables = Table("table", "rows")
+    for name, rows in summary["tables"].items():
+        tables.add_row(name, f"{rows:,}")
+    out.print(tables)
+    models = Table("model_id", "slices", "series", "studies", "patients")
+    for model_id, counts in summary["models"].items():
+        models.add_row(model_id, *(f"{counts[c]:,}" for c in ("slices", "series", "studies", "patients")))
+    out.print(models)
+    for title, counts in (("modality", summary["modalities"]), ("failure reason", summary["failures_by_reason"])):
+        if counts:
+            table = Table(title, "count")
+            for name, n in counts.items():
+                table.add_row(str(name), f"{n:,}")
+            out.print(table)
+
+
+@app.command()
+def demo(
+    store: Path = typer.Option(Path("embedstore-demo"), "--store", help="Store directory for the demo."),
+) -> None:
+    """Build a sample archive, ingest it, show `info` and a nearest-neighbour lookup."""
+    from embedstore.demo import run_demo
+
+    summary, store_summary, neighbours, query_key = run_demo(store, say=lambda line: out.print(line))
+    print_summary(summary)
+    print_info(store_summary)
+    table = Table("rank", "similarity", "modality", "slice", "path", title=f"nearest to {query_key}")
+    for rank, neighbour in enumerate(neighbours, 1):
+        table.add_row(str(rank), f"{neighbour.similarity:.4f}", str(neighbour.modality),
+                      str(neighbour.slice_index), neighbour.path)
+    out.print(table)
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2: the contract for every wrong request."""
+    print(f"embedstore: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:
+        print(error.ctx.get_help(), file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as error:
+        fail(error.format_message())
+    except UsageError as error:
+        fail(str(error))
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("embedstore: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""`embedstore demo`: the main job end to end on a generated sample archive, on any machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from embedstore.errors import UsageError
+from embedstore.ingest.run import IngestOptions, IngestSummary, ingest
+from embedstore.models import LoadedModel, load_model
+from embedstore.query.search import Neighbour, nearest_slices
+from embedstore.samples import build_sample_archive
+from embedstore.store import Store, sql_literal
+from embedstore.store.info import store_info
+
+DEMO_MODEL = "dinov2_vits14"
+
+
+def demo_model(say: Callable[[str], None]) -> LoadedModel:
+    """Pretrained DINOv2 when the hub can be reached, else seeded random weights, said plainly."""
+    try:
+        return load_model(DEMO_MODEL, "hub")
+    except UsageError as error:
+        say(f"No pretrained weights ({error}).")
+        say("The demo goes on with RANDOM weights: the pipeline is real, the similarities are not meaningful.")
+        return load_model(DEMO_MODEL, "random")
+
+
+def run_demo(store_path: Path, say: Callable[[str], None] = print,
+             show_progress: bool = True) -> tuple[IngestSummary, dict, list[Neighbour], str]:
+    archive = store_path.with_name(store_path.name + "-archive")
+    if not archive.exists():
+        say(f"Writing a sample archive to {archive} (pydicom's CT/MR files, a CT series, a multi-frame MR, "
+            f"PNG phantoms, a NIfTI volume)")
+        build_sample_archive(archive)
+    loaded = demo_model(say)
+    summary = ingest([archive], store_path, IngestOptions(model=DEMO_MODEL, weights="random",
+                                                          show_progress=show_progress), loaded=loaded)
+    store = Store.open(store_path)
+    query = store.rows("slices", f"model_id = {sql_literal(summary.model_id)} AND modality = 'CT' "
+                                 f"AND path LIKE '%ct_series%' AND slice_index = 5", ["key"])
+    query_key = query.column("key")[0].as_py()
+    return summary, store_info(store), nearest_slices(store, query_key, k=5), query_key

@@ -1,0 +1,135 @@
+"""The decode stage: read and preprocess files in worker processes while the model runs.
+
+Work goes out in chunks of a few files (small files would otherwise cost more in messaging than
+in decoding) with a bounded number of chunks in flight, so memory stays flat however large the
+archive. Results come back in submission order. `workers=0` decodes inline, for tiny jobs and tests.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterable, Iterator
+
+from embedstore.errors import DECODE_ERROR, WORKER_CRASHED, InputError
+from embedstore.preprocess import IntensityConfig
+from embedstore.sources import DecodedFile, Failure, ReadTask, decode_task
+
+CHUNK_SLICES = 8  # files are grouped until a chunk holds this many slices
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # parallelism comes from the processes; one thread each avoids oversubscription
+
+
+def decode_or_fail(task: ReadTask, config: IntensityConfig, image_size: int) -> DecodedFile | Failure:
+    try:
+        return decode_task(task, config, image_size)
+    except InputError as error:
+        return Failure(task.path, error.stage, error.reason, error.message)
+    except Exception as error:  # a reader bug or an odd file must not end the run
+        return Failure(task.path, "decode", DECODE_ERROR, f"{type(error).__name__}: {error}")
+
+
+def decode_chunk(tasks: list[ReadTask], config: IntensityConfig, image_size: int):
+    started = time.perf_counter()
+    results = [decode_or_fail(task, config, image_size) for task in tasks]
+    return results, time.perf_counter() - started
+
+
+def chunk_tasks(tasks: Iterable[ReadTask], chunk_slices: int = CHUNK_SLICES) -> Iterator[list[ReadTask]]:
+    chunk: list[ReadTask] = []
+    size = 0
+    for task in tasks:
+        chunk.append(task)
+        size += len(task.items)
+        if size >= chunk_slices:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class DecodePool:
+    def __init__(self, workers: int, config: IntensityConfig, image_size: int):
+        self.workers = workers
+        self.config = config
+        self.image_size = image_size
+        self.worker_seconds = 0.0  # read + decode + preprocess time summed over workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+            )
+        return self._executor
+
+    def map(self, fn: Callable, items: list, chunksize: int = 64) -> Iterator:
+        """Ordered map of a picklable function over items (used for header reads)."""
+        if self.workers == 0 or len(items) < 2 * chunksize:
+            return map(fn, items)
+        return self._pool().map(fn, items, chunksize=chunksize)
+
+    def decode(self, tasks: Iterable[ReadTask]) -> Iterator[tuple[ReadTask, DecodedFile | Failure]]:
+        chunks = chunk_tasks(tasks)
+        if self.workers == 0:
+            for chunk in chunks:
+                results, seconds = decode_chunk(chunk, self.config, self.image_size)
+                self.worker_seconds += seconds
+                yield from zip(chunk, results)
+            return
+        in_flight: deque[tuple[list[ReadTask], Future]] = deque()
+        limit = self.workers * CHUNKS_IN_FLIGHT_PER_WORKER
+        for chunk in chunks:
+            in_flight.append((chunk, self._submit(chunk)))
+            if len(in_flight) >= limit:
+                yield from self._collect(*in_flight.popleft())
+        while in_flight:
+            yield from self._collect(*in_flight.popleft())
+
+    def _submit(self, chunk: list[ReadTask]) -> Future:
+        try:
+            return self._pool().submit(decode_chunk, chunk, self.config, self.image_size)
+        except BrokenProcessPool:
+            self._replace_pool()
+            return self._pool().submit(decode_chunk, chunk, self.config, self.image_size)
+
+    def _replace_pool(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _collect(self, chunk: list[ReadTask], future: Future) -> Iterator[tuple[ReadTask, DecodedFile | Failure]]:
+        try:
+            results, seconds = future.result()
+        except BrokenProcessPool:
+            # A worker died (a codec crash, the OOM killer) and took the pool's queued work with it.
+            # Retry this chunk's files one by one in a fresh pool: only the culprit becomes a failure.
+            self._replace_pool()
+            return ((task, self._decode_alone(task)) for task in chunk)
+        self.worker_seconds += seconds
+        return zip(chunk, results)
+
+    def _decode_alone(self, task: ReadTask) -> DecodedFile | Failure:
+        try:
+            (result,), seconds = self._submit([task]).result()
+        except BrokenProcessPool as error:
+            self._replace_pool()
+            return Failure(task.path, "decode", WORKER_CRASHED, f"decode worker died reading this file: {error}")
+        self.worker_seconds += seconds
+        return result

@@ -1,0 +1,180 @@
+"""Single-machine ingest: catalog → plan → decode (worker processes) → embed → write → summary."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embedstore.errors import UsageError
+from embedstore.ingest.decode import DecodePool
+from embedstore.ingest.plan import plan_remaining
+from embedstore.ingest.progress import IngestProgress
+from embedstore.ingest.writer import DEFAULT_COMMIT_ROWS, EmbeddedBatch, SliceWriter
+from embedstore.models import LoadedModel, load_model
+from embedstore.models.embedder import Embedder
+from embedstore.preprocess import IntensityConfig
+from embedstore.sources import DecodedFile, Failure, SliceItem, build_catalog, check_sources, discover
+from embedstore.store import Store, check_store_path
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class IngestOptions:
+    model: str = "dinov2_vits14"
+    weights: str = "hub"  # "hub" | "random" | checkpoint path
+    image_size: int = 224
+    seed: int = 0  # for --weights random
+    keep_patches: bool = True
+    window: str = "auto"
+    batch_size: int = 32
+    workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    precision: str = "fp32"
+    overwrite: bool = False
+    commit_rows: int = DEFAULT_COMMIT_ROWS
+    show_progress: bool = True
+
+
+@dataclass
+class IngestSummary:
+    run_id: str
+    model_id: str
+    store: str
+    n_found: int
+    n_embedded: int
+    n_skipped: int
+    n_failed: int
+    failures_by_reason: dict[str, int]
+    seconds: float
+    slices_per_s: float
+    stage_seconds: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOptions,
+           loaded: LoadedModel | None = None) -> IngestSummary:
+    """Embed every slice under `sources` that the store does not hold yet for this model.
+
+    All argument checks (sources, store path, model, image size, weights) happen before the
+    store is created or touched, so a wrong request writes nothing.
+    """
+    source_paths = check_sources(sources)
+    store_path = Path(store_path)
+    check_store_path(store_path, create=True)
+    if options.batch_size < 1 or options.workers < 0:
+        raise UsageError("--batch-size must be at least 1 and --workers at least 0")
+    config = IntensityConfig(window=options.window)
+    loaded = loaded or load_model(options.model, options.weights, options.image_size, options.seed)
+    model_id = loaded.model_id(config.tag())
+    embedder = Embedder(loaded, options.device, options.precision)
+
+    store = Store.open(store_path, create=True)
+    store.ensure_vector_tables(loaded.embed_dim)
+    if options.overwrite:
+        store.delete_model(model_id)
+    run_id = new_run_id()
+    store.start_run(run_id, model_id, {**asdict(options), "sources": [str(p) for p in source_paths]})
+    started = time.perf_counter()
+    stage_seconds: Counter = Counter()
+
+    with DecodePool(options.workers, config, loaded.image_size) as pool:
+        found, discover_failures = discover(source_paths)
+        catalog = build_catalog(found, pool.map)
+        plan = plan_remaining(catalog.tasks, model_id, store.committed_keys(model_id))
+        stage_seconds["catalog"] = time.perf_counter() - started
+        writer = SliceWriter(store, model_id, run_id, loaded.embed_dim, loaded.num_patches,
+                             options.keep_patches, options.commit_rows)
+        failures: list[Failure] = discover_failures + catalog.failures
+        writer.submit_failures(failures)
+        with IngestProgress(plan.n_todo, enabled=options.show_progress) as progress:
+            batcher = SliceBatcher(options.batch_size)
+            for task, result in pool.decode(plan.tasks):
+                if isinstance(result, Failure):
+                    failures.append(result)
+                    writer.submit_failures([result])
+                    progress.failed(len(task.items))
+                    continue
+                batcher.add(result)
+                while batcher.full():
+                    _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
+                    progress.advance(options.batch_size)
+            if batcher.pending():
+                n = batcher.pending()
+                _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
+                progress.advance(n)
+        writer.close()
+        stage_seconds["read_decode_workers"] = pool.worker_seconds
+    stage_seconds.update(writer.seconds)
+
+    tried_paths = sorted({task.path for task in plan.tasks} | {f.path for f in failures})
+    store.forget_failures(tried_paths, run_id)
+    series_started = time.perf_counter()
+    store.refresh_series(model_id, store.stale_series(model_id))
+    stage_seconds["series"] = time.perf_counter() - series_started
+    seconds = time.perf_counter() - started
+    embedded = writer.n_committed
+    summary = IngestSummary(
+        run_id=run_id, model_id=model_id, store=str(store_path), n_found=catalog.n_items,
+        n_embedded=embedded, n_skipped=plan.n_skipped, n_failed=len(failures),
+        failures_by_reason=dict(Counter(f.reason for f in failures)), seconds=seconds,
+        slices_per_s=embedded / seconds if seconds > 0 else 0.0,
+        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
+    )
+    store.finish_run(run_id, embedded, plan.n_skipped, len(failures), summary.slices_per_s, stage_seconds)
+    return summary
+
+
+def _embed_and_submit(embedder: Embedder, batch: tuple[list[SliceItem], np.ndarray], writer: SliceWriter,
+                      keep_patches: bool, stage_seconds: Counter) -> None:
+    items, pixels = batch
+    started = time.perf_counter()
+    embeddings = embedder.embed(pixels, keep_patches=keep_patches)
+    stage_seconds["embed"] += time.perf_counter() - started
+    writer.submit(EmbeddedBatch(items, embeddings))
+
+
+class SliceBatcher:
+    """Gathers decoded slices from files of any size into model batches of exactly `size`."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: list[SliceItem] = []
+        self._pixels: list[np.ndarray] = []
+        self._count = 0
+
+    def add(self, decoded: DecodedFile) -> None:
+        for item in decoded.task.items:
+            item.modality = item.modality or decoded.modality
+            item.rows, item.cols = decoded.rows, decoded.cols
+        self._items.extend(decoded.task.items)
+        self._pixels.append(decoded.pixels)
+        self._count += len(decoded.task.items)
+
+    def pending(self) -> int:
+        return self._count
+
+    def full(self) -> bool:
+        return self._count >= self.size
+
+    def take(self) -> tuple[list[SliceItem], np.ndarray]:
+        pixels = np.concatenate(self._pixels) if len(self._pixels) > 1 else self._pixels[0]
+        n = min(self.size, self._count)
+        items, self._items = self._items[:n], self._items[n:]
+        self._pixels = [pixels[n:]] if n < len(pixels) else []
+        self._count -= n
+        return items, pixels[:n]

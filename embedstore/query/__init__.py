@@ -1,0 +1,1 @@
+"""Query layer: answers from stored vectors without re-running the backbone."""

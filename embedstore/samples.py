@@ -1,0 +1,167 @@
+"""Generated sample archives: phantom images written as PNG, CT DICOM series, multi-frame DICOM and
+NIfTI. Used by `embedstore demo`, the benchmarks and the tests, so every machine can run the whole
+pipeline without downloading data.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+# Bundled with pydicom itself (no download): a CT slice and an MR slice.
+PYDICOM_BUNDLED = ("CT_small.dcm", "MR_small.dcm")
+
+
+def phantom(size: int, seed: int) -> np.ndarray:
+    """A head-like phantom in [0, 1]: an outer ellipse with random inner ellipses."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    image = np.zeros((size, size), dtype=np.float32)
+    image[(x / 0.85) ** 2 + (y / 0.95) ** 2 <= 1] = 0.6
+    image[(x / 0.78) ** 2 + (y / 0.88) ** 2 <= 1] = 0.3
+    for _ in range(4):
+        cx, cy = rng.uniform(-0.4, 0.4, 2)
+        ax, ay = rng.uniform(0.05, 0.3, 2)
+        image[((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1] += rng.uniform(0.1, 0.4)
+    return np.clip(image, 0, 1)
+
+
+def write_png(path: Path, image01: np.ndarray, bits: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bits == 16:
+        Image.fromarray((image01 * 65535).astype(np.uint16)).save(path)
+    else:
+        Image.fromarray((image01 * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _uid(*parts) -> str:
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def _file_dataset(sop_class: str, sop_uid: str) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    return ds
+
+
+def _set_pixels(ds: Dataset, stored: np.ndarray) -> None:
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(stored, dtype=np.uint16).tobytes()
+
+
+def ct_series_hu(n_slices: int, size: int, seed: int) -> np.ndarray:
+    """(n, size, size) HU volume: air outside, soft tissue inside, varying along the slice axis."""
+    slices = []
+    for index in range(n_slices):
+        tissue = phantom(size, seed * 1000 + index)
+        hu = np.where(tissue > 0, -100 + tissue * 1200 + 20 * index, -1000)
+        slices.append(hu.astype(np.float32))
+    return np.stack(slices)
+
+
+def write_ct_series(directory: Path, n_slices: int = 8, size: int = 64, seed: int = 0,
+                    patient_id: str = "PAT-CT", patient_name: str = "Doe^Jane",
+                    slope: float = 1.0, intercept: float = -1024.0, spacing: float = 2.5,
+                    shuffle_names: bool = True) -> list[Path]:
+    """An axial CT series, one file per slice, stored values = (HU - intercept) / slope.
+
+    With `shuffle_names` the file names do not follow slice order, so only ImagePositionPatient can.
+    Returns the paths in anatomical order (inferior → superior).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    hu = ct_series_hu(n_slices, size, seed)
+    study_uid, series_uid = _uid("study", seed, patient_id), _uid("series", seed, patient_id)
+    name_order = np.random.default_rng(seed).permutation(n_slices) if shuffle_names else np.arange(n_slices)
+    paths = []
+    for index in range(n_slices):
+        sop_uid = _uid("ct", seed, patient_id, index)
+        ds = _file_dataset(CTImageStorage, sop_uid)
+        ds.PatientID, ds.PatientName = patient_id, patient_name
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.Modality = "CT"
+        ds.InstanceNumber = int(name_order[index]) + 1  # deliberately not the anatomical order
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(index * spacing)]
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.SliceThickness = spacing
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        _set_pixels(ds, np.round((hu[index] - intercept) / slope))
+        path = directory / f"IM{int(name_order[index]):04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_multiframe_mr(path: Path, n_frames: int = 5, size: int = 48, seed: int = 1,
+                        patient_id: str = "PAT-MR") -> Path:
+    """An enhanced-MR-like multi-frame object with per-frame positions, frames stored superior → inferior."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = _file_dataset(MRImageStorage, _uid("mf", seed, patient_id))
+    ds.PatientID, ds.PatientName = patient_id, "Roe^Richard"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = _uid("mfstudy", seed), _uid("mfseries", seed)
+    ds.Modality = "MR"
+    ds.NumberOfFrames = n_frames
+    shared = Dataset()
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PlaneOrientationSequence = [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for frame in range(n_frames):
+        group, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [0.0, 0.0, float((n_frames - 1 - frame) * 3.0)]
+        group.PlanePositionSequence = [position]
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    frames = np.stack([phantom(size, seed * 100 + f) * 800 for f in range(n_frames)])
+    _set_pixels(ds, frames)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_nifti(path: Path, shape: tuple[int, int, int] = (40, 40, 12), seed: int = 2, ct: bool = True) -> Path:
+    """A phantom volume with a 1.5 mm RAS affine, CT-like (HU) or MR-like values."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    volume = np.stack([phantom(shape[0], seed * 10 + z)[:, : shape[1]] for z in range(shape[2])], axis=-1)
+    data = np.where(volume > 0, volume * 1000 - 100, -1000) if ct else volume * 600
+    nib.save(nib.Nifti1Image(data.astype(np.int16), np.diag([1.5, 1.5, 1.5, 1.0])), str(path))
+    return path
+
+
+def copy_pydicom_bundled(directory: Path) -> list[Path]:
+    """pydicom's own small CT and MR test files (shipped inside the pydicom package)."""
+    from pydicom.data import get_testdata_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(get_testdata_file(name), directory / name)) for name in PYDICOM_BUNDLED]
+
+
+def build_sample_archive(root: Path) -> Path:
+    """A small mixed archive: bundled pydicom CT/MR, a generated CT series and multi-frame MR,
+    phantom PNGs (8- and 16-bit) and a NIfTI CT volume."""
+    copy_pydicom_bundled(root / "pydicom")
+    write_ct_series(root / "ct_series", n_slices=12, size=96, seed=3)
+    write_multiframe_mr(root / "mr_multiframe" / "cine.dcm", n_frames=6, size=64)
+    for index in range(6):
+        write_png(root / "xray" / f"phantom_{index:02d}.png", phantom(128, 50 + index), bits=16 if index % 2 else 8)
+    write_nifti(root / "nifti" / "volume.nii.gz", shape=(64, 64, 10))
+    return root

@@ -1,0 +1,71 @@
+"""The catalog: every slice the sources hold, grouped into series and ordered, as read tasks.
+
+Building it reads DICOM headers and NIfTI headers (never pixel data). `map_fn` lets the caller run
+the header reads in its worker pool; it defaults to the built-in `map`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from embedstore.errors import DUPLICATE_INSTANCE, InputError
+from embedstore.sources.dicom import DicomHeader, read_header, series_items
+from embedstore.sources.discover import FoundFile
+from embedstore.sources.nifti import count_axial_slices, volume_items
+from embedstore.sources.raster import raster_item
+from embedstore.sources.records import Failure, ReadTask, SliceItem
+
+
+@dataclass
+class Catalog:
+    tasks: list[ReadTask] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def n_items(self) -> int:
+        return sum(len(task.items) for task in self.tasks)
+
+
+def scan_file(found: FoundFile) -> DicomHeader | int | Failure | None:
+    """The catalog facts of one file: a DICOM header, a NIfTI slice count, None for a raster."""
+    try:
+        if found.kind == "dicom":
+            return read_header(found.path)
+        if found.kind == "nifti":
+            return count_axial_slices(found.path)
+        return None
+    except InputError as error:
+        return Failure(found.path, "read", error.reason, error.message)
+
+
+def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map) -> Catalog:
+    catalog = Catalog()
+    dicom_series: dict[str, list[DicomHeader]] = defaultdict(list)
+    seen_sops: dict[str, str] = {}
+    for found, scanned in zip(files, map_fn(scan_file, files)):
+        if isinstance(scanned, Failure):
+            catalog.failures.append(scanned)
+        elif found.kind == "dicom":
+            if scanned.sop_uid in seen_sops:
+                catalog.failures.append(Failure(
+                    found.path, "read", DUPLICATE_INSTANCE,
+                    f"SOPInstanceUID {scanned.sop_uid} already read from {seen_sops[scanned.sop_uid]}"))
+                continue
+            seen_sops[scanned.sop_uid] = found.path
+            dicom_series[scanned.series_uid].append(scanned)
+        elif found.kind == "nifti":
+            catalog.tasks.append(ReadTask("nifti", found.path, volume_items(found.path, scanned)))
+        else:
+            catalog.tasks.append(ReadTask("raster", found.path, [raster_item(found.path)]))
+    for headers in dicom_series.values():
+        catalog.tasks.extend(_tasks_by_file("dicom", series_items(headers)))
+    return catalog
+
+
+def _tasks_by_file(kind: str, items: list[SliceItem]) -> list[ReadTask]:
+    by_path: dict[str, ReadTask] = {}
+    for item in items:
+        by_path.setdefault(item.path, ReadTask(kind, item.path)).items.append(item)
+    return list(by_path.values())

@@ -1,0 +1,48 @@
+"""A summary of what a store holds, for `embedstore info`."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from embedstore.store import Store
+from embedstore.store.patches import directory_bytes
+
+
+def _counts(values) -> dict[str, int]:
+    return dict(Counter("(none)" if v is None else v for v in values).most_common())
+
+
+def store_info(store: Store) -> dict:
+    tables = {name: store.table(name).count_rows() for name in sorted(store.db.list_tables().tables)}
+    slices = store.rows("slices", columns=["model_id", "modality", "study_uid", "series_uid", "patient_id"])
+    failures = store.rows("failures", columns=["reason"])
+    runs = store.rows("runs", columns=["run_id", "model_id", "started_at", "ended_at", "n_embedded",
+                                       "n_skipped", "n_failed", "slices_per_s"])
+    models = {}
+    if slices.num_rows:
+        model_column = slices.column("model_id").to_pylist()
+        for model_id, n in Counter(model_column).items():
+            mine = slices.filter([m == model_id for m in model_column])
+            models[model_id] = {
+                "slices": n,
+                "series": len(set(mine.column("series_uid").to_pylist())),
+                "studies": len(set(mine.column("study_uid").to_pylist())),
+                "patients": len({p for p in mine.column("patient_id").to_pylist() if p}),
+            }
+    last_run = runs.sort_by([("started_at", "descending")]).slice(0, 1).to_pylist() if runs.num_rows else []
+    for run in last_run:
+        for key in ("started_at", "ended_at"):
+            run[key] = run[key].isoformat() if run[key] else None
+    return {
+        "store": str(store.path),
+        "format_version": store.manifest["format_version"],
+        "vector_dim": store.vector_dim,
+        "tables": tables,
+        "models": models,
+        "modalities": _counts(slices.column("modality").to_pylist()) if slices.num_rows else {},
+        "series": len(set(slices.column("series_uid").to_pylist())) if slices.num_rows else 0,
+        "studies": len(set(slices.column("study_uid").to_pylist())) if slices.num_rows else 0,
+        "patch_bytes": directory_bytes(store.patches_root),
+        "failures_by_reason": _counts(failures.column("reason").to_pylist()) if failures.num_rows else {},
+        "last_run": last_run[0] if last_run else None,
+    }

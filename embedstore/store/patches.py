@@ -1,0 +1,73 @@
+"""Patch tokens in Zarr v3: one float16 array of shape (n, grid_h*grid_w, dim) per shard.
+
+A shard belongs to one writer and one commit: it is written and closed before the rows that point
+into it are committed, so a committed row's patches always exist. Writes are whole chunks only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+class PatchShardWriter:
+    def __init__(self, patches_root: Path, model_id: str, shard_name: str, capacity: int, tokens: int, dim: int):
+        self.relative_path = f"{model_id}/{shard_name}"
+        self.path = patches_root / model_id / shard_name
+        row_bytes = tokens * dim * 2
+        self.chunk_rows = max(1, min(capacity, CHUNK_BYTES // row_bytes))
+        self.array = zarr.create_array(
+            store=str(self.path),
+            shape=(capacity, tokens, dim),
+            chunks=(self.chunk_rows, tokens, dim),
+            dtype="float16",
+            compressors=ZstdCodec(level=1),
+            fill_value=0,
+            overwrite=True,
+        )
+        self.n_rows = 0  # rows handed to append()
+        self._written = 0  # rows already in the array
+        self._pending: list[np.ndarray] = []
+
+    def append(self, patches: np.ndarray) -> np.ndarray:
+        """Queue rows; returns their offsets in this shard."""
+        offsets = np.arange(self.n_rows, self.n_rows + len(patches), dtype=np.int64)
+        self._pending.append(patches.astype(np.float16, copy=False))
+        self.n_rows += len(patches)
+        if self.n_rows - self._written >= self.chunk_rows:
+            self._flush(whole_chunks_only=True)
+        return offsets
+
+    def _flush(self, whole_chunks_only: bool) -> None:
+        pending = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        count = len(pending) - len(pending) % self.chunk_rows if whole_chunks_only else len(pending)
+        if count:
+            self.array[self._written:self._written + count] = pending[:count]
+            self._written += count
+        self._pending = [pending[count:]] if count < len(pending) else []
+
+    def close(self) -> None:
+        """Write what is left and trim the array to the rows it holds."""
+        if self._pending:
+            self._flush(whole_chunks_only=False)
+        self.array.resize((self.n_rows, *self.array.shape[1:]))
+
+
+def read_patches(patches_root: Path, patch_shard: str, offsets) -> np.ndarray:
+    """Patch tokens (len(offsets), tokens, dim) of rows in one shard, as float16."""
+    array = zarr.open_array(str(patches_root / patch_shard), mode="r")
+    return array.oindex[np.asarray(offsets, dtype=np.int64)]
+
+
+def remove_model_patches(patches_root: Path, model_id: str) -> None:
+    shutil.rmtree(patches_root / model_id, ignore_errors=True)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
