@@ -65,6 +65,11 @@ class DecodePool:
         self._executor: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "DecodePool":
+        if self.workers:
+            # Start every worker now (spawn start-up is seconds: torch import) so it overlaps the
+            # catalog and planning instead of delaying the first batch.
+            for _ in range(self.workers):
+                self._pool().submit(_init_worker)
         return self
 
     def __exit__(self, *exc) -> None:

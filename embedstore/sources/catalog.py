@@ -28,14 +28,12 @@ class Catalog:
         return sum(len(task.items) for task in self.tasks)
 
 
-def scan_file(found: FoundFile) -> DicomHeader | int | Failure | None:
-    """The catalog facts of one file: a DICOM header, a NIfTI slice count, None for a raster."""
+def scan_file(found: FoundFile) -> DicomHeader | int | Failure:
+    """The catalog facts of a DICOM or NIfTI file: its header, or its axial slice count."""
     try:
         if found.kind == "dicom":
             return read_header(found.path)
-        if found.kind == "nifti":
-            return count_axial_slices(found.path)
-        return None
+        return count_axial_slices(found.path)
     except InputError as error:
         return Failure(found.path, "read", error.reason, error.message)
 
@@ -44,7 +42,9 @@ def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map)
     catalog = Catalog()
     dicom_series: dict[str, list[DicomHeader]] = defaultdict(list)
     seen_sops: dict[str, str] = {}
-    for found, scanned in zip(files, map_fn(scan_file, files)):
+    catalog.tasks.extend(ReadTask("raster", f.path, [raster_item(f.path)]) for f in files if f.kind == "raster")
+    with_headers = [f for f in files if f.kind != "raster"]  # rasters need no header read
+    for found, scanned in zip(with_headers, map_fn(scan_file, with_headers)):
         if isinstance(scanned, Failure):
             catalog.failures.append(scanned)
         elif found.kind == "dicom":
@@ -55,10 +55,8 @@ def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map)
                 continue
             seen_sops[scanned.sop_uid] = found.path
             dicom_series[scanned.series_uid].append(scanned)
-        elif found.kind == "nifti":
-            catalog.tasks.append(ReadTask("nifti", found.path, volume_items(found.path, scanned)))
         else:
-            catalog.tasks.append(ReadTask("raster", found.path, [raster_item(found.path)]))
+            catalog.tasks.append(ReadTask("nifti", found.path, volume_items(found.path, scanned)))
     for headers in dicom_series.values():
         catalog.tasks.extend(_tasks_by_file("dicom", series_items(headers)))
     return catalog

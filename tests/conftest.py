@@ -1,0 +1,80 @@
+"""Shared fixtures: a generated mixed archive and a store ingested from it with random weights.
+
+Worker processes use the spawn start method and re-import test modules: keep module level free of
+side effects.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from embedstore import samples
+
+TEST_IMAGE_SIZE = 56  # 4×4 patches of 14 px: the real architecture, cheap on a CPU
+
+
+@dataclass
+class MixedArchive:
+    root: Path
+    ct_paths: list[Path]  # anatomical order
+    multiframe: Path
+    n_multiframe: int
+    nifti: Path
+    n_nifti: int
+    pngs: list[Path]
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.ct_paths) + self.n_multiframe + self.n_nifti + len(self.pngs)
+
+
+def make_mixed_archive(root: Path) -> MixedArchive:
+    """PNG (8- and 16-bit), a CT series with slope/intercept in shuffled file order, a multi-frame
+    MR, and a NIfTI CT volume."""
+    ct = samples.write_ct_series(root / "ct", n_slices=6, size=40, seed=7, slope=2.0, intercept=-1024.0)
+    multiframe = samples.write_multiframe_mr(root / "mr" / "multi.dcm", n_frames=4, size=32)
+    nifti = samples.write_nifti(root / "vol" / "head.nii.gz", shape=(32, 32, 5))
+    pngs = [samples.write_png(root / "png" / f"x{i}.png", samples.phantom(48, i), bits=8 if i % 2 else 16)
+            for i in range(3)]
+    return MixedArchive(root, ct, multiframe, 4, nifti, 5, pngs)
+
+
+@pytest.fixture(scope="session")
+def mixed_archive(tmp_path_factory) -> MixedArchive:
+    return make_mixed_archive(tmp_path_factory.mktemp("archive"))
+
+
+def ingest_options(**overrides):
+    from embedstore.ingest.run import IngestOptions
+
+    settings = dict(weights="random", image_size=TEST_IMAGE_SIZE, workers=0, show_progress=False)
+    settings.update(overrides)
+    return IngestOptions(**settings)
+
+
+@dataclass
+class IngestedStore:
+    path: Path
+    summary: object
+    archive: MixedArchive
+
+
+@pytest.fixture(scope="session")
+def ingested(mixed_archive, tmp_path_factory) -> IngestedStore:
+    """The mixed archive ingested once; tests that change a store work on `fresh_copy` of it."""
+    from embedstore.ingest.run import ingest
+
+    path = tmp_path_factory.mktemp("stores") / "store"
+    summary = ingest([mixed_archive.root], path, ingest_options(batch_size=4))
+    return IngestedStore(path, summary, mixed_archive)
+
+
+@pytest.fixture
+def fresh_copy(ingested, tmp_path) -> Path:
+    target = tmp_path / "store"
+    shutil.copytree(ingested.path, target)
+    return target

@@ -1,0 +1,287 @@
+"""Bad input: wrong requests end cleanly (exit 2, one line, nothing written); bad files inside an
+archive become `failures` rows while everything else is embedded.
+
+Module-level code defines constants and functions only: decode workers use the "spawn" start
+method and may re-import modules, so nothing here may run at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+FAST = ["--weights", "random", "--image-size", "28", "--workers", "0"]
+SUBPROCESS_TIMEOUT_S = 180
+WRITER_LAG_S = 0.3
+
+# Bad files of the archive: name -> (stage, reason) the code records for it.
+BAD_FILES = {
+    "empty.dcm": ("discover", "empty_file"),
+    "notes.dcm": ("read", "not_dicom"),
+    "truncated.png": ("decode", "truncated"),
+    "broken.nii.gz": ("decode", "truncated"),  # valid header, gzip stream cut in the middle
+    "garbage.nii.gz": ("read", "corrupt_nifti"),  # gzip magic followed by garbage
+}
+N_PNG, N_CT, NIFTI_SHAPE = 3, 4, (24, 24, 4)
+N_GOOD = N_PNG + N_CT + NIFTI_SHAPE[2]
+
+
+# ----------------------------------------------------------------------------- helpers
+def embedstore_command() -> list[str]:
+    script = Path(sys.executable).parent / "embedstore"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", COLUMNS="250", NO_COLOR="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(embedstore_command() + args, cwd=cwd, env=cli_env(), capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def build_bad_archive(root: Path) -> tuple[Path, dict[str, str]]:
+    """Good PNGs, a CT series and a NIfTI volume, plus the files of BAD_FILES.
+
+    Returns the archive directory and {bad file name: resolved path string}.
+    """
+    from embedstore import samples
+
+    archive = root / "archive"
+    for index in range(N_PNG):
+        samples.write_png(archive / "xray" / f"phantom_{index}.png", samples.phantom(32, index))
+    samples.write_ct_series(archive / "ct", n_slices=N_CT, size=32)
+    samples.write_nifti(archive / "nifti" / "volume.nii.gz", shape=NIFTI_SHAPE)
+
+    bad = archive / "bad"
+    bad.mkdir()
+    (bad / "empty.dcm").write_bytes(b"")
+    (bad / "notes.dcm").write_text("Referring physician notes, not an image.\n" * 20)
+    png = samples.write_png(bad / "truncated.png", samples.phantom(64, 99))
+    data = png.read_bytes()
+    png.write_bytes(data[: len(data) // 2])
+    nii = samples.write_nifti(bad / "broken.nii.gz", shape=NIFTI_SHAPE, seed=7)
+    data = nii.read_bytes()
+    nii.write_bytes(data[: len(data) // 2])
+    (bad / "garbage.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)
+    assert set(p.name for p in bad.iterdir()) == set(BAD_FILES)
+    return archive, {name: str((bad / name).resolve()) for name in BAD_FILES}
+
+
+def good_slice_ids(archive: Path) -> set[tuple[str, int]]:
+    """(path, frame) of every slice the good files hold."""
+    archive = archive.resolve()
+    ids = {(str(p), 0) for p in (archive / "xray").glob("*.png")}
+    ids |= {(str(p), 0) for p in (archive / "ct").glob("*.dcm")}
+    ids |= {(str(archive / "nifti" / "volume.nii.gz"), z) for z in range(NIFTI_SHAPE[2])}
+    assert len(ids) == N_GOOD
+    return ids
+
+
+def expected_reason_counts() -> dict[str, int]:
+    return dict(Counter(reason for _, reason in BAD_FILES.values()))
+
+
+def options(workers: int):
+    from embedstore.ingest.run import IngestOptions
+
+    return IngestOptions(weights="random", image_size=28, workers=workers, show_progress=False)
+
+
+def check_failures_table(store_path: Path, bad_paths: dict[str, str], run_id: str | None = None) -> list[dict]:
+    from embedstore.store import Store
+
+    rows = Store.open(store_path).rows("failures").to_pylist()
+    by_path = Counter(row["path"] for row in rows)
+    duplicated = {path: n for path, n in by_path.items() if n > 1}
+    assert not duplicated, f"failures table holds more than one row for: {duplicated}"
+    assert sorted(by_path) == sorted(bad_paths.values())
+    for name, path in bad_paths.items():
+        (row,) = [r for r in rows if r["path"] == path]
+        assert (row["stage"], row["reason"]) == BAD_FILES[name], (name, row)
+        assert row["message"].strip(), (name, row)
+        if run_id is not None:
+            assert row["run_id"] == run_id, f"{name}: row of run {row['run_id']} kept, expected {run_id}"
+    return rows
+
+
+def check_summary(summary, n_embedded: int, n_skipped: int) -> None:
+    assert summary.n_found == N_GOOD + 1 + NIFTI_SHAPE[2]  # + truncated.png and broken.nii.gz's slices
+    assert summary.n_embedded == n_embedded
+    assert summary.n_skipped == n_skipped
+    assert summary.failures_by_reason == expected_reason_counts()
+    assert "decode_error" not in summary.failures_by_reason
+    assert summary.n_failed == len(BAD_FILES)
+
+
+def check_slices_table(store_path: Path, archive: Path) -> None:
+    from embedstore.store import Store
+
+    rows = Store.open(store_path).rows("slices", columns=["key", "path", "frame"]).to_pylist()
+    assert len({row["key"] for row in rows}) == len(rows), "duplicate slice keys"
+    assert sorted((row["path"], row["frame"]) for row in rows) == sorted(good_slice_ids(archive))
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def lagging_writer(monkeypatch):
+    """Hold the store writer thread back briefly before it drains its queue, as a slow disk does.
+
+    Without this the interleaving of the ingest loop and the writer thread (and so the outcome
+    of the failure-row checks) depends on thread scheduling; with it every run is the same.
+    """
+    from embedstore.ingest.writer import SliceWriter
+
+    drain = SliceWriter._drain
+
+    def drain_late(self):
+        time.sleep(WRITER_LAG_S)
+        drain(self)
+
+    monkeypatch.setattr(SliceWriter, "_drain", drain_late)
+
+
+# ----------------------------------------------------------------------------- A: wrong requests
+# id -> (arguments, text the message must name); each runs in its own directory with `src/`
+# (one valid PNG), `store.txt` (a file), `some.pth` (text) and `notstore/` (a plain directory).
+WRONG_REQUESTS = {
+    "missing-source": (["ingest", "missing-src", "--store", "store", *FAST], "missing-src"),
+    "store-is-a-file": (["ingest", "src", "--store", "store.txt", *FAST], "store.txt"),
+    "unknown-model": (["ingest", "src", "--store", "store", "--model", "dinov2_vitx99", *FAST], "dinov2_vitx99"),
+    "image-size-not-multiple-of-14": (
+        ["ingest", "src", "--store", "store", "--weights", "random", "--image-size", "30", "--workers", "0"], "30"),
+    "weights-not-a-checkpoint": (
+        ["ingest", "src", "--store", "store", "--weights", "some.pth", "--image-size", "28", "--workers", "0"],
+        "some.pth"),
+    "unknown-option": (["ingest", "src", "--store", "store", *FAST, "--frobnicate"], "--frobnicate"),
+    "info-not-a-store": (["info", "notstore"], "notstore"),
+}
+
+
+def prepare_case_dir(directory: Path) -> None:
+    from embedstore import samples
+
+    samples.write_png(directory / "src" / "one.png", samples.phantom(32, 0))
+    (directory / "store.txt").write_text("I am a file, not a store.\n")
+    (directory / "some.pth").write_text("this is not a torch checkpoint\n")
+    (directory / "notstore").mkdir()
+    (directory / "notstore" / "README.txt").write_text("just a directory\n")
+
+
+@pytest.fixture(scope="module")
+def wrong_request_results(tmp_path_factory):
+    """Run every wrong request at once (each costs seconds of imports), in its own directory.
+
+    Returns {case id: (directory, snapshot before, CompletedProcess-like tuple)}.
+    """
+    started = {}
+    for case, (args, _) in WRONG_REQUESTS.items():
+        directory = tmp_path_factory.mktemp(case)
+        prepare_case_dir(directory)
+        before = snapshot(directory)
+        process = subprocess.Popen(embedstore_command() + args, cwd=directory, env=cli_env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[case] = (directory, before, process)
+    results = {}
+    try:
+        for case, (directory, before, process) in started.items():
+            stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+            results[case] = (directory, before, process.returncode, stdout, stderr)
+    finally:
+        for _, _, process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+@pytest.mark.parametrize("case", list(WRONG_REQUESTS))
+def test_wrong_request_is_one_line_exit_2_and_writes_nothing(case, wrong_request_results):
+    directory, before, returncode, stdout, stderr = wrong_request_results[case]
+    named = WRONG_REQUESTS[case][1]
+    assert returncode == 2, f"exit code {returncode}, expected 2; stderr:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr[-3000:]}"
+    assert lines[0].startswith("embedstore: error:"), lines[0]
+    assert named in lines[0], f"message does not name {named!r}: {lines[0]}"
+    # Nothing written: no store was created, and every file in the directory is as it was.
+    assert not (directory / "store").exists()
+    assert snapshot(directory) == before
+
+
+# ----------------------------------------------------------------------------- B: bad data, library
+def test_bad_files_become_failure_rows_and_the_rest_is_embedded(tmp_path, lagging_writer):
+    from embedstore.ingest.run import ingest
+
+    archive, bad_paths = build_bad_archive(tmp_path)
+    store_path = tmp_path / "store"
+    summary = ingest([archive], store_path, options(workers=0))
+
+    check_summary(summary, n_embedded=N_GOOD, n_skipped=0)
+    check_slices_table(store_path, archive)
+    check_failures_table(store_path, bad_paths, run_id=summary.run_id)
+
+
+def test_rerun_embeds_nothing_and_keeps_one_failure_row_per_bad_file(tmp_path, lagging_writer):
+    from embedstore.ingest.run import ingest
+
+    archive, bad_paths = build_bad_archive(tmp_path)
+    store_path = tmp_path / "store"
+    first = ingest([archive], store_path, options(workers=0))
+    assert first.n_embedded == N_GOOD
+
+    rerun = ingest([archive], store_path, options(workers=0))
+    assert rerun.run_id != first.run_id
+    check_summary(rerun, n_embedded=0, n_skipped=N_GOOD)
+    check_slices_table(store_path, archive)
+    # Every bad file was tried again: its row is now the rerun's, the first run's row is gone.
+    check_failures_table(store_path, bad_paths, run_id=rerun.run_id)
+
+
+def test_failures_cross_the_worker_process_boundary_intact(tmp_path, lagging_writer):
+    from embedstore.ingest.run import ingest
+
+    archive, bad_paths = build_bad_archive(tmp_path)
+    store_path = tmp_path / "store"
+    summary = ingest([archive], store_path, options(workers=1))
+
+    check_summary(summary, n_embedded=N_GOOD, n_skipped=0)
+    check_slices_table(store_path, archive)
+    rows = check_failures_table(store_path, bad_paths, run_id=summary.run_id)
+    decoded_in_worker = [r for r in rows if r["stage"] == "decode"]
+    assert {Path(r["path"]).name for r in decoded_in_worker} == {"truncated.png", "broken.nii.gz"}
+
+
+# ----------------------------------------------------------------------------- C: bad data, CLI
+def test_cli_ingest_of_bad_archive_reports_failures_and_info_lists_them(tmp_path):
+    archive, _ = build_bad_archive(tmp_path)
+    store_path = tmp_path / "store"
+
+    ingested = run_cli(["ingest", str(archive), "--store", str(store_path), *FAST], cwd=tmp_path)
+    assert ingested.returncode == 0, ingested.stderr[-3000:]
+    assert "Traceback" not in ingested.stderr
+    for reason, n in expected_reason_counts().items():
+        assert f"{reason} {n}" in ingested.stdout, f"summary does not report '{reason} {n}':\n{ingested.stdout}"
+
+    info = run_cli(["info", str(store_path), "--json"], cwd=tmp_path)
+    assert info.returncode == 0, info.stderr[-3000:]
+    summary = json.loads(info.stdout)
+    assert summary["failures_by_reason"] == expected_reason_counts()
+    assert summary["tables"]["failures"] == len(BAD_FILES)
+    assert sum(model["slices"] for model in summary["models"].values()) == N_GOOD

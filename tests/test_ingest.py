@@ -1,0 +1,218 @@
+"""Ingest of a generated mixed archive: row counts, series, slice order, patches, resume, overwrite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import TEST_IMAGE_SIZE, ingest_options
+from embedstore.ingest.run import ingest
+from embedstore.models import load_model
+from embedstore.models.embedder import Embedder
+from embedstore.preprocess import IntensityConfig
+from embedstore.sources import ReadTask, SliceItem, decode_task
+from embedstore.sources.dicom import read_frames
+from embedstore.store import Store, sql_literal
+from embedstore.store.patches import read_patches
+from embedstore.store.schema import STORE_FORMAT_VERSION
+from embedstore import samples
+
+
+def slices_of(store_path, where=None):
+    return Store.open(store_path).rows("slices", where).to_pylist()
+
+
+def test_every_slice_embedded_once(ingested):
+    summary, archive = ingested.summary, ingested.archive
+    assert summary.n_found == archive.n_slices == 18
+    assert summary.n_embedded == archive.n_slices
+    assert summary.n_failed == 0
+    rows = slices_of(ingested.path)
+    assert len(rows) == archive.n_slices
+    assert len({row["key"] for row in rows}) == len(rows)
+    assert {row["model_id"] for row in rows} == {summary.model_id}
+    assert all(row["key"] == f"{summary.model_id}|{row['item_id']}" for row in rows)
+
+
+def test_series_grouping(ingested):
+    rows = slices_of(ingested.path)
+    by_series = {}
+    for row in rows:
+        by_series.setdefault(row["series_uid"], []).append(row)
+    archive = ingested.archive
+    # one CT series, one multi-frame MR series, one NIfTI series, each PNG its own series
+    assert sorted(len(v) for v in by_series.values()) == sorted([6, 4, 5, 1, 1, 1])
+    ct_series = pydicom.dcmread(archive.ct_paths[0], stop_before_pixels=True).SeriesInstanceUID
+    assert {row["path"] for row in by_series[ct_series]} == {str(p) for p in archive.ct_paths}
+    nifti_rows = by_series[f"file:{archive.nifti}"]
+    assert {row["study_uid"] for row in nifti_rows} == {f"file:{archive.nifti}"}
+    for png in archive.pngs:
+        assert by_series[f"file:{png}"][0]["slice_index"] == 0
+
+
+def test_ct_slices_ordered_by_position_not_file_name(ingested):
+    """The CT files are named in shuffled order; slice_index must follow ImagePositionPatient."""
+    archive = ingested.archive
+    rows = [r for r in slices_of(ingested.path) if r["modality"] == "CT" and r["path"].endswith(".dcm")]
+    by_index = sorted(rows, key=lambda r: r["slice_index"])
+    assert [r["path"] for r in by_index] == [str(p) for p in archive.ct_paths]
+    assert [r["slice_index"] for r in by_index] == list(range(6))
+    instance_numbers = [pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber for p in archive.ct_paths]
+    assert instance_numbers != sorted(instance_numbers)  # the file order alone would be wrong
+
+
+def test_multiframe_one_row_per_frame_in_position_order(ingested):
+    archive = ingested.archive
+    rows = [r for r in slices_of(ingested.path) if r["path"] == str(archive.multiframe)]
+    assert sorted(r["frame"] for r in rows) == [0, 1, 2, 3]
+    # frames are stored superior → inferior, so position order reverses them
+    assert {r["frame"]: r["slice_index"] for r in rows} == {0: 3, 1: 2, 2: 1, 3: 0}
+    assert {r["modality"] for r in rows} == {"MR"}
+    assert len({r["sop_uid"] for r in rows}) == 1
+
+
+def test_nifti_slices_and_inferred_modality(ingested):
+    archive = ingested.archive
+    rows = [r for r in slices_of(ingested.path) if r["path"] == str(archive.nifti)]
+    assert sorted(r["slice_index"] for r in rows) == list(range(5))
+    assert {r["modality"] for r in rows} == {"CT"}
+    assert {(r["rows"], r["cols"]) for r in rows} == {(32, 32)}
+
+
+def test_ct_rescale_gives_hounsfield_units(mixed_archive):
+    expected = samples.ct_series_hu(6, 40, seed=7)
+    for index, path in enumerate(mixed_archive.ct_paths):
+        hu = read_frames(str(path), [0])[0]
+        np.testing.assert_allclose(hu, expected[index], atol=1.0)  # slope 2 rounds to 2 HU steps
+
+
+def test_patch_arrays_shape_and_offsets(ingested):
+    """Every row points at its own patch tokens: recompute a few slices and compare."""
+    store = Store.open(ingested.path)
+    rows = store.rows("slices").to_pylist()
+    tokens = (TEST_IMAGE_SIZE // 14) ** 2
+    import zarr
+
+    shard = zarr.open_array(str(store.patches_root / rows[0]["patch_shard"]), mode="r")
+    assert shard.shape == (len(rows), tokens, 384)
+    assert shard.dtype == np.float16
+    assert sorted(r["patch_offset"] for r in rows) == list(range(len(rows)))
+
+    loaded = load_model("dinov2_vits14", "random", TEST_IMAGE_SIZE)
+    embedder = Embedder(loaded)
+    config = IntensityConfig()
+    for row in rows[::5]:
+        kind = "dicom" if row["sop_uid"] else ("nifti" if row["path"].endswith(".nii.gz") else "raster")
+        item = SliceItem(row["item_id"], row["path"], row["study_uid"], row["series_uid"], row["slice_index"],
+                         frame=row["frame"], modality=row["modality"])
+        task = ReadTask(kind, row["path"], [item])
+        expected = embedder.embed(decode_task(task, config, TEST_IMAGE_SIZE).pixels)
+        stored = read_patches(store.patches_root, row["patch_shard"], [row["patch_offset"]])
+        np.testing.assert_allclose(stored[0].astype(np.float32), expected.patches[0].astype(np.float32), atol=2e-2)
+        np.testing.assert_allclose(np.asarray(row["cls"]), expected.cls[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(row["patch_mean"]), expected.patch_mean[0], rtol=1e-4, atol=1e-4)
+
+
+def test_series_rows_hold_mean_of_slice_vectors(ingested):
+    store = Store.open(ingested.path)
+    series = store.rows("series").to_pylist()
+    assert len(series) == 6
+    for row in series:
+        slices = store.rows("slices", f"series_uid = {sql_literal(row['series_uid'])}").to_pylist()
+        assert row["n_slices"] == len(slices)
+        np.testing.assert_allclose(row["cls"], np.mean([s["cls"] for s in slices], axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(row["patch_mean"], np.mean([s["patch_mean"] for s in slices], axis=0),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_rows_committed_in_large_batches(ingested):
+    """Batch size 4 over 18 slices is 5 model batches, but one commit: versions do not grow per batch."""
+    store = Store.open(ingested.path)
+    assert len(store.table("slices").list_versions()) <= 2  # create + one commit
+    assert store.table("slices").stats()["fragment_stats"]["num_fragments"] == 1
+
+
+def test_resume_adds_nothing(fresh_copy, mixed_archive):
+    summary = ingest([mixed_archive.root], fresh_copy, ingest_options())
+    assert summary.n_embedded == 0
+    assert summary.n_skipped == mixed_archive.n_slices
+    assert Store.open(fresh_copy).table("slices").count_rows() == mixed_archive.n_slices
+
+
+def test_resume_embeds_only_missing(fresh_copy, ingested):
+    store = Store.open(fresh_copy)
+    nifti = str(ingested.archive.nifti)
+    store.table("slices").delete(f"path = {sql_literal(nifti)} AND slice_index >= 3")
+    summary = ingest([ingested.archive.root], fresh_copy, ingest_options())
+    assert (summary.n_embedded, summary.n_skipped) == (2, 16)
+    rows = Store.open(fresh_copy).rows("slices").to_pylist()
+    assert len(rows) == 18 and len({r["key"] for r in rows}) == 18
+    series = Store.open(fresh_copy).rows("series", f"series_uid = {sql_literal('file:' + nifti)}").to_pylist()
+    assert series[0]["n_slices"] == 5
+
+
+def test_overwrite_rebuilds(fresh_copy, ingested):
+    summary = ingest([ingested.archive.root], fresh_copy, ingest_options(overwrite=True))
+    assert summary.n_embedded == 18 and summary.n_skipped == 0
+    rows = Store.open(fresh_copy).rows("slices").to_pylist()
+    assert len(rows) == 18
+    assert {r["run_id"] for r in rows} == {summary.run_id}
+    shards = {r["patch_shard"] for r in rows}
+    assert all(s.startswith(f"{summary.model_id}/{summary.run_id}") for s in shards)
+    old_shards = list((Store.open(fresh_copy).patches_root / summary.model_id).iterdir())
+    assert {f"{summary.model_id}/{p.name}" for p in old_shards} == shards  # old shards are gone
+
+
+def test_no_patches_leaves_offsets_null(mixed_archive, tmp_path):
+    summary = ingest([mixed_archive.pngs[0]], tmp_path / "s", ingest_options(keep_patches=False))
+    rows = slices_of(tmp_path / "s")
+    assert summary.n_embedded == 1
+    assert rows[0]["patch_shard"] is None and rows[0]["patch_offset"] is None
+    assert not (tmp_path / "s" / "patches").exists()
+
+
+def test_second_model_in_same_store_is_kept_apart(fresh_copy, ingested):
+    summary = ingest([ingested.archive.pngs[0]], fresh_copy, ingest_options(seed=1))
+    assert summary.n_embedded == 1  # other weights → other model_id → not skipped
+    assert summary.model_id != ingested.summary.model_id
+    store = Store.open(fresh_copy)
+    assert store.committed_keys(summary.model_id) == {f"{summary.model_id}|file:{ingested.archive.pngs[0]}"}
+
+
+def test_worker_processes_give_identical_rows(mixed_archive, ingested, tmp_path):
+    summary = ingest([mixed_archive.root], tmp_path / "s", ingest_options(workers=2, batch_size=5))
+    assert summary.n_embedded == 18
+    inline = {r["key"]: r for r in slices_of(ingested.path)}
+    pooled = {r["key"]: r for r in slices_of(tmp_path / "s")}
+    assert inline.keys() == pooled.keys()
+    for key, row in pooled.items():
+        assert row["slice_index"] == inline[key]["slice_index"]
+        np.testing.assert_allclose(row["cls"], inline[key]["cls"], rtol=1e-4, atol=1e-5)
+
+
+def test_runs_table_records_the_run(ingested):
+    runs = Store.open(ingested.path).rows("runs").to_pylist()
+    run = next(r for r in runs if r["run_id"] == ingested.summary.run_id)
+    assert run["n_embedded"] == 18 and run["ended_at"] is not None and run["slices_per_s"] > 0
+    assert '"weights": "random"' in run["config"]
+
+
+def test_unknown_store_version_is_refused(fresh_copy):
+    from embedstore.errors import StoreFormatError
+
+    manifest = fresh_copy / "embedstore.json"
+    manifest.write_text(manifest.read_text().replace(f'"format_version": {STORE_FORMAT_VERSION}',
+                                                     '"format_version": 99'))
+    with pytest.raises(StoreFormatError, match="version 99"):
+        Store.open(fresh_copy)
+
+
+def test_info_counts(ingested):
+    from embedstore.store.info import store_info
+
+    info = store_info(Store.open(ingested.path))
+    assert info["tables"]["slices"] == 18 and info["tables"]["series"] == 6
+    assert info["models"][ingested.summary.model_id] == {"slices": 18, "series": 6, "studies": 6, "patients": 2}
+    assert info["modalities"] == {"CT": 11, "MR": 4, "(none)": 3}
+    assert info["patch_bytes"] > 0
