@@ -116,13 +116,15 @@ def demo(
     """Build a sample archive, ingest it, show `info` and a nearest-neighbour lookup."""
     from embedstore.demo import run_demo
 
-    summary, store_summary, neighbours, query_key = run_demo(store, say=lambda line: out.print(line))
+    summary, store_summary, neighbours, query_key, feature = run_demo(store, say=lambda line: out.print(line))
     print_summary(summary)
     print_info(store_summary)
-    table = Table("rank", "similarity", "modality", "slice", "path", title=f"nearest to {query_key}")
+    table = Table(title=f"nearest slices by {feature} cosine similarity to\n{query_key}")
+    for column in ("rank", "similarity", "modality", "slice", "path"):
+        table.add_column(column, overflow="fold")
     for rank, neighbour in enumerate(neighbours, 1):
         table.add_row(str(rank), f"{neighbour.similarity:.4f}", str(neighbour.modality),
-                      str(neighbour.slice_index), neighbour.path)
+                      str(neighbour.slice_index), Path(neighbour.path).relative_to(store.resolve().parent).as_posix())
     out.print(table)
 
 

@@ -27,17 +27,21 @@ def demo_model(say: Callable[[str], None]) -> LoadedModel:
 
 
 def run_demo(store_path: Path, say: Callable[[str], None] = print,
-             show_progress: bool = True) -> tuple[IngestSummary, dict, list[Neighbour], str]:
+             show_progress: bool = True) -> tuple[IngestSummary, dict, list[Neighbour], str, str]:
     archive = store_path.with_name(store_path.name + "-archive")
     if not archive.exists():
         say(f"Writing a sample archive to {archive} (pydicom's CT/MR files, a CT series, a multi-frame MR, "
             f"PNG phantoms, a NIfTI volume)")
         build_sample_archive(archive)
     loaded = demo_model(say)
-    summary = ingest([archive], store_path, IngestOptions(model=DEMO_MODEL, weights="random",
-                                                          show_progress=show_progress), loaded=loaded)
+    summary = ingest([archive], store_path, IngestOptions(model=DEMO_MODEL, weights=loaded.weights_tag.split("-")[0],
+                                                          show_progress=show_progress),
+                     loaded=loaded)
     store = Store.open(store_path)
     query = store.rows("slices", f"model_id = {sql_literal(summary.model_id)} AND modality = 'CT' "
                                  f"AND path LIKE '%ct_series%' AND slice_index = 5", ["key"])
     query_key = query.column("key")[0].as_py()
-    return summary, store_info(store), nearest_slices(store, query_key, k=5), query_key
+    # A randomly initialised DINOv2 scales every block by LayerScale 1e-5, so its CLS token barely
+    # depends on the image; the patch-token mean still does, and makes a more telling lookup.
+    feature = "patch_mean" if "-random-" in summary.model_id else "cls"
+    return summary, store_info(store), nearest_slices(store, query_key, k=5, feature=feature), query_key, feature

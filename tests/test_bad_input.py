@@ -185,25 +185,30 @@ def prepare_case_dir(directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def wrong_request_results(tmp_path_factory):
-    """Run every wrong request at once (each costs seconds of imports), in its own directory.
+    """Run every wrong request, as many at a time as there are cores (each costs seconds of
+    imports), each in its own directory.
 
-    Returns {case id: (directory, snapshot before, CompletedProcess-like tuple)}.
+    Returns {case id: (directory, snapshot before, returncode, stdout, stderr)}.
     """
-    started = {}
+    pending = []
     for case, (args, _) in WRONG_REQUESTS.items():
         directory = tmp_path_factory.mktemp(case)
         prepare_case_dir(directory)
-        before = snapshot(directory)
-        process = subprocess.Popen(embedstore_command() + args, cwd=directory, env=cli_env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started[case] = (directory, before, process)
-    results = {}
+        pending.append((case, directory, snapshot(directory), args))
+    running, results = [], {}
+    parallel = max(1, os.cpu_count() or 1)
     try:
-        for case, (directory, before, process) in started.items():
+        while pending or running:
+            while pending and len(running) < parallel:
+                case, directory, before, args = pending.pop(0)
+                process = subprocess.Popen(embedstore_command() + args, cwd=directory, env=cli_env(),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                running.append((case, directory, before, process))
+            case, directory, before, process = running.pop(0)
             stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
             results[case] = (directory, before, process.returncode, stdout, stderr)
     finally:
-        for _, _, process in started.values():
+        for _, _, _, process in running:
             if process.poll() is None:
                 process.kill()
                 process.wait()

@@ -91,7 +91,7 @@ def assert_same_state(expected: torch.nn.Module, actual: torch.nn.Module, skip: 
 
 def dyadic(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Random values on a 1/64 grid: sums and differences of them are exact in float32."""
-    return torch.round(torch.randn(shape, generator=generator) * 64) / 64
+    return torch.round(torch.randn(shape, generator=generator) * 64) / 64 + 0.0  # + 0.0: no -0.0
 
 
 # ------------------------------------------------------------------------ Meta DINOv2 checkpoints
@@ -158,7 +158,7 @@ def test_meta_checkpoint_gives_the_source_embeddings(meta_checkpoint):
     # the digest pins the weights, not the file layout they came in
     assert loaded.weights_tag == f"file-{weights_digest(meta_checkpoint.source)}"
     expected = as_loaded(meta_checkpoint.name, meta_checkpoint.source, META_SIZE)
-    assert_same_embeddings(expected, loaded, random_pixels(2, META_SIZE, seed=1))
+    assert_same_embeddings(expected, loaded, random_pixels(1, META_SIZE, seed=1))  # 518 px is slow on a CPU
 
 
 def test_meta_checkpoint_pos_embed_resampled_to_image_size(meta_checkpoint):
@@ -210,17 +210,10 @@ def test_timm_checkpoint_gives_the_source_embeddings(timm_checkpoints, layout):
     source, paths = timm_checkpoints
     loaded = load_model("dinov2_vits14", weights=str(paths[layout]), image_size=SMALL)
     assert_same_state(source, loaded.model)
-    assert loaded.weights_tag == f"file-{weights_digest(source)}"
-    assert_same_embeddings(as_loaded("dinov2_vits14", source, SMALL), loaded, random_pixels(3, SMALL, seed=2))
-
-
-def test_timm_checkpoint_formats_share_model_id(timm_checkpoints):
-    _, paths = timm_checkpoints
+    # the same model_id whichever layout the weights came in: the digest is over the weights
     tag = IntensityConfig().tag()
-    ids = {layout: load_model("dinov2_vits14", weights=str(path), image_size=SMALL).model_id(tag)
-           for layout, path in paths.items()}
-    assert len(set(ids.values())) == 1, ids
-    assert ids["pth"].startswith("dinov2_vits14-file-")
+    assert loaded.model_id(tag) == f"dinov2_vits14-file-{weights_digest(source)}-{SMALL}px-{tag}"
+    assert_same_embeddings(as_loaded("dinov2_vits14", source, SMALL), loaded, random_pixels(3, SMALL, seed=2))
 
 
 # ------------------------------------------------------------------------ seeded random weights
@@ -291,25 +284,39 @@ def hub_offline(tmp_path, monkeypatch):
     return dict(name="dinov2_vits14", weights="hub", image_size=SMALL)
 
 
-ERROR_CASES = {
-    "unknown model": (lambda t, m: dict(name="dinov3_vitq99", weights="random"), "unknown model"),
-    "size not a multiple of 14": (lambda t, m: dict(name="dinov2_vits14", weights="random", image_size=225), "225"),
-    "size zero": (lambda t, m: dict(name="dinov2_vits14", weights="random", image_size=0), "positive multiple"),
-    "size not a multiple of 16": (
-        lambda t, m: dict(name="vit_tiny_patch16_224", weights="random", image_size=40), "patch size 16"),
-    "missing file": (lambda t, m: dict(name="dinov2_vits14", weights=str(t / "nope.pth")), "does not exist"),
-    "text file as pth": (write_text_pth, "is not a checkpoint"),
-    "random bytes as safetensors": (write_random_safetensors, "is not a checkpoint"),
-    "pth without tensors": (write_tensorless_pth, "is not a checkpoint"),
-    "vitb14 weights into vits14": (write_other_architecture("dinov2_vitb14"), "does not fit dinov2_vits14"),
-    "register weights into vits14": (write_other_architecture("dinov2_vits14_reg"), "does not fit dinov2_vits14"),
-    "hub offline": (hub_offline, "--weights PATH"),
-}
+def plain(**arguments):
+    """A case that needs no file: load_model's arguments as given."""
+    return lambda tmp_path, monkeypatch: arguments
 
 
-@pytest.mark.parametrize("case", list(ERROR_CASES))
-def test_usage_errors_are_single_lines(case, tmp_path, monkeypatch):
-    make_arguments, fragment = ERROR_CASES[case]
+def missing_file(tmp_path, monkeypatch):
+    return dict(name="dinov2_vits14", weights=str(tmp_path / "nope.pth"), image_size=SMALL)
+
+
+# the library's known failure to turn a pos_embed resampling error into a UsageError (see the report)
+RESAMPLE_BUG = pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
+    "embedstore/models/weights.py build_from_file: checkpoint_filter_fn raises a bare RuntimeError "
+    "when a checkpoint's pos_embed cannot be resampled to this architecture"))
+
+ERROR_CASES = [
+    pytest.param(plain(name="dinov3_vitq99", weights="random"), "unknown model", id="unknown model"),
+    pytest.param(plain(name="dinov2_vits14", weights="random", image_size=225), "225", id="size 225"),
+    pytest.param(plain(name="dinov2_vits14", weights="random", image_size=0), "positive multiple", id="size 0"),
+    pytest.param(plain(name="vit_tiny_patch16_224", weights="random", image_size=40), "patch size 16",
+                 id="size 40 for patch 16"),
+    pytest.param(missing_file, "does not exist", id="missing file"),
+    pytest.param(write_text_pth, "is not a checkpoint", id="text file as pth"),
+    pytest.param(write_random_safetensors, "is not a checkpoint", id="random bytes as safetensors"),
+    pytest.param(write_tensorless_pth, "is not a checkpoint", id="pth without tensors"),
+    pytest.param(write_other_architecture("dinov2_vitb14"), "does not fit dinov2_vits14", id="vitb14 into vits14"),
+    pytest.param(write_other_architecture("dinov2_vits14_reg"), "does not fit dinov2_vits14",
+                 id="vits14_reg into vits14", marks=RESAMPLE_BUG),
+    pytest.param(hub_offline, "--weights PATH", id="hub offline"),
+]
+
+
+@pytest.mark.parametrize("make_arguments, fragment", ERROR_CASES)
+def test_usage_errors_are_single_lines(make_arguments, fragment, tmp_path, monkeypatch):
     arguments = make_arguments(tmp_path, monkeypatch)
     with pytest.raises(UsageError) as caught:
         load_model(**arguments)

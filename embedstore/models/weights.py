@@ -8,7 +8,10 @@ chosen image size, so no forward pass ever interpolates them.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -40,15 +43,31 @@ def build_random(spec: ModelSpec, image_size: int, seed: int) -> torch.nn.Module
         torch.random.set_rng_state(generator_state)
 
 
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None. Checked up front because the hub client retries a
+    failing network for most of a minute; with HF_HUB_OFFLINE set, the local cache is used instead."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        return f"{host} cannot be resolved: {error.strerror or error}"
+    return None
+
+
 def build_from_hub(spec: ModelSpec, image_size: int) -> torch.nn.Module:
+    advice = "pass --weights PATH to a local checkpoint (or --weights random)"
+    problem = hub_unreachable()
+    if problem:
+        raise UsageError(f"no network access to the model hub for {spec.name} ({problem}); {advice}")
     try:
         return create_architecture(spec, image_size, pretrained=True)
     except Exception as error:  # network, auth, missing tag: all end the same way for the user
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(
-            f"could not get pretrained weights for {spec.name} from the hub ({first_line[:160]}); "
-            f"offline, pass --weights PATH to a local checkpoint (or --weights random)"
-        ) from None
+        first_sentence = (str(error).strip() or type(error).__name__).split(". ")[0].splitlines()[0]
+        raise UsageError(f"could not get weights for {spec.name} from the hub ({first_sentence[:160]}); {advice}") from None
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
