@@ -18,6 +18,14 @@ from rich.table import Table
 
 from embedstore.errors import UsageError
 
+try:  # typer >= 0.2x bundles its own click, whose exceptions are not the click package's
+    from typer._click import exceptions as typer_click_exceptions
+except ImportError:
+    typer_click_exceptions = click.exceptions
+NO_ARGS_ERRORS = (click.exceptions.NoArgsIsHelpError, typer_click_exceptions.NoArgsIsHelpError)
+CLICK_USAGE_ERRORS = (click.UsageError, typer_click_exceptions.UsageError)
+ABORTS = (KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="DINOv2 embeddings for radiology archives.")
 out = Console()
@@ -137,14 +145,14 @@ def fail(message: str) -> None:
 def main() -> None:
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as error:
+    except NO_ARGS_ERRORS as error:
         print(error.ctx.get_help(), file=sys.stderr)
         sys.exit(2)
-    except click.UsageError as error:
+    except CLICK_USAGE_ERRORS as error:
         fail(error.format_message())
     except UsageError as error:
         fail(str(error))
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except ABORTS:
         print("embedstore: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

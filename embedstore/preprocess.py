@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,13 +57,17 @@ class IntensityConfig:
 
     def tag(self) -> str:
         """Short, stable identifier of this preprocessing, part of the model_id."""
-        settings = json.dumps({"version": PREPROCESS_VERSION, **asdict(self)}, sort_keys=True)
+        # The resolved window, so "auto" and "study" (the same pixels) give the same model_id.
+        settings = json.dumps({"version": PREPROCESS_VERSION, "ct_window": self.ct_window,
+                               "mr_percentiles": self.mr_percentiles}, sort_keys=True)
         return f"pp{PREPROCESS_VERSION}.{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
 
 
 def to_unit_range(stack: np.ndarray, modality: str | None, config: IntensityConfig) -> np.ndarray:
     """(n, H, W) native values (HU for CT) → (n, H, W) float32 in [0, 1], per-slice min-max."""
     stack = np.asarray(stack, dtype=np.float32)
+    if not np.isfinite(stack).all():  # NaN/inf voxels (common in float NIfTI) become the slice's minimum
+        stack = fill_non_finite(stack)
     if modality == "CT":
         low, high = config.ct_window
         stack = np.clip(stack, low, high)
@@ -77,6 +81,13 @@ def to_unit_range(stack: np.ndarray, modality: str | None, config: IntensityConf
     return (stack - minimum) / np.where(span > 0, span, 1.0)
 
 
+def fill_non_finite(stack: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(stack)
+    lowest = np.where(finite, stack, np.inf).min(axis=(1, 2), keepdims=True)
+    lowest = np.where(np.isfinite(lowest), lowest, 0.0)  # a slice with no finite value at all
+    return np.where(finite, stack, lowest).astype(np.float32)
+
+
 def resize_stack(unit: np.ndarray, size: int) -> np.ndarray:
     """(n, H, W) or (n, C, H, W) in [0, 1] → (n, C, size, size), antialiased bilinear."""
     tensor = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))
@@ -84,7 +95,7 @@ def resize_stack(unit: np.ndarray, size: int) -> np.ndarray:
         tensor = tensor[:, None]
     if tensor.shape[-2:] != (size, size):
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return tensor.clamp_(0.0, 1.0).numpy()
+    return tensor.clamp(0.0, 1.0).numpy()  # not in place: without a resize the tensor shares the caller's array
 
 
 def prepare_slices(stack: np.ndarray, modality: str | None, config: IntensityConfig, size: int) -> np.ndarray:

@@ -64,7 +64,7 @@ class SliceWriter:
     def submit_failures(self, failures: list[Failure]) -> None:
         if failures:
             self._raise_if_failed()
-            self._queue.put(("failures", failures))
+            self._queue.put(("failures", list(failures)))  # a copy: the caller keeps appending to its list
 
     def close(self) -> None:
         """Commit everything still pending and stop the thread; re-raises a write error."""

@@ -37,6 +37,13 @@ class LoadedModel:
         return f"{name}-{self.weights_tag}-{self.image_size}px-{preprocess_tag}"
 
 
+def feature_map_nchw(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Feature maps as (N, C, h, w): some timm models (Swin, ...) return channels-last."""
+    if features.ndim == 4 and getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return features.permute(0, 3, 1, 2)
+    return features
+
+
 def patch_size_of(spec: ModelSpec) -> int | None:
     match = re.search(r"patch(\d+)", spec.architecture)
     return int(match.group(1)) if match else None
@@ -66,7 +73,7 @@ def load_model(name: str, weights: str = "hub", image_size: int = 224, seed: int
 
 def _describe(spec: ModelSpec, model: torch.nn.Module, image_size: int, weights_tag: str) -> LoadedModel:
     with torch.inference_mode():
-        features = model.forward_features(torch.zeros(1, 3, image_size, image_size))
+        features = feature_map_nchw(model, model.forward_features(torch.zeros(1, 3, image_size, image_size)))
     if features.ndim == 4:  # CNN feature map (N, C, h, w): every position is a "patch"
         grid, embed_dim, prefix = (features.shape[2], features.shape[3]), features.shape[1], 0
         patch = image_size // grid[0]

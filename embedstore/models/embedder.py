@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.models import LoadedModel
+from embedstore.models import LoadedModel, feature_map_nchw
 from embedstore.preprocess import imagenet_normalize
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,6 +52,7 @@ class Embedder:
         with self._autocast():
             features = self.model.forward_features(batch)
             cls = self.model.forward_head(features, pre_logits=True)
+        features = feature_map_nchw(self.model, features)
         if features.ndim == 4:
             tokens = features.flatten(2).transpose(1, 2)
         else:

@@ -88,8 +88,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"weights file {path} is not a checkpoint (no state dict of tensors inside)")
     for prefix in CHECKPOINT_KEY_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+        # Training checkpoints hold heads beside the backbone ("dino_head.*"): keep the backbone only.
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
@@ -101,7 +102,11 @@ def build_from_file(spec: ModelSpec, image_size: int, path: Path) -> torch.nn.Mo
     if isinstance(model, VisionTransformer):
         # Converts Meta's DINOv2 key names (registers, SwiGLU w12/w3) and resamples position
         # embeddings from the checkpoint's grid (518 px for Meta's files) to this model's grid.
-        state = checkpoint_filter_fn(dict(state), model)
+        try:
+            state = checkpoint_filter_fn(dict(state), model)
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = (str(error).strip() or type(error).__name__).splitlines()[0][:160]
+            raise UsageError(f"weights file {path} does not fit {spec.name}: {first_line}") from None
     missing, unexpected = _key_mismatch(model, state)
     if missing or unexpected:
         raise UsageError(
