@@ -42,7 +42,8 @@ def ingest(
     patches: bool = typer.Option(True, "--patches/--no-patches", help="Keep patch tokens in Zarr."),
     window: str = typer.Option("auto", help="CT window: auto (the study's [-1024, 600]) or a preset name."),
     batch_size: int = typer.Option(32, help="Slices per model batch."),
-    workers: Optional[int] = typer.Option(None, help="Decode worker processes (0 decodes inline)."),
+    workers: Optional[int] = typer.Option(
+        None, help="Decode worker processes; 0 decodes inline. Default: up to 8 with CUDA, cores/8 on CPU."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     seed: int = typer.Option(0, help="Seed for --weights random."),
@@ -51,11 +52,11 @@ def ingest(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Embed every slice under SOURCES into STORE; reruns embed only what is missing."""
-    from embedstore.ingest.run import IngestOptions, default_workers, ingest as run_ingest
+    from embedstore.ingest.run import IngestOptions, ingest as run_ingest
 
     options = IngestOptions(
         model=model, weights=weights, image_size=image_size, seed=seed, keep_patches=patches, window=window,
-        batch_size=batch_size, workers=default_workers() if workers is None else workers, device=device,
+        batch_size=batch_size, workers=workers, device=device,
         precision=precision, overwrite=overwrite, show_progress=progress,
     )
     summary = run_ingest(sources, store, options)
@@ -75,6 +76,7 @@ def print_summary(summary) -> None:
     table.add_row("skipped (already in store)", f"{summary.n_skipped:,}")
     failed = ", ".join(f"{reason} {n}" for reason, n in summary.failures_by_reason.items())
     table.add_row("failed files", f"{summary.n_failed:,}" + (f" ({failed})" if failed else ""))
+    table.add_row("decode workers", str(summary.workers) if summary.workers else "0 (inline)")
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("slices/s", f"{summary.slices_per_s:,.1f}")
     table.add_row("stage seconds", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))

@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,16 @@ from embedstore.sources import DecodedFile, Failure, SliceItem, build_catalog, c
 from embedstore.store import Store, check_store_path
 
 
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def default_workers(device_type: str) -> int:
+    """Decode processes to run beside the model.
+
+    On CUDA the GPU embeds and the CPU cores decode: up to 8 workers, one core left for the driver.
+    On the CPU the model's threads already use every core, and a decode process would preempt one
+    of them and stall the whole team at each barrier; decoding inline costs only its own time, so
+    small machines decode inline and large ones give decoding an eighth of their cores.
+    """
+    cores = os.cpu_count() or 2
+    return max(1, min(8, cores - 1)) if device_type == "cuda" else cores // 8
 
 
 @dataclass
@@ -36,7 +44,7 @@ class IngestOptions:
     keep_patches: bool = True
     window: str = "auto"
     batch_size: int = 32
-    workers: int = field(default_factory=default_workers)
+    workers: int | None = None  # decode processes; None: default_workers() for the device
     device: str = "auto"
     precision: str = "fp32"
     overwrite: bool = False
@@ -49,6 +57,7 @@ class IngestSummary:
     run_id: str
     model_id: str
     store: str
+    workers: int
     n_found: int
     n_embedded: int
     n_skipped: int
@@ -76,23 +85,25 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     source_paths = check_sources(sources)
     store_path = Path(store_path)
     check_store_path(store_path, create=True)
-    if options.batch_size < 1 or options.workers < 0:
+    if options.batch_size < 1 or (options.workers is not None and options.workers < 0):
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
     config = IntensityConfig(window=options.window)
     loaded = loaded or load_model(options.model, options.weights, options.image_size, options.seed)
     model_id = loaded.model_id(config.tag())
     embedder = Embedder(loaded, options.device, options.precision)
+    workers = default_workers(embedder.device.type) if options.workers is None else options.workers
 
     store = Store.open(store_path, create=True)
     store.ensure_vector_tables(loaded.embed_dim)
     if options.overwrite:
         store.delete_model(model_id)
     run_id = new_run_id()
-    store.start_run(run_id, model_id, {**asdict(options), "sources": [str(p) for p in source_paths]})
+    store.start_run(run_id, model_id, {**asdict(options), "workers": workers, "device": str(embedder.device),
+                                       "sources": [str(p) for p in source_paths]})
     started = time.perf_counter()
     stage_seconds: Counter = Counter()
 
-    with DecodePool(options.workers, config, loaded.image_size) as pool:
+    with DecodePool(workers, config, loaded.image_size) as pool:
         found, discover_failures = discover(source_paths)
         catalog = build_catalog(found, pool.map)
         plan = plan_remaining(catalog.tasks, model_id, store.committed_keys(model_id))
@@ -118,7 +129,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
                 _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
                 progress.advance(n)
         writer.close()
-        stage_seconds["read_decode_workers"] = pool.worker_seconds
+        stage_seconds["read_decode"] = pool.worker_seconds
     stage_seconds.update(writer.seconds)
 
     tried_paths = sorted({task.path for task in plan.tasks} | {f.path for f in failures})
@@ -129,7 +140,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     seconds = time.perf_counter() - started
     embedded = writer.n_committed
     summary = IngestSummary(
-        run_id=run_id, model_id=model_id, store=str(store_path), n_found=catalog.n_items,
+        run_id=run_id, model_id=model_id, store=str(store_path), workers=workers, n_found=catalog.n_items,
         n_embedded=embedded, n_skipped=plan.n_skipped, n_failed=len(failures),
         failures_by_reason=dict(Counter(f.reason for f in failures)), seconds=seconds,
         slices_per_s=embedded / seconds if seconds > 0 else 0.0,
