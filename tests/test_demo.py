@@ -1,0 +1,25 @@
+"""`embedstore demo` runs to the end on a machine without network access, and says it uses random weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from embedstore.store import Store
+
+
+def test_demo_offline_runs_to_the_end(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-cache"), COLUMNS="200")
+    command = [str(Path(sys.executable).parent / "embedstore"), "demo", "--store", "demo-store"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RANDOM weights" in result.stdout
+    assert "nearest slices by patch_mean" in result.stdout
+    store = Store.open(tmp_path / "demo-store")
+    slices = store.rows("slices", columns=["modality", "path"])
+    assert slices.num_rows == 36  # 2 pydicom files + 12 CT + 6 MR frames + 6 PNGs + 10 NIfTI slices
+    assert store.rows("failures").num_rows == 0
+    neighbour_lines = [line for line in result.stdout.splitlines() if "embedstore-demo" in line or "demo-store-archive" in line]
+    assert len(neighbour_lines) >= 5  # the five nearest slices are listed with their paths
