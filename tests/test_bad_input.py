@@ -231,16 +231,20 @@ def test_wrong_request_is_one_line_exit_2_and_writes_nothing(case, wrong_request
 
 
 # ----------------------------------------------------------------------------- B: bad data, library
-def test_bad_files_become_failure_rows_and_the_rest_is_embedded(tmp_path, lagging_writer):
+@pytest.mark.parametrize("workers", [0, 1], ids=["inline", "worker-process"])
+def test_bad_files_become_failure_rows_and_the_rest_is_embedded(tmp_path, lagging_writer, workers):
+    """With workers=1 the decode-stage failures cross the process boundary and must arrive intact."""
     from embedstore.ingest.run import ingest
 
     archive, bad_paths = build_bad_archive(tmp_path)
     store_path = tmp_path / "store"
-    summary = ingest([archive], store_path, options(workers=0))
+    summary = ingest([archive], store_path, options(workers=workers))
 
     check_summary(summary, n_embedded=N_GOOD, n_skipped=0)
     check_slices_table(store_path, archive)
-    check_failures_table(store_path, bad_paths, run_id=summary.run_id)
+    rows = check_failures_table(store_path, bad_paths, run_id=summary.run_id)
+    decoded = [r for r in rows if r["stage"] == "decode"]
+    assert {Path(r["path"]).name for r in decoded} == {"truncated.png", "broken.nii.gz"}
 
 
 def test_rerun_embeds_nothing_and_keeps_one_failure_row_per_bad_file(tmp_path, lagging_writer):
@@ -257,20 +261,6 @@ def test_rerun_embeds_nothing_and_keeps_one_failure_row_per_bad_file(tmp_path, l
     check_slices_table(store_path, archive)
     # Every bad file was tried again: its row is now the rerun's, the first run's row is gone.
     check_failures_table(store_path, bad_paths, run_id=rerun.run_id)
-
-
-def test_failures_cross_the_worker_process_boundary_intact(tmp_path, lagging_writer):
-    from embedstore.ingest.run import ingest
-
-    archive, bad_paths = build_bad_archive(tmp_path)
-    store_path = tmp_path / "store"
-    summary = ingest([archive], store_path, options(workers=1))
-
-    check_summary(summary, n_embedded=N_GOOD, n_skipped=0)
-    check_slices_table(store_path, archive)
-    rows = check_failures_table(store_path, bad_paths, run_id=summary.run_id)
-    decoded_in_worker = [r for r in rows if r["stage"] == "decode"]
-    assert {Path(r["path"]).name for r in decoded_in_worker} == {"truncated.png", "broken.nii.gz"}
 
 
 # ----------------------------------------------------------------------------- C: bad data, CLI
