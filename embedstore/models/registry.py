@@ -34,10 +34,6 @@ class ModelSpec:
     def architecture(self) -> str:
         return self.timm_name.split(".", 1)[0]
 
-    @property
-    def is_dinov2(self) -> bool:
-        return self.architecture.endswith("_dinov2")
-
 
 def resolve_model(name: str) -> ModelSpec:
     """The spec for a familiar DINOv2 name or any timm model name; UsageError otherwise."""
