@@ -120,6 +120,28 @@ def print_info(summary: dict) -> None:
 
 
 @app.command()
+def failures(
+    store: Path = typer.Argument(..., help="Store directory."),
+    reason: Optional[str] = typer.Option(None, help="Only this reason code (e.g. truncated, not_dicom)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Inputs that could not be embedded, with their stage, reason and message."""
+    from embedstore.store import Store
+    from embedstore.store.info import list_failures
+
+    rows = list_failures(Store.open(store), reason)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} failures")
+    for column in ("reason", "stage", "path", "message"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["reason"], row["stage"], row["path"], row["message"])
+    out.print(table)
+
+
+@app.command()
 def demo(
     store: Path = typer.Option(Path("embedstore-demo"), "--store", help="Store directory for the demo."),
 ) -> None:

@@ -280,3 +280,14 @@ def test_cli_ingest_of_bad_archive_reports_failures_and_info_lists_them(tmp_path
     assert summary["failures_by_reason"] == expected_reason_counts()
     assert summary["tables"]["failures"] == len(BAD_FILES)
     assert sum(model["slices"] for model in summary["models"].values()) == N_GOOD
+
+    listed = run_cli(["failures", str(store_path), "--reason", "truncated", "--json"], cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    truncated = json.loads(listed.stdout)
+    assert sorted(Path(row["path"]).name for row in truncated) == sorted(
+        name for name, (_, reason) in BAD_FILES.items() if reason == "truncated")
+    assert all(row["reason"] == "truncated" and row["message"] for row in truncated)
+
+    unknown = run_cli(["failures", str(store_path), "--reason", "gremlins"], cwd=tmp_path)
+    assert unknown.returncode == 2 and unknown.stderr.strip().count("\n") == 0
+    assert "unknown failure reason 'gremlins'" in unknown.stderr

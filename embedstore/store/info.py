@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from embedstore.store import Store
+from embedstore.errors import REASONS, UsageError
+from embedstore.store import Store, sql_literal
 from embedstore.store.patches import directory_bytes
 
 
@@ -46,3 +47,14 @@ def store_info(store: Store) -> dict:
         "failures_by_reason": _counts(failures.column("reason").to_pylist()) if failures.num_rows else {},
         "last_run": last_run[0] if last_run else None,
     }
+
+
+def list_failures(store: Store, reason: str | None = None) -> list[dict]:
+    """Failure rows, oldest first, optionally of one reason code."""
+    if reason is not None and reason not in REASONS:
+        raise UsageError(f"unknown failure reason {reason!r}: use one of {', '.join(REASONS)}")
+    rows = store.rows("failures", f"reason = {sql_literal(reason)}" if reason else None)
+    failures = sorted(rows.to_pylist(), key=lambda row: (row["time"], row["path"]))
+    for row in failures:
+        row["time"] = row["time"].isoformat()
+    return failures
