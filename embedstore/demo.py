@@ -34,14 +34,13 @@ def run_demo(store_path: Path, say: Callable[[str], None] = print,
             f"PNG phantoms, a NIfTI volume)")
         build_sample_archive(archive)
     loaded = demo_model(say)
-    summary = ingest([archive], store_path, IngestOptions(model=DEMO_MODEL, weights=loaded.weights_tag.split("-")[0],
-                                                          show_progress=show_progress),
-                     loaded=loaded)
+    options = IngestOptions(model=DEMO_MODEL, weights=loaded.weights_source, show_progress=show_progress)
+    summary = ingest([archive], store_path, options, loaded=loaded)
     store = Store.open(store_path)
     query = store.rows("slices", f"model_id = {sql_literal(summary.model_id)} AND modality = 'CT' "
                                  f"AND path LIKE '%ct_series%' AND slice_index = 5", ["key"])
     query_key = query.column("key")[0].as_py()
     # A randomly initialised DINOv2 scales every block by LayerScale 1e-5, so its CLS token barely
     # depends on the image; the patch-token mean still does, and makes a more telling lookup.
-    feature = "patch_mean" if "-random-" in summary.model_id else "cls"
+    feature = "patch_mean" if loaded.weights_source == "random" else "cls"
     return summary, store_info(store), nearest_slices(store, query_key, k=5, feature=feature), query_key, feature

@@ -28,6 +28,11 @@ class LoadedModel:
     num_prefix_tokens: int  # CLS + register tokens in front of the patch tokens
 
     @property
+    def weights_source(self) -> str:
+        """"hub", "file" or "random"."""
+        return self.weights_tag.split("-", 1)[0]
+
+    @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 

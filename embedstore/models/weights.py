@@ -48,6 +48,8 @@ def hub_unreachable() -> str | None:
     failing network for most of a minute; with HF_HUB_OFFLINE set, the local cache is used instead."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return None
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # behind a proxy, local name resolution says nothing about reachability
     from huggingface_hub import constants
 
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
