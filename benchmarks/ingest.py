@@ -33,8 +33,8 @@ def decoded_images(paths: list[Path], image_size: int):
     import numpy as np
     import torch
 
-    from embedstore.preprocess import IntensityConfig, imagenet_normalize
-    from embedstore.sources import ReadTask, decode_task
+    from embedstore.preprocess import IntensityConfig, decode_task, imagenet_normalize
+    from embedstore.sources import ReadTask
     from embedstore.sources.raster import raster_item
 
     config = IntensityConfig()

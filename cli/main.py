@@ -40,7 +40,14 @@ def ingest(
     weights: str = typer.Option("hub", help="hub, random, or a checkpoint path (Meta .pth or timm file)."),
     image_size: int = typer.Option(224, help="Model input size; a multiple of the patch size (14)."),
     patches: bool = typer.Option(True, "--patches/--no-patches", help="Keep patch tokens in Zarr."),
-    window: str = typer.Option("auto", help="CT window: auto (the study's [-1024, 600]) or a preset name."),
+    window: str = typer.Option(
+        "auto", help="auto (CT [-1024, 600], MR percentiles, X-ray VOI), header (the file's own VOI window), "
+        "a CT preset (study, brain, subdural, stroke, lung, mediastinum, abdomen, liver, bone), multi (three CT "
+        "windows as channels, by body part) or multi:W1,W2,W3."),
+    mr_percentiles: str = typer.Option("5,95", help="MR: per-slice clip percentiles LOW,HIGH."),
+    axis: str = typer.Option("axial", help="NIfTI slicing axis: axial, coronal or sagittal."),
+    keep_patient_id: bool = typer.Option(
+        False, "--keep-patient-id", help="Store PatientID as read. Default: a keyed hash (see README)."),
     batch_size: int = typer.Option(32, help="Slices per model batch."),
     workers: Optional[int] = typer.Option(
         None, help="Decode worker processes; 0 decodes inline. Default: up to 8 with CUDA, cores/8 on CPU."),
@@ -56,6 +63,7 @@ def ingest(
 
     options = IngestOptions(
         model=model, weights=weights, image_size=image_size, seed=seed, keep_patches=patches, window=window,
+        mr_percentiles=parse_percentiles(mr_percentiles), axis=axis, keep_patient_id=keep_patient_id,
         batch_size=batch_size, workers=workers, device=device,
         precision=precision, overwrite=overwrite, show_progress=progress,
     )
@@ -63,6 +71,14 @@ def ingest(
     print_summary(summary)
     if json_out:
         json_out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def parse_percentiles(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--mr-percentiles takes LOW,HIGH (e.g. 5,95), not {text!r}") from None
+    return low, high
 
 
 def print_summary(summary) -> None:

@@ -19,20 +19,23 @@ class StoreFormatError(UsageError):
 
 
 # Stable failure reason codes (the `failures.reason` column). Never rename one: users filter on them.
-EMPTY_FILE = "empty_file"
-NOT_DICOM = "not_dicom"
-NOT_IMAGE = "not_image"
-TRUNCATED = "truncated"
-CORRUPT_NIFTI = "corrupt_nifti"
-NO_PIXEL_DATA = "no_pixel_data"
-UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
-DECODE_ERROR = "decode_error"
-WORKER_CRASHED = "worker_crashed"
-DUPLICATE_INSTANCE = "duplicate_instance"
+EMPTY_FILE = "empty_file"  # zero bytes
+NOT_DICOM = "not_dicom"  # a .dcm (or DICM-less) file that does not parse as DICOM
+NOT_IMAGE = "not_image"  # a raster suffix on something no image library can open
+TRUNCATED = "truncated"  # the file, or its pixel data, ends before its header says it should
+INVALID_HEADER = "invalid_header"  # DICOM attributes an image needs are missing or malformed
+NO_PIXEL_DATA = "no_pixel_data"  # a DICOM object without an image: SR, PR, KOS, RT plan, DICOMDIR...
+UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"  # no installed codec for the syntax
+CORRUPT_STREAM = "corrupt_stream"  # every codec for the syntax rejected the compressed data
+CORRUPT_NIFTI = "corrupt_nifti"  # a NIfTI header or data block that nibabel cannot read
+INCONSISTENT_SERIES = "inconsistent_series"  # a file whose study or patient contradicts its series
+DUPLICATE_INSTANCE = "duplicate_instance"  # a second file with an already-seen SOPInstanceUID
+WORKER_CRASHED = "worker_crashed"  # the decode process died on this file (e.g. a codec segfault)
+DECODE_ERROR = "decode_error"  # an unexpected reader exception: a bug to report, not a data category
 
 REASONS = (
-    EMPTY_FILE, NOT_DICOM, NOT_IMAGE, TRUNCATED, CORRUPT_NIFTI, NO_PIXEL_DATA,
-    UNSUPPORTED_TRANSFER_SYNTAX, DECODE_ERROR, WORKER_CRASHED, DUPLICATE_INSTANCE,
+    EMPTY_FILE, NOT_DICOM, NOT_IMAGE, TRUNCATED, INVALID_HEADER, NO_PIXEL_DATA, UNSUPPORTED_TRANSFER_SYNTAX,
+    CORRUPT_STREAM, CORRUPT_NIFTI, INCONSISTENT_SERIES, DUPLICATE_INSTANCE, WORKER_CRASHED, DECODE_ERROR,
 )
 
 

@@ -1,10 +1,11 @@
 """Intensity handling and model input: native pixel values → (n, C, S, S) float32 in [0, 1].
 
 The steps follow the reference study: CT in Hounsfield units clamped to a window (default
-[-1024, 600]); MR clipped to per-slice percentiles (default 5th-95th); other images as stored.
-Then per-slice min-max to [0, 1] (a constant slice becomes all zeros, never 0/0 = NaN), an
-antialiased bilinear resize to S×S, and, on the model's device, grey → 3 channels and ImageNet
-normalisation. Every step works on a whole stack of slices at once.
+[-1024, 600]); MR clipped to per-slice percentiles (default 5th-95th); X-ray through the file's own
+VOI window or LUT; anything else as stored. Then per-slice min-max to [0, 1] (a constant slice
+becomes all zeros, never 0/0 = NaN), MONOCHROME1 inverted, an antialiased bilinear resize to S×S,
+and, on the model's device, grey → 3 channels and ImageNet normalisation. With `--window multi`
+a CT slice becomes three channels, one window each. Every step works on a whole stack at once.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from embedstore.errors import UsageError
+from embedstore.sources import NativeSlices, ReadTask, read_native
 
 # Bump when any step below changes its output: it is part of every model_id.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,48 +39,101 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "liver": (-45.0, 105.0),  # L30 W150
     "bone": (-500.0, 1300.0),  # L400 W1800
 }
+# `--window multi`: three windows as the three input channels, chosen by BodyPartExamined.
+MULTI_WINDOWS: dict[str, tuple[str, str, str]] = {
+    "head": ("brain", "subdural", "bone"),
+    "chest": ("lung", "mediastinum", "bone"),
+    "abdomen": ("abdomen", "liver", "bone"),
+}
+BODY_PART_REGIONS = {
+    "HEAD": "head", "BRAIN": "head", "SKULL": "head", "HEADNECK": "head",
+    "CHEST": "chest", "THORAX": "chest", "LUNG": "chest", "HEART": "chest", "CHESTABDOMEN": "chest",
+    "ABDOMEN": "abdomen", "PELVIS": "abdomen", "LIVER": "abdomen", "ABDOMENPELVIS": "abdomen",
+    "KIDNEY": "abdomen", "PANCREAS": "abdomen",
+}
+DEFAULT_MULTI_REGION = "chest"  # CT without (or with an unknown) body part: lung / mediastinum / bone
+# Projection radiography: its display is defined by the file's VOI window or LUT.
+XRAY_MODALITIES = {"CR", "DX", "MG", "RF", "XA", "PX", "IO", "RG"}
+WINDOW_MODES = ("auto", "header", "multi")
 
 
 @dataclass(frozen=True)
 class IntensityConfig:
-    window: str = "auto"  # "auto" (= "study" for CT) or a CT_WINDOWS name
+    # auto: the study's CT window, MR percentiles, X-ray VOI; header: the file's own VOI window
+    # wherever it has one; a CT_WINDOWS name; multi or multi:W1,W2,W3: three CT windows as channels.
+    window: str = "auto"
     mr_percentiles: tuple[float, float] = (5.0, 95.0)
 
     def __post_init__(self):
-        if self.window != "auto" and self.window not in CT_WINDOWS:
-            raise UsageError(f"unknown window {self.window!r}: use auto or one of {', '.join(CT_WINDOWS)}")
+        if self.window not in WINDOW_MODES and self.window not in CT_WINDOWS:
+            if not self.window.startswith("multi:"):
+                raise UsageError(f"unknown window {self.window!r}: use auto, header, multi, multi:W1,W2,W3 "
+                                 f"or one of {', '.join(CT_WINDOWS)}")
+            names = self.window.removeprefix("multi:").split(",")
+            if len(names) != 3 or any(name not in CT_WINDOWS for name in names):
+                raise UsageError(f"--window {self.window}: multi: takes three of {', '.join(CT_WINDOWS)}")
         low, high = self.mr_percentiles
         if not 0.0 <= low < high <= 100.0:
             raise UsageError(f"MR percentiles must satisfy 0 <= low < high <= 100, not {low}, {high}")
 
     @property
+    def is_multi(self) -> bool:
+        return self.window == "multi" or self.window.startswith("multi:")
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.is_multi else 1
+
+    @property
     def ct_window(self) -> tuple[float, float]:
-        return CT_WINDOWS["study" if self.window == "auto" else self.window]
+        """The single CT window (every mode but a named preset uses the study's)."""
+        return CT_WINDOWS[self.window if self.window in CT_WINDOWS else "study"]
+
+    def multi_windows(self, body_part: str | None) -> tuple[str, ...]:
+        if self.window.startswith("multi:"):
+            return tuple(self.window.removeprefix("multi:").split(","))
+        region = BODY_PART_REGIONS.get((body_part or "").upper().replace(" ", ""), DEFAULT_MULTI_REGION)
+        return MULTI_WINDOWS[region]
+
+    def uses_header_voi(self, modality: str | None) -> bool:
+        return self.window == "header" or modality in XRAY_MODALITIES
 
     def tag(self) -> str:
         """Short, stable identifier of this preprocessing, part of the model_id."""
-        # The resolved window, so "auto" and "study" (the same pixels) give the same model_id.
-        settings = json.dumps({"version": PREPROCESS_VERSION, "ct_window": self.ct_window,
+        # "study" is what auto does already: the same pixels get the same model_id.
+        window = "auto" if self.window == "study" else self.window
+        settings = json.dumps({"version": PREPROCESS_VERSION, "window": window, "ct_window": self.ct_window,
                                "mr_percentiles": self.mr_percentiles}, sort_keys=True)
         return f"pp{PREPROCESS_VERSION}.{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
 
 
-def to_unit_range(stack: np.ndarray, modality: str | None, config: IntensityConfig) -> np.ndarray:
-    """(n, H, W) native values (HU for CT) → (n, H, W) float32 in [0, 1], per-slice min-max."""
+def to_unit_range(stack: np.ndarray, modality: str | None, config: IntensityConfig,
+                  header_windows: list[tuple[float, float] | None] | None = None) -> np.ndarray:
+    """(n, H, W) native values (HU for CT) → (n, H, W) float32 in [0, 1], per-slice min-max after
+    clipping to the modality's window (CT), percentiles (MR) or the file's own VOI window."""
     stack = np.asarray(stack, dtype=np.float32)
     if not np.isfinite(stack).all():  # NaN/inf voxels (common in float NIfTI) become the slice's minimum
         stack = fill_non_finite(stack)
+    n = len(stack)
+    low, high = np.full(n, -np.inf, dtype=np.float32), np.full(n, np.inf, dtype=np.float32)
     if modality == "CT":
-        low, high = config.ct_window
-        stack = np.clip(stack, low, high)
+        low[:], high[:] = config.ct_window
     elif modality == "MR":
-        flat = stack.reshape(len(stack), -1)
-        low, high = np.percentile(flat, config.mr_percentiles, axis=1)
+        low[:], high[:] = np.percentile(stack.reshape(n, -1), config.mr_percentiles, axis=1)
+    if header_windows and config.uses_header_voi(modality):
+        for index, window in enumerate(header_windows):
+            if window is not None:
+                low[index], high[index] = window
+    if np.isfinite(low).any() or np.isfinite(high).any():
         stack = np.clip(stack, low[:, None, None], high[:, None, None])
+    return spread_to_unit(stack)
+
+
+def spread_to_unit(stack: np.ndarray) -> np.ndarray:
     minimum = stack.min(axis=(1, 2), keepdims=True)
     span = stack.max(axis=(1, 2), keepdims=True) - minimum
     # A constant slice has span 0: divide by 1 instead, which maps it to all zeros.
-    return (stack - minimum) / np.where(span > 0, span, 1.0)
+    return ((stack - minimum) / np.where(span > 0, span, 1.0)).astype(np.float32, copy=False)
 
 
 def fill_non_finite(stack: np.ndarray) -> np.ndarray:
@@ -86,6 +141,35 @@ def fill_non_finite(stack: np.ndarray) -> np.ndarray:
     lowest = np.where(finite, stack, np.inf).min(axis=(1, 2), keepdims=True)
     lowest = np.where(np.isfinite(lowest), lowest, 0.0)  # a slice with no finite value at all
     return np.where(finite, stack, lowest).astype(np.float32)
+
+
+def unit_channels(native: NativeSlices, config: IntensityConfig) -> tuple[np.ndarray, str]:
+    """(n, C, H, W) in [0, 1] and a label of what was done (the `intensity` column)."""
+    if config.is_multi and native.modality == "CT":
+        names = config.multi_windows(native.body_part)
+        stack = native.pixels if np.isfinite(native.pixels).all() else fill_non_finite(native.pixels)
+        unit = np.stack([spread_to_unit(np.clip(stack, *CT_WINDOWS[name])) for name in names], axis=1)
+        label = "multi:" + ",".join(names)
+    else:
+        unit = to_unit_range(native.pixels, native.modality, config, native.header_windows)[:, None]
+        label = _grey_label(native, config)
+        if config.is_multi:
+            unit = np.repeat(unit, 3, axis=1)
+    if native.monochrome1:
+        unit = 1.0 - unit
+        label += "+inverted"
+    return unit, label
+
+
+def _grey_label(native: NativeSlices, config: IntensityConfig) -> str:
+    if native.header_windows and config.uses_header_voi(native.modality) and any(native.header_windows):
+        return "voi"
+    if native.modality == "CT":
+        return "ct:" + (config.window if config.window in CT_WINDOWS else "study")
+    if native.modality == "MR":
+        low, high = config.mr_percentiles
+        return f"mr:p{low:g}-{high:g}"
+    return "minmax"
 
 
 def resize_stack(unit: np.ndarray, size: int) -> np.ndarray:
@@ -98,9 +182,10 @@ def resize_stack(unit: np.ndarray, size: int) -> np.ndarray:
     return tensor.clamp(0.0, 1.0).numpy()  # not in place: without a resize the tensor shares the caller's array
 
 
-def prepare_slices(stack: np.ndarray, modality: str | None, config: IntensityConfig, size: int) -> np.ndarray:
-    """Native (n, H, W) slices → model-ready (n, 1, size, size) float32 in [0, 1]."""
-    return resize_stack(to_unit_range(stack, modality, config), size)
+def prepare_slices(native: NativeSlices, config: IntensityConfig, size: int) -> tuple[np.ndarray, str]:
+    """Native slices → model-ready (n, C, size, size) float32 in [0, 1], and the intensity label."""
+    unit, label = unit_channels(native, config)
+    return resize_stack(unit, size), label
 
 
 def imagenet_normalize(batch: torch.Tensor) -> torch.Tensor:
@@ -110,3 +195,22 @@ def imagenet_normalize(batch: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
     return (batch - mean) / std
+
+
+@dataclass
+class DecodedFile:
+    """A read task's slices, preprocessed and ready for the model."""
+
+    task: ReadTask
+    pixels: np.ndarray  # (n, C, S, S) float32 in [0, 1], in the order of task.items
+    modality: str | None
+    rows: int
+    cols: int
+    intensity: str  # what the intensity mapping did, e.g. "ct:study", "voi+inverted", "multi:lung,..."
+
+
+def decode_task(task: ReadTask, config: IntensityConfig, image_size: int) -> DecodedFile:
+    """Read one file once and preprocess the slices the task asks for; InputError on bad data."""
+    native = read_native(task, apply_voi_lut=config.uses_header_voi(task.items[0].modality))
+    pixels, intensity = prepare_slices(native, config, image_size)
+    return DecodedFile(task, pixels, native.modality, native.pixels.shape[1], native.pixels.shape[2], intensity)

@@ -10,9 +10,9 @@ from conftest import TEST_IMAGE_SIZE, ingest_options
 from embedstore.ingest.run import ingest
 from embedstore.models import load_model
 from embedstore.models.embedder import Embedder
-from embedstore.preprocess import IntensityConfig
-from embedstore.sources import ReadTask, SliceItem, decode_task
-from embedstore.sources.dicom import read_frames
+from embedstore.preprocess import IntensityConfig, decode_task
+from embedstore.sources import ReadTask, SliceItem
+from embedstore.sources.dicom_pixels import read_dicom_pixels
 from embedstore.store import Store, sql_literal
 from embedstore.store.patches import read_patches
 from embedstore.store.schema import STORE_FORMAT_VERSION
@@ -83,7 +83,7 @@ def test_nifti_slices_and_inferred_modality(ingested):
 def test_ct_rescale_gives_hounsfield_units(mixed_archive):
     expected = samples.ct_series_hu(6, 40, seed=7)
     for index, path in enumerate(mixed_archive.ct_paths):
-        hu = read_frames(str(path), [0])[0]
+        hu = read_dicom_pixels(str(path), [0]).pixels[0]
         np.testing.assert_allclose(hu, expected[index], atol=1.0)  # slope 2 rounds to 2 HU steps
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from embedstore.errors import UsageError
+from embedstore.sources import NativeSlices
 from embedstore.preprocess import (
     CT_WINDOWS,
     IMAGENET_MEAN,
@@ -18,6 +19,10 @@ from embedstore.preprocess import (
 )
 
 MODALITIES = ["CT", "MR", None]
+
+
+def prepared(stack: np.ndarray, modality: str | None, config: IntensityConfig, size: int) -> np.ndarray:
+    return prepare_slices(NativeSlices(stack, modality), config, size)[0]
 
 
 def ramp(low: float, high: float, shape: tuple[int, int] = (16, 20)) -> np.ndarray:
@@ -43,7 +48,7 @@ def mixed_stack(seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("value", [0.0, -1024.0, 5000.0])
 def test_constant_slice_becomes_zeros(modality, value):
     stack = np.stack([np.full((12, 10), value, np.float32), ramp(0, 1, (12, 10))[0]])
-    pixels = prepare_slices(stack, modality, IntensityConfig(), 28)
+    pixels = prepared(stack, modality, IntensityConfig(), 28)
     assert not np.isnan(pixels).any()
     assert np.all(pixels[0] == 0.0)
     assert pixels[1].max() > 0.9  # the slice next to it is still spread out
@@ -99,7 +104,7 @@ def test_mr_percentiles_ignore_a_single_outlier():
 @pytest.mark.parametrize("size", [28, 24, 56])  # smaller, equal to the slice height, larger
 def test_prepare_slices_shape_and_range(modality, size):
     stack = mixed_stack()
-    pixels = prepare_slices(stack, modality, IntensityConfig(), size)
+    pixels = prepared(stack, modality, IntensityConfig(), size)
     assert pixels.shape == (len(stack), 1, size, size) and pixels.dtype == np.float32
     assert np.isfinite(pixels).all()
     assert pixels.min() >= 0.0 and pixels.max() <= 1.0
@@ -108,15 +113,15 @@ def test_prepare_slices_shape_and_range(modality, size):
 
 def test_prepare_slices_square_input_of_the_right_size_is_only_scaled():
     native = ramp(-500, 500, (28, 28))
-    pixels = prepare_slices(native, None, IntensityConfig(), 28)
+    pixels = prepared(native, None, IntensityConfig(), 28)
     np.testing.assert_allclose(pixels[:, 0], (native + 500) / 1000, atol=1e-6)
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_prepare_slices_is_per_slice(modality):
     stack, config = mixed_stack(seed=2), IntensityConfig(window="abdomen")
-    together = prepare_slices(stack, modality, config, 28)
-    alone = np.concatenate([prepare_slices(stack[i : i + 1], modality, config, 28) for i in range(len(stack))])
+    together = prepared(stack, modality, config, 28)
+    alone = np.concatenate([prepared(stack[i : i + 1], modality, config, 28) for i in range(len(stack))])
     np.testing.assert_allclose(together, alone, atol=1e-6)
     # and the slices really differ, so the comparison above means something
     assert not np.allclose(together[0], together[1], atol=1e-2)

@@ -15,8 +15,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
 from embedstore.errors import DECODE_ERROR, WORKER_CRASHED, InputError
-from embedstore.preprocess import IntensityConfig
-from embedstore.sources import DecodedFile, Failure, ReadTask, decode_task
+from embedstore.preprocess import DecodedFile, IntensityConfig, decode_task
+from embedstore.sources import Failure, ReadTask
 
 CHUNK_SLICES = 8  # files are grouped until a chunk holds this many slices
 CHUNKS_IN_FLIGHT_PER_WORKER = 4

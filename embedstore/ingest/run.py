@@ -18,9 +18,11 @@ from embedstore.ingest.progress import IngestProgress
 from embedstore.ingest.writer import DEFAULT_COMMIT_ROWS, EmbeddedBatch, SliceWriter
 from embedstore.models import LoadedModel, load_model
 from embedstore.models.embedder import Embedder
-from embedstore.preprocess import IntensityConfig
-from embedstore.sources import DecodedFile, Failure, SliceItem, build_catalog, check_sources, discover
+from embedstore.preprocess import DecodedFile, IntensityConfig
+from embedstore.sources import Failure, ReadTask, SliceItem, build_catalog, check_sources, discover
+from embedstore.sources.nifti import AXES
 from embedstore.store import Store, check_store_path
+from embedstore.store.privacy import AS_READ, HASHED, patient_id_key, pseudonymise
 
 
 def default_workers(device_type: str) -> int:
@@ -42,7 +44,10 @@ class IngestOptions:
     image_size: int = 224
     seed: int = 0  # for --weights random
     keep_patches: bool = True
-    window: str = "auto"
+    window: str = "auto"  # auto | header | a CT window preset | multi | multi:W1,W2,W3
+    mr_percentiles: tuple[float, float] = (5.0, 95.0)
+    axis: str = "axial"  # NIfTI slicing axis
+    keep_patient_id: bool = False  # store PatientID as read instead of a keyed hash
     batch_size: int = 32
     workers: int | None = None  # decode processes; None: default_workers() for the device
     device: str = "auto"
@@ -87,13 +92,17 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     check_store_path(store_path, create=True)
     if options.batch_size < 1 or (options.workers is not None and options.workers < 0):
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
-    config = IntensityConfig(window=options.window)
+    if options.axis not in AXES:
+        raise UsageError(f"unknown axis {options.axis!r}: use one of {', '.join(AXES)}")
+    config = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
     loaded = loaded or load_model(options.model, options.weights, options.image_size, options.seed)
     model_id = loaded.model_id(config.tag())
     embedder = Embedder(loaded, options.device, options.precision)
     workers = default_workers(embedder.device.type) if options.workers is None else options.workers
 
-    store = Store.open(store_path, create=True)
+    patient_ids = AS_READ if options.keep_patient_id else HASHED
+    store = Store.open(store_path, create=True, patient_ids=patient_ids)
+    store.check_patient_ids(patient_ids)
     store.ensure_vector_tables(loaded.embed_dim)
     if options.overwrite:
         store.delete_model(model_id)
@@ -105,7 +114,9 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
 
     with DecodePool(workers, config, loaded.image_size) as pool:
         found, discover_failures = discover(source_paths)
-        catalog = build_catalog(found, pool.map)
+        catalog = build_catalog(found, pool.map, axis=options.axis)
+        if patient_ids == HASHED:
+            pseudonymise_patients(catalog.tasks, patient_id_key(store.path))
         plan = plan_remaining(catalog.tasks, model_id, store.committed_keys(model_id))
         stage_seconds["catalog"] = time.perf_counter() - started
         writer = SliceWriter(store, model_id, run_id, loaded.embed_dim, loaded.num_patches,
@@ -150,6 +161,17 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     return summary
 
 
+def pseudonymise_patients(tasks: list[ReadTask], key: bytes) -> None:
+    """Replace each PatientID read from the files by its keyed hash, before anything is written."""
+    hashed: dict[str, str | None] = {}
+    for task in tasks:
+        for item in task.items:
+            if item.patient_id is not None:
+                if item.patient_id not in hashed:
+                    hashed[item.patient_id] = pseudonymise(item.patient_id, key)
+                item.patient_id = hashed[item.patient_id]
+
+
 def _embed_and_submit(embedder: Embedder, batch: tuple[list[SliceItem], np.ndarray], writer: SliceWriter,
                       keep_patches: bool, stage_seconds: Counter) -> None:
     items, pixels = batch
@@ -172,6 +194,7 @@ class SliceBatcher:
         for item in decoded.task.items:
             item.modality = item.modality or decoded.modality
             item.rows, item.cols = decoded.rows, decoded.cols
+            item.intensity = decoded.intensity
         self._items.extend(decoded.task.items)
         self._pixels.append(decoded.pixels)
         self._count += len(decoded.task.items)

@@ -23,11 +23,13 @@ from embedstore.store.schema import slices_schema
 
 DEFAULT_COMMIT_ROWS = 4096
 VECTOR_COLUMNS = ("cls", "patch_mean")
+ITEM_METADATA = ("body_part", "series_description", "study_date", "pixel_spacing", "slice_thickness",
+                 "image_position", "image_orientation", "slice_position", "intensity")
 
 
 @dataclass
 class EmbeddedBatch:
-    items: list[SliceItem]  # rows/cols/modality filled in from decoding
+    items: list[SliceItem]  # rows/cols/modality/intensity filled in from decoding
     embeddings: Embeddings
 
 
@@ -115,7 +117,8 @@ class SliceWriter:
                 "path": item.path, "patient_id": item.patient_id, "study_uid": item.study_uid,
                 "series_uid": item.series_uid, "sop_uid": item.sop_uid, "frame": item.frame,
                 "slice_index": item.slice_index, "modality": item.modality, "rows": item.rows,
-                "cols": item.cols, "patch_shard": shard_path, "patch_offset": offset, "run_id": self.run_id,
+                "cols": item.cols, **{name: getattr(item, name) for name in ITEM_METADATA},
+                "patch_shard": shard_path, "patch_offset": offset, "run_id": self.run_id,
             })
         self._cls.append(batch.embeddings.cls)
         self._patch_mean.append(batch.embeddings.patch_mean)

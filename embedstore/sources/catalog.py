@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable
 
 from embedstore.errors import DUPLICATE_INSTANCE, InputError
-from embedstore.sources.dicom import DicomHeader, read_header, series_items
+from embedstore.sources.dicom import DicomHeader, read_header
 from embedstore.sources.discover import FoundFile
-from embedstore.sources.nifti import count_axial_slices, volume_items
+from embedstore.sources.nifti import NiftiLayout, nifti_layout, volume_items
 from embedstore.sources.raster import raster_item
 from embedstore.sources.records import Failure, ReadTask, SliceItem
+from embedstore.sources.series import series_items
 
 
 @dataclass
@@ -28,23 +30,24 @@ class Catalog:
         return sum(len(task.items) for task in self.tasks)
 
 
-def scan_file(found: FoundFile) -> DicomHeader | int | Failure:
-    """The catalog facts of a DICOM or NIfTI file: its header, or its axial slice count."""
+def scan_file(found: FoundFile, axis: str = "axial") -> DicomHeader | NiftiLayout | Failure:
+    """The catalog facts of a DICOM or NIfTI file: its header, or its slice geometry along `axis`."""
     try:
         if found.kind == "dicom":
             return read_header(found.path)
-        return count_axial_slices(found.path)
+        return nifti_layout(found.path, axis)
     except InputError as error:
         return Failure(found.path, "read", error.reason, error.message)
 
 
-def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map) -> Catalog:
+def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map, axis: str = "axial") -> Catalog:
+    """Read tasks for every slice in `files`; NIfTI volumes are cut along `axis`."""
     catalog = Catalog()
     dicom_series: dict[str, list[DicomHeader]] = defaultdict(list)
     seen_sops: dict[str, str] = {}
     catalog.tasks.extend(ReadTask("raster", f.path, [raster_item(f.path)]) for f in files if f.kind == "raster")
     with_headers = [f for f in files if f.kind != "raster"]  # rasters need no header read
-    for found, scanned in zip(with_headers, map_fn(scan_file, with_headers)):
+    for found, scanned in zip(with_headers, map_fn(partial(scan_file, axis=axis), with_headers)):
         if isinstance(scanned, Failure):
             catalog.failures.append(scanned)
         elif found.kind == "dicom":
@@ -56,9 +59,11 @@ def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map)
             seen_sops[scanned.sop_uid] = found.path
             dicom_series[scanned.series_uid].append(scanned)
         else:
-            catalog.tasks.append(ReadTask("nifti", found.path, volume_items(found.path, scanned)))
+            catalog.tasks.append(ReadTask("nifti", found.path, volume_items(scanned), axis=axis))
     for headers in dicom_series.values():
-        catalog.tasks.extend(_tasks_by_file("dicom", series_items(headers)))
+        items, failures = series_items(headers)
+        catalog.tasks.extend(_tasks_by_file("dicom", items))
+        catalog.failures.extend(failures)
     return catalog
 
 

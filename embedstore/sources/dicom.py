@@ -1,22 +1,94 @@
-"""DICOM: read headers for the catalog, order series along the slice normal, decode pixels.
+"""DICOM files: strict parsing, and the header facts the catalog needs (identity, geometry, metadata).
 
-Headers are read without pixel data so a catalog of a large archive costs little; pixels are
-read once per file in the decode stage.
+pydicom is lenient by design: a file cut short yields a partial (even empty) dataset with at most
+a warning. `parse_dicom` is strict instead: a value that ends early, or a sequence or encapsulated
+pixel data without its closing delimiter, makes the file `truncated`. Headers are read without
+pixel data so cataloguing a large archive costs little; pixels are read once, in the decode stage.
 """
 
 from __future__ import annotations
 
+import io
+import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale
 
-from embedstore.errors import (
-    DECODE_ERROR, NO_PIXEL_DATA, NOT_DICOM, TRUNCATED, UNSUPPORTED_TRANSFER_SYNTAX, InputError,
+from embedstore.errors import INVALID_HEADER, NO_PIXEL_DATA, NOT_DICOM, TRUNCATED, InputError
+
+# SOP classes that never carry an image, whatever else they hold.
+NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.1.3.10",  # Media Storage Directory (DICOMDIR)
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection (KOS)
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms (ECG, audio...)
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF / CDA
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT structure set
+    "1.2.840.10008.5.1.4.1.1.481.5",  # RT plan
 )
-from embedstore.sources.records import SliceItem
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+NORMAL_EOF_READ = 8  # pydicom asks for the next tag (8 bytes) and gets none at a clean end of file
+
+
+class _StrictReader:
+    """A file object that remembers a read cut short by the end of the data (a truncated element)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.cut_short = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._handle.read(size)
+        if size is not None and size > 0 and len(data) < size and (data or size != NORMAL_EOF_READ):
+            self.cut_short = True
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+def parse_dicom(path: str, header_only: bool = False, stage: str = "read") -> Dataset:
+    """The dataset of one file, or InputError (not_dicom, truncated) — never a partial dataset.
+
+    `header_only` stops before the pixel data and reads no more of the file than the header.
+    """
+    with open(path, "rb") as handle:
+        source = handle if header_only else io.BytesIO(handle.read())  # decode: one read, then parse in memory
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reader = _StrictReader(source)
+            forced = False
+            try:
+                try:
+                    ds = pydicom.dcmread(reader, stop_before_pixels=header_only)
+                except InvalidDicomError:
+                    # Old files without the 128-byte preamble and "DICM" are still DICOM: parse them raw.
+                    source.seek(0)
+                    reader, forced = _StrictReader(source), True
+                    ds = pydicom.dcmread(reader, stop_before_pixels=header_only, force=True)
+            except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError, struct.error) as error:
+                source.seek(128)
+                reason = TRUNCATED if source.read(4) == b"DICM" else NOT_DICOM
+                raise InputError(reason, f"DICOM data cannot be parsed: {error}", stage) from None
+    identified = any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "DirectoryRecordSequence", *PIXEL_KEYWORDS))
+    if forced and not identified:
+        raise InputError(NOT_DICOM, "not a DICOM file: no preamble and no DICOM identity in the data", stage)
+    unterminated = [str(w.message) for w in caught if "before delimiter" in str(w.message)]
+    if reader.cut_short or unterminated:
+        detail = unterminated[0] if unterminated else "a value runs past the end of the file"
+        raise InputError(TRUNCATED, f"file is truncated: {detail}", stage)
+    if not identified and not ds.file_meta:
+        raise InputError(NOT_DICOM, "no DICOM dataset found in the file", stage)
+    return ds
+
+
+def sop_class_has_no_image(ds: Dataset) -> bool:
+    sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
+    return sop_class.startswith(NON_IMAGE_SOP_PREFIXES) or "DirectoryRecordSequence" in ds
 
 
 @dataclass
@@ -31,143 +103,111 @@ class DicomHeader:
     cols: int
     n_frames: int
     instance_number: int | None
-    normal: np.ndarray | None  # unit slice normal from ImageOrientationPatient
-    positions: list[np.ndarray | None]  # ImagePositionPatient per frame
+    orientations: list[tuple[float, ...] | None]  # ImageOrientationPatient per frame
+    positions: list[tuple[float, float, float] | None]  # ImagePositionPatient per frame
+    body_part: str | None = None
+    series_description: str | None = None
+    study_date: str | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    slice_thickness: float | None = None
 
 
 def read_header(path: str) -> DicomHeader:
     """Header fields needed to catalog one file; InputError when it is no usable image."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError as error:
-        raise InputError(NOT_DICOM, f"not a DICOM file: {error}") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError) as error:
-        raise InputError(TRUNCATED, f"DICOM header cannot be read: {error}") from None
-    if "SOPInstanceUID" not in ds:
-        raise InputError(NOT_DICOM, "DICOM dataset without SOPInstanceUID")
+    ds = parse_dicom(path, header_only=True)
+    if sop_class_has_no_image(ds):
+        name = getattr(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID"), "name", "object")
+        raise InputError(NO_PIXEL_DATA, f"{name} holds no image")
     if "Rows" not in ds or "Columns" not in ds:
-        raise InputError(NO_PIXEL_DATA, f"{ds.get('Modality', 'object')} without an image (no Rows/Columns)")
-    n_frames = int(ds.get("NumberOfFrames") or 1)
-    shared_orientation = _shared_orientation(ds)
-    positions = _frame_positions(ds, n_frames)
+        if any(keyword in parse_dicom(path) for keyword in PIXEL_KEYWORDS):  # rare: worth a full read
+            raise InputError(INVALID_HEADER, "pixel data without Rows/Columns: the image cannot be laid out")
+        raise InputError(NO_PIXEL_DATA, f"{ds.get('Modality') or 'DICOM object'} without an image (no Rows/Columns)")
+    if "SOPInstanceUID" not in ds:
+        raise InputError(INVALID_HEADER, "image without SOPInstanceUID: it cannot be identified")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as error:
+        raise InputError(INVALID_HEADER, f"Rows, Columns or NumberOfFrames is not a number: {error}") from None
+    if rows < 1 or cols < 1 or n_frames < 1:
+        raise InputError(INVALID_HEADER, f"image of {rows}x{cols} pixels and {n_frames} frames")
+    sop_uid = str(ds.SOPInstanceUID)
+    pixel_spacing, thickness = _pixel_measures(ds)
     return DicomHeader(
         path=path,
-        sop_uid=str(ds.SOPInstanceUID),
-        series_uid=str(ds.get("SeriesInstanceUID") or f"nouid:{ds.SOPInstanceUID}"),
-        study_uid=str(ds.get("StudyInstanceUID") or f"nouid:{ds.SOPInstanceUID}"),
-        patient_id=str(ds.PatientID) if ds.get("PatientID") else None,
-        modality=str(ds.Modality) if ds.get("Modality") else None,
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        sop_uid=sop_uid,
+        series_uid=str(ds.get("SeriesInstanceUID") or f"nouid:{sop_uid}"),
+        study_uid=str(ds.get("StudyInstanceUID") or f"nouid:{sop_uid}"),
+        patient_id=_text(ds, "PatientID"),
+        modality=_text(ds, "Modality"),
+        rows=rows,
+        cols=cols,
         n_frames=n_frames,
-        instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
-        normal=_normal(shared_orientation),
-        positions=positions,
+        instance_number=_optional_int(ds, "InstanceNumber"),
+        orientations=_frame_values(ds, n_frames, "PlaneOrientationSequence", "ImageOrientationPatient", 6),
+        positions=_frame_values(ds, n_frames, "PlanePositionSequence", "ImagePositionPatient", 3),
+        body_part=_text(ds, "BodyPartExamined"),
+        series_description=_text(ds, "SeriesDescription"),
+        study_date=_iso_date(_text(ds, "StudyDate")),
+        pixel_spacing=pixel_spacing,
+        slice_thickness=thickness,
     )
 
 
-def _shared_orientation(ds) -> list[float] | None:
-    if "ImageOrientationPatient" in ds:
-        return [float(v) for v in ds.ImageOrientationPatient]
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared and "PlaneOrientationSequence" in shared[0]:
-        return [float(v) for v in shared[0].PlaneOrientationSequence[0].ImageOrientationPatient]
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value not in (None, "") else ""
+    return text or None
+
+
+def _optional_int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):  # a malformed optional attribute is ignored, not fatal
+        return None
+
+
+def _iso_date(value: str | None) -> str | None:
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     return None
 
 
-def _frame_positions(ds, n_frames: int) -> list[np.ndarray | None]:
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and len(per_frame) == n_frames:
-        positions = []
-        for group in per_frame:
-            plane = group.get("PlanePositionSequence")
-            positions.append(np.array(plane[0].ImagePositionPatient, dtype=float) if plane else None)
-        return positions
-    if "ImagePositionPatient" in ds and n_frames == 1:
-        return [np.array(ds.ImagePositionPatient, dtype=float)]
-    return [None] * n_frames
-
-
-def _normal(orientation: list[float] | None) -> np.ndarray | None:
-    if not orientation or len(orientation) != 6:
+def _numbers(value, count: int) -> tuple[float, ...] | None:
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
         return None
-    normal = np.cross(orientation[:3], orientation[3:])
-    length = np.linalg.norm(normal)
-    return normal / length if length > 0 else None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
 
 
-def series_items(headers: list[DicomHeader]) -> list[SliceItem]:
-    """Items of one series (same SeriesInstanceUID), ordered by position along the slice normal,
-    falling back to InstanceNumber and then frame order when positions are missing."""
-    frames = [(header, frame) for header in headers for frame in range(header.n_frames)]
-    normal = next((h.normal for h in headers if h.normal is not None), None)
-
-    def order(entry):
-        header, frame = entry
-        position = header.positions[frame]
-        along_normal = float(position @ normal) if position is not None and normal is not None else None
-        return (
-            along_normal is None,
-            along_normal or 0.0,
-            header.instance_number if header.instance_number is not None else 0,
-            header.sop_uid,
-            frame,
-        )
-
-    items = []
-    for index, (header, frame) in enumerate(sorted(frames, key=order)):
-        items.append(SliceItem(
-            item_id=f"dicom:{header.sop_uid}:{frame}",
-            path=header.path,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            slice_index=index,
-            frame=frame,
-            sop_uid=header.sop_uid,
-            patient_id=header.patient_id,
-            modality=header.modality,
-            rows=header.rows,
-            cols=header.cols,
-        ))
-    return items
+def _frame_values(ds: Dataset, n_frames: int, sequence: str, keyword: str, count: int) -> list:
+    """A geometry attribute per frame: from the per-frame or shared functional groups of an
+    enhanced multi-frame object, else from the top level (single-frame files)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_value = None
+    if shared and sequence in shared[0] and shared[0][sequence].value:
+        shared_value = _numbers(shared[0][sequence][0].get(keyword), count)
+    if per_frame and len(per_frame) == n_frames:
+        values = []
+        for group in per_frame:
+            item = group.get(sequence)
+            values.append(_numbers(item[0].get(keyword), count) if item else shared_value)
+        return values
+    if shared_value is not None:
+        return [shared_value] * n_frames
+    top = _numbers(ds.get(keyword), count) if keyword in ds else None
+    # A top-level position belongs to a single-frame image; frames of a cine share the orientation only.
+    return [top] * n_frames if count == 6 or n_frames == 1 else [None] * n_frames
 
 
-def read_frames(path: str, frames: list[int]) -> np.ndarray:
-    """The requested frames as (n, rows, cols) float32 after the modality LUT (HU for CT),
-    MONOCHROME1 inverted so that higher always means brighter, colour reduced to luminance."""
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as error:
-        raise InputError(NOT_DICOM, f"not a DICOM file: {error}", stage="decode") from None
-    except (EOFError, OSError, ValueError) as error:
-        raise InputError(TRUNCATED, f"DICOM file cannot be read: {error}", stage="decode") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise InputError(NO_PIXEL_DATA, "DICOM object has no pixel data", stage="decode")
-    try:
-        pixels = ds.pixel_array
-    except NotImplementedError as error:
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
-        name = getattr(syntax, "name", str(syntax))
-        raise InputError(
-            UNSUPPORTED_TRANSFER_SYNTAX, f"no decoder for transfer syntax {name}: {error}", stage="decode"
-        ) from None
-    except (ValueError, EOFError) as error:
-        reason = TRUNCATED if "length" in str(error).lower() or "shorter" in str(error).lower() else DECODE_ERROR
-        raise InputError(reason, f"pixel data cannot be decoded: {error}", stage="decode") from None
-    except Exception as error:  # codec plugins raise their own types on corrupt streams
-        raise InputError(DECODE_ERROR, f"pixel data cannot be decoded: {type(error).__name__}: {error}",
-                         stage="decode") from None
-    n_frames = int(ds.get("NumberOfFrames") or 1)
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    if n_frames == 1:
-        pixels = pixels[None]
-    pixels = pixels[frames]
-    if samples > 1:  # radiology is grey: colour images are embedded by luminance
-        pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    else:
-        pixels = apply_rescale(pixels, ds).astype(np.float32, copy=False)
-        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-            low = pixels.min(axis=(1, 2), keepdims=True)
-            high = pixels.max(axis=(1, 2), keepdims=True)
-            pixels = (low + high) - pixels
-    return np.ascontiguousarray(pixels, dtype=np.float32)
+def _pixel_measures(ds: Dataset) -> tuple[tuple[float, float] | None, float | None]:
+    source = ds
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and "PixelMeasuresSequence" in shared[0] and shared[0].PixelMeasuresSequence:
+        source = shared[0].PixelMeasuresSequence[0]
+    spacing = _numbers(source.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
+    thickness = _numbers([source.get("SliceThickness")], 1) if source.get("SliceThickness") not in (None, "") else None
+    return spacing, (thickness[0] if thickness else None)

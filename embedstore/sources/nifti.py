@@ -1,24 +1,48 @@
-"""NIfTI volumes: canonical (RAS+) orientation, axial slices, the file decompressed once.
+"""NIfTI volumes: canonical (RAS+) orientation, slices along a chosen axis, each file decompressed once.
 
-A slice is shown the way a DICOM axial slice is (rows anterior → posterior, columns patient right →
-left), so the same volume embeds alike from either format. NIfTI carries no modality: a volume
-with values below -500 (air in Hounsfield units) is taken as CT, anything else as MR. A 4D volume
-contributes its first 3D volume.
+Orientation comes from the header's sform when its code is set, else the qform, else the voxel
+sizes alone (nibabel's rule). Slices are shown the way DICOM shows that plane (axial: rows anterior →
+posterior, columns patient right → left; coronal: rows superior → inferior; sagittal: columns
+anterior → posterior), and each slice gets DICOM-style geometry in LPS millimetres, so the same
+volume embeds and sorts alike from either format. NIfTI carries no modality: a volume with values
+below -500 (air in Hounsfield units) is taken as CT, anything else as MR. A 4D file gives one
+series per volume (fMRI, DWI and perfusion volumes are different images, not repeats).
 """
 
 from __future__ import annotations
 
 import gzip
 import zlib
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import io_orientation
+from nibabel.orientations import inv_ornt_aff, io_orientation
 
 from embedstore.errors import CORRUPT_NIFTI, TRUNCATED, InputError
 from embedstore.sources.records import SliceItem
 
 CT_AIR_THRESHOLD = -500.0
+AXES = ("axial", "coronal", "sagittal")
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+# Per axis, in canonical voxel indices (x: R, y: A, z: S): the voxel of pixel (row 0, col 0) of
+# slice 0 as a fraction of the far corner, and the index steps per row, per column and per slice.
+VIEWS = {
+    "axial": ((1, 1, 0), (0, -1, 0), (-1, 0, 0), (0, 0, 1)),
+    "coronal": ((1, 1, 1), (0, 0, -1), (-1, 0, 0), (0, -1, 0)),
+    "sagittal": ((0, 1, 1), (0, 0, -1), (0, -1, 0), (1, 0, 0)),
+}
+
+
+@dataclass
+class NiftiLayout:
+    path: str
+    axis: str
+    n_slices: int  # per volume
+    n_volumes: int
+    shape: tuple[int, int, int]  # canonical (RAS+) voxel grid
+    affine: np.ndarray  # canonical voxel → world (RAS+ mm)
 
 
 def _load(path: str):
@@ -28,42 +52,83 @@ def _load(path: str):
         raise InputError(CORRUPT_NIFTI, f"NIfTI header cannot be read: {error}") from None
 
 
-def count_axial_slices(path: str) -> int:
-    """Number of axial slices, from the header alone (no voxel data is read)."""
+def nifti_layout(path: str, axis: str = "axial") -> NiftiLayout:
+    """Slice and volume counts and the canonical affine, from the header alone (no voxel data)."""
     image = _load(path)
-    if len(image.shape) < 3:
-        raise InputError(CORRUPT_NIFTI, f"NIfTI image has {len(image.shape)} dimensions, expected 3 or 4")
-    superior_axis = int(np.flatnonzero(io_orientation(image.affine)[:, 0] == 2)[0])
-    return int(image.shape[superior_axis])
+    shape = image.shape
+    if len(shape) < 3 or len(shape) > 4:
+        raise InputError(CORRUPT_NIFTI, f"NIfTI image has {len(shape)} dimensions, expected 3 or 4")
+    orientation = io_orientation(image.affine)
+    canonical_shape = [0, 0, 0]
+    for source_axis, (target_axis, _) in enumerate(orientation):
+        canonical_shape[int(target_axis)] = shape[source_axis]
+    affine = image.affine @ inv_ornt_aff(orientation, shape[:3])
+    slicing_axis = int(np.flatnonzero(VIEWS[axis][3])[0])
+    return NiftiLayout(path, axis, int(canonical_shape[slicing_axis]), int(shape[3]) if len(shape) == 4 else 1,
+                       tuple(int(n) for n in canonical_shape), affine)
 
 
-def volume_items(path: str, n_slices: int) -> list[SliceItem]:
-    return [
-        SliceItem(
-            item_id=f"nifti:{path}:axial:{index}",
-            path=path,
-            study_uid=f"file:{path}",
-            series_uid=f"file:{path}",
-            slice_index=index,
-            frame=index,
-        )
-        for index in range(n_slices)
-    ]
+def volume_items(layout: NiftiLayout) -> list[SliceItem]:
+    """One item per slice of every volume, with DICOM-style geometry."""
+    path, axis = layout.path, layout.axis
+    origin, step_row, step_col, step_slice = _world_steps(layout)
+    row_mm, col_mm = float(np.linalg.norm(step_row)), float(np.linalg.norm(step_col))
+    orientation = tuple(float(v) for v in np.concatenate([step_col / col_mm, step_row / row_mm]))
+    normal = np.cross(orientation[:3], orientation[3:])
+    items = []
+    for volume in range(layout.n_volumes):
+        tag = f":t{volume}" if layout.n_volumes > 1 else ""
+        series = f"file:{path}" + (f"#{axis}" if axis != "axial" else "") + (f"#t{volume}" if tag else "")
+        for index in range(layout.n_slices):
+            position = origin + index * step_slice
+            items.append(SliceItem(
+                item_id=f"nifti:{path}:{axis}{tag}:{index}",
+                path=path,
+                study_uid=f"file:{path}",
+                series_uid=series,
+                slice_index=index,
+                frame=volume * layout.n_slices + index,
+                pixel_spacing=(row_mm, col_mm),
+                slice_thickness=float(np.linalg.norm(step_slice)),
+                image_position=tuple(float(v) for v in position),
+                image_orientation=orientation,
+                slice_position=float(position @ normal),
+            ))
+    return items
 
 
-def read_axial_slices(path: str) -> tuple[np.ndarray, str]:
-    """All axial slices as (n, rows, cols) float32, inferior → superior, and the inferred modality."""
+def _world_steps(layout: NiftiLayout) -> tuple[np.ndarray, ...]:
+    """LPS position of the first pixel of slice 0, and the LPS step per row, column and slice."""
+    corner, *steps = (np.array(v, dtype=float) for v in VIEWS[layout.axis])
+    extent = np.array(layout.shape, dtype=float) - 1
+    linear = RAS_TO_LPS @ layout.affine[:3, :3]
+    origin = RAS_TO_LPS @ (layout.affine[:3, :3] @ (corner * extent) + layout.affine[:3, 3])
+    return (origin, *(linear @ step for step in steps))
+
+
+def read_nifti_slices(path: str, axis: str = "axial") -> tuple[np.ndarray, str]:
+    """Every slice of every volume as (volumes × slices, rows, cols) float32, volume by volume in
+    slice order, and the inferred modality. The file is read and decompressed once."""
     image = _load(path)
     try:
         canonical = nib.as_closest_canonical(image)
-        volume = np.asarray(canonical.dataobj, dtype=np.float32)
+        data = np.asarray(canonical.dataobj, dtype=np.float32)
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise InputError(TRUNCATED, f"NIfTI data is truncated or corrupt: {error}", stage="decode") from None
     except Exception as error:
         raise InputError(CORRUPT_NIFTI, f"NIfTI data cannot be read: {error}", stage="decode") from None
-    if volume.ndim == 4:
-        volume = volume[..., 0]
-    # (x: R, y: A, z: S) → (z, rows: A→P, cols: R→L)
-    slices = np.ascontiguousarray(volume[::-1, ::-1, :].transpose(2, 1, 0))
-    modality = "CT" if slices.size and float(slices.min()) < CT_AIR_THRESHOLD else "MR"
+    volumes = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
+    slices = np.concatenate([_view(volume, axis) for volume in volumes])
+    modality = "CT" if slices.size and float(np.nanmin(slices)) < CT_AIR_THRESHOLD else "MR"
     return slices, modality
+
+
+def _view(volume: np.ndarray, axis: str) -> np.ndarray:
+    """(x, y, z) canonical voxels → (slice, row, col) as in VIEWS."""
+    if axis == "axial":  # [k, r, c] = V[X-1-c, Y-1-r, k]
+        view = volume[::-1, ::-1, :].transpose(2, 1, 0)
+    elif axis == "coronal":  # [k, r, c] = V[X-1-c, Y-1-k, Z-1-r]
+        view = volume[::-1, ::-1, ::-1].transpose(1, 2, 0)
+    else:  # sagittal: [k, r, c] = V[k, Y-1-c, Z-1-r]
+        view = volume[:, ::-1, ::-1].transpose(0, 2, 1)
+    return np.ascontiguousarray(view)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from embedstore.errors import DECODE_ERROR, NOT_IMAGE, TRUNCATED, InputError
+from embedstore.errors import CORRUPT_STREAM, NOT_IMAGE, TRUNCATED, InputError
 from embedstore.sources.records import SliceItem
 
 GREY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -29,6 +29,6 @@ def read_raster(path: str) -> np.ndarray:
         raise InputError(NOT_IMAGE, f"not a readable image: {error}", stage="decode") from None
     except (OSError, SyntaxError, ValueError) as error:
         truncated = "truncated" in str(error).lower() or isinstance(error, (EOFError,))
-        raise InputError(TRUNCATED if truncated else DECODE_ERROR, f"image cannot be decoded: {error}",
+        raise InputError(TRUNCATED if truncated else CORRUPT_STREAM, f"image cannot be decoded: {error}",
                          stage="decode") from None
     return pixels[None]

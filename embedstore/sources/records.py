@@ -4,22 +4,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class SliceItem:
     """One 2D slice or frame to embed; becomes one `slices` row."""
 
-    item_id: str  # DICOM: dicom:<SOPInstanceUID>:<frame>; NIfTI: nifti:<path>:axial:<n>; raster: file:<path>
+    item_id: str  # DICOM: dicom:<SOPInstanceUID>:<frame>; NIfTI: nifti:<path>:<axis>[:t<volume>]:<n>; raster: file:<path>
     path: str
     study_uid: str
-    series_uid: str
+    series_uid: str  # DICOM series split by geometry get a "#<rows>x<cols>-<plane>" suffix
     slice_index: int  # position in its series, ordered along the slice normal
-    frame: int = 0  # frame of a multi-frame DICOM, or slice number in a NIfTI volume
+    frame: int = 0  # frame of a multi-frame DICOM, or slice number in a NIfTI file (all volumes)
     sop_uid: str | None = None
-    patient_id: str | None = None
+    patient_id: str | None = None  # as read; the ingest pseudonymises it before anything is stored
     modality: str | None = None
     rows: int | None = None
     cols: int | None = None
+    body_part: str | None = None
+    series_description: str | None = None
+    study_date: str | None = None  # YYYY-MM-DD
+    pixel_spacing: tuple[float, float] | None = None  # mm between rows, between columns
+    slice_thickness: float | None = None
+    image_position: tuple[float, float, float] | None = None  # patient LPS mm of the first pixel
+    image_orientation: tuple[float, ...] | None = None  # row and column direction cosines (6)
+    slice_position: float | None = None  # mm along the slice normal: the key of the series order
+    intensity: str | None = None  # set by the decode stage: what the intensity mapping did
 
 
 @dataclass
@@ -29,6 +40,19 @@ class ReadTask:
     kind: str  # "dicom" | "nifti" | "raster"
     path: str
     items: list[SliceItem] = field(default_factory=list)
+    axis: str = "axial"  # NIfTI: the slicing axis
+
+
+@dataclass
+class NativeSlices:
+    """Slices as read, before any intensity mapping: what the preprocessing starts from."""
+
+    pixels: np.ndarray  # (n, rows, cols) float32; DICOM: modality LUT applied (Hounsfield units for CT)
+    modality: str | None
+    # Per slice (low, high) of the file's own VOI window, None where the file gives none.
+    header_windows: list[tuple[float, float] | None] | None = None
+    monochrome1: bool = False  # stored inverted (X-ray): high values are to be shown dark
+    body_part: str | None = None
 
 
 @dataclass

@@ -21,6 +21,8 @@ import pyarrow as pa  # noqa: E402
 from embedstore import __version__  # noqa: E402
 from embedstore.errors import StoreFormatError, UsageError  # noqa: E402
 from embedstore.sources.records import Failure  # noqa: E402
+from embedstore.sources.series import spacing_stats  # noqa: E402
+from embedstore.store.privacy import AS_READ, HASHED  # noqa: E402
 from embedstore.store.patches import remove_model_patches  # noqa: E402
 from embedstore.store.schema import (  # noqa: E402
     FAILURES_SCHEMA, RUNS_SCHEMA, STORE_FORMAT_VERSION, series_schema, slices_schema,
@@ -30,6 +32,11 @@ MANIFEST = "embedstore.json"
 TABLES_DIR = "tables"
 PATCHES_DIR = "patches"
 SERIES_REFRESH_GROUP = 512  # series whose slice vectors are read back per query
+# Columns a series row copies from its first slice.
+SERIES_IDENTITY = ("patient_id", "study_uid", "series_uid", "modality", "body_part", "series_description",
+                   "study_date", "pixel_spacing")
+SPACING_COLUMNS = ("slice_spacing", "spacing_deviation", "spacing_deviation_rel", "n_missing_slices",
+                   "uneven_spacing")
 
 
 def sql_literal(value: str) -> str:
@@ -49,8 +56,11 @@ class Store:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | Path, create: bool = False) -> "Store":
-        """Open a store; with `create`, make a new one where nothing (or an empty directory) is."""
+    def open(cls, path: str | Path, create: bool = False, patient_ids: str = HASHED) -> "Store":
+        """Open a store; with `create`, make a new one where nothing (or an empty directory) is.
+
+        `patient_ids` (HASHED or AS_READ) is fixed when the store is made: one store never mixes the two.
+        """
         path = Path(path)
         check_store_path(path, create)
         manifest_path = path / MANIFEST
@@ -65,12 +75,23 @@ class Store:
             return cls(path, manifest)
         path.mkdir(parents=True, exist_ok=True)
         manifest = {"format": "embedstore", "format_version": STORE_FORMAT_VERSION,
-                    "created_by": f"embedstore {__version__}", "created_at": now_utc().isoformat()}
+                    "created_by": f"embedstore {__version__}", "created_at": now_utc().isoformat(),
+                    "patient_ids": patient_ids}
         store = cls(path, manifest)
         store.db.create_table("failures", schema=FAILURES_SCHEMA, exist_ok=True)
         store.db.create_table("runs", schema=RUNS_SCHEMA, exist_ok=True)
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks the store complete
         return store
+
+    @property
+    def patient_ids(self) -> str:
+        return self.manifest.get("patient_ids", HASHED)
+
+    def check_patient_ids(self, wanted: str) -> None:
+        if wanted != self.patient_ids:
+            flag = "with" if self.patient_ids == AS_READ else "without"
+            raise UsageError(f"store {self.path} keeps patient IDs {self.patient_ids}; run {flag} "
+                             "--keep-patient-id, or use another store")
 
     def table(self, name: str):
         return self.db.open_table(name)
@@ -176,15 +197,15 @@ class Store:
             group = series_uids[start:start + SERIES_REFRESH_GROUP]
             where = (f"model_id = {sql_literal(model_id)} AND series_uid IN "
                      f"({', '.join(sql_literal(u) for u in group)})")
-            slices = self.rows("slices", where, ["patient_id", "study_uid", "series_uid", "modality",
-                                                 "cls", "patch_mean"])
+            slices = self.rows("slices", where, [*SERIES_IDENTITY, "slice_position", "cls", "patch_mean"])
             rows = series_rows(model_id, slices, self.vector_dim)
             self.table("series").merge_insert("key").when_matched_update_all() \
                 .when_not_matched_insert_all().execute(rows)
 
 
 def series_rows(model_id: str, slices: pa.Table, dim: int) -> pa.Table:
-    """One row per series_uid in `slices`: identity columns and mean vectors."""
+    """One row per series_uid in `slices`: identity and metadata of its first slice, spacing
+    measured from the slice positions, and mean vectors."""
     uids = slices.column("series_uid").to_numpy(zero_copy_only=False)
     order = np.argsort(uids, kind="stable")
     unique, starts, counts = np.unique(uids[order], return_index=True, return_counts=True)
@@ -193,20 +214,21 @@ def series_rows(model_id: str, slices: pa.Table, dim: int) -> pa.Table:
         flat = slices.column(column).combine_chunks().flatten().to_numpy()
         vectors = flat.reshape(-1, dim)[order]
         means[column] = np.add.reduceat(vectors, starts, axis=0) / counts[:, None]
-    first = order[starts]
-    taken = slices.take(pa.array(first))
-    return pa.table({
+    positions = slices.column("slice_position").to_numpy(zero_copy_only=False)[order]
+    spacing = [spacing_stats(list(positions[start:start + n])) for start, n in zip(starts, counts)]
+    taken = slices.take(pa.array(order[starts]))
+    columns = {
         "key": [f"{model_id}|{uid}" for uid in unique],
         "model_id": [model_id] * len(unique),
-        "patient_id": taken.column("patient_id"),
-        "study_uid": taken.column("study_uid"),
-        "series_uid": taken.column("series_uid"),
-        "modality": taken.column("modality"),
+        **{name: taken.column(name) for name in SERIES_IDENTITY},
         "n_slices": pa.array(counts, pa.int32()),
+        **{name: [getattr(stats, name) for stats in spacing] for name in SPACING_COLUMNS},
         "cls": pa.FixedSizeListArray.from_arrays(pa.array(means["cls"].astype(np.float32).ravel()), dim),
         "patch_mean": pa.FixedSizeListArray.from_arrays(
             pa.array(means["patch_mean"].astype(np.float32).ravel()), dim),
-    }, schema=series_schema(dim))
+    }
+    schema = series_schema(dim)
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
 def check_store_path(path: Path, create: bool) -> None:
