@@ -2,19 +2,22 @@
 
 pydicom is lenient by design: a file cut short yields a partial (even empty) dataset with at most
 a warning. `parse_dicom` is strict instead: a value that ends early, or a sequence or encapsulated
-pixel data without its closing delimiter, makes the file `truncated`. Headers are read without
+pixel data without its closing delimiter, makes the file `truncated`, and an image whose file
+ends before its pixel data is `truncated` when its pixels are read. Headers are read without
 pixel data so cataloguing a large archive costs little; pixels are read once, in the decode stage.
 """
 
 from __future__ import annotations
 
-import io
+import os
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -31,24 +34,8 @@ NON_IMAGE_SOP_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.481.5",  # RT plan
 )
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-NORMAL_EOF_READ = 8  # pydicom asks for the next tag (8 bytes) and gets none at a clean end of file
-
-
-class _StrictReader:
-    """A file object that remembers a read cut short by the end of the data (a truncated element)."""
-
-    def __init__(self, handle):
-        self._handle = handle
-        self.cut_short = False
-
-    def read(self, size: int | None = -1) -> bytes:
-        data = self._handle.read(size)
-        if size is not None and size > 0 and len(data) < size and (data or size != NORMAL_EOF_READ):
-            self.cut_short = True
-        return data
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+TAG_HEADER_BYTES = 8  # tag and length (and VR): a file ending inside one is cut, not complete
 
 
 def parse_dicom(path: str, header_only: bool = False, stage: str = "read") -> Dataset:
@@ -56,34 +43,55 @@ def parse_dicom(path: str, header_only: bool = False, stage: str = "read") -> Da
 
     `header_only` stops before the pixel data and reads no more of the file than the header.
     """
-    with open(path, "rb") as handle:
-        source = handle if header_only else io.BytesIO(handle.read())  # decode: one read, then parse in memory
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            reader = _StrictReader(source)
-            forced = False
+    forced = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             try:
-                try:
-                    ds = pydicom.dcmread(reader, stop_before_pixels=header_only)
-                except InvalidDicomError:
-                    # Old files without the 128-byte preamble and "DICM" are still DICOM: parse them raw.
-                    source.seek(0)
-                    reader, forced = _StrictReader(source), True
-                    ds = pydicom.dcmread(reader, stop_before_pixels=header_only, force=True)
-            except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError, struct.error) as error:
-                source.seek(128)
-                reason = TRUNCATED if source.read(4) == b"DICM" else NOT_DICOM
-                raise InputError(reason, f"DICOM data cannot be parsed: {error}", stage) from None
+                ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+            except InvalidDicomError:
+                # Old files without the 128-byte preamble and "DICM" are still DICOM: parse them raw.
+                forced = True
+                ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=True)
+        except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError, struct.error, zlib.error) as error:
+            reason = NOT_DICOM if forced or not _has_preamble(path) else TRUNCATED
+            raise InputError(reason, f"DICOM data cannot be parsed: {error}", stage) from None
     identified = any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "DirectoryRecordSequence", *PIXEL_KEYWORDS))
     if forced and not identified:
         raise InputError(NOT_DICOM, "not a DICOM file: no preamble and no DICOM identity in the data", stage)
     unterminated = [str(w.message) for w in caught if "before delimiter" in str(w.message)]
-    if reader.cut_short or unterminated:
-        detail = unterminated[0] if unterminated else "a value runs past the end of the file"
-        raise InputError(TRUNCATED, f"file is truncated: {detail}", stage)
+    if unterminated:
+        raise InputError(TRUNCATED, f"file is truncated: {unterminated[0]}", stage)
+    short = _last_element_cut_short(ds.file_meta, path) or _last_element_cut_short(ds, path)
+    if short:
+        raise InputError(TRUNCATED, f"file is truncated: {short}", stage)
+    if not len(ds) and ds.file_meta:
+        raise InputError(TRUNCATED, "file is truncated: nothing follows the file meta information", stage)
     if not identified and not ds.file_meta:
         raise InputError(NOT_DICOM, "no DICOM dataset found in the file", stage)
     return ds
+
+
+def _has_preamble(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def _last_element_cut_short(ds: Dataset, path: str) -> str | None:
+    """pydicom hands back whatever bytes a value had before the end of the file, and takes a file
+    ending inside the next tag as a clean end. Only the last element read can be affected, so its
+    length and the bytes left after it tell."""
+    if not len(ds):
+        return None
+    element = ds.get_item(next(reversed(ds.keys())), keep_deferred=True)
+    if not isinstance(element, RawDataElement) or element.length == UNDEFINED_LENGTH:
+        return None
+    if element.value is not None and len(element.value) < element.length:
+        return f"{element.tag} holds {len(element.value)} of its {element.length} bytes"
+    left_over = os.path.getsize(path) - (element.value_tell + element.length)
+    if 0 < left_over < TAG_HEADER_BYTES:
+        return f"the file ends {left_over} bytes into the element after {element.tag}"
+    return None
 
 
 def sop_class_has_no_image(ds: Dataset) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.pixels.processing import apply_voi
@@ -29,6 +30,14 @@ try:  # GDCM prints its own diagnostics to stderr; a failure row says what matte
 except ImportError:
     gdcm = None
 
+# pydicom tries plugins in a fixed order (GDCM first); these measured faster on 512×512 CT
+# (benchmarks/decode.py): pyjpegls 1.5× GDCM on JPEG-LS, Pillow 2× GDCM on baseline JPEG.
+FASTEST_PLUGIN = {
+    uid.JPEGLSLossless: "pyjpegls",
+    uid.JPEGLSNearLossless: "pyjpegls",
+    uid.JPEGBaseline8Bit: "pillow",
+    uid.RLELossless: "pylibjpeg",
+}
 LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as for YBR_FULL
 
 
@@ -51,18 +60,18 @@ def read_dicom_pixels(path: str, frames: list[int], apply_voi_lut: bool = False)
             raise InputError(TRUNCATED, "image header without pixel data: the file ends before its pixels",
                              "decode")
         raise InputError(NO_PIXEL_DATA, "DICOM object has no pixel data", "decode")
-    try:
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip()
-    except (TypeError, ValueError) as error:
-        raise InputError(INVALID_HEADER, f"image attributes are malformed: {error}", "decode") from None
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None:
+        raise InputError(INVALID_HEADER, "no Transfer Syntax UID in the file meta information", "decode")
+    layout = _image_layout(ds, syntax.is_little_endian)
+    n_frames, samples, photometric = layout.frames, layout.samples, layout.photometric
     if max(frames) >= n_frames:
         raise InputError(INVALID_HEADER, f"frame {max(frames)} requested from a {n_frames}-frame image", "decode")
-    stored = _decode(path, ds, n_frames)
+    stored = _decode(path, ds, syntax, layout)
     if stored.ndim == (2 if samples == 1 else 3):
         stored = stored[None]
-    stored = stored[frames]
+    if frames != list(range(n_frames)):  # a resumed subset; a full read needs no copy
+        stored = stored[frames]
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(stored, ds).astype(np.float32) @ LUMINANCE
     elif samples > 1:  # pydicom has already turned YBR into RGB; radiology is grey
@@ -78,10 +87,75 @@ def read_dicom_pixels(path: str, frames: list[int], apply_voi_lut: bool = False)
     return DicomPixels(np.ascontiguousarray(pixels, dtype=np.float32), windows, photometric == "MONOCHROME1")
 
 
-def _decode(path: str, ds: Dataset, n_frames: int) -> np.ndarray:
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None:
-        raise InputError(INVALID_HEADER, "no Transfer Syntax UID in the file meta information", "decode")
+@dataclass(frozen=True)
+class ImageLayout:
+    rows: int
+    cols: int
+    frames: int
+    samples: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    photometric: str
+
+
+def _image_layout(ds: Dataset, little_endian: bool) -> ImageLayout:
+    """The Image Pixel attributes, read once from their raw bytes: pydicom's conversion costs ~20 µs
+    per attribute, as much in total as decoding an uncompressed slice."""
+    try:
+        bits_allocated = _ushort(ds, "BitsAllocated", little_endian)
+        rows, cols = _ushort(ds, "Rows", little_endian), _ushort(ds, "Columns", little_endian)
+        if bits_allocated is None or rows is None or cols is None:
+            raise ValueError("BitsAllocated, Rows or Columns is missing")
+        frames = _text_numbers(ds, "NumberOfFrames")
+        return ImageLayout(
+            rows=rows, cols=cols, frames=int(frames[0]) if frames else 1,
+            samples=_ushort(ds, "SamplesPerPixel", little_endian) or 1, bits_allocated=bits_allocated,
+            bits_stored=_ushort(ds, "BitsStored", little_endian) or bits_allocated,
+            signed=_ushort(ds, "PixelRepresentation", little_endian) == 1,
+            photometric=_text(ds, "PhotometricInterpretation") or "MONOCHROME2",
+        )
+    except (AttributeError, TypeError, ValueError) as error:
+        raise InputError(INVALID_HEADER, f"image attributes are missing or malformed: {error}", "decode") from None
+
+
+def _raw_value(ds: Dataset, keyword: str):
+    element = ds.get_item(keyword)
+    return None if element is None else element.value
+
+
+def _ushort(ds: Dataset, keyword: str, little_endian: bool) -> int | None:
+    value = _raw_value(ds, keyword)
+    if value is None or value == b"" or value == "":
+        return None
+    if isinstance(value, bytes):
+        if len(value) < 2:
+            raise ValueError(f"{keyword} holds {len(value)} bytes, not 2")
+        return int.from_bytes(value[:2], "little" if little_endian else "big")
+    return int(value)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = _raw_value(ds, keyword)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = str(value).strip(" \x00") if value is not None else ""
+    return text or None
+
+
+def _text_numbers(ds: Dataset, keyword: str) -> list[float]:
+    """An IS or DS attribute's numbers (several, backslash-separated, for alternative windows)."""
+    value = _raw_value(ds, keyword)
+    if value is None or value == "" or value == b"":
+        return []
+    if isinstance(value, bytes):
+        return [float(part) for part in value.decode("ascii", "replace").strip(" \x00").split("\\") if part.strip()]
+    if isinstance(value, (str, int, float)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def _decode(path: str, ds: Dataset, syntax: uid.UID, layout: ImageLayout) -> np.ndarray:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
@@ -92,7 +166,18 @@ def _decode(path: str, ds: Dataset, n_frames: int) -> np.ndarray:
         raise InputError(UNSUPPORTED_TRANSFER_SYNTAX, f"no installed codec decodes {syntax.name} ({syntax})"
                          + (f" — missing {missing}" if missing else ""), "decode")
     if not syntax.is_compressed and "PixelData" in ds:
-        _check_native_length(ds, n_frames)
+        pixel_bytes = ds.get_item("PixelData").value  # the raw bytes, without pydicom's value conversion
+        _check_native_length(layout, len(pixel_bytes))
+        native = _native_monochrome(layout, pixel_bytes, syntax.is_little_endian)
+        if native is not None:
+            return native
+    preferred = FASTEST_PLUGIN.get(syntax)
+    if preferred in decoder.available_plugins:
+        try:
+            ds.pixel_array_options(decoding_plugin=preferred)
+            return ds.pixel_array
+        except Exception:  # let every plugin try, and report what they say
+            ds.pixel_array_options(decoding_plugin="")
     try:
         return ds.pixel_array
     except (AttributeError, KeyError, TypeError, NotImplementedError) as error:
@@ -105,7 +190,7 @@ def _decode(path: str, ds: Dataset, n_frames: int) -> np.ndarray:
         raise InputError(reason, f"pixel data cannot be decoded: {text}", "decode") from None
     except Exception as error:  # codec plugins raise their own types (RuntimeError when all fail)
         # pydicom's GDCM plugin refuses some streams GDCM itself decodes (12-bit JPEG Extended).
-        decoded = _decode_with_gdcm(path, ds)
+        decoded = _decode_with_gdcm(path, layout)
         if decoded is not None:
             return decoded
         message = " ".join(str(error).split())
@@ -117,7 +202,7 @@ GDCM_DTYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16":
                "UINT32": np.uint32, "INT32": np.int32, "FLOAT32": np.float32, "FLOAT64": np.float64}
 
 
-def _decode_with_gdcm(path: str, ds: Dataset) -> np.ndarray | None:
+def _decode_with_gdcm(path: str, layout: ImageLayout) -> np.ndarray | None:
     """Stored values decoded by GDCM's own reader, or None when it cannot either."""
     if gdcm is None:
         return None
@@ -131,23 +216,36 @@ def _decode_with_gdcm(path: str, ds: Dataset) -> np.ndarray | None:
     if buffer is None or dtype is None:
         return None
     samples = image.GetPixelFormat().GetSamplesPerPixel()
-    shape = (int(ds.get("NumberOfFrames") or 1), int(ds.Rows), int(ds.Columns)) + ((samples,) if samples > 1 else ())
+    shape = (layout.frames, layout.rows, layout.cols) + ((samples,) if samples > 1 else ())
     pixels = np.frombuffer(buffer.encode("utf-8", "surrogateescape"), dtype=dtype)
     if pixels.size != int(np.prod(shape)):
         return None
     return pixels.reshape(shape)
 
 
-def _check_native_length(ds: Dataset, n_frames: int) -> None:
-    try:
-        bits = int(ds.BitsAllocated)
-        values = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * n_frames
-    except (AttributeError, TypeError, ValueError) as error:
-        raise InputError(INVALID_HEADER, f"image attributes are missing or malformed: {error}", "decode") from None
-    expected = (values * bits + 7) // 8
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+def _native_monochrome(layout: ImageLayout, pixel_bytes: bytes, little_endian: bool) -> np.ndarray | None:
+    """Uncompressed grey pixels straight from their bytes, or None for layouts that need pydicom's
+    general path (colour, 1-bit). On a 512×512 slice that general path costs as much as parsing
+    the file. Values narrower than their container (12 bits in 16) are masked or sign-extended
+    from BitsStored, as pydicom does: the bits above may hold old overlay planes."""
+    bits, unused = layout.bits_allocated, layout.bits_allocated - layout.bits_stored
+    if layout.samples != 1 or bits not in (8, 16, 32) or not 0 <= unused < bits:
+        return None
+    dtype = np.dtype(("<" if little_endian else ">") + ("i" if layout.signed else "u") + str(bits // 8))
+    count = layout.rows * layout.cols * layout.frames
+    pixels = np.frombuffer(pixel_bytes, dtype, count).reshape(layout.frames, layout.rows, layout.cols)
+    if unused and layout.signed:
+        pixels = (pixels << unused) >> unused  # arithmetic shift: copies the sign bit down
+    elif unused:
+        pixels = pixels & np.array((1 << layout.bits_stored) - 1, dtype=dtype)
+    return pixels
+
+
+def _check_native_length(layout: ImageLayout, actual: int) -> None:
+    values = layout.rows * layout.cols * layout.samples * layout.frames
+    expected = (values * layout.bits_allocated + 7) // 8
+    if layout.photometric == "YBR_FULL_422":
         expected = expected * 2 // 3  # two chroma samples shared by each pair of pixels
-    actual = len(ds.PixelData)
     if actual < expected:
         raise InputError(TRUNCATED, f"pixel data holds {actual} bytes; rows × columns × samples × frames × "
                          f"bits need {expected}", "decode")
@@ -164,30 +262,31 @@ def _frame_item(ds: Dataset, sequence: str, frame: int) -> Dataset | None:
 
 def _modality_lut(stored: np.ndarray, ds: Dataset, frames: list[int]) -> np.ndarray:
     """Stored values → output units (Hounsfield units for CT), per frame for enhanced objects."""
-    if ds.get("ModalityLUTSequence") or "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        if "ModalityLUTSequence" not in ds:
-            ds.setdefault("RescaleSlope", 1.0)
-            ds.setdefault("RescaleIntercept", 0.0)
+    if ds.get("ModalityLUTSequence"):
         return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    # float32 throughout (HU need no more), converting and rescaling in one pass where possible
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return _rescaled(stored, ds)
     pixels = stored.astype(np.float32)
     for position, frame in enumerate(frames):
         item = _frame_item(ds, "PixelValueTransformationSequence", frame)
         if item is not None:
-            slope = float(item.get("RescaleSlope") or 1.0)
-            pixels[position] = pixels[position] * slope + float(item.get("RescaleIntercept") or 0.0)
+            pixels[position] = _rescaled(pixels[position], item)
     return pixels
 
 
-def _first(value) -> float | None:
-    """The first number of a DS value that may hold several (alternative windows)."""
-    if value is None or value == "":
-        return None
-    if not isinstance(value, (str, bytes, int, float)):
-        value = value[0] if len(value) else None
+def _rescaled(stored: np.ndarray, source: Dataset) -> np.ndarray:
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+        slope = (_text_numbers(source, "RescaleSlope") or [1.0])[0]
+        intercept = (_text_numbers(source, "RescaleIntercept") or [0.0])[0]
+    except ValueError as error:
+        raise InputError(INVALID_HEADER, f"rescale slope or intercept is not a number: {error}", "decode") from None
+    if slope == 1.0:
+        return np.add(stored, np.float32(intercept), dtype=np.float32)
+    pixels = np.multiply(stored, np.float32(slope), dtype=np.float32)
+    if intercept:
+        pixels += np.float32(intercept)
+    return pixels
 
 
 def _voi_windows(ds: Dataset, frames: list[int]) -> list[tuple[float, float] | None]:
@@ -195,8 +294,11 @@ def _voi_windows(ds: Dataset, frames: list[int]) -> list[tuple[float, float] | N
     windows = []
     for frame in frames:
         source = ds if "WindowCenter" in ds else _frame_item(ds, "FrameVOILUTSequence", frame)
-        center = _first(source.get("WindowCenter")) if source is not None else None
-        width = _first(source.get("WindowWidth")) if source is not None else None
-        windows.append((center - width / 2, center + width / 2) if center is not None and width and width > 0
-                       else None)
+        try:  # a malformed optional window is ignored, not fatal
+            centers, widths = (_text_numbers(source, "WindowCenter"), _text_numbers(source, "WindowWidth")) \
+                if source is not None else ([], [])
+        except ValueError:
+            centers, widths = [], []
+        center, width = (centers[0], widths[0]) if centers and widths else (None, None)
+        windows.append((center - width / 2, center + width / 2) if width is not None and width > 0 else None)
     return windows
