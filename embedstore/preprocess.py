@@ -5,21 +5,21 @@ The steps follow the reference study: CT in Hounsfield units clamped to a window
 VOI window or LUT; anything else as stored. Then per-slice min-max to [0, 1] (a constant slice
 becomes all zeros, never 0/0 = NaN), MONOCHROME1 inverted, an antialiased bilinear resize to S×S,
 and, on the model's device, grey → 3 channels and ImageNet normalisation. With `--window multi`
-a CT slice becomes three channels, one window each. Every step works on a whole stack at once.
+a CT slice becomes three channels, each window mapped linearly onto [0, 1]. Every step works on a whole stack at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from embedstore.errors import UsageError
-from embedstore.sources import NativeSlices, ReadTask, read_native
+from embedstore.sources import Failure, NativeSlices, ReadTask, read_native
 
 # Bump when any step below changes its output: it is part of every model_id.
 PREPROCESS_VERSION = 2
@@ -136,6 +136,10 @@ def spread_to_unit(stack: np.ndarray) -> np.ndarray:
     return ((stack - minimum) / np.where(span > 0, span, 1.0)).astype(np.float32, copy=False)
 
 
+def window_to_unit(stack: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip((stack - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32, copy=False)
+
+
 def fill_non_finite(stack: np.ndarray) -> np.ndarray:
     finite = np.isfinite(stack)
     lowest = np.where(finite, stack, np.inf).min(axis=(1, 2), keepdims=True)
@@ -148,7 +152,9 @@ def unit_channels(native: NativeSlices, config: IntensityConfig) -> tuple[np.nda
     if config.is_multi and native.modality == "CT":
         names = config.multi_windows(native.body_part)
         stack = native.pixels if np.isfinite(native.pixels).all() else fill_non_finite(native.pixels)
-        unit = np.stack([spread_to_unit(np.clip(stack, *CT_WINDOWS[name])) for name in names], axis=1)
+        # Each window maps linearly onto [0, 1] (no per-slice min-max): a channel means the same
+        # tissue range on every slice, as in the usual windowed-RGB inputs for CT.
+        unit = np.stack([window_to_unit(stack, *CT_WINDOWS[name]) for name in names], axis=1)
         label = "multi:" + ",".join(names)
     else:
         unit = to_unit_range(native.pixels, native.modality, config, native.header_windows)[:, None]
@@ -207,6 +213,7 @@ class DecodedFile:
     rows: int
     cols: int
     intensity: str  # what the intensity mapping did, e.g. "ct:study", "voi+inverted", "multi:lung,..."
+    failures: list[Failure] = field(default_factory=list)  # other copies of the instance, not used
 
 
 def decode_task(task: ReadTask, config: IntensityConfig, image_size: int) -> DecodedFile:

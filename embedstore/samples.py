@@ -80,16 +80,19 @@ def ct_series_hu(n_slices: int, size: int, seed: int) -> np.ndarray:
 def write_ct_series(directory: Path, n_slices: int = 8, size: int = 64, seed: int = 0,
                     patient_id: str = "PAT-CT", patient_name: str = "Doe^Jane",
                     slope: float = 1.0, intercept: float = -1024.0, spacing: float = 2.5,
-                    shuffle_names: bool = True) -> list[Path]:
+                    shuffle_names: bool = True, positions_mm: list[float] | None = None,
+                    prefix: str = "IM", body_part: str | None = None) -> list[Path]:
     """An axial CT series, one file per slice, stored values = (HU - intercept) / slope.
 
     With `shuffle_names` the file names do not follow slice order, so only ImagePositionPatient can.
-    Returns the paths in anatomical order (inferior → superior).
+    `positions_mm` overrides the even `spacing` (to leave gaps or make it uneven). Returns the
+    paths in anatomical order (inferior → superior).
     """
     directory.mkdir(parents=True, exist_ok=True)
     hu = ct_series_hu(n_slices, size, seed)
     study_uid, series_uid = _uid("study", seed, patient_id), _uid("series", seed, patient_id)
     name_order = np.random.default_rng(seed).permutation(n_slices) if shuffle_names else np.arange(n_slices)
+    positions = positions_mm if positions_mm is not None else [index * spacing for index in range(n_slices)]
     paths = []
     for index in range(n_slices):
         sop_uid = _uid("ct", seed, patient_id, index)
@@ -99,15 +102,41 @@ def write_ct_series(directory: Path, n_slices: int = 8, size: int = 64, seed: in
         ds.Modality = "CT"
         ds.InstanceNumber = int(name_order[index]) + 1  # deliberately not the anatomical order
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, float(index * spacing)]
+        ds.ImagePositionPatient = [0.0, 0.0, float(positions[index])]
         ds.PixelSpacing = [0.7, 0.7]
         ds.SliceThickness = spacing
+        ds.StudyDate = "20240131"
+        ds.SeriesDescription = "generated axial CT"
+        if body_part:
+            ds.BodyPartExamined = body_part
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         _set_pixels(ds, np.round((hu[index] - intercept) / slope))
-        path = directory / f"IM{int(name_order[index]):04d}.dcm"
+        path = directory / f"{prefix}{int(name_order[index]):04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_xray(path: Path, image01: np.ndarray, monochrome1: bool = False, window: tuple[float, float] | None = None,
+               seed: int = 4, patient_id: str = "PAT-DX") -> Path:
+    """A digital radiograph (DX) with 12-bit values; MONOCHROME1 stores the same image inverted
+    (as many CR/DX devices do), and `window` (centre, width) becomes its VOI window."""
+    from pydicom.uid import DigitalXRayImageStorageForPresentation
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = _file_dataset(DigitalXRayImageStorageForPresentation, _uid("dx", seed, patient_id, monochrome1))
+    ds.PatientID, ds.PatientName = patient_id, "Poe^Edgar"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = _uid("dxstudy", seed), _uid("dxseries", seed, monochrome1)
+    ds.Modality = "DX"
+    stored = np.round(image01 * 4095)
+    _set_pixels(ds, 4095 - stored if monochrome1 else stored)
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    if window is not None:
+        center, width = window
+        ds.WindowCenter, ds.WindowWidth = (4095 - center if monochrome1 else center), width
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def write_multiframe_mr(path: Path, n_frames: int = 5, size: int = 48, seed: int = 1,

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
-from embedstore.errors import DECODE_ERROR, WORKER_CRASHED, InputError
+from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, InputError
 from embedstore.preprocess import DecodedFile, IntensityConfig, decode_task
 from embedstore.sources import Failure, ReadTask
 
@@ -28,13 +28,26 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # parallelism comes from the processes; one thread each avoids oversubscription
 
 
-def decode_or_fail(task: ReadTask, config: IntensityConfig, image_size: int) -> DecodedFile | Failure:
-    try:
-        return decode_task(task, config, image_size)
-    except InputError as error:
-        return Failure(task.path, error.stage, error.reason, error.message)
-    except Exception as error:  # a reader bug or an odd file must not end the run
-        return Failure(task.path, "decode", DECODE_ERROR, f"{type(error).__name__}: {error}")
+def decode_or_fail(task: ReadTask, config: IntensityConfig, image_size: int) -> DecodedFile | list[Failure]:
+    """The decoded task, or the failures that stopped it. A DICOM instance with alternate copies is
+    read from the first copy that decodes; the others are recorded as failures of their own
+    (what was wrong with them) or as duplicates of the copy that was used."""
+    failures = []
+    for path in [task.path, *task.alternates]:
+        try:
+            decoded = decode_task(task if path == task.path else task.at(path), config, image_size)
+        except InputError as error:
+            failures.append(Failure(path, error.stage, error.reason, error.message))
+            continue
+        except Exception as error:  # a reader bug or an odd file must not end the run
+            failures.append(Failure(path, "decode", DECODE_ERROR, f"{type(error).__name__}: {error}"))
+            continue
+        decoded.failures = failures + [
+            Failure(other, "read", DUPLICATE_INSTANCE, f"SOP instance {task.items[0].sop_uid} is embedded from {path}")
+            for other in task.alternates if other != path and other not in {f.path for f in failures}
+        ]
+        return decoded
+    return failures
 
 
 def decode_chunk(tasks: list[ReadTask], config: IntensityConfig, image_size: int):
@@ -90,7 +103,7 @@ class DecodePool:
             return map(fn, items)
         return self._pool().map(fn, items, chunksize=chunksize)
 
-    def decode(self, tasks: Iterable[ReadTask]) -> Iterator[tuple[ReadTask, DecodedFile | Failure]]:
+    def decode(self, tasks: Iterable[ReadTask]) -> Iterator[tuple[ReadTask, DecodedFile | list[Failure]]]:
         chunks = chunk_tasks(tasks)
         if self.workers == 0:
             for chunk in chunks:
@@ -119,7 +132,7 @@ class DecodePool:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-    def _collect(self, chunk: list[ReadTask], future: Future) -> Iterator[tuple[ReadTask, DecodedFile | Failure]]:
+    def _collect(self, chunk: list[ReadTask], future: Future) -> Iterator[tuple[ReadTask, DecodedFile | list[Failure]]]:
         try:
             results, seconds = future.result()
         except BrokenProcessPool:
@@ -130,11 +143,11 @@ class DecodePool:
         self.worker_seconds += seconds
         return zip(chunk, results)
 
-    def _decode_alone(self, task: ReadTask) -> DecodedFile | Failure:
+    def _decode_alone(self, task: ReadTask) -> DecodedFile | list[Failure]:
         try:
             (result,), seconds = self._submit([task]).result()
         except BrokenProcessPool as error:
             self._replace_pool()
-            return Failure(task.path, "decode", WORKER_CRASHED, f"decode worker died reading this file: {error}")
+            return [Failure(task.path, "decode", WORKER_CRASHED, f"decode worker died reading this file: {error}")]
         self.worker_seconds += seconds
         return result

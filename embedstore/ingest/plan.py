@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from embedstore.sources import ReadTask
 
@@ -24,6 +24,6 @@ def plan_remaining(tasks: list[ReadTask], model_id: str, committed: set[str]) ->
         missing = [item for item in task.items if slice_key(model_id, item.item_id) not in committed]
         n_skipped += len(task.items) - len(missing)
         if missing:
-            remaining.append(ReadTask(task.kind, task.path, missing))
+            remaining.append(replace(task, items=missing))
             n_todo += len(missing)
     return Plan(remaining, n_todo, n_skipped)

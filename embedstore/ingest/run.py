@@ -126,9 +126,10 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
         with IngestProgress(plan.n_todo, enabled=options.show_progress) as progress:
             batcher = SliceBatcher(options.batch_size)
             for task, result in pool.decode(plan.tasks):
-                if isinstance(result, Failure):
-                    failures.append(result)
-                    writer.submit_failures([result])
+                file_failures = result if isinstance(result, list) else result.failures
+                failures.extend(file_failures)
+                writer.submit_failures(file_failures)
+                if isinstance(result, list):
                     progress.failed(len(task.items))
                     continue
                 batcher.add(result)

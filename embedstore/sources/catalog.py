@@ -1,5 +1,8 @@
 """The catalog: every slice the sources hold, grouped into series and ordered, as read tasks.
 
+A SOP instance found in several files (copies, re-exports in another transfer syntax) is one
+task: the first file, with the others as alternates for the decode stage to fall back on.
+
 Building it reads DICOM headers and NIfTI headers (never pixel data). `map_fn` lets the caller run
 the header reads in its worker pool; it defaults to the built-in `map`.
 """
@@ -11,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable
 
-from embedstore.errors import DUPLICATE_INSTANCE, InputError
+from embedstore.errors import InputError
 from embedstore.sources.dicom import DicomHeader, read_header
 from embedstore.sources.discover import FoundFile
 from embedstore.sources.nifti import NiftiLayout, nifti_layout, volume_items
@@ -44,25 +47,25 @@ def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map,
     """Read tasks for every slice in `files`; NIfTI volumes are cut along `axis`."""
     catalog = Catalog()
     dicom_series: dict[str, list[DicomHeader]] = defaultdict(list)
-    seen_sops: dict[str, str] = {}
+    alternates: dict[str, list[str]] = defaultdict(list)  # SOPInstanceUID → later files holding it
     catalog.tasks.extend(ReadTask("raster", f.path, [raster_item(f.path)]) for f in files if f.kind == "raster")
     with_headers = [f for f in files if f.kind != "raster"]  # rasters need no header read
     for found, scanned in zip(with_headers, map_fn(partial(scan_file, axis=axis), with_headers)):
         if isinstance(scanned, Failure):
             catalog.failures.append(scanned)
         elif found.kind == "dicom":
-            if scanned.sop_uid in seen_sops:
-                catalog.failures.append(Failure(
-                    found.path, "read", DUPLICATE_INSTANCE,
-                    f"SOPInstanceUID {scanned.sop_uid} already read from {seen_sops[scanned.sop_uid]}"))
+            if scanned.sop_uid in alternates:
+                alternates[scanned.sop_uid].append(found.path)
                 continue
-            seen_sops[scanned.sop_uid] = found.path
+            alternates[scanned.sop_uid] = []
             dicom_series[scanned.series_uid].append(scanned)
         else:
             catalog.tasks.append(ReadTask("nifti", found.path, volume_items(scanned), axis=axis))
     for headers in dicom_series.values():
         items, failures = series_items(headers)
-        catalog.tasks.extend(_tasks_by_file("dicom", items))
+        for task in _tasks_by_file("dicom", items):
+            task.alternates = alternates[task.items[0].sop_uid]
+            catalog.tasks.append(task)
         catalog.failures.extend(failures)
     return catalog
 

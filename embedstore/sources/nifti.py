@@ -116,7 +116,9 @@ def read_nifti_slices(path: str, axis: str = "axial") -> tuple[np.ndarray, str]:
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise InputError(TRUNCATED, f"NIfTI data is truncated or corrupt: {error}", stage="decode") from None
     except Exception as error:
-        raise InputError(CORRUPT_NIFTI, f"NIfTI data cannot be read: {error}", stage="decode") from None
+        # nibabel reports an uncompressed file that ends early as "Expected N bytes, got M"
+        reason = TRUNCATED if str(error).startswith("Expected") and "bytes" in str(error) else CORRUPT_NIFTI
+        raise InputError(reason, f"NIfTI data cannot be read: {error}", stage="decode") from None
     volumes = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
     slices = np.concatenate([_view(volume, axis) for volume in volumes])
     modality = "CT" if slices.size and float(np.nanmin(slices)) < CT_AIR_THRESHOLD else "MR"

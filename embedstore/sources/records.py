@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -41,6 +41,12 @@ class ReadTask:
     path: str
     items: list[SliceItem] = field(default_factory=list)
     axis: str = "axial"  # NIfTI: the slicing axis
+    # DICOM: other files holding the same SOP instance, tried in turn if this one cannot be decoded
+    alternates: list[str] = field(default_factory=list)
+
+    def at(self, path: str) -> "ReadTask":
+        """The same task read from another file (an alternate copy of the instance)."""
+        return replace(self, path=path, items=[replace(item, path=path) for item in self.items], alternates=[])
 
 
 @dataclass
