@@ -13,10 +13,12 @@ the codec's bound for lossy) before anything is timed; a syntax that cannot be e
 whose files fail the check, is listed as skipped with the reason, never timed.
 
 Then, in one process on one thread (so slices/s is per core), after one warm-up read each, it
-alternates the two readers over the same N files, `--repeats` times:
+alternates the readers over the same N files, `--repeats` times:
   pydicom    - pydicom.dcmread(path).pixel_array, the baseline
+  pydicom_hu - the same plus apply_rescale to float32: what embedstore's reader returns
   embedstore - embedstore.sources.dicom_pixels.read_dicom_pixels(path, [0]).pixels
-and prints the median slices/s of each, their ratio (target >= 1.0 apart from noise), the largest
+               (strict parsing, pixel-length checks, modality LUT to float32, VOI windows)
+and prints the median slices/s of each, the ratios (target >= 1.0 apart from noise), the largest
 difference between embedstore's pixels and pydicom's after the modality LUT, and one JSON line.
 
     python benchmarks/decode.py [--n 64] [--repeats 3] [--json PATH]
@@ -278,12 +280,20 @@ def generate(syntax: Syntax, volume, directory: Path, scratch: Path) -> tuple[li
 # --- timing ---------------------------------------------------------------------------------------
 
 def readers() -> dict[str, Callable]:
-    """The two readers timed, by name; imported once here, not on every call."""
+    """The readers timed, by name; imported once here, not on every call. `pydicom_hu` is what a
+    pydicom user writes to get what embedstore returns (float32 after the modality LUT)."""
+    import numpy as np
     import pydicom
+    from pydicom.pixels import apply_rescale
 
     from embedstore.sources.dicom_pixels import read_dicom_pixels
 
+    def pydicom_hu(path):
+        ds = pydicom.dcmread(path)
+        return apply_rescale(ds.pixel_array, ds).astype(np.float32)
+
     return {"pydicom": lambda path: pydicom.dcmread(path).pixel_array,
+            "pydicom_hu": pydicom_hu,
             "embedstore": lambda path: read_dicom_pixels(path, [0]).pixels}
 
 
@@ -315,20 +325,23 @@ def difference_after_lut(read: Callable, path: str) -> float:
 def measure(paths: list[str], repeats: int) -> dict:
     timed = readers()
     difference = difference_after_lut(timed["embedstore"], paths[0])
-    runs = {"pydicom": [], "embedstore": []}
-    cores = {"pydicom": [], "embedstore": []}
+    runs = {name: [] for name in timed}
+    cores = {name: [] for name in timed}
     for _ in range(repeats):  # A/B/A/B: drift and noise land on both readers alike
         for name, read in timed.items():
             rate, cpu_per_wall = decode_pass(read, paths)
             runs[name].append(rate)
             cores[name].append(cpu_per_wall)
     base, ours = statistics.median(runs["pydicom"]), statistics.median(runs["embedstore"])
-    return {"pydicom_slices_per_s": round(base, 1), "embedstore_slices_per_s": round(ours, 1),
-            "ratio": round(ours / base, 3), "max_abs_diff_vs_pydicom": difference,
+    base_hu = statistics.median(runs["pydicom_hu"])
+    return {"pydicom_slices_per_s": round(base, 1), "pydicom_hu_slices_per_s": round(base_hu, 1),
+            "embedstore_slices_per_s": round(ours, 1),
+            "ratio": round(ours / base, 3), "ratio_hu": round(ours / base_hu, 3),
+            "max_abs_diff_vs_pydicom": difference,
             "pydicom_cpu_per_wall": round(statistics.median(cores["pydicom"]), 2),
             "embedstore_cpu_per_wall": round(statistics.median(cores["embedstore"]), 2),
-            "pydicom_runs": [round(r, 1) for r in runs["pydicom"]],
-            "embedstore_runs": [round(r, 1) for r in runs["embedstore"]]}
+            "pydicom_hu_cpu_per_wall": round(statistics.median(cores["pydicom_hu"]), 2),
+            **{f"{name}_runs": [round(r, 1) for r in rates] for name, rates in runs.items()}}
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -338,25 +351,27 @@ def bits_label(syntax: Syntax) -> str:
 
 
 def print_table(rows: list[dict], skipped: list[dict]) -> None:
-    print(f"{'syntax':34s} {'bits':>4s} {'via':13s} {'KB/file':>8s} {'pydicom/s':>10s} {'embedstore/s':>12s}"
-          f" {'ratio':>6s} {'max|Δ|':>7s}")
+    print(f"{'syntax':34s} {'bits':>4s} {'via':13s} {'KB/file':>8s} {'pydicom/s':>10s} {'+HU/s':>8s}"
+          f" {'embedstore/s':>12s} {'ratio':>6s} {'vs +HU':>6s} {'max|Δ|':>7s}")
     for row in rows:
         if "embedstore_error" in row:
-            figures = f"{row['pydicom_slices_per_s']:10.1f} {'error':>12s} {'':>6s} {'':>7s}"
+            figures = f"{row['pydicom_slices_per_s']:10.1f} {'':>8s} {'error':>12s} {'':>6s} {'':>6s} {'':>7s}"
         else:
-            figures = (f"{row['pydicom_slices_per_s']:10.1f} {row['embedstore_slices_per_s']:12.1f}"
-                       f" {row['ratio']:6.3f} {row['max_abs_diff_vs_pydicom']:7.3g}")
+            figures = (f"{row['pydicom_slices_per_s']:10.1f} {row['pydicom_hu_slices_per_s']:8.1f}"
+                       f" {row['embedstore_slices_per_s']:12.1f} {row['ratio']:6.3f} {row['ratio_hu']:6.3f}"
+                       f" {row['max_abs_diff_vs_pydicom']:7.3g}")
         print(f"{row['syntax']:34s} {row['bits']:>4s} {row['via']:13s} {row['file_kb']:8.1f} {figures}")
     print(f"bits: BitsStored, BitsAllocated 16 (8w: 8-bit copy windowed at W{WINDOW[1]:g}/L{WINDOW[0]:g},"
-          " BitsAllocated 8, identity rescale); max|Δ|: embedstore vs pydicom after the modality LUT,"
-          " first file")
+          " BitsAllocated 8, identity rescale); +HU: pydicom's pixel_array then apply_rescale to float32,"
+          " which is what embedstore returns; ratio: embedstore / plain pixel_array; vs +HU: embedstore /"
+          " +HU; max|Δ|: embedstore vs pydicom after the modality LUT, first file")
     for row in rows:
         if "embedstore_error" in row:
             print(f"embedstore failed on {row['syntax']}: {row['embedstore_error']}")
             continue
         if row["lossless"] and row["max_abs_diff_vs_pydicom"] > 0:
             print(f"WARNING: embedstore's pixels differ from pydicom's on lossless {row['syntax']}")
-        for reader in ("pydicom", "embedstore"):
+        for reader in ("pydicom", "pydicom_hu", "embedstore"):
             if row[f"{reader}_cpu_per_wall"] > 1.25:  # one-off spikes to ~1.15 are seen on an idle VM
                 print(f"WARNING: {reader} used {row[f'{reader}_cpu_per_wall']} cores on {row['syntax']}:"
                       " its slices/s is not per core")

@@ -168,6 +168,8 @@ def unit_channels(native: NativeSlices, config: IntensityConfig) -> tuple[np.nda
 
 
 def _grey_label(native: NativeSlices, config: IntensityConfig) -> str:
+    if native.voi_lut_applied:
+        return "voi-lut"
     if native.header_windows and config.uses_header_voi(native.modality) and any(native.header_windows):
         return "voi"
     if native.modality == "CT":

@@ -169,6 +169,13 @@ WRONG_REQUESTS = {
         ["ingest", "src", "--store", "store", "--weights", "some.pth", "--image-size", "28", "--workers", "0"],
         "some.pth"),
     "unknown-option": (["ingest", "src", "--store", "store", *FAST, "--frobnicate"], "--frobnicate"),
+    "unknown-window": (["ingest", "src", "--store", "store", *FAST, "--window", "brian"], "brian"),
+    "multi-of-two-windows": (["ingest", "src", "--store", "store", *FAST, "--window", "multi:lung,bone"],
+                             "multi:lung,bone"),
+    "unknown-axis": (["ingest", "src", "--store", "store", *FAST, "--axis", "transverse"], "transverse"),
+    "percentiles-not-numbers": (["ingest", "src", "--store", "store", *FAST, "--mr-percentiles", "low,high"],
+                                "low,high"),
+    "percentiles-reversed": (["ingest", "src", "--store", "store", *FAST, "--mr-percentiles", "95,5"], "95"),
     "info-not-a-store": (["info", "notstore"], "notstore"),
 }
 

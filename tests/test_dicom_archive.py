@@ -268,6 +268,23 @@ def test_xray_voi_window_is_honoured(archive):
     np.testing.assert_allclose(unit, expected, atol=1e-5)
 
 
+def test_xray_voi_lut_sequence_is_applied(archive, tmp_path):
+    ds = pydicom.dcmread(archive.xray_m2)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    lut = np.clip(np.arange(4096) // 8 - 100, 0, 255).astype(np.uint16)  # a clipping ramp: 800..2840 → 0..255
+    item.add_new("LUTData", "US", lut.tolist())
+    ds.VOILUTSequence = [item]
+    del ds.WindowCenter, ds.WindowWidth
+    path = tmp_path / "lut.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    stored = read_dicom_pixels(str(path), [0]).pixels[0]  # no LUT unless asked
+    decoded = decode_task(dicom_task(path, "DX"), IntensityConfig(), stored.shape[-1])
+    assert decoded.intensity == "voi-lut"
+    mapped = lut[stored.astype(int)].astype(np.float32)
+    np.testing.assert_allclose(decoded.pixels[0, 0], (mapped - mapped.min()) / np.ptp(mapped), atol=1e-5)
+
+
 def test_header_window_applies_to_ct_only_when_asked(archive, tmp_path):
     ds = pydicom.dcmread(archive.ct[2])
     ds.WindowCenter, ds.WindowWidth = 40, 80

@@ -216,3 +216,27 @@ def test_info_counts(ingested):
     assert info["models"][ingested.summary.model_id] == {"slices": 18, "series": 6, "studies": 6, "patients": 2}
     assert info["modalities"] == {"CT": 11, "MR": 4, "(none)": 3}
     assert info["patch_bytes"] > 0
+
+
+@pytest.mark.parametrize("axis, n_slices", [("coronal", 32), ("sagittal", 32)])
+def test_nifti_axis_option(mixed_archive, tmp_path, axis, n_slices):
+    summary = ingest([mixed_archive.nifti], tmp_path / "store", ingest_options(axis=axis, keep_patches=False))
+    assert summary.n_embedded == n_slices
+    rows = slices_of(tmp_path / "store")
+    assert {r["series_uid"] for r in rows} == {f"file:{mixed_archive.nifti}#{axis}"}
+    assert all(f":{axis}:" in r["item_id"] for r in rows)
+    positions = [r["slice_position"] for r in sorted(rows, key=lambda r: r["slice_index"])]
+    assert positions == sorted(positions) and len(set(positions)) == n_slices
+
+
+def test_4d_nifti_gives_one_series_per_volume(tmp_path):
+    import nibabel as nib
+
+    volume = np.stack([np.full((16, 16, 3), 100.0 * t) + np.arange(16)[:, None, None] for t in range(4)], axis=-1)
+    path = tmp_path / "perfusion.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), np.diag([2.0, 2.0, 4.0, 1.0])), str(path))
+    summary = ingest([path], tmp_path / "store", ingest_options(keep_patches=False))
+    assert summary.n_embedded == 4 * 3
+    series = Store.open(tmp_path / "store").rows("series").to_pylist()
+    assert sorted(r["series_uid"] for r in series) == [f"file:{path}#t{t}" for t in range(4)]
+    assert all(r["n_slices"] == 3 and r["slice_spacing"] == pytest.approx(4.0) for r in series)

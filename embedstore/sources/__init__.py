@@ -21,7 +21,8 @@ def read_native(task: ReadTask, apply_voi_lut: bool = False) -> NativeSlices:
     if task.kind == "dicom":
         first = task.items[0]
         read = read_dicom_pixels(task.path, frames, apply_voi_lut)
-        return NativeSlices(read.pixels, first.modality, read.windows, read.monochrome1, first.body_part)
+        return NativeSlices(read.pixels, first.modality, read.windows, read.monochrome1, first.body_part,
+                            read.voi_lut_applied)
     if task.kind == "nifti":
         volume, modality = read_nifti_slices(task.path, task.axis)
         return NativeSlices(volume[frames], modality)

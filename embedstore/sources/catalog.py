@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable
 
-from embedstore.errors import InputError
+from embedstore.errors import DECODE_ERROR, InputError
 from embedstore.sources.dicom import DicomHeader, read_header
 from embedstore.sources.discover import FoundFile
 from embedstore.sources.nifti import NiftiLayout, nifti_layout, volume_items
@@ -41,6 +41,8 @@ def scan_file(found: FoundFile, axis: str = "axial") -> DicomHeader | NiftiLayou
         return nifti_layout(found.path, axis)
     except InputError as error:
         return Failure(found.path, "read", error.reason, error.message)
+    except Exception as error:  # a reader bug or an odd file must not end the run
+        return Failure(found.path, "read", DECODE_ERROR, f"{type(error).__name__}: {error}")
 
 
 def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map, axis: str = "axial") -> Catalog:

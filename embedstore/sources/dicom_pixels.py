@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom import uid
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
-from pydicom.pixels.processing import apply_voi
 
 from embedstore.errors import (
     CORRUPT_STREAM, INVALID_HEADER, NO_PIXEL_DATA, TRUNCATED, UNSUPPORTED_TRANSFER_SYNTAX, InputError,
@@ -46,6 +46,7 @@ class DicomPixels:
     pixels: np.ndarray  # (n, rows, cols) float32 after the modality LUT; colour reduced to luminance
     windows: list[tuple[float, float] | None]  # the file's own VOI window per frame, as (low, high)
     monochrome1: bool  # higher values are to be shown darker
+    voi_lut_applied: bool = False  # the file's VOI LUT Sequence has already mapped the values
 
 
 def read_dicom_pixels(path: str, frames: list[int], apply_voi_lut: bool = False) -> DicomPixels:
@@ -78,13 +79,15 @@ def read_dicom_pixels(path: str, frames: list[int], apply_voi_lut: bool = False)
         pixels = stored[..., :3].astype(np.float32) @ LUMINANCE
     else:
         pixels = _modality_lut(stored, ds, frames)
-    windows = [None] * len(frames)
+    windows, lut_applied = [None] * len(frames), False
     if samples == 1 and photometric != "PALETTE COLOR":
         if apply_voi_lut and ds.get("VOILUTSequence"):
-            pixels = np.stack([apply_voi(frame, ds) for frame in pixels]).astype(np.float32)
+            pixels = _apply_voi_lut(pixels, ds, syntax.is_little_endian)
+            lut_applied = True
         else:
             windows = _voi_windows(ds, frames)
-    return DicomPixels(np.ascontiguousarray(pixels, dtype=np.float32), windows, photometric == "MONOCHROME1")
+    return DicomPixels(np.ascontiguousarray(pixels, dtype=np.float32), windows, photometric == "MONOCHROME1",
+                       lut_applied)
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,12 @@ def _decode(path: str, ds: Dataset, syntax: uid.UID, layout: ImageLayout) -> np.
     if not syntax.is_compressed and "PixelData" in ds:
         pixel_bytes = ds.get_item("PixelData").value  # the raw bytes, without pydicom's value conversion
         _check_native_length(layout, len(pixel_bytes))
-        native = _native_monochrome(layout, pixel_bytes, syntax.is_little_endian)
-        if native is not None:
-            return native
+        if _is_plain_grey(layout):
+            return _grey_values(pixel_bytes, layout, syntax.is_little_endian)
+    if syntax == uid.RLELossless and _is_plain_grey(layout):
+        decoded = _decode_rle_grey(ds, layout)
+        if decoded is not None:
+            return decoded
     preferred = FASTEST_PLUGIN.get(syntax)
     if preferred in decoder.available_plugins:
         try:
@@ -223,14 +229,17 @@ def _decode_with_gdcm(path: str, layout: ImageLayout) -> np.ndarray | None:
     return pixels.reshape(shape)
 
 
-def _native_monochrome(layout: ImageLayout, pixel_bytes: bytes, little_endian: bool) -> np.ndarray | None:
-    """Uncompressed grey pixels straight from their bytes, or None for layouts that need pydicom's
-    general path (colour, 1-bit). On a 512×512 slice that general path costs as much as parsing
-    the file. Values narrower than their container (12 bits in 16) are masked or sign-extended
-    from BitsStored, as pydicom does: the bits above may hold old overlay planes."""
+def _is_plain_grey(layout: ImageLayout) -> bool:
+    """Grey values in whole bytes: what the fast paths below handle (colour and 1-bit images take
+    pydicom's general path)."""
+    return layout.samples == 1 and layout.bits_allocated in (8, 16, 32) and 0 < layout.bits_stored <= layout.bits_allocated
+
+
+def _grey_values(pixel_bytes: bytes, layout: ImageLayout, little_endian: bool) -> np.ndarray:
+    """Grey pixels straight from their bytes. On a 512×512 slice pydicom's general path costs as
+    much as parsing the file. Values narrower than their container (12 bits in 16) are masked or
+    sign-extended from BitsStored, as pydicom does: the bits above may hold old overlay planes."""
     bits, unused = layout.bits_allocated, layout.bits_allocated - layout.bits_stored
-    if layout.samples != 1 or bits not in (8, 16, 32) or not 0 <= unused < bits:
-        return None
     dtype = np.dtype(("<" if little_endian else ">") + ("i" if layout.signed else "u") + str(bits // 8))
     count = layout.rows * layout.cols * layout.frames
     pixels = np.frombuffer(pixel_bytes, dtype, count).reshape(layout.frames, layout.rows, layout.cols)
@@ -241,6 +250,22 @@ def _native_monochrome(layout: ImageLayout, pixel_bytes: bytes, little_endian: b
     return pixels
 
 
+def _decode_rle_grey(ds: Dataset, layout: ImageLayout) -> np.ndarray | None:
+    """RLE frames decoded by pylibjpeg-rle straight into bytes: 1.3× pydicom's RLE path, which
+    builds each frame through its general decoder. None (pydicom's path then decides) on trouble."""
+    try:
+        from rle.utils import decode_pixel_data
+    except ImportError:
+        return None
+    try:
+        frames = [decode_pixel_data(frame, version=2, rows=layout.rows, columns=layout.cols,
+                                    bits_allocated=layout.bits_allocated, byteorder="<")
+                  for frame in generate_frames(ds.PixelData, number_of_frames=layout.frames)]
+        return _grey_values(frames[0] if len(frames) == 1 else b"".join(frames), layout, little_endian=True)
+    except Exception:
+        return None
+
+
 def _check_native_length(layout: ImageLayout, actual: int) -> None:
     values = layout.rows * layout.cols * layout.samples * layout.frames
     expected = (values * layout.bits_allocated + 7) // 8
@@ -249,6 +274,27 @@ def _check_native_length(layout: ImageLayout, actual: int) -> None:
     if actual < expected:
         raise InputError(TRUNCATED, f"pixel data holds {actual} bytes; rows × columns × samples × frames × "
                          f"bits need {expected}", "decode")
+
+
+def _apply_voi_lut(pixels: np.ndarray, ds: Dataset, little_endian: bool) -> np.ndarray:
+    """The first VOI LUT of the file applied to modality-LUT output. (pydicom's apply_voi indexes
+    with the LUT's own output type, which wraps around for an 8-bit LUT of more than 256 entries.)"""
+    item = ds.VOILUTSequence[0]
+    try:
+        entries, first, _ = (int(v) for v in item.LUTDescriptor)
+        data = item["LUTData"]
+        if isinstance(data.value, bytes):
+            values = np.frombuffer(data.value, "<u2" if little_endian else ">u2")
+        else:
+            values = np.asarray(data.value if isinstance(data.value, list) else [data.value])
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(INVALID_HEADER, f"VOI LUT Sequence is malformed: {error}", "decode") from None
+    entries = entries or 65536
+    if first >= 1 << 15 and _ushort(ds, "PixelRepresentation", little_endian) == 1:
+        first -= 1 << 16  # the descriptor's first value is signed for signed pixels
+    lut = values[:entries].astype(np.float32)
+    index = np.clip(np.rint(pixels) - first, 0, len(lut) - 1).astype(np.int64)
+    return lut[index]
 
 
 def _frame_item(ds: Dataset, sequence: str, frame: int) -> Dataset | None:

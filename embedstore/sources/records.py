@@ -59,6 +59,7 @@ class NativeSlices:
     header_windows: list[tuple[float, float] | None] | None = None
     monochrome1: bool = False  # stored inverted (X-ray): high values are to be shown dark
     body_part: str | None = None
+    voi_lut_applied: bool = False  # the file's VOI LUT Sequence has already mapped the values
 
 
 @dataclass
