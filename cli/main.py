@@ -119,6 +119,9 @@ def print_info(summary: dict) -> None:
     out.print(f"[bold]{summary['store']}[/bold]  format v{summary['format_version']}, "
               f"{summary['vector_dim'] or '-'}-d vectors, {summary['series']:,} series, "
               f"{summary['studies']:,} studies, patches {summary['patch_bytes'] / 1e6:,.1f} MB")
+    if summary["series_with_missing_slices"] or summary["series_with_uneven_spacing"]:
+        out.print(f"series rows with missing slices: {summary['series_with_missing_slices']:,}, "
+                  f"with uneven spacing: {summary['series_with_uneven_spacing']:,}")
     tables = Table("table", "rows")
     for name, rows in summary["tables"].items():
         tables.add_row(name, f"{rows:,}")

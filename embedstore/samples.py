@@ -185,11 +185,12 @@ def copy_pydicom_bundled(directory: Path) -> list[Path]:
 
 def build_sample_archive(root: Path) -> Path:
     """A small mixed archive: bundled pydicom CT/MR, a generated CT series and multi-frame MR,
-    phantom PNGs (8- and 16-bit) and a NIfTI CT volume."""
+    phantom PNGs (8- and 16-bit), a MONOCHROME1 radiograph with its VOI window and a NIfTI CT volume."""
     copy_pydicom_bundled(root / "pydicom")
     write_ct_series(root / "ct_series", n_slices=12, size=96, seed=3)
     write_multiframe_mr(root / "mr_multiframe" / "cine.dcm", n_frames=6, size=64)
     for index in range(6):
         write_png(root / "xray" / f"phantom_{index:02d}.png", phantom(128, 50 + index), bits=16 if index % 2 else 8)
+    write_xray(root / "xray_dicom" / "dx_monochrome1.dcm", phantom(128, 60), monochrome1=True, window=(2000.0, 3000.0))
     write_nifti(root / "nifti" / "volume.nii.gz", shape=(64, 64, 10))
     return root

@@ -19,7 +19,7 @@ def test_demo_offline_runs_to_the_end(tmp_path):
     assert "nearest slices by patch_mean" in result.stdout
     store = Store.open(tmp_path / "demo-store")
     slices = store.rows("slices", columns=["modality", "path"])
-    assert slices.num_rows == 36  # 2 pydicom files + 12 CT + 6 MR frames + 6 PNGs + 10 NIfTI slices
+    assert slices.num_rows == 37  # 2 pydicom files + 12 CT + 6 MR frames + 6 PNGs + 1 DX + 10 NIfTI slices
     assert store.rows("failures").num_rows == 0
     neighbour_lines = [line for line in result.stdout.splitlines() if "embedstore-demo" in line or "demo-store-archive" in line]
     assert len(neighbour_lines) >= 5  # the five nearest slices are listed with their paths

@@ -173,6 +173,14 @@ def test_even_series_is_not_flagged(archive, store):
     assert (row["n_missing_slices"], row["uneven_spacing"], row["spacing_deviation"]) == (0, False, 0.0)
 
 
+def test_info_counts_flagged_series(store):
+    from embedstore.store.info import store_info
+
+    summary = store_info(Store.open(store))
+    assert (summary["series_with_missing_slices"], summary["series_with_uneven_spacing"]) == (1, 1)
+    assert summary["failures_by_reason"]["truncated"] == 1
+
+
 def test_metadata_columns(archive, store):
     row = by_series(store)[f"{archive.series_uid}#40x40-axial"][0]
     assert row["body_part"] == "CHEST"
@@ -371,3 +379,21 @@ def test_keep_patient_id_stores_it_as_read_and_a_store_never_mixes_modes(archive
     assert "Poe" not in every_text_in(store_path)
     with pytest.raises(UsageError, match="keep-patient-id"):
         ingest([archive.xray_m1], store_path, ingest_options())
+
+
+def test_enhanced_multiframe_uses_per_frame_rescale_and_positions(tmp_path):
+    """Enhanced CT keeps rescale and position per frame in functional groups, not at the top level."""
+    path = samples.write_multiframe_mr(tmp_path / "enhanced.dcm", n_frames=3, size=24)
+    ds = pydicom.dcmread(path)
+    ds.Modality = "CT"
+    for frame, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        transform = pydicom.Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept = frame + 1, -1000
+        group.PixelValueTransformationSequence = [transform]
+    ds.save_as(path, enforce_file_format=True)
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float32)
+    hu = read_dicom_pixels(str(path), [2, 0]).pixels  # a subset, out of order, as a resumed run asks
+    np.testing.assert_allclose(hu[0], stored[2] * 3 - 1000)
+    np.testing.assert_allclose(hu[1], stored[0] * 1 - 1000)
+    header = read_header(str(path))
+    assert [p[2] for p in header.positions] == [6.0, 3.0, 0.0]

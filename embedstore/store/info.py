@@ -17,6 +17,7 @@ def store_info(store: Store) -> dict:
     tables = {name: store.table(name).count_rows() for name in sorted(store.db.list_tables().tables)}
     slices = store.rows("slices", columns=["model_id", "modality", "study_uid", "series_uid", "patient_id"])
     failures = store.rows("failures", columns=["reason"])
+    series = store.rows("series", columns=["n_missing_slices", "uneven_spacing"])
     runs = store.rows("runs", columns=["run_id", "model_id", "started_at", "ended_at", "n_embedded",
                                        "n_skipped", "n_failed", "slices_per_s"])
     models = {}
@@ -45,6 +46,9 @@ def store_info(store: Store) -> dict:
         "studies": len(set(slices.column("study_uid").to_pylist())) if slices.num_rows else 0,
         "patch_bytes": directory_bytes(store.patches_root),
         "failures_by_reason": _counts(failures.column("reason").to_pylist()) if failures.num_rows else {},
+        "series_with_missing_slices": sum(n > 0 for n in series.column("n_missing_slices").to_pylist())
+        if series.num_rows else 0,
+        "series_with_uneven_spacing": sum(series.column("uneven_spacing").to_pylist()) if series.num_rows else 0,
         "last_run": last_run[0] if last_run else None,
     }
 
