@@ -1,8 +1,8 @@
 """DICOM pixels: decode any transfer syntax pydicom or an installed codec plugin reads, check the
 pixel data against the header, and bring every photometric interpretation to one grey scale.
 
-Codecs come from pydicom's plugins: pylibjpeg (libjpeg, openjpeg, rle) and python-gdcm, both
-dependencies of embedstore. A syntax no installed plugin handles is `unsupported_transfer_syntax`;
+Codecs come from pydicom's plugins: pylibjpeg (libjpeg, openjpeg, rle), pyjpegls and python-gdcm,
+all dependencies of embedstore, and GDCM's own reader for streams pydicom's GDCM plugin refuses. A syntax no installed plugin handles is `unsupported_transfer_syntax`;
 data every plugin rejects is `corrupt_stream`; pixel data shorter than rows × columns × frames ×
 samples × bits is `truncated`.
 """
@@ -31,7 +31,8 @@ except ImportError:
     gdcm = None
 
 # pydicom tries plugins in a fixed order (GDCM first); these measured faster on 512×512 CT
-# (benchmarks/decode.py): pyjpegls 1.5× GDCM on JPEG-LS, Pillow 2× GDCM on baseline JPEG.
+# (benchmarks/decode.py): pyjpegls 1.5× GDCM on JPEG-LS, Pillow 2× GDCM on baseline JPEG,
+# pylibjpeg-rle 8× pydicom's own RLE decoder (colour RLE; grey RLE takes _decode_rle_grey).
 FASTEST_PLUGIN = {
     uid.JPEGLSLossless: "pyjpegls",
     uid.JPEGLSNearLossless: "pyjpegls",
