@@ -55,6 +55,10 @@ def ingest(
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     seed: int = typer.Option(0, help="Seed for --weights random."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Drop this model's rows and rebuild."),
+    executor: str = typer.Option("local", help="local (this process and its decode workers) or ray."),
+    ray_address: Optional[str] = typer.Option(
+        None, help="Join this Ray cluster (implies --executor ray); without it Ray starts a local one."),
+    ray_actors: Optional[int] = typer.Option(None, help="Embedding actors on Ray. Default: one per GPU, else one."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -64,6 +68,7 @@ def ingest(
     options = IngestOptions(
         model=model, weights=weights, image_size=image_size, seed=seed, keep_patches=patches, window=window,
         mr_percentiles=parse_percentiles(mr_percentiles), axis=axis, keep_patient_id=keep_patient_id,
+        executor="ray" if ray_address else executor, ray_address=ray_address, ray_actors=ray_actors,
         batch_size=batch_size, workers=workers, device=device,
         precision=precision, overwrite=overwrite, show_progress=progress,
     )
@@ -119,6 +124,9 @@ def print_info(summary: dict) -> None:
     out.print(f"[bold]{summary['store']}[/bold]  format v{summary['format_version']}, "
               f"{summary['vector_dim'] or '-'}-d vectors, {summary['series']:,} series, "
               f"{summary['studies']:,} studies, patches {summary['patch_bytes'] / 1e6:,.1f} MB")
+    if summary["orphan_shards"]:
+        out.print(f"orphan patch shards (from interrupted runs): {summary['orphan_shards']:,}; "
+                  "`embedstore vacuum` removes them")
     if summary["series_with_missing_slices"] or summary["series_with_uneven_spacing"]:
         out.print(f"series rows with missing slices: {summary['series_with_missing_slices']:,}, "
                   f"with uneven spacing: {summary['series_with_uneven_spacing']:,}")
@@ -158,6 +166,16 @@ def failures(
     for row in rows:
         table.add_row(row["reason"], row["stage"], row["path"], row["message"])
     out.print(table)
+
+
+@app.command()
+def vacuum(store: Path = typer.Argument(..., help="Store directory.")) -> None:
+    """Remove patch shards and table files that interrupted runs left behind, and compact the tables."""
+    from embedstore.store import Store
+
+    report = Store.open(store).vacuum()
+    out.print(f"removed {report['orphan_shards_removed']:,} orphan patch shards "
+              f"({report['patch_bytes_freed'] / 1e6:,.1f} MB); tables compacted")
 
 
 @app.command()

@@ -13,16 +13,20 @@ import numpy as np
 
 from embedstore.errors import UsageError
 from embedstore.ingest.decode import DecodePool
+from embedstore.ingest.on_ray import UNIT_SLICES, embed_on_ray
 from embedstore.ingest.plan import plan_remaining
 from embedstore.ingest.progress import IngestProgress
 from embedstore.ingest.writer import DEFAULT_COMMIT_ROWS, EmbeddedBatch, SliceWriter
 from embedstore.models import LoadedModel, load_model
-from embedstore.models.embedder import Embedder
+from embedstore.models.embedder import Embedder, pick_device
 from embedstore.preprocess import DecodedFile, IntensityConfig
 from embedstore.sources import Failure, ReadTask, SliceItem, build_catalog, check_sources, discover
 from embedstore.sources.nifti import AXES
 from embedstore.store import Store, check_store_path
 from embedstore.store.privacy import AS_READ, HASHED, patient_id_key, pseudonymise
+
+
+EXECUTORS = ("local", "ray")
 
 
 def default_workers(device_type: str) -> int:
@@ -54,6 +58,10 @@ class IngestOptions:
     precision: str = "fp32"
     overwrite: bool = False
     commit_rows: int = DEFAULT_COMMIT_ROWS
+    executor: str = "local"  # "local": this process and its decode pool; "ray": Ray actors
+    ray_address: str | None = None  # join this Ray cluster; None starts a local one
+    ray_actors: int | None = None  # embedding actors; None: one per GPU, else one
+    unit_slices: int = UNIT_SLICES  # Ray: slices per work unit (a series is never split)
     show_progress: bool = True
 
 
@@ -95,10 +103,12 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     if options.axis not in AXES:
         raise UsageError(f"unknown axis {options.axis!r}: use one of {', '.join(AXES)}")
     config = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
+    if options.executor not in EXECUTORS:
+        raise UsageError(f"unknown executor {options.executor!r}: use one of {', '.join(EXECUTORS)}")
+    device = pick_device(options.device)
     loaded = loaded or load_model(options.model, options.weights, options.image_size, options.seed)
     model_id = loaded.model_id(config.tag())
-    embedder = Embedder(loaded, options.device, options.precision)
-    workers = default_workers(embedder.device.type) if options.workers is None else options.workers
+    workers = default_workers(device.type) if options.workers is None else options.workers
 
     patient_ids = AS_READ if options.keep_patient_id else HASHED
     store = Store.open(store_path, create=True, patient_ids=patient_ids)
@@ -107,42 +117,28 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     if options.overwrite:
         store.delete_model(model_id)
     run_id = new_run_id()
-    store.start_run(run_id, model_id, {**asdict(options), "workers": workers, "device": str(embedder.device),
+    store.start_run(run_id, model_id, {**asdict(options), "workers": workers, "device": str(device),
                                        "sources": [str(p) for p in source_paths]})
     started = time.perf_counter()
     stage_seconds: Counter = Counter()
 
-    with DecodePool(workers, config, loaded.image_size) as pool:
+    with store.ingest_lock(), DecodePool(workers, config, loaded.image_size) as pool:
         found, discover_failures = discover(source_paths)
         catalog = build_catalog(found, pool.map, axis=options.axis)
         if patient_ids == HASHED:
             pseudonymise_patients(catalog.tasks, patient_id_key(store.path))
         plan = plan_remaining(catalog.tasks, model_id, store.committed_keys(model_id))
         stage_seconds["catalog"] = time.perf_counter() - started
-        writer = SliceWriter(store, model_id, run_id, loaded.embed_dim, loaded.num_patches,
-                             options.keep_patches, options.commit_rows)
         failures: list[Failure] = discover_failures + catalog.failures
-        writer.submit_failures(failures)
+        store.add_failures(failures, run_id)
+        job = EmbedJob(store, model_id, run_id, config, options, loaded)
         with IngestProgress(plan.n_todo, enabled=options.show_progress) as progress:
-            batcher = SliceBatcher(options.batch_size)
-            for task, result in pool.decode(plan.tasks):
-                file_failures = result if isinstance(result, list) else result.failures
-                failures.extend(file_failures)
-                writer.submit_failures(file_failures)
-                if isinstance(result, list):
-                    progress.failed(len(task.items))
-                    continue
-                batcher.add(result)
-                while batcher.full():
-                    _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
-                    progress.advance(options.batch_size)
-            if batcher.pending():
-                n = batcher.pending()
-                _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
-                progress.advance(n)
-        writer.close()
-        stage_seconds["read_decode"] = pool.worker_seconds
-    stage_seconds.update(writer.seconds)
+            if options.executor == "ray":
+                embedded, run_failures = embed_on_ray(job, plan.tasks, progress, stage_seconds)
+            else:
+                embedded, run_failures = embed_locally(job, Embedder(loaded, options.device, options.precision),
+                                                       pool, plan.tasks, progress, stage_seconds)
+        failures.extend(run_failures)
 
     tried_paths = sorted({task.path for task in plan.tasks} | {f.path for f in failures})
     store.forget_failures(tried_paths, run_id)
@@ -150,7 +146,6 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     store.refresh_series(model_id, store.stale_series(model_id))
     stage_seconds["series"] = time.perf_counter() - series_started
     seconds = time.perf_counter() - started
-    embedded = writer.n_committed
     summary = IngestSummary(
         run_id=run_id, model_id=model_id, store=str(store_path), workers=workers, n_found=catalog.n_items,
         n_embedded=embedded, n_skipped=plan.n_skipped, n_failed=len(failures),
@@ -160,6 +155,48 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     )
     store.finish_run(run_id, embedded, plan.n_skipped, len(failures), summary.slices_per_s, stage_seconds)
     return summary
+
+
+@dataclass
+class EmbedJob:
+    """What every executor needs to embed a plan's tasks into the store."""
+
+    store: Store
+    model_id: str
+    run_id: str
+    config: IntensityConfig
+    options: IngestOptions
+    loaded: LoadedModel
+
+
+def embed_locally(job: EmbedJob, embedder: Embedder, pool: DecodePool, tasks: list[ReadTask],
+                  progress: IngestProgress, stage_seconds: Counter) -> tuple[int, list[Failure]]:
+    """Decode in `pool`, embed in this process, write on a background thread; returns the rows
+    committed and the failures met."""
+    options = job.options
+    writer = SliceWriter(job.store, job.model_id, job.run_id, job.loaded.embed_dim, job.loaded.num_patches,
+                         options.keep_patches, options.commit_rows)
+    failures: list[Failure] = []
+    batcher = SliceBatcher(options.batch_size)
+    for task, result in pool.decode(tasks):
+        file_failures = result if isinstance(result, list) else result.failures
+        failures.extend(file_failures)
+        writer.submit_failures(file_failures)
+        if isinstance(result, list):
+            progress.failed(len(task.items))
+            continue
+        batcher.add(result)
+        while batcher.full():
+            _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
+            progress.advance(options.batch_size)
+    if batcher.pending():
+        n = batcher.pending()
+        _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
+        progress.advance(n)
+    writer.close()
+    stage_seconds["read_decode"] = pool.worker_seconds
+    stage_seconds.update(writer.seconds)
+    return writer.n_committed, failures
 
 
 def pseudonymise_patients(tasks: list[ReadTask], key: bytes) -> None:

@@ -43,8 +43,6 @@ class SliceWriter:
         self.tokens = tokens
         self.keep_patches = keep_patches
         self.commit_rows = commit_rows
-        self.schema = slices_schema(dim)
-        self.metadata_schema = pa.schema([f for f in self.schema if f.name not in VECTOR_COLUMNS])
         self.n_committed = 0
         self.n_commits = 0
         self.seconds = {"write_patches": 0.0, "commit": 0.0}
@@ -111,15 +109,7 @@ class SliceWriter:
                 )
             offsets = self._shard.append(batch.embeddings.patches).tolist()
             shard_path = self._shard.relative_path
-        for item, offset in zip(batch.items, offsets):
-            self._rows.append({
-                "key": slice_key(self.model_id, item.item_id), "model_id": self.model_id, "item_id": item.item_id,
-                "path": item.path, "patient_id": item.patient_id, "study_uid": item.study_uid,
-                "series_uid": item.series_uid, "sop_uid": item.sop_uid, "frame": item.frame,
-                "slice_index": item.slice_index, "modality": item.modality, "rows": item.rows,
-                "cols": item.cols, **{name: getattr(item, name) for name in ITEM_METADATA},
-                "patch_shard": shard_path, "patch_offset": offset, "run_id": self.run_id,
-            })
+        self._rows.extend(row_metadata(self.model_id, self.run_id, batch.items, shard_path, offsets))
         self._cls.append(batch.embeddings.cls)
         self._patch_mean.append(batch.embeddings.patch_mean)
         self.seconds["write_patches"] += time.perf_counter() - started
@@ -132,15 +122,33 @@ class SliceWriter:
             self._shard.close()  # patches are on disk before any row points at them
             self._shard = None
         if self._rows:
-            table = pa.Table.from_pylist(self._rows, schema=self.metadata_schema)
-            table = table.append_column(self.schema.field("cls"), self._vectors(self._cls))
-            table = table.append_column(self.schema.field("patch_mean"), self._vectors(self._patch_mean))
-            self.n_committed += self.store.add_slices(table.select(self.schema.names))
+            self.n_committed += self.store.add_slices(
+                slice_table(self._rows, np.concatenate(self._cls), np.concatenate(self._patch_mean), self.dim))
             self.n_commits += 1
         self.store.add_failures(self._failures, self.run_id)
         self._rows, self._cls, self._patch_mean, self._failures = [], [], [], []
         self.seconds["commit"] += time.perf_counter() - started
 
-    def _vectors(self, parts: list[np.ndarray]) -> pa.FixedSizeListArray:
-        flat = np.concatenate(parts).astype(np.float32, copy=False).ravel()
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat), self.dim)
+
+def row_metadata(model_id: str, run_id: str, items: list[SliceItem], shard_path: str | None,
+                 offsets: list[int | None]) -> list[dict]:
+    """The `slices` columns of embedded items, all but the vectors."""
+    return [{
+        "key": slice_key(model_id, item.item_id), "model_id": model_id, "item_id": item.item_id,
+        "path": item.path, "patient_id": item.patient_id, "study_uid": item.study_uid,
+        "series_uid": item.series_uid, "sop_uid": item.sop_uid, "frame": item.frame,
+        "slice_index": item.slice_index, "modality": item.modality, "rows": item.rows,
+        "cols": item.cols, **{name: getattr(item, name) for name in ITEM_METADATA},
+        "patch_shard": shard_path, "patch_offset": offset, "run_id": run_id,
+    } for item, offset in zip(items, offsets)]
+
+
+def slice_table(rows: list[dict], cls: np.ndarray, patch_mean: np.ndarray, dim: int) -> pa.Table:
+    """`slices` rows as one Arrow table in the store's schema."""
+    schema = slices_schema(dim)
+    metadata = pa.schema([f for f in schema if f.name not in VECTOR_COLUMNS])
+    table = pa.Table.from_pylist(rows, schema=metadata)
+    for name, vectors in (("cls", cls), ("patch_mean", patch_mean)):
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+        table = table.append_column(schema.field(name), pa.FixedSizeListArray.from_arrays(flat, dim))
+    return table.select(schema.names)

@@ -7,9 +7,13 @@ that is already present, so retries and reruns cannot create duplicates.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-from datetime import datetime, timezone
+import shutil
+import warnings
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")  # keep Lance's informational warnings off the terminal
@@ -23,12 +27,13 @@ from embedstore.errors import StoreFormatError, UsageError  # noqa: E402
 from embedstore.sources.records import Failure  # noqa: E402
 from embedstore.sources.series import spacing_stats  # noqa: E402
 from embedstore.store.privacy import AS_READ, HASHED  # noqa: E402
-from embedstore.store.patches import remove_model_patches  # noqa: E402
+from embedstore.store.patches import directory_bytes, remove_model_patches  # noqa: E402
 from embedstore.store.schema import (  # noqa: E402
     FAILURES_SCHEMA, RUNS_SCHEMA, STORE_FORMAT_VERSION, series_schema, slices_schema,
 )
 
 MANIFEST = "embedstore.json"
+LOCK_FILE = ".lock"
 TABLES_DIR = "tables"
 PATCHES_DIR = "patches"
 SERIES_REFRESH_GROUP = 512  # series whose slice vectors are read back per query
@@ -92,6 +97,22 @@ class Store:
             flag = "with" if self.patient_ids == AS_READ else "without"
             raise UsageError(f"store {self.path} keeps patient IDs {self.patient_ids}; run {flag} "
                              "--keep-patient-id, or use another store")
+
+    @contextmanager
+    def ingest_lock(self, exclusive: bool = False):
+        """Held while an ingest writes (shared: ingests of several models may run at once) and by
+        vacuum (exclusive: it must not take a running ingest's fresh shards for orphans). The
+        kernel drops the lock of a process that dies, even by SIGKILL."""
+        with open(self.path / LOCK_FILE, "a") as handle:
+            try:
+                fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"store {self.path} is busy: "
+                                 + ("an ingest is writing to it" if exclusive else "vacuum is running")) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def table(self, name: str):
         return self.db.open_table(name)
@@ -177,6 +198,33 @@ class Store:
             if self.has_table(name):
                 self.table(name).delete(f"model_id = {sql_literal(model_id)}")
         remove_model_patches(self.patches_root, model_id)
+
+    # ---------------------------------------------------------------- orphans
+    def orphan_shards(self) -> list[Path]:
+        """Patch shards no committed row points at: left by a killed actor or driver (or a
+        retried unit), or by a run that is writing right now."""
+        if not self.patches_root.exists():
+            return []
+        referenced = set(self.rows("slices", "patch_shard IS NOT NULL", ["patch_shard"])
+                         .column("patch_shard").to_pylist()) if self.has_table("slices") else set()
+        return sorted(shard for model in self.patches_root.iterdir() if model.is_dir()
+                      for shard in model.iterdir() if f"{model.name}/{shard.name}" not in referenced)
+
+    def vacuum(self) -> dict:
+        """Remove orphan patch shards and table files no version needs (including those of a
+        transaction a crash interrupted), and compact the tables. Refuses while an ingest runs."""
+        with self.ingest_lock(exclusive=True):
+            orphans = self.orphan_shards()
+            freed = sum(directory_bytes(shard) for shard in orphans)
+            for shard in orphans:
+                shutil.rmtree(shard)
+            versions_before = {name: len(self.table(name).list_versions()) for name in self.db.list_tables().tables}
+            with warnings.catch_warnings():  # "removes every version but the latest": the exclusive lock is why it's safe
+                warnings.simplefilter("ignore", UserWarning)
+                for name in versions_before:
+                    self.table(name).optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+        return {"orphan_shards_removed": len(orphans), "patch_bytes_freed": freed,
+                "table_versions_before": versions_before}
 
     # ---------------------------------------------------------------- series
     def stale_series(self, model_id: str) -> list[str]:

@@ -45,6 +45,7 @@ def store_info(store: Store) -> dict:
         "series": len(set(slices.column("series_uid").to_pylist())) if slices.num_rows else 0,
         "studies": len(set(slices.column("study_uid").to_pylist())) if slices.num_rows else 0,
         "patch_bytes": directory_bytes(store.patches_root),
+        "orphan_shards": len(store.orphan_shards()),
         "failures_by_reason": _counts(failures.column("reason").to_pylist()) if failures.num_rows else {},
         "series_with_missing_slices": sum(n > 0 for n in series.column("n_missing_slices").to_pylist())
         if series.num_rows else 0,
