@@ -53,6 +53,8 @@ def ingest(
         None, help="Decode worker processes; 0 decodes inline. Default: up to 8 with CUDA, cores/8 on CPU."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    engine: str = typer.Option("auto", help="auto (tensorrt → compile → eager on CUDA; eager on CPU), eager, compile "
+                               "or tensorrt; a compiled engine must match eager (cosine ≥ 0.999) or gives way."),
     seed: int = typer.Option(0, help="Seed for --weights random."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Drop this model's rows and rebuild."),
     executor: str = typer.Option("local", help="local (this process and its decode workers) or ray."),
@@ -69,7 +71,7 @@ def ingest(
         model=model, weights=weights, image_size=image_size, seed=seed, keep_patches=patches, window=window,
         mr_percentiles=parse_percentiles(mr_percentiles), axis=axis, keep_patient_id=keep_patient_id,
         executor="ray" if ray_address else executor, ray_address=ray_address, ray_actors=ray_actors,
-        batch_size=batch_size, workers=workers, device=device,
+        batch_size=batch_size, workers=workers, device=device, engine=engine,
         precision=precision, overwrite=overwrite, show_progress=progress,
     )
     summary = run_ingest(sources, store, options)
@@ -98,6 +100,7 @@ def print_summary(summary) -> None:
     failed = ", ".join(f"{reason} {n}" for reason, n in summary.failures_by_reason.items())
     table.add_row("failed files", f"{summary.n_failed:,}" + (f" ({failed})" if failed else ""))
     table.add_row("decode workers", str(summary.workers) if summary.workers else "0 (inline)")
+    table.add_row("engine", summary.engine + "".join(f"\n{note}" for note in summary.engine_notes))
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("slices/s", f"{summary.slices_per_s:,.1f}")
     table.add_row("stage seconds", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))

@@ -175,6 +175,8 @@ WRONG_REQUESTS = {
     "unknown-axis": (["ingest", "src", "--store", "store", *FAST, "--axis", "transverse"], "transverse"),
     "percentiles-not-numbers": (["ingest", "src", "--store", "store", *FAST, "--mr-percentiles", "low,high"],
                                 "low,high"),
+    "unknown-engine": (["ingest", "src", "--store", "store", *FAST, "--engine", "warp"], "warp"),
+    "unknown-executor": (["ingest", "src", "--store", "store", *FAST, "--executor", "spark"], "spark"),
     "percentiles-reversed": (["ingest", "src", "--store", "store", *FAST, "--mr-percentiles", "95,5"], "95"),
     "info-not-a-store": (["info", "notstore"], "notstore"),
 }

@@ -99,7 +99,7 @@ class EmbedActor:
             raise RuntimeError(f"actor built {loaded.model_id(config.tag())}, the driver planned {model_id}")
         self.options, self.model_id, self.run_id = options, model_id, run_id
         self.loaded = loaded
-        self.embedder = Embedder(loaded, options.device, options.precision)
+        self.embedder = Embedder(loaded, options.device, options.precision, options.engine, options.batch_size)
         self.patches_root = patches_root
         self.units_done = 0
 
@@ -149,6 +149,9 @@ class EmbedActor:
         self.units_done += 1
         return UnitResult(unit_id, table, failures, n_failed_items, dict(seconds))
 
+    def engine_in_use(self) -> tuple[str, list[str]]:
+        return self.embedder.engine.name, self.embedder.engine.notes
+
     def _maybe_fail(self) -> None:
         after, marker = os.environ.get(FAULT_EXIT_AFTER_UNITS), os.environ.get(FAULT_MARKER)
         if after and marker and self.units_done >= int(after) and not os.path.exists(marker):
@@ -172,10 +175,11 @@ def start_ray(address: str | None) -> None:
         raise UsageError(f"cannot join the Ray cluster at {address}: {error}") from None
 
 
-def embed_on_ray(job, tasks: list[ReadTask], progress: IngestProgress,
-                 stage_seconds: Counter) -> tuple[int, list[Failure]]:
-    """Embed `tasks` on Ray; returns the rows committed and the failures met."""
+def embed_on_ray(job, tasks: list[ReadTask], progress: IngestProgress, stage_seconds: Counter):
+    """Embed `tasks` on Ray; returns the run's EmbedOutcome."""
     import ray
+
+    from embedstore.ingest.run import EmbedOutcome
 
     options = job.options
     start_ray(options.ray_address)
@@ -210,10 +214,11 @@ def embed_on_ray(job, tasks: list[ReadTask], progress: IngestProgress,
             load[actor] -= 1
             committer.take(unit, _result_or_failure(ray, ready[0], unit), progress)
         committer.flush()
+        engine, notes = ray.get(actors[0].engine_in_use.remote())
     finally:
         for actor in actors:
             ray.kill(actor)
-    return committer.n_committed, committer.failures
+    return EmbedOutcome(committer.n_committed, committer.failures, engine, notes)
 
 
 def _result_or_failure(ray, ref, unit: WorkUnit) -> UnitResult:

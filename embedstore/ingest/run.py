@@ -19,6 +19,7 @@ from embedstore.ingest.progress import IngestProgress
 from embedstore.ingest.writer import DEFAULT_COMMIT_ROWS, EmbeddedBatch, SliceWriter
 from embedstore.models import LoadedModel, load_model
 from embedstore.models.embedder import Embedder, pick_device
+from embedstore.models.engines import candidate_engines
 from embedstore.preprocess import DecodedFile, IntensityConfig
 from embedstore.sources import Failure, ReadTask, SliceItem, build_catalog, check_sources, discover
 from embedstore.sources.nifti import AXES
@@ -56,6 +57,7 @@ class IngestOptions:
     workers: int | None = None  # decode processes; None: default_workers() for the device
     device: str = "auto"
     precision: str = "fp32"
+    engine: str = "auto"  # auto | eager | compile | tensorrt (models/engines.py)
     overwrite: bool = False
     commit_rows: int = DEFAULT_COMMIT_ROWS
     executor: str = "local"  # "local": this process and its decode pool; "ray": Ray actors
@@ -71,6 +73,8 @@ class IngestSummary:
     model_id: str
     store: str
     workers: int
+    engine: str  # the engine that ran the model
+    engine_notes: list[str]  # why a requested engine gave way to another
     n_found: int
     n_embedded: int
     n_skipped: int
@@ -106,6 +110,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     if options.executor not in EXECUTORS:
         raise UsageError(f"unknown executor {options.executor!r}: use one of {', '.join(EXECUTORS)}")
     device = pick_device(options.device)
+    candidate_engines(options.engine, device)  # an unknown engine is a wrong request: nothing written yet
     loaded = loaded or load_model(options.model, options.weights, options.image_size, options.seed)
     model_id = loaded.model_id(config.tag())
     workers = default_workers(device.type) if options.workers is None else options.workers
@@ -134,11 +139,12 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
         job = EmbedJob(store, model_id, run_id, config, options, loaded)
         with IngestProgress(plan.n_todo, enabled=options.show_progress) as progress:
             if options.executor == "ray":
-                embedded, run_failures = embed_on_ray(job, plan.tasks, progress, stage_seconds)
+                outcome = embed_on_ray(job, plan.tasks, progress, stage_seconds)
             else:
-                embedded, run_failures = embed_locally(job, Embedder(loaded, options.device, options.precision),
-                                                       pool, plan.tasks, progress, stage_seconds)
-        failures.extend(run_failures)
+                embedder = Embedder(loaded, options.device, options.precision, options.engine, options.batch_size)
+                outcome = embed_locally(job, embedder, pool, plan.tasks, progress, stage_seconds)
+        failures.extend(outcome.failures)
+        embedded = outcome.n_committed
 
     tried_paths = sorted({task.path for task in plan.tasks} | {f.path for f in failures})
     store.forget_failures(tried_paths, run_id)
@@ -148,6 +154,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     seconds = time.perf_counter() - started
     summary = IngestSummary(
         run_id=run_id, model_id=model_id, store=str(store_path), workers=workers, n_found=catalog.n_items,
+        engine=outcome.engine, engine_notes=outcome.engine_notes,
         n_embedded=embedded, n_skipped=plan.n_skipped, n_failed=len(failures),
         failures_by_reason=dict(Counter(f.reason for f in failures)), seconds=seconds,
         slices_per_s=embedded / seconds if seconds > 0 else 0.0,
@@ -155,6 +162,14 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     )
     store.finish_run(run_id, embedded, plan.n_skipped, len(failures), summary.slices_per_s, stage_seconds)
     return summary
+
+
+@dataclass
+class EmbedOutcome:
+    n_committed: int
+    failures: list[Failure]
+    engine: str
+    engine_notes: list[str]
 
 
 @dataclass
@@ -170,9 +185,8 @@ class EmbedJob:
 
 
 def embed_locally(job: EmbedJob, embedder: Embedder, pool: DecodePool, tasks: list[ReadTask],
-                  progress: IngestProgress, stage_seconds: Counter) -> tuple[int, list[Failure]]:
-    """Decode in `pool`, embed in this process, write on a background thread; returns the rows
-    committed and the failures met."""
+                  progress: IngestProgress, stage_seconds: Counter) -> EmbedOutcome:
+    """Decode in `pool`, embed in this process, write on a background thread."""
     options = job.options
     writer = SliceWriter(job.store, job.model_id, job.run_id, job.loaded.embed_dim, job.loaded.num_patches,
                          options.keep_patches, options.commit_rows)
@@ -196,7 +210,7 @@ def embed_locally(job: EmbedJob, embedder: Embedder, pool: DecodePool, tasks: li
     writer.close()
     stage_seconds["read_decode"] = pool.worker_seconds
     stage_seconds.update(writer.seconds)
-    return writer.n_committed, failures
+    return EmbedOutcome(writer.n_committed, failures, embedder.engine.name, embedder.engine.notes)
 
 
 def pseudonymise_patients(tasks: list[ReadTask], key: bytes) -> None:

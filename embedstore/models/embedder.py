@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.models import LoadedModel, feature_map_nchw
+from embedstore.models import LoadedModel
+from embedstore.models.engines import EmbeddingForward, autocast, build_engine, forward_padded
 from embedstore.preprocess import imagenet_normalize
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -31,35 +31,35 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 class Embedder:
-    def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "fp32"):
+    """A loaded model on its device, behind the engine that runs it (see models/engines.py)."""
+
+    def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "fp32",
+                 engine: str = "eager", batch_size: int = 32):
         if precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.loaded = loaded
         self.device = pick_device(device)
         self.dtype = PRECISIONS[precision]
-        self.model = loaded.model.to(self.device)
-
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        self.model = loaded.model.to(self.device).eval()
+        module = EmbeddingForward(self.model, loaded.num_prefix_tokens)
+        self.engine = build_engine(module, engine, self.device, self.dtype, batch_size, loaded.image_size,
+                                   cache_key=f"{loaded.spec.name}-{loaded.weights_tag}-{loaded.image_size}px")
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor, keep_patches: bool = True) -> Embeddings:
         """`pixels`: (n, 1 or 3, S, S) in [0, 1] from `preprocess.prepare_slices`."""
-        batch = torch.as_tensor(pixels).to(self.device, non_blocking=True)
-        batch = imagenet_normalize(batch)
-        with self._autocast():
-            features = self.model.forward_features(batch)
-            cls = self.model.forward_head(features, pre_logits=True)
-        features = feature_map_nchw(self.model, features)
-        if features.ndim == 4:
-            tokens = features.flatten(2).transpose(1, 2)
-        else:
-            tokens = features[:, self.loaded.num_prefix_tokens:]
-        patch_mean = tokens.float().mean(dim=1)
+        batch = imagenet_normalize(torch.as_tensor(pixels).to(self.device, non_blocking=True))
+        cls, tokens = [], []
+        step = self.engine.batch_size or len(batch)
+        with autocast(self.device, self.dtype):
+            for start in range(0, len(batch), step):
+                part_cls, part_tokens = forward_padded(self.engine.forward, batch[start:start + step],
+                                                       self.engine.batch_size)
+                cls.append(part_cls)
+                tokens.append(part_tokens)
+        cls, tokens = torch.cat(cls), torch.cat(tokens)
         return Embeddings(
             cls=cls.float().cpu().numpy(),
-            patch_mean=patch_mean.cpu().numpy(),
+            patch_mean=tokens.float().mean(dim=1).cpu().numpy(),
             patches=tokens.to(torch.float16).cpu().numpy() if keep_patches else None,
         )
