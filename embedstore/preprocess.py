@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,10 +217,15 @@ class DecodedFile:
     cols: int
     intensity: str  # what the intensity mapping did, e.g. "ct:study", "voi+inverted", "multi:lung,..."
     failures: list[Failure] = field(default_factory=list)  # other copies of the instance, not used
+    seconds: dict[str, float] = field(default_factory=dict)  # read_decode, preprocess
 
 
 def decode_task(task: ReadTask, config: IntensityConfig, image_size: int) -> DecodedFile:
     """Read one file once and preprocess the slices the task asks for; InputError on bad data."""
+    started = time.perf_counter()
     native = read_native(task, apply_voi_lut=config.uses_header_voi(task.items[0].modality))
+    read = time.perf_counter()
     pixels, intensity = prepare_slices(native, config, image_size)
-    return DecodedFile(task, pixels, native.modality, native.pixels.shape[1], native.pixels.shape[2], intensity)
+    seconds = {"read_decode": read - started, "preprocess": time.perf_counter() - read}
+    return DecodedFile(task, pixels, native.modality, native.pixels.shape[1], native.pixels.shape[2], intensity,
+                       seconds=seconds)

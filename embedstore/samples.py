@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -168,6 +167,7 @@ def write_multiframe_mr(path: Path, n_frames: int = 5, size: int = 48, seed: int
 
 def write_nifti(path: Path, shape: tuple[int, int, int] = (40, 40, 12), seed: int = 2, ct: bool = True) -> Path:
     """A phantom volume with a 1.5 mm RAS affine, CT-like (HU) or MR-like values."""
+    import nibabel as nib
     path.parent.mkdir(parents=True, exist_ok=True)
     volume = np.stack([phantom(shape[0], seed * 10 + z)[:, : shape[1]] for z in range(shape[2])], axis=-1)
     data = np.where(volume > 0, volume * 1000 - 100, -1000) if ct else volume * 600

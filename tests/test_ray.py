@@ -71,6 +71,21 @@ def test_ray_gives_the_rows_of_the_local_executor(mixed_archive, ingested, tmp_p
         atol=2e-3)
 
 
+def test_decode_tasks_feeding_a_gpu_actor_give_the_same_rows(mixed_archive, ingested, tmp_path):
+    """The GPU layout (decode tasks on CPUs, one actor per GPU), on a logical GPU of this machine."""
+    ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = ingest([mixed_archive.root], tmp_path / "gpu", ingest_options(executor="ray", unit_slices=5))
+    finally:
+        ray.shutdown()
+    assert summary.n_embedded == mixed_archive.n_slices
+    local, on_ray = sorted_slices(ingested.path), sorted_slices(tmp_path / "gpu")
+    assert local["key"].to_pylist() == on_ray["key"].to_pylist()
+    np.testing.assert_allclose(np.stack(on_ray["cls"].to_numpy(zero_copy_only=False)),
+                               np.stack(local["cls"].to_numpy(zero_copy_only=False)), atol=1e-5)
+
+
 def test_a_killed_embedding_actor_still_gives_one_row_per_item(mixed_archive, tmp_path, monkeypatch):
     marker = tmp_path / "actor-was-killed"
     monkeypatch.setenv(FAULT_EXIT_AFTER_UNITS, "1")

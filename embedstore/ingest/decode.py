@@ -8,8 +8,7 @@ archive. Results come back in submission order. `workers=0` decodes inline, for 
 from __future__ import annotations
 
 import multiprocessing
-import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
@@ -50,10 +49,8 @@ def decode_or_fail(task: ReadTask, config: IntensityConfig, image_size: int) -> 
     return failures
 
 
-def decode_chunk(tasks: list[ReadTask], config: IntensityConfig, image_size: int):
-    started = time.perf_counter()
-    results = [decode_or_fail(task, config, image_size) for task in tasks]
-    return results, time.perf_counter() - started
+def decode_chunk(tasks: list[ReadTask], config: IntensityConfig, image_size: int) -> list:
+    return [decode_or_fail(task, config, image_size) for task in tasks]
 
 
 def chunk_tasks(tasks: Iterable[ReadTask], chunk_slices: int = CHUNK_SLICES) -> Iterator[list[ReadTask]]:
@@ -74,7 +71,7 @@ class DecodePool:
         self.workers = workers
         self.config = config
         self.image_size = image_size
-        self.worker_seconds = 0.0  # read + decode + preprocess time summed over workers
+        self.stage_seconds: Counter = Counter()  # read_decode and preprocess, summed over workers
         self._executor: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "DecodePool":
@@ -107,8 +104,8 @@ class DecodePool:
         chunks = chunk_tasks(tasks)
         if self.workers == 0:
             for chunk in chunks:
-                results, seconds = decode_chunk(chunk, self.config, self.image_size)
-                self.worker_seconds += seconds
+                results = decode_chunk(chunk, self.config, self.image_size)
+                self._account(results)
                 yield from zip(chunk, results)
             return
         in_flight: deque[tuple[list[ReadTask], Future]] = deque()
@@ -134,20 +131,25 @@ class DecodePool:
 
     def _collect(self, chunk: list[ReadTask], future: Future) -> Iterator[tuple[ReadTask, DecodedFile | list[Failure]]]:
         try:
-            results, seconds = future.result()
+            results = future.result()
         except BrokenProcessPool:
             # A worker died (a codec crash, the OOM killer) and took the pool's queued work with it.
             # Retry this chunk's files one by one in a fresh pool: only the culprit becomes a failure.
             self._replace_pool()
             return ((task, self._decode_alone(task)) for task in chunk)
-        self.worker_seconds += seconds
+        self._account(results)
         return zip(chunk, results)
 
     def _decode_alone(self, task: ReadTask) -> DecodedFile | list[Failure]:
         try:
-            (result,), seconds = self._submit([task]).result()
+            (result,) = self._submit([task]).result()
         except BrokenProcessPool as error:
             self._replace_pool()
             return [Failure(task.path, "decode", WORKER_CRASHED, f"decode worker died reading this file: {error}")]
-        self.worker_seconds += seconds
+        self._account([result])
         return result
+
+    def _account(self, results: list) -> None:
+        for result in results:
+            if isinstance(result, DecodedFile):
+                self.stage_seconds.update(result.seconds)

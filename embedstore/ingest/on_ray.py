@@ -1,5 +1,5 @@
-"""Ingest on Ray: CPU decode tasks feed one embedding actor per GPU (or CPU embedding actors),
-the driver commits.
+"""Ingest on Ray: CPU decode tasks feed one embedding actor per GPU (CPU embedding actors, where
+there is no GPU, decode their own units); the driver commits.
 
 The driver cuts the plan into work units (a series never straddles two), sends each unit to a
 decode task and its result to an embedding actor, and keeps a bounded number of units in flight so
@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import UsageError, WORKER_CRASHED
+from embedstore.ingest.batching import SliceBatcher
 from embedstore.ingest.decode import decode_or_fail
 from embedstore.ingest.progress import IngestProgress
 from embedstore.ingest.writer import row_metadata, slice_table
@@ -75,10 +76,9 @@ class UnitResult:
     seconds: dict[str, float]
 
 
-def decode_unit(unit: WorkUnit, config, image_size: int) -> tuple[list, float]:
-    """Every task of a unit decoded (or failed), in order, and the seconds it took."""
-    started = time.perf_counter()
-    return [(task, decode_or_fail(task, config, image_size)) for task in unit.tasks], time.perf_counter() - started
+def decode_unit(unit: WorkUnit, config, image_size: int) -> list:
+    """Every task of a unit decoded (or failed), in order."""
+    return [(task, decode_or_fail(task, config, image_size)) for task in unit.tasks]
 
 
 class EmbedActor:
@@ -98,29 +98,30 @@ class EmbedActor:
         if loaded.model_id(config.tag()) != model_id:  # e.g. hub weights that changed under us
             raise RuntimeError(f"actor built {loaded.model_id(config.tag())}, the driver planned {model_id}")
         self.options, self.model_id, self.run_id = options, model_id, run_id
-        self.loaded = loaded
+        self.loaded, self.config = loaded, config
         self.embedder = Embedder(loaded, options.device, options.precision, options.engine, options.batch_size)
         self.patches_root = patches_root
         self.units_done = 0
 
-    def embed_unit(self, unit_id: int, decoded: tuple[list, float]) -> UnitResult:
+    def embed_unit(self, unit_id: int, work: list | WorkUnit) -> UnitResult:
+        """Embed a unit: already decoded by a decode task, or (on CPU actors) decoded here."""
         from pathlib import Path
 
-        from embedstore.ingest.run import SliceBatcher
         from embedstore.store.patches import PatchShardWriter
 
         self._maybe_fail()
-        results, decode_seconds = decoded
+        results = decode_unit(work, self.config, self.loaded.image_size) if isinstance(work, WorkUnit) else work
         failures: list[Failure] = []
         n_failed_items = 0
         batcher = SliceBatcher(self.options.batch_size)
+        seconds: Counter = Counter()
         for task, result in results:
             failures.extend(result if isinstance(result, list) else result.failures)
             if isinstance(result, list):
                 n_failed_items += len(task.items)
             else:
                 batcher.add(result)
-        seconds = Counter({"read_decode": decode_seconds})
+                seconds.update(result.seconds)
         if not batcher.pending():
             return UnitResult(unit_id, None, failures, n_failed_items, dict(seconds))
         shard = None
@@ -193,9 +194,10 @@ def embed_on_ray(job, tasks: list[ReadTask], progress: IngestProgress, stage_sec
         actor_class = actor_class.options(runtime_env={"env_vars": fault_env})
     actors = [actor_class.remote(options, job.model_id, str(job.store.patches_root), job.run_id, max(1, actor_cpus))
               for _ in range(n_actors)]
-    # Decode tasks ask for no CPU of their own on a CPU-only cluster: the actors hold the cores and
-    # decoding squeezes in beside them, as decoding inline does in the local executor.
-    decode = ray.remote(num_cpus=1 if gpus else 0, max_retries=ACTOR_RESTARTS)(decode_unit)
+    # Beside GPUs, decode tasks on the CPUs feed the actors. Without GPUs the actors' threads hold
+    # every core, and a decode process beside them would stall their thread team at each barrier:
+    # CPU actors decode their units themselves, as the local executor decodes inline.
+    decode = ray.remote(num_cpus=1, max_retries=ACTOR_RESTARTS)(decode_unit) if gpus else None
     config_ref = ray.put(job.config)
 
     committer = RowCommitter(job, options.commit_rows, stage_seconds)
@@ -206,8 +208,8 @@ def embed_on_ray(job, tasks: list[ReadTask], progress: IngestProgress, stage_sec
         while units or in_flight:
             while units and min(load) < UNITS_IN_FLIGHT_PER_ACTOR:
                 unit, actor = units.popleft(), load.index(min(load))
-                decoded = decode.remote(unit, config_ref, job.loaded.image_size)
-                in_flight[actors[actor].embed_unit.remote(unit.unit_id, decoded)] = (unit, actor)
+                work = decode.remote(unit, config_ref, job.loaded.image_size) if decode else unit
+                in_flight[actors[actor].embed_unit.remote(unit.unit_id, work)] = (unit, actor)
                 load[actor] += 1
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             unit, actor = in_flight.pop(ready[0])

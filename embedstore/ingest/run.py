@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.errors import UsageError
+from embedstore.ingest.batching import SliceBatcher
 from embedstore.ingest.decode import DecodePool
 from embedstore.ingest.on_ray import UNIT_SLICES, embed_on_ray
 from embedstore.ingest.plan import plan_remaining
@@ -20,7 +21,7 @@ from embedstore.ingest.writer import DEFAULT_COMMIT_ROWS, EmbeddedBatch, SliceWr
 from embedstore.models import LoadedModel, load_model
 from embedstore.models.embedder import Embedder, pick_device
 from embedstore.models.engines import candidate_engines
-from embedstore.preprocess import DecodedFile, IntensityConfig
+from embedstore.preprocess import IntensityConfig
 from embedstore.sources import Failure, ReadTask, SliceItem, build_catalog, check_sources, discover
 from embedstore.sources.nifti import AXES
 from embedstore.store import Store, check_store_path
@@ -208,7 +209,7 @@ def embed_locally(job: EmbedJob, embedder: Embedder, pool: DecodePool, tasks: li
         _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
         progress.advance(n)
     writer.close()
-    stage_seconds["read_decode"] = pool.worker_seconds
+    stage_seconds.update(pool.stage_seconds)
     stage_seconds.update(writer.seconds)
     return EmbedOutcome(writer.n_committed, failures, embedder.engine.name, embedder.engine.notes)
 
@@ -231,36 +232,3 @@ def _embed_and_submit(embedder: Embedder, batch: tuple[list[SliceItem], np.ndarr
     embeddings = embedder.embed(pixels, keep_patches=keep_patches)
     stage_seconds["embed"] += time.perf_counter() - started
     writer.submit(EmbeddedBatch(items, embeddings))
-
-
-class SliceBatcher:
-    """Gathers decoded slices from files of any size into model batches of exactly `size`."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: list[SliceItem] = []
-        self._pixels: list[np.ndarray] = []
-        self._count = 0
-
-    def add(self, decoded: DecodedFile) -> None:
-        for item in decoded.task.items:
-            item.modality = item.modality or decoded.modality
-            item.rows, item.cols = decoded.rows, decoded.cols
-            item.intensity = decoded.intensity
-        self._items.extend(decoded.task.items)
-        self._pixels.append(decoded.pixels)
-        self._count += len(decoded.task.items)
-
-    def pending(self) -> int:
-        return self._count
-
-    def full(self) -> bool:
-        return self._count >= self.size
-
-    def take(self) -> tuple[list[SliceItem], np.ndarray]:
-        pixels = np.concatenate(self._pixels) if len(self._pixels) > 1 else self._pixels[0]
-        n = min(self.size, self._count)
-        items, self._items = self._items[:n], self._items[n:]
-        self._pixels = [pixels[n:]] if n < len(pixels) else []
-        self._count -= n
-        return items, pixels[:n]

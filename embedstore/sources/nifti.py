@@ -15,9 +15,7 @@ import gzip
 import zlib
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
-from nibabel.orientations import inv_ornt_aff, io_orientation
 
 from embedstore.errors import CORRUPT_NIFTI, TRUNCATED, InputError
 from embedstore.sources.records import SliceItem
@@ -46,14 +44,18 @@ class NiftiLayout:
 
 
 def _load(path: str):
+    import nibabel  # imported where NIfTI is read: DICOM-only processes never load it
+
     try:
-        return nib.load(path)
+        return nibabel.load(path)
     except Exception as error:  # nibabel raises ImageFileError, gzip/zlib errors, ValueError...
         raise InputError(CORRUPT_NIFTI, f"NIfTI header cannot be read: {error}") from None
 
 
 def nifti_layout(path: str, axis: str = "axial") -> NiftiLayout:
     """Slice and volume counts and the canonical affine, from the header alone (no voxel data)."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation
+
     image = _load(path)
     shape = image.shape
     if len(shape) < 3 or len(shape) > 4:
@@ -109,9 +111,11 @@ def _world_steps(layout: NiftiLayout) -> tuple[np.ndarray, ...]:
 def read_nifti_slices(path: str, axis: str = "axial") -> tuple[np.ndarray, str]:
     """Every slice of every volume as (volumes × slices, rows, cols) float32, volume by volume in
     slice order, and the inferred modality. The file is read and decompressed once."""
+    import nibabel
+
     image = _load(path)
     try:
-        canonical = nib.as_closest_canonical(image)
+        canonical = nibabel.as_closest_canonical(image)
         data = np.asarray(canonical.dataobj, dtype=np.float32)
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise InputError(TRUNCATED, f"NIfTI data is truncated or corrupt: {error}", stage="decode") from None

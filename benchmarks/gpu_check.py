@@ -1,0 +1,239 @@
+"""GPU check: model-only images/s with MFU, and the decode → preprocess → embed pipeline's slices/s.
+
+Needs only torch, timm, numpy and pydicom (embedstore is imported from this checkout); whatever else
+is missing is skipped with the reason printed. Run through `benchmarks/gpu_check.sh`.
+
+Model only (random weights: speed does not depend on them), at 224 px, for dinov2_vitb14 and
+dinov2_vitl14, in eager fp32, eager bf16, compile bf16 and, where torch-tensorrt is installed,
+TensorRT fp16. MFU = achieved FLOP/s over the GPU's dense peak for that precision, with FLOPs per
+image counted from the architecture (ViT-B/14 at 224: 46 GFLOP).
+
+Pipeline: generated uncompressed 512×512 16-bit CT DICOM files read by embedstore's reader in
+decode worker processes (embedstore's DecodePool), preprocessed (HU window, resize to 224), and
+embedded by embedstore's Embedder in bf16; the store write is measured only where lancedb and
+zarr are importable (it says which).
+
+    python benchmarks/gpu_check.py [--smoke]     # --smoke: tiny sizes on the CPU, to test the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # embedstore from this checkout
+
+# Dense peak FLOP/s by precision (no sparsity); H200 has the H100's compute.
+PEAK_FLOPS = {
+    "H100": {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12},
+    "H200": {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12},
+    "A100": {"fp32": 19.5e12, "bf16": 312e12, "fp16": 312e12},
+}
+MODELS = {"dinov2_vitb14": 256, "dinov2_vitl14": 128}  # name → batch size
+
+
+def vit_flops_per_image(model) -> float:
+    """2 × multiply-adds of the transformer blocks: per block 12·N·D² (qkv, projection, MLP with
+    ratio 4) + 2·N²·D (attention), N tokens including CLS and registers."""
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    dim, depth = model.embed_dim, len(model.blocks)
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / dim
+    per_block = (4 + 2 * mlp_ratio) * tokens * dim * dim + 2 * tokens * tokens * dim
+    return 2.0 * depth * per_block
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    for key, peaks in PEAK_FLOPS.items():
+        if key in device_name:
+            return peaks[precision]
+    return None
+
+
+def images_per_second(forward, batch, iterations: int) -> float:
+    import torch
+
+    for _ in range(3):  # warm-up (and, for compile, the compilation itself)
+        forward(batch)
+    torch.cuda.synchronize() if batch.is_cuda else None
+    started = time.perf_counter()
+    for _ in range(iterations):
+        forward(batch)
+    torch.cuda.synchronize() if batch.is_cuda else None
+    return iterations * len(batch) / (time.perf_counter() - started)
+
+
+def model_only(name: str, batch_size: int, image_size: int, device, iterations: int, results: list) -> None:
+    import torch
+
+    from embedstore.models import load_model
+    from embedstore.models.engines import EmbeddingForward
+
+    loaded = load_model(name, "random", image_size)
+    module = EmbeddingForward(loaded.model.to(device).eval(), loaded.num_prefix_tokens)
+    flops = vit_flops_per_image(loaded.model)
+    batch = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    modes = [("eager", "fp32"), ("eager", "bf16"), ("compile", "bf16"), ("tensorrt", "fp16")]
+    for engine, precision in modes:
+        row = {"model": name, "engine": engine, "precision": precision, "batch": batch_size,
+               "gflop_per_image": round(flops / 1e9, 1)}
+        try:
+            forward = build_forward(module, engine, precision, batch, device)
+            with torch.inference_mode():
+                rate = images_per_second(forward, batch, iterations)
+        except Exception as error:  # a missing package or an unsupported GPU: say so, go on
+            row["skipped"] = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+            results.append(row)
+            print(f"{name:15s} {engine:9s} {precision:5s} skipped: {row['skipped']}", flush=True)
+            continue
+        peak = peak_flops(device_name, precision)
+        row.update(images_per_s=round(rate, 1), tflops=round(rate * flops / 1e12, 1),
+                   mfu=round(rate * flops / peak, 3) if peak else None)
+        results.append(row)
+        print(f"{name:15s} {engine:9s} {precision:5s} {rate:9.1f} images/s  {rate * flops / 1e12:6.1f} TFLOP/s"
+              f"  MFU {row['mfu'] if peak else 'n/a (unknown peak)'}", flush=True)
+    del module
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+
+def build_forward(module, engine: str, precision: str, batch, device):
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if engine == "tensorrt":
+        if device.type != "cuda":
+            raise RuntimeError("TensorRT needs CUDA")
+        import torch_tensorrt
+
+        compiled = torch_tensorrt.compile(module, ir="dynamo", inputs=[batch],
+                                          enabled_precisions={torch.float16, torch.float32})
+        return lambda x: compiled(x)
+    target = torch.compile(module, dynamic=False) if engine == "compile" else module
+    if dtype == torch.float32:
+        return target
+
+    def autocast_forward(x):
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            return target(x)
+
+    return autocast_forward
+
+
+def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: dict) -> None:
+    """Generated DICOM → embedstore's DecodePool (reader + preprocessing) → Embedder, and the
+    store write where its libraries exist."""
+    import torch
+
+    from embedstore import samples
+    from embedstore.ingest.decode import DecodePool
+    from embedstore.ingest.batching import SliceBatcher
+    from embedstore.models import load_model
+    from embedstore.models.embedder import Embedder
+    from embedstore.preprocess import IntensityConfig
+    from embedstore.sources import ReadTask, SliceItem
+
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = []
+        per_series = 64
+        for series in range(0, n_slices, per_series):  # written once, read many: generation is not timed
+            paths += samples.write_ct_series(Path(scratch) / f"s{series}", n_slices=min(per_series, n_slices - series),
+                                             size=512, seed=series, shuffle_names=False)
+        tasks = [ReadTask("dicom", str(p), [SliceItem(f"dicom:{p}:0", str(p), "study", "series", i, modality="CT")])
+                 for i, p in enumerate(paths)]
+        loaded = load_model("dinov2_vitb14", "random", image_size)
+        embedder = Embedder(loaded, str(device), "bf16", "eager", batch_size)
+        writer, write_note = store_writer(Path(scratch) / "store", loaded)
+        config = IntensityConfig()
+        with DecodePool(workers, config, image_size) as pool:
+            list(pool.decode(tasks[:workers * 8]))  # workers up and warm before the clock starts
+            started = time.perf_counter()
+            batcher, n_embedded = SliceBatcher(batch_size), 0
+
+            def embed_and_write(batch):
+                items, pixels = batch
+                embeddings = embedder.embed(pixels, keep_patches=writer is not None)
+                if writer is not None:
+                    writer.write(items, embeddings)
+                return len(items)
+
+            for _, decoded in pool.decode(tasks):
+                if isinstance(decoded, list):
+                    raise RuntimeError(f"a generated slice failed to decode: {decoded[0].message}")
+                batcher.add(decoded)
+                while batcher.full():
+                    n_embedded += embed_and_write(batcher.take())
+            if batcher.pending():
+                n_embedded += embed_and_write(batcher.take())
+            if writer is not None:
+                writer.close()
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            seconds = time.perf_counter() - started
+    rate = n_embedded / seconds
+    results.update(slices=n_embedded, decode_workers=workers, slices_per_s=round(rate, 1), store_write=write_note)
+    print(f"pipeline: {n_embedded} DICOM slices 512x512 → dinov2_vitb14 bf16 at {image_size}px, {workers} decode "
+          f"workers: {rate:.1f} slices/s ({write_note})", flush=True)
+
+
+class StoreWriter:
+    """Embedded batches into an embedstore store (LanceDB rows, Zarr patches) on its writer thread."""
+
+    def __init__(self, path: Path, loaded):
+        from embedstore.ingest.writer import SliceWriter
+        from embedstore.store import Store
+
+        store = Store.open(path, create=True)
+        store.ensure_vector_tables(loaded.embed_dim)
+        self.writer = SliceWriter(store, "gpu-check", "gpu-check-run", loaded.embed_dim, loaded.num_patches, True)
+
+    def write(self, items, embeddings) -> None:
+        from embedstore.ingest.writer import EmbeddedBatch
+
+        for item in items:
+            item.rows = item.cols = 512
+            item.intensity = "ct:study"
+        self.writer.submit(EmbeddedBatch(items, embeddings))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def store_writer(path: Path, loaded) -> tuple[StoreWriter | None, str]:
+    """A writer into an embedstore store, or None and why not."""
+    try:
+        return StoreWriter(path, loaded), "store write measured (LanceDB rows and Zarr patches)"
+    except ImportError as error:
+        return None, f"store write not measured: {error.name} is not installed"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script runs")
+    args = parser.parse_args()
+    import torch
+
+    if torch.cuda.is_available():
+        device, image_size, iterations, n_slices = torch.device("cuda"), 224, 20, 3072
+        models = MODELS
+    elif args.smoke:
+        device, image_size, iterations, n_slices = torch.device("cpu"), 28, 1, 24
+        models = {"dinov2_vits14": 4}
+    else:
+        print("no CUDA device: nothing to measure (use --smoke to test the script on the CPU)")
+        return
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    result = {"benchmark": "gpu_check", "device": name, "model_only": [], "pipeline": {}}
+    for model, batch_size in models.items():
+        model_only(model, batch_size, image_size, device, iterations, result["model_only"])
+    pipeline(n_slices, image_size, 256 if device.type == "cuda" else 8, device, result["pipeline"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
