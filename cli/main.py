@@ -171,6 +171,61 @@ def failures(
     out.print(table)
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate stored vectors against labels, without the backbone.")
+app.add_typer(eval_app, name="eval")
+
+
+def parse_numbers(text: str, option: str, kind=float) -> tuple:
+    try:
+        return tuple(kind(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers, not {text!r}") from None
+
+
+@eval_app.command("knn")
+def eval_knn(
+    store: Path = typer.Argument(..., help="Store directory."),
+    labels: Path = typer.Option(..., "--labels", help="Labels CSV (see README: join column, label, split, patient_id)."),
+    feature: str = typer.Option("cls", help="cls, patch_mean or cls+patch_mean."),
+    level: str = typer.Option("slice", help="slice, or series (mean of its slice vectors)."),
+    k: str = typer.Option("10,20,100,200", help="Neighbour counts."),
+    temperature: float = typer.Option(0.07, help="Vote weights exp(similarity / T)."),
+    split_by: Optional[str] = typer.Option(None, help="patient: make train/val/test by patient (else the CSV's split)."),
+    ratios: str = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --split-by patient."),
+    seed: int = typer.Option(0, help="Seed of --split-by patient."),
+    model_id: Optional[str] = typer.Option(None, help="The model to evaluate, when the store holds several."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here."),
+) -> None:
+    """kNN classification, the DINOv2 weighted-vote protocol, on stored vectors."""
+    from embedstore.query.evaluate import knn_evaluation
+    from embedstore.store import Store
+
+    if split_by not in (None, "patient"):
+        raise UsageError(f"--split-by takes patient, not {split_by!r}")
+    result = knn_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(k, "--k", int),
+                            temperature, split_by, parse_numbers(ratios, "--ratios"), seed)
+    print_evaluation(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def print_evaluation(result: dict) -> None:
+    counts = ", ".join(f"{split} {n:,}" for split, n in result["counts"].items())
+    out.print(f"[bold]{result['task']}[/bold] {result['model_id']} · {result['feature']} · {result['level']} level · "
+              f"{len(result['classes'])} classes{' (multi-label)' if result['multilabel'] else ''} · {counts}")
+    for split, by_k in result["metrics"].items():
+        table = Table(title=split)
+        columns = ["macro_auroc", "macro_f1"] if result["multilabel"] else \
+            ["top1_accuracy", "balanced_accuracy", "macro_auroc", "macro_f1"]
+        for column in ["k", *columns]:
+            table.add_column(column)
+        for k, metrics in by_k.items():
+            table.add_row(k, *("-" if metrics.get(c) is None else f"{metrics[c]:.4f}" for c in columns))
+        out.print(table)
+    if "best_k_on_val" in result:
+        out.print(f"best k on val: {result['best_k_on_val']}")
+
+
 @app.command()
 def vacuum(store: Path = typer.Argument(..., help="Store directory.")) -> None:
     """Remove patch shards and table files that interrupted runs left behind, and compact the tables."""

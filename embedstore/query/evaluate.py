@@ -1,0 +1,60 @@
+"""Evaluations run on stored vectors, each returning the JSON-ready result DESIGN.md describes:
+task, model_id, feature, level, sample counts per split, and the metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embedstore.query.knn import DEFAULT_KS, TEMPERATURE, knn_scores
+from embedstore.query.labels import LabelledVectors, check_splits, join_labels, read_labels, split_by_patient
+from embedstore.query.metrics import multiclass_metrics, multilabel_metrics
+from embedstore.query.vectors import load_vectors
+from embedstore.store import Store
+
+
+def labelled_vectors(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
+                     model_id: str | None = None, split_by: str | None = None,
+                     ratios: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0):
+    """Stored vectors joined to the labels CSV, with patient-safe splits."""
+    vectors = load_vectors(store, model_id, feature, level)
+    join_column, rows = read_labels(labels)
+    data = join_labels(vectors, join_column, rows)
+    if split_by == "patient":
+        data = split_by_patient(data, ratios, seed)
+    check_splits(data)
+    return vectors, data
+
+
+def knn_evaluation(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
+                   model_id: str | None = None, ks=DEFAULT_KS, temperature: float = TEMPERATURE,
+                   split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
+    """The DINOv2 weighted kNN: train rows are the neighbours; val and test are classified.
+    Every k is reported on test; the k with the best val score is named (never chosen on test)."""
+    vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
+    train = data.subset(data.splits == "train")
+    result = {"task": "knn", "model_id": vectors.model_id, "feature": feature, "level": level,
+              "counts": data.counts(), "classes": data.classes, "multilabel": data.multilabel,
+              "temperature": temperature, "ks": list(ks), "metrics": {}}
+    for split in ("val", "test"):
+        part = data.subset(data.splits == split)
+        if not len(part.matrix):
+            continue
+        scores = knn_scores(train.matrix, train.targets, part.matrix, len(data.classes), ks, temperature)
+        result["metrics"][split] = {str(k): _metrics(part, s) for k, s in scores.items()}
+    if "val" in result["metrics"]:
+        key = "macro_auroc" if data.multilabel else "balanced_accuracy"
+        result["best_k_on_val"] = int(max(result["metrics"]["val"], key=lambda k: _score(result["metrics"]["val"][k], key)))
+    return result
+
+
+def _metrics(part: LabelledVectors, scores: np.ndarray) -> dict:
+    if part.multilabel:
+        return multilabel_metrics(part.targets, scores, part.classes)
+    return multiclass_metrics(part.targets, scores, part.classes)
+
+
+def _score(metrics: dict, key: str) -> float:
+    value = metrics.get(key)
+    return -1.0 if value is None else value

@@ -1,0 +1,44 @@
+"""kNN classification on stored vectors, the DINOv2 protocol: cosine similarity on L2-normalised
+features, the top max(k) neighbours weighted by exp(similarity / T), the weights summed per class
+over the first k, the argmax predicted (k in 10, 20, 100, 200; T = 0.07).
+
+Multi-label tasks use the same weights in a per-label vote: a label's score is the weighted share
+of neighbours carrying it (predicted at 0.5). This is the documented alternative to ML-kNN in the
+reference protocol (../shared/PROTOCOL.md): simpler, and the same weighting as the single-label vote.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embedstore.query.exact import exact_top_k
+
+DEFAULT_KS = (10, 20, 100, 200)
+TEMPERATURE = 0.07
+
+
+def neighbour_weights(similarities: np.ndarray, temperature: float = TEMPERATURE) -> np.ndarray:
+    # exp((s - 1) / T) is exp(s / T) scaled by a constant: the same vote, without overflow
+    return np.exp((similarities.astype(np.float64) - 1.0) / temperature)
+
+
+def vote(neighbour_labels: np.ndarray, weights: np.ndarray, n_classes: int, k: int) -> np.ndarray:
+    """(n, C) normalised weighted votes of the first k neighbours. `neighbour_labels`: (n, K) class
+    indices, or (n, K, C) 0/1 label sets for multi-label tasks."""
+    w = weights[:, :k]
+    if neighbour_labels.ndim == 3:
+        votes = (neighbour_labels[:, :k] * w[:, :, None]).sum(1)
+    else:
+        votes = np.zeros((len(w), n_classes))
+        np.add.at(votes, (np.repeat(np.arange(len(w)), w.shape[1]), neighbour_labels[:, :k].ravel()), w.ravel())
+    return votes / w.sum(1, keepdims=True)
+
+
+def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, n_classes: int,
+               ks=DEFAULT_KS, temperature: float = TEMPERATURE) -> dict[int, np.ndarray]:
+    """Class scores of every test vector for each k (k larger than the training set is capped)."""
+    k_max = min(max(ks), len(train))
+    similarities, indices = exact_top_k(test, train, k_max, metric="cosine")
+    weights = neighbour_weights(similarities, temperature)
+    neighbour_labels = train_labels[indices]
+    return {k: vote(neighbour_labels, weights, n_classes, min(k, k_max)) for k in ks}

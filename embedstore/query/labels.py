@@ -1,0 +1,129 @@
+"""Labels and splits: a labels CSV joined to stored vectors, and train / val / test splits that
+never put one patient on two sides.
+
+Labels CSV: exactly one join column among `key`, `path`, `sop_uid`, `series_uid`, `study_uid`; a
+`label` column (a class name; several joined by `|` make a multi-label task); optional `split`
+(train / val / test) and `patient_id`. A label given for a series or a study applies to all of its
+slices. Patients come from the CSV's `patient_id`, else the store's (hashed) PatientID, else each
+series counts as its own patient.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedstore.errors import UsageError
+from embedstore.query.vectors import Vectors
+
+JOIN_COLUMNS = ("key", "path", "sop_uid", "series_uid", "study_uid")
+SPLITS = ("train", "val", "test")
+MULTI_LABEL_SEPARATOR = "|"
+
+
+@dataclass
+class LabelledVectors:
+    matrix: np.ndarray  # (n, D) float32
+    targets: np.ndarray  # (n,) class indices, or (n, C) 0/1 for multi-label
+    classes: list[str]
+    multilabel: bool
+    patients: np.ndarray  # (n,) group of each row
+    splits: np.ndarray  # (n,) "train" | "val" | "test"
+    keys: list[str]
+
+    def subset(self, mask: np.ndarray) -> "LabelledVectors":
+        return LabelledVectors(self.matrix[mask], self.targets[mask], self.classes, self.multilabel,
+                               self.patients[mask], self.splits[mask], [k for k, m in zip(self.keys, mask) if m])
+
+    def counts(self) -> dict[str, int]:
+        return {split: int((self.splits == split).sum()) for split in SPLITS}
+
+
+def read_labels(path: str | Path) -> tuple[str, list[dict]]:
+    """(join column, rows) of a labels CSV; UsageError when it does not follow the format."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"labels file {path} does not exist")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        rows = [row for row in reader]
+    joins = [c for c in JOIN_COLUMNS if c in columns]
+    if len(joins) != 1 or "label" not in columns:
+        raise UsageError(f"labels file {path} needs a 'label' column and exactly one of {', '.join(JOIN_COLUMNS)}; "
+                         f"it has {', '.join(columns) or 'no header'}")
+    bad_splits = {row["split"] for row in rows if "split" in columns and row["split"] not in SPLITS}
+    if bad_splits:
+        raise UsageError(f"labels file {path}: split must be one of {', '.join(SPLITS)}, not {sorted(bad_splits)}")
+    return joins[0], rows
+
+
+def join_labels(vectors: Vectors, join_column: str, rows: list[dict]) -> LabelledVectors:
+    """The labelled vectors (unlabelled ones dropped) with classes, patients and any given split."""
+    if join_column not in vectors.rows.column_names:
+        raise UsageError(f"labels joined by {join_column} cannot label {vectors.level}-level vectors; "
+                         f"use one of {', '.join(c for c in JOIN_COLUMNS if c in vectors.rows.column_names)}")
+    by_id = {row[join_column]: row for row in rows}
+    ids = vectors.rows.column(join_column).to_pylist()
+    store_patients = vectors.rows.column("patient_id").to_pylist()
+    series = vectors.rows.column("series_uid").to_pylist()
+    keep = np.array([i in by_id for i in ids])
+    if not keep.any():
+        raise UsageError(f"no stored {vectors.level} matches the labels' {join_column} values")
+    labelled = [by_id[i] for i in ids if i in by_id]
+    label_sets = [[part for part in row["label"].split(MULTI_LABEL_SEPARATOR) if part] for row in labelled]
+    multilabel = any(len(labels) != 1 for labels in label_sets)
+    classes = sorted({label for labels in label_sets for label in labels})
+    index = {name: i for i, name in enumerate(classes)}
+    if multilabel:
+        targets = np.zeros((len(label_sets), len(classes)), dtype=np.int64)
+        for row, labels in enumerate(label_sets):
+            targets[row, [index[label] for label in labels]] = 1
+    else:
+        targets = np.array([index[labels[0]] for labels in label_sets], dtype=np.int64)
+    patients = np.array([row.get("patient_id") or store_patients[i] or f"series:{series[i]}"
+                         for i, row in zip(np.flatnonzero(keep), labelled)], dtype=object)
+    splits = np.array([row.get("split", "") for row in labelled], dtype=object)
+    keys = [k for k, m in zip(vectors.rows.column("key").to_pylist(), keep) if m]
+    return LabelledVectors(vectors.matrix[keep], targets, classes, multilabel, patients, splits, keys)
+
+
+def split_by_patient(data: LabelledVectors, ratios: tuple[float, float, float], seed: int) -> LabelledVectors:
+    """Assign train / val / test by patient, stratified by each patient's most common label."""
+    if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
+        raise UsageError(f"--ratios takes three non-negative train,val,test shares summing to 1, not {ratios}")
+    first_label: dict[str, Counter] = defaultdict(Counter)
+    for patient, target in zip(data.patients, data.targets):
+        first_label[patient][int(np.argmax(target)) if data.multilabel else int(target)] += 1
+    strata: dict[int, list[str]] = defaultdict(list)
+    for patient in sorted(first_label):
+        strata[first_label[patient].most_common(1)[0][0]].append(patient)
+    rng = np.random.default_rng(seed)
+    assignment = {}
+    for label in sorted(strata):
+        patients = list(strata[label])
+        rng.shuffle(patients)
+        bounds = np.round(np.cumsum(ratios) * len(patients)).astype(int)
+        for position, patient in enumerate(patients):
+            assignment[patient] = SPLITS[int(np.searchsorted(bounds, position, side="right"))]
+    splits = np.array([assignment[p] for p in data.patients], dtype=object)
+    return LabelledVectors(data.matrix, data.targets, data.classes, data.multilabel, data.patients, splits, data.keys)
+
+
+def check_splits(data: LabelledVectors) -> None:
+    """UsageError when a row has no split, or a patient sits in two splits."""
+    if (data.splits == "").any():
+        raise UsageError("some labelled rows have no split: give a 'split' column or use --split-by patient")
+    sides: dict[str, set] = defaultdict(set)
+    for patient, split in zip(data.patients, data.splits):
+        sides[patient].add(split)
+    leaking = sorted(p for p, s in sides.items() if len(s) > 1)
+    if leaking:
+        raise UsageError(f"{len(leaking)} patients appear in more than one split (e.g. {leaking[0]}): "
+                         "their images would leak between training and testing")
+    if not (data.splits == "train").any() or not (data.splits == "test").any():
+        raise UsageError(f"the splits need train and test rows; counts: {data.counts()}")

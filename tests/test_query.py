@@ -1,0 +1,198 @@
+"""The query layer on generated vectors with known structure and on an ingested store: exact
+search against scikit-learn, the kNN vote against a plain reference, patient-safe splits,
+series pooling, and `embedstore eval knn` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from embedstore.errors import UsageError
+from embedstore.query.exact import exact_top_k
+from embedstore.query.knn import knn_scores
+from embedstore.query.labels import LabelledVectors, check_splits, split_by_patient
+from embedstore.query.vectors import load_vectors
+from embedstore.store import Store
+
+
+def clustered(n_per_class: int, n_classes: int, dim: int, seed: int, spread: float = 0.6):
+    """Unit-ish vectors around one random centre per class: kNN has a known right answer."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    vectors = centres[labels] + spread * rng.normal(size=(len(labels), dim))
+    order = rng.permutation(len(labels))
+    return vectors[order].astype(np.float32), labels[order]
+
+
+# ------------------------------------------------------------------------------ exact search
+
+
+@pytest.mark.parametrize("metric, sklearn_metric", [("cosine", "cosine"), ("l2", "euclidean")])
+def test_exact_top_k_equals_sklearn_brute_force(metric, sklearn_metric):
+    database, _ = clustered(150, 4, 24, seed=1)
+    queries, _ = clustered(20, 4, 24, seed=2)
+    _, ours = exact_top_k(queries, database, 7, metric=metric, budget_bytes=4 * 1024 * 37)  # tiny blocks
+    reference = NearestNeighbors(n_neighbors=7, algorithm="brute", metric=sklearn_metric).fit(database)
+    _, theirs = reference.kneighbors(queries)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_chunking_never_changes_the_result():
+    database, _ = clustered(300, 3, 16, seed=3)
+    queries, _ = clustered(40, 3, 16, seed=4)
+    whole = exact_top_k(queries, database, 10)
+    for budget in (4 * 1024, 4 * 1024 * 3, 4 * 1024 * 1024):
+        chunked = exact_top_k(queries, database, 10, budget_bytes=budget)
+        np.testing.assert_array_equal(chunked[1], whole[1])
+        np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+
+
+def test_exclude_self_leaves_each_query_out():
+    vectors, _ = clustered(50, 2, 8, seed=5)
+    _, indices = exact_top_k(vectors, vectors, 3, exclude_self=True, budget_bytes=4 * 1024 * 7)
+    assert not (indices == np.arange(len(vectors))[:, None]).any()
+    _, with_self = exact_top_k(vectors, vectors, 1)
+    np.testing.assert_array_equal(with_self[:, 0], np.arange(len(vectors)))
+
+
+# --------------------------------------------------------------------------------------- kNN
+
+
+def reference_weighted_vote(train, train_labels, test, n_classes, k, temperature=0.07):
+    """DINOv2's kNN written out plainly, one query at a time."""
+    predictions = []
+    train_unit = train / np.linalg.norm(train, axis=1, keepdims=True)
+    for query in test:
+        similarity = train_unit @ (query / np.linalg.norm(query))
+        nearest = np.argsort(-similarity, kind="stable")[:k]
+        votes = np.zeros(n_classes)
+        for index in nearest:
+            votes[train_labels[index]] += np.exp(similarity[index] / temperature)
+        predictions.append(int(np.argmax(votes)))
+    return np.array(predictions)
+
+
+def test_knn_predictions_equal_a_plain_reference():
+    vectors, labels = clustered(110, 5, 32, seed=6, spread=1.6)  # overlapping classes: votes matter
+    train, train_labels, test, test_labels = vectors[:400], labels[:400], vectors[400:], labels[400:]
+    scores = knn_scores(train, train_labels, test, 5, ks=(10, 20, 100))
+    for k, votes in scores.items():
+        np.testing.assert_array_equal(votes.argmax(1), reference_weighted_vote(train, train_labels, test, 5, k))
+        np.testing.assert_allclose(votes.sum(1), 1.0)
+    assert (scores[20].argmax(1) == test_labels).mean() > 0.5  # the structure is found
+
+
+def test_multilabel_vote_is_the_weighted_share_of_neighbours_with_each_label():
+    train, classes = clustered(40, 3, 8, seed=8)
+    label_sets = np.eye(3, dtype=np.int64)[classes]
+    label_sets[::4, 2] = 1  # every fourth vector also carries label 2
+    test, _ = clustered(5, 3, 8, seed=9)
+    scores = knn_scores(train, label_sets, test, 3, ks=(10,))[10]
+    similarities, indices = exact_top_k(test, train, 10)
+    weights = np.exp(similarities / 0.07)
+    np.testing.assert_allclose(scores, (label_sets[indices] * weights[:, :, None]).sum(1) / weights.sum(1, keepdims=True),
+                               rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ splits
+
+
+def labelled(n_patients: int, rows_per_patient: int, n_classes: int, seed: int) -> LabelledVectors:
+    rng = np.random.default_rng(seed)
+    patients = np.repeat([f"p{i:03d}" for i in range(n_patients)], rows_per_patient).astype(object)
+    targets = np.repeat(rng.integers(0, n_classes, n_patients), rows_per_patient)
+    return LabelledVectors(rng.normal(size=(len(targets), 4)).astype(np.float32), targets,
+                           [f"c{i}" for i in range(n_classes)], False, patients,
+                           np.array([""] * len(targets), dtype=object), [f"k{i}" for i in range(len(targets))])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_by_patient_never_puts_a_patient_on_two_sides(seed):
+    data = split_by_patient(labelled(60, 5, 3, seed), (0.7, 0.1, 0.2), seed)
+    check_splits(data)
+    sides = {}
+    for patient, split in zip(data.patients, data.splits):
+        sides.setdefault(patient, set()).add(split)
+    assert all(len(s) == 1 for s in sides.values())
+    shares = {split: np.mean(data.splits == split) for split in ("train", "val", "test")}
+    assert shares["train"] == pytest.approx(0.7, abs=0.08) and shares["test"] == pytest.approx(0.2, abs=0.08)
+    for label in range(3):  # stratified: every class on the training and the test side
+        assert {"train", "test"} <= set(data.splits[data.targets == label])
+
+
+def test_a_patient_in_two_splits_is_refused():
+    data = labelled(4, 2, 2, seed=3)
+    data.splits[:] = ["train", "test", "train", "train", "test", "test", "test", "test"]
+    with pytest.raises(UsageError, match="more than one split"):
+        check_splits(data)
+
+
+# ------------------------------------------------------------------------- on a real store
+
+
+def test_series_vectors_are_the_mean_of_their_slices(ingested):
+    store = Store.open(ingested.path)
+    slices = load_vectors(store, feature="cls+patch_mean")
+    series = load_vectors(store, feature="cls+patch_mean", level="series")
+    uids = np.array(slices.rows.column("series_uid").to_pylist())
+    for row, uid in enumerate(series.rows.column("series_uid").to_pylist()):
+        np.testing.assert_allclose(series.matrix[row], slices.matrix[uids == uid].mean(0), rtol=1e-5, atol=1e-6)
+    assert slices.matrix.shape[1] == 2 * 384 and slices.matrix.flags["C_CONTIGUOUS"]
+
+
+def test_vectors_of_two_models_are_never_mixed(ingested, fresh_copy):
+    from conftest import ingest_options
+    from embedstore.ingest.run import ingest
+
+    ingest([ingested.archive.pngs[0]], fresh_copy, ingest_options(seed=1))  # another model id
+    store = Store.open(fresh_copy)
+    with pytest.raises(UsageError, match="holds 2 models"):
+        load_vectors(store)
+    model_ids = sorted(set(store.rows("slices", columns=["model_id"]).column("model_id").to_pylist()))
+    assert len(load_vectors(store, model_ids[1])) == 1
+
+
+def write_labels(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_eval_knn_from_the_command_line_writes_its_json(ingested, tmp_path):
+    from cli.main import app
+
+    store = Store.open(ingested.path)
+    rows = store.rows("slices", columns=["key", "series_uid", "modality"]).to_pylist()
+    labels = write_labels(tmp_path / "labels.csv", [
+        {"key": r["key"], "label": r["modality"] or "raster", "patient_id": r["series_uid"]} for r in rows])
+    out = tmp_path / "knn.json"
+    app(["eval", "knn", str(ingested.path), "--labels", str(labels), "--split-by", "patient", "--ratios", "0.5,0,0.5",
+         "--k", "1,3", "--json", str(out)], standalone_mode=False)
+    result = json.loads(out.read_text())
+    assert result["task"] == "knn" and result["model_id"] == ingested.summary.model_id
+    assert sum(result["counts"].values()) == len(rows) and result["counts"]["test"] > 0
+    assert set(result["metrics"]["test"]) == {"1", "3"}
+    assert 0.0 <= result["metrics"]["test"]["1"]["top1_accuracy"] <= 1.0
+
+
+def test_labels_that_join_nothing_or_lack_columns_are_clear_errors(ingested, tmp_path):
+    from embedstore.query.evaluate import knn_evaluation
+
+    store = Store.open(ingested.path)
+    nothing = write_labels(tmp_path / "nothing.csv", [{"key": "no-such-key", "label": "a", "split": "train"}])
+    with pytest.raises(UsageError, match="no stored slice matches"):
+        knn_evaluation(store, nothing)
+    no_label = write_labels(tmp_path / "nolabel.csv", [{"key": "k", "class": "a"}])
+    with pytest.raises(UsageError, match="'label' column"):
+        knn_evaluation(store, no_label)
+    shutil.rmtree(tmp_path / "missing", ignore_errors=True)
+    with pytest.raises(UsageError, match="does not exist"):
+        knn_evaluation(store, tmp_path / "missing" / "labels.csv")
