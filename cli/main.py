@@ -171,6 +171,48 @@ def failures(
     out.print(table)
 
 
+@app.command()
+def search(
+    store: Path = typer.Argument(..., help="Store directory."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Query by an image file (embedded with the store's model)."),
+    key: Optional[str] = typer.Option(None, "--key", help="Query by a stored slice's key."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="Query by a stored series."),
+    k: int = typer.Option(10, "--k", help="Results to return."),
+    level: str = typer.Option("slice", help="slice, series or study (best match per query slice, averaged)."),
+    where: Optional[str] = typer.Option(None, help="Filter on metadata columns, e.g. \"modality = 'CT' AND body_part = 'CHEST'\"."),
+    feature: str = typer.Option("cls", help="cls, patch_mean or cls+patch_mean."),
+    model_id: Optional[str] = typer.Option(None, help="The model, when the store holds several."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The stored slices, series or studies most similar to a query."""
+    from embedstore.query import search as searching
+    from embedstore.store import Store
+
+    given = [name for name, value in (("--image", image), ("--key", key), ("--series-uid", series_uid)) if value]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --image, --key, --series-uid")
+    opened = Store.open(store)
+    if key:
+        query = searching.query_by_key(opened, key, feature)
+    elif series_uid:
+        query = searching.query_by_series(opened, series_uid, feature, model_id)
+    else:
+        query = searching.query_by_image(opened, image, feature, model_id)
+    hits = searching.search(opened, query, k, level, feature, where)
+    if as_json:
+        print(json.dumps({"query": query.description, "model_id": query.model_id, "level": level,
+                          "feature": feature, "where": where, "hits": searching.hits_as_dicts(hits)}, indent=2))
+        return
+    table = Table(title=f"{level}s most similar to {query.description}")
+    for column in ("rank", "similarity", "modality", level if level != "slice" else "slice", "path"):
+        table.add_column(column, overflow="fold")
+    for hit in hits:
+        identity = hit.key if level != "series" else hit.series_uid
+        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", str(hit.modality),
+                      f"{identity}" if level != "slice" else f"{hit.series_uid} #{hit.slice_index}", hit.path or "")
+    out.print(table)
+
+
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate stored vectors against labels, without the backbone.")
 app.add_typer(eval_app, name="eval")
 

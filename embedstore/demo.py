@@ -8,7 +8,7 @@ from typing import Callable
 from embedstore.errors import UsageError
 from embedstore.ingest.run import IngestOptions, IngestSummary, ingest
 from embedstore.models import LoadedModel, load_model
-from embedstore.query.search import Neighbour, nearest_slices
+from embedstore.query.search import Hit, nearest_slices
 from embedstore.samples import build_sample_archive
 from embedstore.store import Store, sql_literal
 from embedstore.store.info import store_info
@@ -27,7 +27,7 @@ def demo_model(say: Callable[[str], None]) -> LoadedModel:
 
 
 def run_demo(store_path: Path, say: Callable[[str], None] = print,
-             show_progress: bool = True) -> tuple[IngestSummary, dict, list[Neighbour], str, str]:
+             show_progress: bool = True) -> tuple[IngestSummary, dict, list[Hit], str, str]:
     archive = store_path.with_name(store_path.name + "-archive")
     if not archive.exists():
         say(f"Writing a sample archive to {archive} (pydicom's CT/MR files, a CT series, a multi-frame MR, "

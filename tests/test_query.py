@@ -196,3 +196,77 @@ def test_labels_that_join_nothing_or_lack_columns_are_clear_errors(ingested, tmp
     shutil.rmtree(tmp_path / "missing", ignore_errors=True)
     with pytest.raises(UsageError, match="does not exist"):
         knn_evaluation(store, tmp_path / "missing" / "labels.csv")
+
+
+# ------------------------------------------------------------------------------------ search
+
+
+def test_search_by_key_is_exact_and_leaves_the_query_out(ingested):
+    from embedstore.query.search import query_by_key, search
+
+    store = Store.open(ingested.path)
+    slices = load_vectors(store, feature="patch_mean")  # random weights: CLS hardly varies, patch means do
+    key = slices.rows.column("key")[3].as_py()
+    hits = search(store, query_by_key(store, key, "patch_mean"), k=5, feature="patch_mean")
+    assert key not in [h.key for h in hits] and [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    others = np.array([k != key for k in slices.rows.column("key").to_pylist()])
+    reference = NearestNeighbors(n_neighbors=5, algorithm="brute", metric="cosine").fit(slices.matrix[others])
+    distances, expected = reference.kneighbors(slices.matrix[3:4])
+    np.testing.assert_allclose([h.similarity for h in hits], 1 - distances[0], atol=1e-5)
+    assert hits[0].key == slices.rows.column("key").to_pylist()[np.flatnonzero(others)[expected[0][0]]]
+
+
+def test_search_where_filters_and_a_malicious_where_is_rejected(ingested):
+    from embedstore.query.search import query_by_key, search
+
+    store = Store.open(ingested.path)
+    key = load_vectors(store).rows.column("key")[0].as_py()
+    hits = search(store, query_by_key(store, key), k=50, where="modality = 'MR' AND slice_index >= 1")
+    assert hits and all(h.modality == "MR" and h.slice_index >= 1 for h in hits)
+    for malicious in ("1=1; DROP TABLE slices", "modality = 'CT' OR 1=1 --", "modality = 'CT') OR (TRUE",
+                      "cls IS NOT NULL", "modality = lower('CT')"):
+        with pytest.raises(UsageError, match="--where"):
+            search(store, query_by_key(store, key), where=malicious)
+    assert Store.open(ingested.path).table("slices").count_rows() == ingested.summary.n_embedded
+
+
+def test_study_level_ranks_by_the_best_match_of_each_query_slice(ingested):
+    from embedstore.query.search import query_by_series, search
+    from embedstore.query.vectors import l2_normalised
+
+    store = Store.open(ingested.path)
+    ct_series = store.rows("series", "modality = 'CT' AND n_slices > 1", ["series_uid"]).column("series_uid")[0].as_py()
+    query = query_by_series(store, ct_series, "patch_mean")
+    hits = search(store, query, k=10, level="study", feature="patch_mean")
+    slices = load_vectors(store, feature="patch_mean")
+    studies = np.array(slices.rows.column("study_uid").to_pylist(), dtype=object)
+    expected = {}
+    for study in set(studies) - {query.own_study}:
+        similarity = l2_normalised(query.vectors) @ l2_normalised(slices.matrix[studies == study]).T
+        expected[study] = similarity.max(1).mean()
+    ranked = sorted(expected, key=lambda s: -expected[s])
+    assert len(hits) == min(10, len(ranked)) and query.own_study not in [h.key for h in hits]
+    np.testing.assert_allclose([h.similarity for h in hits], [expected[s] for s in ranked[:10]], rtol=1e-5)
+    np.testing.assert_allclose([h.similarity for h in hits], [expected[h.key] for h in hits], rtol=1e-5)
+
+
+def test_search_by_image_embeds_it_with_the_stores_model(ingested):
+    from embedstore.query.search import query_by_image, search
+
+    store = Store.open(ingested.path)
+    png = ingested.archive.pngs[1]
+    query = query_by_image(store, png, "patch_mean")
+    stored = load_vectors(store, feature="patch_mean", where=f"path = '{png}'")
+    np.testing.assert_allclose(query.vectors, stored.matrix, rtol=1e-4, atol=1e-5)  # the very vector ingest stored
+    hits = search(store, query, k=3, feature="patch_mean")
+    assert hits[0].path == str(png) and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_search_command_prints_json(ingested, capsys):
+    from cli.main import app
+
+    key = load_vectors(Store.open(ingested.path)).rows.column("key")[0].as_py()
+    app(["search", str(ingested.path), "--key", key, "--k", "4", "--level", "series", "--json"], standalone_mode=False)
+    result = json.loads(capsys.readouterr().out)
+    assert result["level"] == "series" and len(result["hits"]) == 4
+    assert all(h["series_uid"] for h in result["hits"])
