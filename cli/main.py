@@ -255,17 +255,49 @@ def print_evaluation(result: dict) -> None:
     counts = ", ".join(f"{split} {n:,}" for split, n in result["counts"].items())
     out.print(f"[bold]{result['task']}[/bold] {result['model_id']} · {result['feature']} · {result['level']} level · "
               f"{len(result['classes'])} classes{' (multi-label)' if result['multilabel'] else ''} · {counts}")
+    if result["task"] == "linear":
+        out.print(f"C chosen on val{' (carved from train by patient)' if result['val_carved_from_train'] else ''}: "
+                  f"{result['chosen_c']:.3g} (val score {result['val_score']:.4f}); refitted on train + val")
     for split, by_k in result["metrics"].items():
+        if result["task"] == "linear":
+            by_k = {f"C={result['chosen_c']:.3g}": by_k}
         table = Table(title=split)
         columns = ["macro_auroc", "macro_f1"] if result["multilabel"] else \
             ["top1_accuracy", "balanced_accuracy", "macro_auroc", "macro_f1"]
-        for column in ["k", *columns]:
+        for column in ["C" if result["task"] == "linear" else "k", *columns]:
             table.add_column(column)
         for k, metrics in by_k.items():
             table.add_row(k, *("-" if metrics.get(c) is None else f"{metrics[c]:.4f}" for c in columns))
         out.print(table)
     if "best_k_on_val" in result:
         out.print(f"best k on val: {result['best_k_on_val']}")
+
+
+@eval_app.command("linear")
+def eval_linear(
+    store: Path = typer.Argument(..., help="Store directory."),
+    labels: Path = typer.Option(..., "--labels", help="Labels CSV (see README)."),
+    feature: str = typer.Option("cls+patch_mean", help="cls, patch_mean or cls+patch_mean."),
+    level: str = typer.Option("slice", help="slice, or series (mean of its slice vectors)."),
+    c_grid: Optional[str] = typer.Option(None, help="Comma-separated C values (default: 10^linspace(-6, 5, 45))."),
+    split_by: Optional[str] = typer.Option(None, help="patient: make train/val/test by patient (else the CSV's split)."),
+    ratios: str = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --split-by patient."),
+    seed: int = typer.Option(0, help="Seed of the splits."),
+    model_id: Optional[str] = typer.Option(None, help="The model to evaluate, when the store holds several."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here."),
+) -> None:
+    """Linear probe (logistic regression): C chosen on val only, refitted on train + val, tested once."""
+    from embedstore.query.evaluate import linear_evaluation
+    from embedstore.store import Store
+
+    if split_by not in (None, "patient"):
+        raise UsageError(f"--split-by takes patient, not {split_by!r}")
+    grid = parse_numbers(c_grid, "--c-grid") if c_grid else None
+    result = linear_evaluation(Store.open(store), labels, feature, level, model_id, grid, split_by,
+                               parse_numbers(ratios, "--ratios"), seed)
+    print_evaluation(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 @app.command()

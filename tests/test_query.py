@@ -270,3 +270,82 @@ def test_search_command_prints_json(ingested, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["level"] == "series" and len(result["hits"]) == 4
     assert all(h["series_uid"] for h in result["hits"])
+
+
+# ------------------------------------------------------------------------------ linear probe
+
+
+def labelled_clusters(n_patients: int, rows_per_patient: int, n_classes: int, dim: int, seed: int,
+                      spread: float = 2.5) -> LabelledVectors:
+    """Patients with a class each, their rows scattered around the class centre (overlapping)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    patient_class = rng.integers(0, n_classes, n_patients)
+    targets = np.repeat(patient_class, rows_per_patient)
+    matrix = (centres[targets] + spread * rng.normal(size=(len(targets), dim))).astype(np.float32)
+    patients = np.repeat([f"p{i:04d}" for i in range(n_patients)], rows_per_patient).astype(object)
+    return LabelledVectors(matrix, targets, [f"c{i}" for i in range(n_classes)], False, patients,
+                           np.array([""] * len(targets), dtype=object), [str(i) for i in range(len(targets))])
+
+
+def test_linear_probe_matches_sklearn_with_the_same_c():
+    from sklearn.linear_model import LogisticRegression
+
+    from embedstore.query.linear import linear_probe
+
+    data = split_by_patient(labelled_clusters(150, 4, 4, 32, seed=11), (0.6, 0.2, 0.2), seed=0)
+    result = linear_probe(data, c_grid=tuple(np.logspace(-4, 2, 7)))
+    assert not result["val_carved_from_train"] and result["chosen_c"] in np.logspace(-4, 2, 7)
+    fit = data.subset(data.splits != "test")
+    test = data.subset(data.splits == "test")
+    reference = LogisticRegression(C=result["chosen_c"], max_iter=5000, tol=1e-8).fit(fit.matrix, fit.targets)
+    theirs = (reference.predict(test.matrix) == test.targets).mean()
+    ours = result["metrics"]["test"]["top1_accuracy"]
+    assert abs(ours - theirs) <= 0.01, (ours, theirs)
+    assert ours > 0.5  # above chance (0.25): the probe learns the structure
+
+
+def test_linear_probe_carves_val_from_train_by_patient_and_never_peeks_at_test():
+    from embedstore.query.linear import linear_probe, with_val_split
+
+    data = split_by_patient(labelled_clusters(80, 3, 3, 16, seed=12), (0.8, 0.0, 0.2), seed=1)
+    assert not (data.splits == "val").any()
+    carved, was_carved = with_val_split(data, seed=0)
+    assert was_carved and (carved.splits == "val").any()
+    np.testing.assert_array_equal(carved.splits == "test", data.splits == "test")  # test untouched
+    check_splits(carved)  # no patient on two sides
+    shuffled = data.subset(np.ones(len(data.splits), dtype=bool))
+    shuffled.targets = shuffled.targets.copy()
+    shuffled.targets[shuffled.splits == "test"] = (shuffled.targets[shuffled.splits == "test"] + 1) % 3
+    assert linear_probe(shuffled, (0.01, 1.0))["chosen_c"] == linear_probe(data, (0.01, 1.0))["chosen_c"]
+
+
+def test_eval_linear_from_the_command_line(ingested, tmp_path):
+    from cli.main import app
+
+    store = Store.open(ingested.path)
+    rows = store.rows("slices", columns=["key", "series_uid", "modality"]).to_pylist()
+    labels = write_labels(tmp_path / "labels.csv", [
+        {"key": r["key"], "label": "ct" if r["modality"] == "CT" else "other", "patient_id": r["series_uid"]}
+        for r in rows])
+    out = tmp_path / "linear.json"
+    app(["eval", "linear", str(ingested.path), "--labels", str(labels), "--split-by", "patient",
+         "--ratios", "0.5,0.2,0.3", "--c-grid", "0.1,1,10", "--json", str(out)], standalone_mode=False)
+    result = json.loads(out.read_text())
+    assert result["task"] == "linear" and result["chosen_c"] in (0.1, 1.0, 10.0)
+    assert result["metrics"]["test"]["top1_accuracy"] is not None
+
+
+def test_metrics_agree_with_sklearn():
+    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+    from embedstore.query.metrics import multiclass_metrics
+
+    rng = np.random.default_rng(13)
+    y = rng.integers(0, 4, 200)
+    scores = rng.random((200, 4)) + np.eye(4)[y] * 0.6
+    scores /= scores.sum(1, keepdims=True)
+    ours = multiclass_metrics(y, scores, ["a", "b", "c", "d"])
+    assert ours["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, scores.argmax(1)))
+    assert ours["macro_f1"] == pytest.approx(f1_score(y, scores.argmax(1), average="macro"))
+    assert ours["macro_auroc"] == pytest.approx(roc_auc_score(y, scores, multi_class="ovr", average="macro"))

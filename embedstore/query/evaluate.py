@@ -58,3 +58,16 @@ def _metrics(part: LabelledVectors, scores: np.ndarray) -> dict:
 def _score(metrics: dict, key: str) -> float:
     value = metrics.get(key)
     return -1.0 if value is None else value
+
+
+def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patch_mean", level: str = "slice",
+                      model_id: str | None = None, c_grid=None, split_by: str | None = None,
+                      ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
+    """The linear probe: C chosen on val (carved from train by patient when absent), refitted on
+    train + val, reported on test."""
+    from embedstore.query.linear import DEFAULT_C_GRID, linear_probe
+
+    vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
+    probe = linear_probe(data, c_grid or DEFAULT_C_GRID, seed)
+    return {"task": "linear", "model_id": vectors.model_id, "feature": feature, "level": level,
+            "classes": data.classes, "multilabel": data.multilabel, **probe}

@@ -4,24 +4,25 @@ AUROC and F1, and a per-class table. Multi-label tasks get per-label AUROC and F
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
 
 
 def multiclass_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict:
     """`scores`: (n, C) class scores (normalised vote weights or probabilities)."""
     predicted = scores.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, predicted, labels=range(len(classes)), zero_division=0)
     result = {
         "top1_accuracy": float((predicted == y_true).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, predicted)),
-        "macro_f1": float(f1_score(y_true, predicted, labels=range(len(classes)), average="macro", zero_division=0)),
+        # the mean recall of the classes present, as scikit-learn's balanced_accuracy_score
+        "balanced_accuracy": float(recall[support > 0].mean()),
+        "macro_f1": float(f1.mean()),
     }
     if len(classes) > 5:
         top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
         result["top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
     aurocs = per_class_auroc(np.eye(len(classes), dtype=int)[y_true], scores)
     result["macro_auroc"] = macro(aurocs)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, predicted, labels=range(len(classes)), zero_division=0)
     result["per_class"] = [
         {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s), "auroc": a}
         for name, p, r, f, s, a in zip(classes, precision, recall, f1, support, aurocs)

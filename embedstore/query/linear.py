@@ -1,0 +1,96 @@
+"""Linear probe on stored vectors: L2-regularised logistic regression fitted full-batch with
+L-BFGS in torch (multinomial for classes, one sigmoid per label for multi-label tasks).
+
+The objective is scikit-learn's: C · Σ loss + ½‖W‖² (the bias unpenalised), so a C means the same
+in both. C is chosen on VAL only (the protocol's grid by default: 10^linspace(-6, 5, 45)); when the
+labels give no val split, one is carved from train by patient. The chosen C is refitted on
+TRAIN + VAL and reported on TEST, whose labels are not read before that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from embedstore.errors import UsageError
+from embedstore.query.labels import LabelledVectors, split_by_patient
+from embedstore.query.metrics import multiclass_metrics, multilabel_metrics
+
+DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
+VAL_SHARE_OF_TRAIN = 0.15  # carved by patient when the labels give no val split
+
+
+class LinearProbe:
+    def __init__(self, weights: torch.Tensor, bias: torch.Tensor, multilabel: bool):
+        self.weights, self.bias, self.multilabel = weights, bias, multilabel
+
+    def scores(self, matrix: np.ndarray) -> np.ndarray:
+        logits = torch.from_numpy(np.asarray(matrix, dtype=np.float64)) @ self.weights + self.bias
+        return (torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)).numpy()
+
+
+def fit_logistic(matrix: np.ndarray, targets: np.ndarray, n_classes: int, c: float, multilabel: bool,
+                 start: LinearProbe | None = None, max_iter: int = 500) -> LinearProbe:
+    """Minimise C · Σ loss + ½‖W‖² with L-BFGS (float64: the tolerance sklearn's solver reaches)."""
+    x = torch.from_numpy(np.asarray(matrix, dtype=np.float64))
+    y = torch.from_numpy(np.asarray(targets, dtype=np.float64 if multilabel else np.int64))
+    weights = (start.weights.clone() if start else torch.zeros(x.shape[1], n_classes, dtype=torch.float64)).requires_grad_()
+    bias = (start.bias.clone() if start else torch.zeros(n_classes, dtype=torch.float64)).requires_grad_()
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits if multilabel else torch.nn.functional.cross_entropy
+    optimizer = torch.optim.LBFGS([weights, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        # divided by C·n: the same minimiser as C·Σloss + ½‖W‖², at a scale L-BFGS handles well
+        loss = loss_fn(x @ weights + bias, y, reduction="sum") / len(x) + 0.5 * (weights * weights).sum() / (c * len(x))
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return LinearProbe(weights.detach(), bias.detach(), multilabel)
+
+
+def selection_score(part: LabelledVectors, scores: np.ndarray) -> float:
+    """What C is chosen by: macro AUROC where defined (binary, multi-label), else accuracy."""
+    if part.multilabel or len(part.classes) == 2:
+        metrics = multilabel_metrics(part.targets, scores, part.classes) if part.multilabel else \
+            multiclass_metrics(part.targets, scores, part.classes)
+        if metrics["macro_auroc"] is not None:
+            return metrics["macro_auroc"]
+    return float((scores.argmax(1) == part.targets).mean())
+
+
+def with_val_split(data: LabelledVectors, seed: int) -> tuple[LabelledVectors, bool]:
+    """The data unchanged when it has val rows; else train split again, by patient, into train and val."""
+    if (data.splits == "val").any():
+        return data, False
+    train = data.splits == "train"
+    carved = split_by_patient(data.subset(train), (1.0 - VAL_SHARE_OF_TRAIN, VAL_SHARE_OF_TRAIN, 0.0), seed)
+    splits = data.splits.copy()
+    splits[train] = carved.splits
+    return LabelledVectors(data.matrix, data.targets, data.classes, data.multilabel, data.patients, splits,
+                           data.keys), True
+
+
+def linear_probe(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> dict:
+    """Choose C on val, refit on train + val, report on test."""
+    data, carved = with_val_split(data, seed)
+    train, val = data.subset(data.splits == "train"), data.subset(data.splits == "val")
+    if not len(val.matrix) or not len(train.matrix):
+        raise UsageError(f"too few patients for a train and a val split: {data.counts()}")
+    n_outputs = len(data.classes)
+    val_scores, probe = [], None
+    for c in sorted(c_grid):  # small C first, each fit warm-started from the last
+        probe = fit_logistic(train.matrix, train.targets, n_outputs, c, data.multilabel, probe)
+        val_scores.append((selection_score(val, probe.scores(val.matrix)), c))
+    best_score, best_c = max(val_scores, key=lambda pair: (pair[0], -pair[1]))  # ties: the stronger penalty
+    refit = data.subset(data.splits != "test")
+    final = fit_logistic(refit.matrix, refit.targets, n_outputs, best_c, data.multilabel)
+    test = data.subset(data.splits == "test")  # read only now
+    scores = final.scores(test.matrix)
+    metrics = multilabel_metrics(test.targets, scores, test.classes) if data.multilabel else \
+        multiclass_metrics(test.targets, scores, test.classes)
+    return {"chosen_c": best_c, "val_score": best_score, "val_carved_from_train": carved,
+            "c_grid": sorted(c_grid), "val_scores": [s for s, _ in val_scores], "counts": data.counts(),
+            "metrics": {"test": metrics}}
