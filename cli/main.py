@@ -300,6 +300,47 @@ def eval_linear(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@eval_app.command("fewshot")
+def eval_fewshot(
+    store: Path = typer.Argument(..., help="Store directory."),
+    labels: Path = typer.Option(..., "--labels", help="Labels CSV (see README)."),
+    feature: str = typer.Option("cls", help="cls, patch_mean or cls+patch_mean."),
+    level: str = typer.Option("slice", help="slice, or series (mean of its slice vectors)."),
+    shots: str = typer.Option("1,2,4,8,16", help="Training patients per class."),
+    tries: int = typer.Option(10, help="Random draws per shot count."),
+    classifiers: str = typer.Option("knn,prototype,linear", help="Any of knn, prototype, linear."),
+    split_by: Optional[str] = typer.Option(None, help="patient: make train/val/test by patient (else the CSV's split)."),
+    ratios: str = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --split-by patient."),
+    seed: int = typer.Option(0, help="Seed of the splits and the draws."),
+    model_id: Optional[str] = typer.Option(None, help="The model to evaluate, when the store holds several."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Save the few-shot curve as a PNG here."),
+) -> None:
+    """Few-shot curves: mean and 95% interval over random draws of training patients per class."""
+    from embedstore.query.evaluate import fewshot_evaluation
+    from embedstore.query.fewshot import plot_curves
+    from embedstore.store import Store
+
+    if split_by not in (None, "patient"):
+        raise UsageError(f"--split-by takes patient, not {split_by!r}")
+    if tries < 1:
+        raise UsageError("--tries must be at least 1")
+    result = fewshot_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(shots, "--shots", int),
+                                tries, tuple(classifiers.split(",")), split_by, parse_numbers(ratios, "--ratios"), seed)
+    table = Table(title=f"few-shot {result['score'].replace('_', ' ')}, mean [95% interval] over {tries} draws")
+    table.add_column("patients per class")
+    for name in result["curves"]:
+        table.add_column(name)
+    for row, n in enumerate(result["shots"]):
+        table.add_row(str(n), *(f"{c[row]['mean']:.3f} [{c[row]['ci95'][0]:.3f}, {c[row]['ci95'][1]:.3f}]"
+                                for c in result["curves"].values()))
+    out.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if plot:
+        plot_curves(result, plot)
+
+
 @app.command()
 def vacuum(store: Path = typer.Argument(..., help="Store directory.")) -> None:
     """Remove patch shards and table files that interrupted runs left behind, and compact the tables."""

@@ -349,3 +349,55 @@ def test_metrics_agree_with_sklearn():
     assert ours["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, scores.argmax(1)))
     assert ours["macro_f1"] == pytest.approx(f1_score(y, scores.argmax(1), average="macro"))
     assert ours["macro_auroc"] == pytest.approx(roc_auc_score(y, scores, multi_class="ovr", average="macro"))
+
+
+# --------------------------------------------------------------------------------- few-shot
+
+
+def test_fewshot_draws_train_patients_only_and_repeats_exactly():
+    from embedstore.query.fewshot import draw, few_shot, patients_by_class
+
+    data = split_by_patient(labelled_clusters(90, 3, 3, 16, seed=14), (0.6, 0.1, 0.3), seed=2)
+    grouped = patients_by_class(data)
+    test_patients = set(data.patients[data.splits == "test"])
+    for attempt in range(20):
+        chosen = draw(grouped, 4, np.random.default_rng([0, 4, attempt]))
+        assert len(chosen) == 12 and not chosen & test_patients
+        assert chosen <= set(data.patients[data.splits == "train"])
+    first = few_shot(data, shots=(1, 4), tries=5, seed=3)
+    again = few_shot(data, shots=(1, 4), tries=5, seed=3)
+    assert first["curves"] == again["curves"]
+    for name, points in first["curves"].items():
+        assert [p["shots"] for p in points] == [1, 4]
+        for point in points:
+            low, high = point["ci95"]
+            assert low <= point["mean"] <= high and len(point["tries"]) == 5
+    assert first["curves"]["prototype"][1]["mean"] > first["curves"]["prototype"][0]["mean"] - 0.05
+
+
+def test_prototype_classifier_is_the_nearest_class_mean():
+    from embedstore.query.fewshot import classify
+
+    data = labelled_clusters(30, 2, 3, 8, seed=15)
+    test, _ = clustered(10, 3, 8, seed=16)
+    scores = classify("prototype", data, test, 3)
+    unit = data.matrix / np.linalg.norm(data.matrix, axis=1, keepdims=True)
+    means = np.stack([unit[data.targets == c].mean(0) for c in range(3)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    expected = ((test / np.linalg.norm(test, axis=1, keepdims=True)) @ means.T).argmax(1)
+    np.testing.assert_array_equal(scores.argmax(1), expected)
+
+
+def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp_path):
+    from cli.main import app
+
+    store = Store.open(ingested.path)
+    rows = store.rows("slices", columns=["key", "series_uid", "modality"]).to_pylist()
+    labels = write_labels(tmp_path / "labels.csv", [
+        {"key": r["key"], "label": "ct" if r["modality"] == "CT" else "other", "patient_id": r["key"]} for r in rows])
+    out, plot = tmp_path / "fewshot.json", tmp_path / "fewshot.png"
+    app(["eval", "fewshot", str(ingested.path), "--labels", str(labels), "--split-by", "patient", "--ratios",
+         "0.6,0,0.4", "--shots", "1,2", "--tries", "3", "--json", str(out), "--plot", str(plot)], standalone_mode=False)
+    result = json.loads(out.read_text())
+    assert result["task"] == "fewshot" and set(result["curves"]) == {"knn", "prototype", "linear"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -71,3 +71,15 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
     probe = linear_probe(data, c_grid or DEFAULT_C_GRID, seed)
     return {"task": "linear", "model_id": vectors.model_id, "feature": feature, "level": level,
             "classes": data.classes, "multilabel": data.multilabel, **probe}
+
+
+def fewshot_evaluation(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
+                       model_id: str | None = None, shots=None, tries: int = 10, classifiers=None,
+                       split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
+    """Few-shot curves: `tries` draws of n training patients per class for each n, on a fixed test split."""
+    from embedstore.query.fewshot import CLASSIFIERS, DEFAULT_SHOTS, few_shot
+
+    vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
+    curves = few_shot(data, shots or DEFAULT_SHOTS, tries, classifiers or CLASSIFIERS, seed)
+    return {"task": "fewshot", "model_id": vectors.model_id, "feature": feature, "level": level,
+            "classes": data.classes, "multilabel": data.multilabel, **curves}
