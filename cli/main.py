@@ -213,6 +213,30 @@ def search(
     out.print(table)
 
 
+@app.command()
+def index(
+    store: Path = typer.Argument(..., help="Store directory."),
+    index_type: str = typer.Option("ivf_pq", "--type", help="ivf_pq or ivf_hnsw_sq."),
+    column: str = typer.Option("cls", help="The vector column: cls or patch_mean."),
+    level: str = typer.Option("slice", help="slice or series."),
+    model_id: Optional[str] = typer.Option(None, help="The model whose vectors measure the recall."),
+) -> None:
+    """Build an ANN index with parameters chosen from the table size, and measure its recall@10."""
+    from embedstore.query.index import build_index
+    from embedstore.store import Store
+
+    report = build_index(Store.open(store), model_id, column, level, index_type)
+    parameters = report.parameters
+    out.print(f"{parameters.index_type} on {report.table}.{report.column} ({report.rows:,} rows): "
+              f"{parameters.num_partitions} partitions"
+              + (f", {parameters.num_sub_vectors} sub-vectors" if parameters.num_sub_vectors else "")
+              + f"; searched with nprobes {parameters.nprobes}"
+              + (f", refine factor {parameters.refine_factor}" if parameters.refine_factor else "")
+              + f"; built in {report.build_seconds:.1f} s")
+    out.print(f"recall@10 against exact search: {report.recall_at_10:.3f}; "
+              f"p50 latency {report.ann_p50_ms:.1f} ms (exact: {report.exact_p50_ms:.1f} ms)")
+
+
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate stored vectors against labels, without the backbone.")
 app.add_typer(eval_app, name="eval")
 

@@ -401,3 +401,48 @@ def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp
     result = json.loads(out.read_text())
     assert result["task"] == "fewshot" and set(result["curves"]) == {"knn", "prototype", "linear"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------- index
+
+
+def synthetic_store(path, n: int, dim: int = 384, seed: int = 17) -> Store:
+    """A real store holding n slices of clustered vectors (written as ingest writes them)."""
+    from embedstore.ingest.writer import row_metadata, slice_table
+    from embedstore.sources import SliceItem
+
+    vectors, labels = clustered(n // 20, 20, dim, seed=seed, spread=0.8)
+    store = Store.open(path, create=True)
+    store.ensure_vector_tables(dim)
+    items = [SliceItem(f"synthetic:{i}", f"/archive/{i}.png", f"study{i // 10}", f"series{i // 5}", i % 5,
+                       modality="CT" if labels[i] % 2 else "MR", rows=1, cols=1, intensity="minmax")
+             for i in range(len(vectors))]
+    rows = row_metadata("synthetic-model", "run", items, None, [None] * len(items))
+    store.add_slices(slice_table(rows, vectors, vectors, dim))
+    return store
+
+
+def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
+    from embedstore.query.index import build_index, index_for
+    from embedstore.query.search import query_by_key, search
+
+    store = synthetic_store(tmp_path / "store", 4000)
+    report = build_index(store)
+    assert report.parameters.num_partitions == 63 and report.parameters.num_sub_vectors == 96
+    assert report.recall_at_10 >= 0.95, report
+    assert index_for(Store.open(tmp_path / "store"), "slices", "cls") == report.parameters
+    query = query_by_key(store, "synthetic-model|synthetic:7")
+    indexed = search(Store.open(tmp_path / "store"), query, k=10, where="modality = 'CT'")
+    assert all(h.modality == "CT" for h in indexed) and "synthetic-model|synthetic:7" not in [h.key for h in indexed]
+    vectors = load_vectors(store, where="modality = 'CT'")
+    keys = vectors.rows.column("key").to_pylist()
+    _, exact = exact_top_k(query.vectors, vectors.matrix, 11)
+    expected = [keys[i] for i in exact[0] if keys[i] != "synthetic-model|synthetic:7"][:10]
+    assert len(set(expected) & {h.key for h in indexed}) >= 9
+
+
+def test_index_refuses_a_tiny_table(ingested, fresh_copy):
+    from embedstore.query.index import build_index
+
+    with pytest.raises(UsageError, match="no index built"):
+        build_index(Store.open(fresh_copy))

@@ -7,8 +7,9 @@ Levels:
 - `study`: a study's score is the best match of each query slice among the study's slices,
   averaged over the query slices (so a study that contains every query slice's look-alike ranks
   first, however many other slices it has).
-The query's own slice, series or study is left out of its results. Search is exact (the ground
-truth; the ANN index of `embedstore index` comes later).
+The query's own slice, series or study is left out of its results. Slice and series search use
+the column's ANN index when `embedstore index` built one, and exact search otherwise (and always
+for the study level).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from embedstore.errors import UsageError
 from embedstore.query.exact import exact_top_k
+from embedstore.query.index import ann_search, index_for
 from embedstore.query.vectors import FEATURES, Vectors, l2_normalised, load_vectors, resolve_model_id
 from embedstore.query.where import validated_where
 from embedstore.store import Store, sql_literal
@@ -59,11 +61,14 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
         raise UsageError("--k must be at least 1")
     table = "series" if level == "series" else "slices"
     condition = validated_where(where, store.table(table).schema.names) if where else None
+    pooled = query.vectors.mean(0, keepdims=True)
+    own = query.own_key if level == "slice" else query.own_series
+    index = index_for(store, table, feature) if level != "study" else None
+    if index is not None:
+        return _search_index(store, table, feature, pooled[0], k, index, level, query.model_id, condition, own)
     candidates = load_vectors(store, query.model_id, feature, "series" if level == "series" else "slice", condition)
     if level == "study":
         return _rank_studies(query, candidates, k)
-    pooled = query.vectors.mean(0, keepdims=True)
-    own = query.own_key if level == "slice" else query.own_series
     keep = np.array([_identity(candidates, level, i) != own for i in range(len(candidates))]) if own else None
     matrix, rows = (candidates.matrix[keep], candidates.rows.filter(keep)) if keep is not None else \
         (candidates.matrix, candidates.rows)
@@ -73,6 +78,16 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
     table_rows = rows.to_pylist()
     return [_hit(rank, float(score), level, table_rows[i]) for rank, (score, i) in
             enumerate(zip(scores[0], indices[0]), 1)]
+
+
+def _search_index(store: Store, table: str, column: str, vector: np.ndarray, k: int, index, level: str,
+                  model_id: str, condition: str | None, own: str | None) -> list[Hit]:
+    """The ANN index's answer (the query's own item asked for and dropped)."""
+    where = f"model_id = {sql_literal(model_id)}" + (f" AND ({condition})" if condition else "")
+    rows = ann_search(store, table, column, vector, k + (1 if own else 0), index, where)
+    identity = "key" if level == "slice" else "series_uid"
+    rows = [row for row in rows if row[identity] != own][:k]
+    return [_hit(rank, 1.0 - float(row["_distance"]), level, row) for rank, row in enumerate(rows, 1)]
 
 
 def _identity(vectors: Vectors, level: str, row: int) -> str:

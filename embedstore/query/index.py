@@ -1,0 +1,137 @@
+"""ANN indexes on the stored vectors (LanceDB), with parameters chosen from the table size and a
+recall@10 measured against exact search before the index is trusted.
+
+LanceDB's defaults give poor recall on embeddings (a published test measured 0.16). Here: IVF_PQ with
+about √n partitions and one PQ sub-vector per 4 dimensions, searched with enough probes (an eighth of
+the partitions, at least 20) and a refine step that re-ranks 10× the candidates on the full vectors;
+or IVF_HNSW_SQ with an HNSW graph per partition. The search parameters go into the store manifest
+with the measured recall, and `embedstore search` uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from lancedb.index import IvfHnswSq, IvfPq
+
+from embedstore.errors import UsageError
+from embedstore.query.exact import exact_top_k
+from embedstore.query.vectors import load_vectors, resolve_model_id
+from embedstore.store import MANIFEST, Store, sql_literal
+
+INDEX_TYPES = ("ivf_pq", "ivf_hnsw_sq")
+INDEXABLE = ("cls", "patch_mean")
+RECALL_QUERIES = 200
+RECALL_K = 10
+MIN_ROWS = 256  # below this an index gains nothing over exact search
+
+
+@dataclass
+class IndexParameters:
+    index_type: str
+    num_partitions: int
+    num_sub_vectors: int | None
+    nprobes: int
+    refine_factor: int | None
+
+
+@dataclass
+class IndexReport:
+    table: str
+    column: str
+    rows: int
+    parameters: IndexParameters
+    build_seconds: float
+    recall_at_10: float
+    ann_p50_ms: float
+    exact_p50_ms: float
+
+
+def choose_parameters(n_rows: int, dim: int, index_type: str) -> IndexParameters:
+    partitions = max(1, min(4096, int(round(math.sqrt(n_rows)))))
+    nprobes = min(partitions, max(20, partitions // 8))
+    if index_type == "ivf_pq":
+        sub_vectors = next(s for s in (dim // 4, dim // 8, dim // 16, 1) if s >= 1 and dim % s == 0)
+        return IndexParameters("ivf_pq", partitions, sub_vectors, nprobes, refine_factor=10)
+    return IndexParameters("ivf_hnsw_sq", max(1, partitions // 4), None, max(4, nprobes // 4), refine_factor=None)
+
+
+def build_index(store: Store, model_id: str | None = None, column: str = "cls", level: str = "slice",
+                index_type: str = "ivf_pq") -> IndexReport:
+    if index_type not in INDEX_TYPES:
+        raise UsageError(f"--type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
+    if column not in INDEXABLE:
+        raise UsageError(f"--column must be one of {', '.join(INDEXABLE)}, not {column!r}")
+    model_id = resolve_model_id(store, model_id)
+    table_name = "series" if level == "series" else "slices"
+    table = store.table(table_name)
+    n_rows = table.count_rows()
+    if n_rows < MIN_ROWS:
+        raise UsageError(f"{table_name} has {n_rows} rows: exact search is as fast below {MIN_ROWS}; no index built")
+    dim = table.schema.field(column).type.list_size
+    parameters = choose_parameters(n_rows, dim, index_type)
+    started = time.perf_counter()
+    config = IvfPq(distance_type="cosine", num_partitions=parameters.num_partitions,
+                   num_sub_vectors=parameters.num_sub_vectors) if index_type == "ivf_pq" else \
+        IvfHnswSq(distance_type="cosine", num_partitions=parameters.num_partitions)
+    table.create_index(column, config=config, replace=True)
+    build_seconds = time.perf_counter() - started
+    report = measure_recall(store, model_id, table_name, column, parameters, n_rows, build_seconds)
+    remember_index(store, report)
+    return report
+
+
+def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k: int, parameters: IndexParameters,
+               where: str | None) -> list[dict]:
+    search = store.table(table_name).search(query.astype(np.float32), vector_column_name=column) \
+        .distance_type("cosine").nprobes(parameters.nprobes)
+    if parameters.refine_factor:
+        search = search.refine_factor(parameters.refine_factor)
+    if where:
+        search = search.where(where, prefilter=True)
+    return search.limit(k).to_list()
+
+
+def measure_recall(store: Store, model_id: str, table_name: str, column: str, parameters: IndexParameters,
+                   n_rows: int, build_seconds: float) -> IndexReport:
+    """recall@10 of the index against exact search, on stored vectors used as queries."""
+    vectors = load_vectors(store, model_id, column, "series" if table_name == "series" else "slice")
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(vectors), size=min(RECALL_QUERIES, len(vectors)), replace=False)
+    keys = vectors.rows.column("key").to_pylist()
+    where = f"model_id = {sql_literal(model_id)}"
+    found, ann_ms, exact_ms = [], [], []
+    for row in sample:
+        started = time.perf_counter()
+        hits = ann_search(store, table_name, column, vectors.matrix[row], RECALL_K, parameters, where)
+        ann_ms.append((time.perf_counter() - started) * 1000)
+        found.append({hit["key"] for hit in hits})
+    for row in sample[:50]:  # one query at a time, as a user's search runs
+        started = time.perf_counter()
+        exact_top_k(vectors.matrix[row:row + 1], vectors.matrix, RECALL_K)
+        exact_ms.append((time.perf_counter() - started) * 1000)
+    _, truth = exact_top_k(vectors.matrix[sample], vectors.matrix, RECALL_K)
+    recall = float(np.mean([len(found[i] & {keys[j] for j in truth[i]}) / RECALL_K for i in range(len(sample))]))
+    return IndexReport(table_name, column, n_rows, parameters, build_seconds, recall,
+                       float(np.median(ann_ms)), float(np.median(exact_ms)))
+
+
+def remember_index(store: Store, report: IndexReport) -> None:
+    indexes = store.manifest.setdefault("indexes", {})
+    indexes[f"{report.table}.{report.column}"] = {**asdict(report.parameters), "recall_at_10": report.recall_at_10}
+    (store.path / MANIFEST).write_text(json.dumps(store.manifest, indent=2) + "\n")
+
+
+def index_for(store: Store, table_name: str, column: str) -> IndexParameters | None:
+    """The parameters of an index on this column, if one was built (and still exists)."""
+    known = store.manifest.get("indexes", {}).get(f"{table_name}.{column}")
+    if not known:
+        return None
+    names = {c for index in store.table(table_name).list_indices() for c in index.columns}
+    if column not in names:
+        return None
+    return IndexParameters(**{k: known[k] for k in IndexParameters.__dataclass_fields__})
