@@ -85,10 +85,16 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
     return report
 
 
+RESULT_COLUMNS = {"slices": ["key", "path", "study_uid", "series_uid", "slice_index", "modality"],
+                  "series": ["key", "study_uid", "series_uid", "modality"]}
+
+
 def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k: int, parameters: IndexParameters,
                where: str | None) -> list[dict]:
+    """Rows (identity columns and `_distance`, the cosine distance) of the index's top k. Only the
+    columns a result shows are read: fetching the stored vectors too doubles the latency."""
     search = store.table(table_name).search(query.astype(np.float32), vector_column_name=column) \
-        .distance_type("cosine").nprobes(parameters.nprobes)
+        .distance_type("cosine").nprobes(parameters.nprobes).select(RESULT_COLUMNS[table_name] + ["_distance"])
     if parameters.refine_factor:
         search = search.refine_factor(parameters.refine_factor)
     if where:
