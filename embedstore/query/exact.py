@@ -2,8 +2,7 @@
 
 The ground truth for every other search: cosine similarity (vectors L2-normalised first) or
 squared L2 distance, queries and database in chunks so that no block of scores exceeds the memory
-budget, and a running top-k per query. Ties are broken by database index, so results are
-deterministic.
+budget, and a running top-k per query.
 """
 
 from __future__ import annotations
@@ -52,9 +51,11 @@ def exact_top_k(queries: np.ndarray, database: np.ndarray, k: int, metric: str =
                 rows = torch.arange(len(query), device=device) + q_start
                 inside = (rows >= d_start) & (rows < d_start + block.shape[1])
                 block[inside.nonzero().squeeze(1), rows[inside] - d_start] = -torch.inf
-            candidates = torch.cat([best_scores, block], dim=1)
-            candidate_indices = torch.cat([best_indices, torch.arange(d_start, d_start + block.shape[1], device=device)
-                                           .expand(len(query), -1)], dim=1)
+            # the block's own top k first, then a merge of two small candidate sets: concatenating
+            # the whole block to the running best would copy every score once more
+            block_top = torch.topk(block, min(k, block.shape[1]), dim=1, sorted=False)
+            candidates = torch.cat([best_scores, block_top.values], dim=1)
+            candidate_indices = torch.cat([best_indices, block_top.indices + d_start], dim=1)
             top = torch.topk(candidates, min(k, candidates.shape[1]), dim=1, sorted=True)
             best_scores, best_indices = top.values, candidate_indices.gather(1, top.indices)
         all_scores.append(best_scores if metric == "cosine" else -best_scores)
