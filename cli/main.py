@@ -241,6 +241,26 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate stored vectors again
 app.add_typer(eval_app, name="eval")
 
 
+# Options every `embedstore eval` command takes.
+LABELS_OPTION = typer.Option(..., "--labels", help="Labels CSV (see README: join column, label, split, patient_id).")
+EVAL_LEVEL_OPTION = typer.Option("slice", help="slice, or series (mean of its slice vectors).")
+SPLIT_BY_OPTION = typer.Option(None, help="patient: make train/val/test by patient (else the CSV's split).")
+RATIOS_OPTION = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --split-by patient.")
+SPLIT_SEED_OPTION = typer.Option(0, help="Seed of the splits (and of few-shot draws).")
+EVAL_MODEL_OPTION = typer.Option(None, help="The model to evaluate, when the store holds several.")
+RESULT_JSON_OPTION = typer.Option(None, "--json", help="Write the result JSON here.")
+
+
+def check_split_by(split_by: str | None) -> None:
+    if split_by not in (None, "patient"):
+        raise UsageError(f"--split-by takes patient, not {split_by!r}")
+
+
+def write_result(result: dict, path: Path | None) -> None:
+    if path:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def parse_numbers(text: str, option: str, kind=float) -> tuple:
     try:
         return tuple(kind(part) for part in text.split(","))
@@ -251,28 +271,26 @@ def parse_numbers(text: str, option: str, kind=float) -> tuple:
 @eval_app.command("knn")
 def eval_knn(
     store: Path = typer.Argument(..., help="Store directory."),
-    labels: Path = typer.Option(..., "--labels", help="Labels CSV (see README: join column, label, split, patient_id)."),
+    labels: Path = LABELS_OPTION,
     feature: str = typer.Option("cls", help="cls, patch_mean or cls+patch_mean."),
-    level: str = typer.Option("slice", help="slice, or series (mean of its slice vectors)."),
+    level: str = EVAL_LEVEL_OPTION,
     k: str = typer.Option("10,20,100,200", help="Neighbour counts."),
     temperature: float = typer.Option(0.07, help="Vote weights exp(similarity / T)."),
-    split_by: Optional[str] = typer.Option(None, help="patient: make train/val/test by patient (else the CSV's split)."),
-    ratios: str = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --split-by patient."),
-    seed: int = typer.Option(0, help="Seed of --split-by patient."),
-    model_id: Optional[str] = typer.Option(None, help="The model to evaluate, when the store holds several."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here."),
+    split_by: Optional[str] = SPLIT_BY_OPTION,
+    ratios: str = RATIOS_OPTION,
+    seed: int = SPLIT_SEED_OPTION,
+    model_id: Optional[str] = EVAL_MODEL_OPTION,
+    json_out: Optional[Path] = RESULT_JSON_OPTION,
 ) -> None:
     """kNN classification, the DINOv2 weighted-vote protocol, on stored vectors."""
     from embedstore.query.evaluate import knn_evaluation
     from embedstore.store import Store
 
-    if split_by not in (None, "patient"):
-        raise UsageError(f"--split-by takes patient, not {split_by!r}")
+    check_split_by(split_by)
     result = knn_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(k, "--k", int),
                             temperature, split_by, parse_numbers(ratios, "--ratios"), seed)
     print_evaluation(result)
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, json_out)
 
 
 def print_evaluation(result: dict) -> None:
@@ -300,44 +318,42 @@ def print_evaluation(result: dict) -> None:
 @eval_app.command("linear")
 def eval_linear(
     store: Path = typer.Argument(..., help="Store directory."),
-    labels: Path = typer.Option(..., "--labels", help="Labels CSV (see README)."),
+    labels: Path = LABELS_OPTION,
     feature: str = typer.Option("cls+patch_mean", help="cls, patch_mean or cls+patch_mean."),
-    level: str = typer.Option("slice", help="slice, or series (mean of its slice vectors)."),
+    level: str = EVAL_LEVEL_OPTION,
     c_grid: Optional[str] = typer.Option(None, help="Comma-separated C values (default: 10^linspace(-6, 5, 45))."),
-    split_by: Optional[str] = typer.Option(None, help="patient: make train/val/test by patient (else the CSV's split)."),
-    ratios: str = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --split-by patient."),
-    seed: int = typer.Option(0, help="Seed of the splits."),
-    model_id: Optional[str] = typer.Option(None, help="The model to evaluate, when the store holds several."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here."),
+    split_by: Optional[str] = SPLIT_BY_OPTION,
+    ratios: str = RATIOS_OPTION,
+    seed: int = SPLIT_SEED_OPTION,
+    model_id: Optional[str] = EVAL_MODEL_OPTION,
+    json_out: Optional[Path] = RESULT_JSON_OPTION,
 ) -> None:
     """Linear probe (logistic regression): C chosen on val only, refitted on train + val, tested once."""
     from embedstore.query.evaluate import linear_evaluation
     from embedstore.store import Store
 
-    if split_by not in (None, "patient"):
-        raise UsageError(f"--split-by takes patient, not {split_by!r}")
+    check_split_by(split_by)
     grid = parse_numbers(c_grid, "--c-grid") if c_grid else None
     result = linear_evaluation(Store.open(store), labels, feature, level, model_id, grid, split_by,
                                parse_numbers(ratios, "--ratios"), seed)
     print_evaluation(result)
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, json_out)
 
 
 @eval_app.command("fewshot")
 def eval_fewshot(
     store: Path = typer.Argument(..., help="Store directory."),
-    labels: Path = typer.Option(..., "--labels", help="Labels CSV (see README)."),
+    labels: Path = LABELS_OPTION,
     feature: str = typer.Option("cls", help="cls, patch_mean or cls+patch_mean."),
-    level: str = typer.Option("slice", help="slice, or series (mean of its slice vectors)."),
+    level: str = EVAL_LEVEL_OPTION,
     shots: str = typer.Option("1,2,4,8,16", help="Training patients per class."),
     tries: int = typer.Option(10, help="Random draws per shot count."),
     classifiers: str = typer.Option("knn,prototype,linear", help="Any of knn, prototype, linear."),
-    split_by: Optional[str] = typer.Option(None, help="patient: make train/val/test by patient (else the CSV's split)."),
-    ratios: str = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --split-by patient."),
-    seed: int = typer.Option(0, help="Seed of the splits and the draws."),
-    model_id: Optional[str] = typer.Option(None, help="The model to evaluate, when the store holds several."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON here."),
+    split_by: Optional[str] = SPLIT_BY_OPTION,
+    ratios: str = RATIOS_OPTION,
+    seed: int = SPLIT_SEED_OPTION,
+    model_id: Optional[str] = EVAL_MODEL_OPTION,
+    json_out: Optional[Path] = RESULT_JSON_OPTION,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Save the few-shot curve as a PNG here."),
 ) -> None:
     """Few-shot curves: mean and 95% interval over random draws of training patients per class."""
@@ -345,8 +361,7 @@ def eval_fewshot(
     from embedstore.query.fewshot import plot_curves
     from embedstore.store import Store
 
-    if split_by not in (None, "patient"):
-        raise UsageError(f"--split-by takes patient, not {split_by!r}")
+    check_split_by(split_by)
     if tries < 1:
         raise UsageError("--tries must be at least 1")
     result = fewshot_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(shots, "--shots", int),
@@ -359,8 +374,7 @@ def eval_fewshot(
         table.add_row(str(n), *(f"{c[row]['mean']:.3f} [{c[row]['ci95'][0]:.3f}, {c[row]['ci95'][1]:.3f}]"
                                 for c in result["curves"].values()))
     out.print(table)
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, json_out)
     if plot:
         plot_curves(result, plot)
 

@@ -43,13 +43,19 @@ def compressed_syntax(path: Path) -> str | None:
 
 def codecs_can_decode(path: Path) -> bool:
     """Independently of embedstore: does pydicom with any plugin, or GDCM's own reader, decode it?"""
+    return pydicom_decodes(path) or gdcm_decodes(path)
+
+
+def pydicom_decodes(path: Path) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            pydicom.dcmread(path).pixel_array
-            return True
+            return pydicom.dcmread(path).pixel_array.size > 0
         except Exception:
-            pass
+            return False
+
+
+def gdcm_decodes(path: Path) -> bool:
     import gdcm
 
     reader = gdcm.ImageReader()
