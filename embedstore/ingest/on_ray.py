@@ -214,7 +214,7 @@ def embed_on_ray(job, tasks: list[ReadTask], progress: IngestProgress, stage_sec
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             unit, actor = in_flight.pop(ready[0])
             load[actor] -= 1
-            committer.take(unit, _result_or_failure(ray, ready[0], unit), progress)
+            committer.take(_result_or_failure(ray, ready[0], unit), progress)
         committer.flush()
         engine, notes = ray.get(actors[0].engine_in_use.remote())
     finally:
@@ -249,7 +249,7 @@ class RowCommitter:
         self.failures: list[Failure] = []
         self._pending_failures: list[Failure] = []
 
-    def take(self, unit: WorkUnit, result: UnitResult, progress: IngestProgress) -> None:
+    def take(self, result: UnitResult, progress: IngestProgress) -> None:
         for stage, seconds in result.seconds.items():
             self.stage_seconds[stage] += seconds
         self.failures.extend(result.failures)
