@@ -249,6 +249,7 @@ RATIOS_OPTION = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --sp
 SPLIT_SEED_OPTION = typer.Option(0, help="Seed of the splits (and of few-shot draws).")
 EVAL_MODEL_OPTION = typer.Option(None, help="The model to evaluate, when the store holds several.")
 RESULT_JSON_OPTION = typer.Option(None, "--json", help="Write the result JSON here.")
+REPORT_OPTION = typer.Option(None, "--report", help="Write the JSON, a Markdown report and its plots into this directory.")
 
 
 def check_split_by(split_by: str | None) -> None:
@@ -256,9 +257,13 @@ def check_split_by(split_by: str | None) -> None:
         raise UsageError(f"--split-by takes patient, not {split_by!r}")
 
 
-def write_result(result: dict, path: Path | None) -> None:
+def write_result(result: dict, path: Path | None, report: Path | None) -> None:
     if path:
         path.write_text(json.dumps(result, indent=2) + "\n")
+    if report:
+        from embedstore.query.report import write_report
+
+        out.print(f"report: {write_report(result, report)}")
 
 
 def parse_numbers(text: str, option: str, kind=float) -> tuple:
@@ -281,6 +286,7 @@ def eval_knn(
     seed: int = SPLIT_SEED_OPTION,
     model_id: Optional[str] = EVAL_MODEL_OPTION,
     json_out: Optional[Path] = RESULT_JSON_OPTION,
+    report: Optional[Path] = REPORT_OPTION,
 ) -> None:
     """kNN classification, the DINOv2 weighted-vote protocol, on stored vectors."""
     from embedstore.query.evaluate import knn_evaluation
@@ -290,7 +296,7 @@ def eval_knn(
     result = knn_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(k, "--k", int),
                             temperature, split_by, parse_numbers(ratios, "--ratios"), seed)
     print_evaluation(result)
-    write_result(result, json_out)
+    write_result(result, json_out, report)
 
 
 def print_evaluation(result: dict) -> None:
@@ -327,6 +333,7 @@ def eval_linear(
     seed: int = SPLIT_SEED_OPTION,
     model_id: Optional[str] = EVAL_MODEL_OPTION,
     json_out: Optional[Path] = RESULT_JSON_OPTION,
+    report: Optional[Path] = REPORT_OPTION,
 ) -> None:
     """Linear probe (logistic regression): C chosen on val only, refitted on train + val, tested once."""
     from embedstore.query.evaluate import linear_evaluation
@@ -337,7 +344,7 @@ def eval_linear(
     result = linear_evaluation(Store.open(store), labels, feature, level, model_id, grid, split_by,
                                parse_numbers(ratios, "--ratios"), seed)
     print_evaluation(result)
-    write_result(result, json_out)
+    write_result(result, json_out, report)
 
 
 @eval_app.command("fewshot")
@@ -355,6 +362,7 @@ def eval_fewshot(
     model_id: Optional[str] = EVAL_MODEL_OPTION,
     json_out: Optional[Path] = RESULT_JSON_OPTION,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Save the few-shot curve as a PNG here."),
+    report: Optional[Path] = REPORT_OPTION,
 ) -> None:
     """Few-shot curves: mean and 95% interval over random draws of training patients per class."""
     from embedstore.query.evaluate import fewshot_evaluation
@@ -374,7 +382,7 @@ def eval_fewshot(
         table.add_row(str(n), *(f"{c[row]['mean']:.3f} [{c[row]['ci95'][0]:.3f}, {c[row]['ci95'][1]:.3f}]"
                                 for c in result["curves"].values()))
     out.print(table)
-    write_result(result, json_out)
+    write_result(result, json_out, report)
     if plot:
         plot_curves(result, plot)
 

@@ -173,14 +173,20 @@ def test_eval_knn_from_the_command_line_writes_its_json(ingested, tmp_path):
     rows = store.rows("slices", columns=["key", "series_uid", "modality"]).to_pylist()
     labels = write_labels(tmp_path / "labels.csv", [
         {"key": r["key"], "label": r["modality"] or "raster", "patient_id": r["series_uid"]} for r in rows])
-    out = tmp_path / "knn.json"
+    out, report = tmp_path / "knn.json", tmp_path / "report"
     app(["eval", "knn", str(ingested.path), "--labels", str(labels), "--split-by", "patient", "--ratios", "0.5,0,0.5",
-         "--k", "1,3", "--json", str(out)], standalone_mode=False)
+         "--k", "1,3", "--json", str(out), "--report", str(report)], standalone_mode=False)
     result = json.loads(out.read_text())
     assert result["task"] == "knn" and result["model_id"] == ingested.summary.model_id
     assert sum(result["counts"].values()) == len(rows) and result["counts"]["test"] > 0
     assert set(result["metrics"]["test"]) == {"1", "3"}
     assert 0.0 <= result["metrics"]["test"]["1"]["top1_accuracy"] <= 1.0
+    matrix = np.array(result["metrics"]["test"]["1"]["confusion_matrix"])
+    assert matrix.shape == (len(result["classes"]),) * 2 and matrix.sum() == result["counts"]["test"]
+    markdown = (report / "report.md").read_text()
+    assert "k = 1" in markdown and "![confusion matrix on test](confusion.png)" in markdown
+    assert (report / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((report / "knn.json").read_text()) == result
 
 
 def test_labels_that_join_nothing_or_lack_columns_are_clear_errors(ingested, tmp_path):
@@ -330,9 +336,11 @@ def test_eval_linear_from_the_command_line(ingested, tmp_path):
         for r in rows])
     out = tmp_path / "linear.json"
     app(["eval", "linear", str(ingested.path), "--labels", str(labels), "--split-by", "patient",
-         "--ratios", "0.5,0.2,0.3", "--c-grid", "0.1,1,10", "--json", str(out)], standalone_mode=False)
+         "--ratios", "0.5,0.2,0.3", "--c-grid", "0.1,1,10", "--json", str(out), "--report", str(tmp_path / "report")],
+        standalone_mode=False)
     result = json.loads(out.read_text())
     assert result["task"] == "linear" and result["chosen_c"] in (0.1, 1.0, 10.0)
+    assert "(chosen on val)" in (tmp_path / "report" / "report.md").read_text()
     assert result["metrics"]["test"]["top1_accuracy"] is not None
 
 
@@ -395,12 +403,15 @@ def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp
     rows = store.rows("slices", columns=["key", "series_uid", "modality"]).to_pylist()
     labels = write_labels(tmp_path / "labels.csv", [
         {"key": r["key"], "label": "ct" if r["modality"] == "CT" else "other", "patient_id": r["key"]} for r in rows])
-    out, plot = tmp_path / "fewshot.json", tmp_path / "fewshot.png"
+    out, plot, report = tmp_path / "fewshot.json", tmp_path / "fewshot.png", tmp_path / "report"
     app(["eval", "fewshot", str(ingested.path), "--labels", str(labels), "--split-by", "patient", "--ratios",
-         "0.6,0,0.4", "--shots", "1,2", "--tries", "3", "--json", str(out), "--plot", str(plot)], standalone_mode=False)
+         "0.6,0,0.4", "--shots", "1,2", "--tries", "3", "--json", str(out), "--plot", str(plot),
+         "--report", str(report)], standalone_mode=False)
     result = json.loads(out.read_text())
     assert result["task"] == "fewshot" and set(result["curves"]) == {"knn", "prototype", "linear"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![few-shot curve](fewshot.png)" in (report / "report.md").read_text()
+    assert (report / "fewshot.png").exists()
 
 
 # ------------------------------------------------------------------------------------- index

@@ -4,7 +4,7 @@ AUROC and F1, and a per-class table. Multi-label tasks get per-label AUROC and F
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 
 def multiclass_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict:
@@ -23,6 +23,7 @@ def multiclass_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[str
         result["top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
     aurocs = per_class_auroc(np.eye(len(classes), dtype=int)[y_true], scores)
     result["macro_auroc"] = macro(aurocs)
+    result["confusion_matrix"] = confusion_matrix(y_true, predicted, labels=range(len(classes))).tolist()
     result["per_class"] = [
         {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s), "auroc": a}
         for name, p, r, f, s, a in zip(classes, precision, recall, f1, support, aurocs)
