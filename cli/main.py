@@ -281,6 +281,8 @@ def eval_knn(
     level: str = EVAL_LEVEL_OPTION,
     k: str = typer.Option("10,20,100,200", help="Neighbour counts."),
     temperature: float = typer.Option(0.07, help="Vote weights exp(similarity / T)."),
+    search: str = typer.Option("auto", help="Neighbour search: exact, int8 (candidates re-ranked exactly; "
+                                            "about 2x faster on a CPU), or auto (int8 for large sets on a CPU)."),
     split_by: Optional[str] = SPLIT_BY_OPTION,
     ratios: str = RATIOS_OPTION,
     seed: int = SPLIT_SEED_OPTION,
@@ -292,9 +294,13 @@ def eval_knn(
     from embedstore.query.evaluate import knn_evaluation
     from embedstore.store import Store
 
+    from embedstore.query.knn import SEARCHES
+
     check_split_by(split_by)
+    if search not in SEARCHES:
+        raise UsageError(f"--search must be one of {', '.join(SEARCHES)}, not {search!r}")
     result = knn_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(k, "--k", int),
-                            temperature, split_by, parse_numbers(ratios, "--ratios"), seed)
+                            temperature, split_by, parse_numbers(ratios, "--ratios"), seed, search)
     print_evaluation(result)
     write_result(result, json_out, report)
 
@@ -302,7 +308,8 @@ def eval_knn(
 def print_evaluation(result: dict) -> None:
     counts = ", ".join(f"{split} {n:,}" for split, n in result["counts"].items())
     out.print(f"[bold]{result['task']}[/bold] {result['model_id']} · {result['feature']} · {result['level']} level · "
-              f"{len(result['classes'])} classes{' (multi-label)' if result['multilabel'] else ''} · {counts}")
+              f"{len(result['classes'])} classes{' (multi-label)' if result['multilabel'] else ''} · {counts}"
+              + (f" · {result['search']} neighbour search" if "search" in result else ""))
     if result["task"] == "linear":
         out.print(f"C chosen on val{' (carved from train by patient)' if result['val_carved_from_train'] else ''}: "
                   f"{result['chosen_c']:.3g} (val score {result['val_score']:.4f}); refitted on train + val")

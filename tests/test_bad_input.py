@@ -179,6 +179,7 @@ WRONG_REQUESTS = {
     "unknown-executor": (["ingest", "src", "--store", "store", *FAST, "--executor", "spark"], "spark"),
     "percentiles-reversed": (["ingest", "src", "--store", "store", *FAST, "--mr-percentiles", "95,5"], "95"),
     "info-not-a-store": (["info", "notstore"], "notstore"),
+    "unknown-neighbour-search": (["eval", "knn", "notstore", "--labels", "labels.csv", "--search", "faiss"], "faiss"),
 }
 
 

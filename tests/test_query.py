@@ -10,11 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from sklearn.neighbors import NearestNeighbors
 
 from embedstore.errors import UsageError
-from embedstore.query.exact import exact_top_k
-from embedstore.query.knn import knn_scores
+from embedstore.query.exact import DEFAULT_BUDGET_BYTES, block_top_k, exact_top_k, int8_rerank_top_k, search_device
+from embedstore.query.knn import choose_search, knn_scores
 from embedstore.query.labels import LabelledVectors, check_splits, split_by_patient
 from embedstore.query.vectors import load_vectors
 from embedstore.store import Store
@@ -53,12 +54,54 @@ def test_chunking_never_changes_the_result():
         np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
 
 
-def test_exclude_self_leaves_each_query_out():
-    vectors, _ = clustered(50, 2, 8, seed=5)
-    _, indices = exact_top_k(vectors, vectors, 3, exclude_self=True, budget_bytes=4 * 1024 * 7)
-    assert not (indices == np.arange(len(vectors))[:, None]).any()
-    _, with_self = exact_top_k(vectors, vectors, 1)
-    np.testing.assert_array_equal(with_self[:, 0], np.arange(len(vectors)))
+@pytest.mark.parametrize("width", [4096, 4096 + 17])  # whole groups, and a tail shorter than a group
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32])
+def test_block_top_k_through_group_maxima_equals_a_plain_top_k(width, dtype):
+    generator = torch.Generator().manual_seed(width)
+    block = (torch.randn(64, width, generator=generator) * 1e6).to(dtype)
+    block[3, -1] = block.max() + 1  # the best score of a row in the tail
+    values, columns = block_top_k(block, 10)
+    assert len(values[0]) == 10 and columns[3].tolist().count(width - 1) == 1
+    np.testing.assert_array_equal(torch.sort(values, 1).values, torch.sort(torch.topk(block, 10).values, 1).values)
+    np.testing.assert_array_equal(block.gather(1, columns), values)
+
+
+def test_int8_candidates_reranked_give_the_exact_top_k():
+    database, _ = clustered(400, 10, 96, seed=5, spread=1.5)  # 4,000 rows, overlapping classes
+    queries, _ = clustered(20, 10, 96, seed=6, spread=1.5)
+    exact_scores, exact_indices = exact_top_k(queries, database, 20)
+    for budget in (4 * 1024 * 300, DEFAULT_BUDGET_BYTES):  # many blocks and rerank steps, and one
+        scores, indices, _ = int8_rerank_top_k(queries, database, 20, budget_bytes=budget)
+        np.testing.assert_array_equal(indices, exact_indices)
+        np.testing.assert_allclose(scores, exact_scores, atol=1e-6)  # re-scored in float32, not int8
+
+
+def test_queries_the_int8_shortlist_cannot_vouch_for_are_searched_exactly():
+    # a shortlist as long as k leaves no margin: the int8 order alone would decide the set
+    database, _ = clustered(400, 10, 96, seed=5, spread=1.5)
+    queries, _ = clustered(20, 10, 96, seed=6, spread=1.5)
+    _, exact_indices = exact_top_k(queries, database, 5)
+    _, indices, searched_exactly = int8_rerank_top_k(queries, database, 5, candidates=5)
+    assert searched_exactly > 0
+    np.testing.assert_array_equal(indices, exact_indices)
+
+
+def test_int8_search_of_near_duplicates_is_exact():
+    # similarities all within 1e-4 of each other, as with near-identical slices or an untrained model
+    rng = np.random.default_rng(7)
+    database = (rng.normal(size=64) + 1e-3 * rng.normal(size=(3000, 64))).astype(np.float32)
+    queries = (database[0] + 1e-3 * rng.normal(size=(30, 64))).astype(np.float32)
+    _, exact_indices = exact_top_k(queries, database, 10)
+    _, indices, _ = int8_rerank_top_k(queries, database, 10)
+    np.testing.assert_array_equal(indices, exact_indices)
+
+
+def test_auto_search_takes_int8_only_for_large_problems_on_a_cpu():
+    assert choose_search("auto", 100, 1000) == "exact"
+    assert choose_search("auto", 10_000, 100_000) == ("int8" if search_device().type == "cpu" else "exact")
+    assert choose_search("exact", 10_000, 100_000) == "exact"
+    with pytest.raises(ValueError):
+        choose_search("faiss", 1, 1)
 
 
 # --------------------------------------------------------------------------------------- kNN
@@ -187,6 +230,16 @@ def test_eval_knn_from_the_command_line_writes_its_json(ingested, tmp_path):
     assert "k = 1" in markdown and "![confusion matrix on test](confusion.png)" in markdown
     assert (report / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((report / "knn.json").read_text()) == result
+    assert result["search"] == "exact"  # auto, on a store this small
+    # patch_mean: a random-weight model's CLS vectors tie to the last bit, which no two searches order alike
+    by_search = {}
+    for search in ("exact", "int8"):
+        app(["eval", "knn", str(ingested.path), "--labels", str(labels), "--split-by", "patient", "--ratios",
+             "0.5,0,0.5", "--k", "1,3", "--feature", "patch_mean", "--search", search, "--json", str(out)],
+            standalone_mode=False)
+        by_search[search] = json.loads(out.read_text())
+        assert by_search[search]["search"] == search
+    assert by_search["int8"]["metrics"] == by_search["exact"]["metrics"]
 
 
 def test_labels_that_join_nothing_or_lack_columns_are_clear_errors(ingested, tmp_path):
@@ -450,6 +503,16 @@ def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
     _, exact = exact_top_k(query.vectors, vectors.matrix, 11)
     expected = [keys[i] for i in exact[0] if keys[i] != "synthetic-model|synthetic:7"][:10]
     assert len(set(expected) & {h.key for h in indexed}) >= 9
+    # another model's rows, copies of the query itself: the search must keep to the query's model
+    from embedstore.ingest.writer import row_metadata, slice_table
+    from embedstore.sources import SliceItem
+
+    copies = np.repeat(query.vectors, 3, axis=0)
+    items = [SliceItem(f"copy:{i}", f"/archive/copy{i}.png", "study-c", "series-c", i, modality="CT", rows=1, cols=1,
+                       intensity="minmax") for i in range(3)]
+    store.add_slices(slice_table(row_metadata("other-model", "run", items, None, [None] * 3), copies, copies, 384))
+    again = search(Store.open(tmp_path / "store"), query, k=10, where="modality = 'CT'")
+    assert [h.key for h in again] == [h.key for h in indexed]
 
 
 def test_index_refuses_a_tiny_table(ingested, fresh_copy):

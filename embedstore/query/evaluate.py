@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.query.knn import DEFAULT_KS, TEMPERATURE, knn_scores
+from embedstore.query.knn import DEFAULT_KS, TEMPERATURE, choose_search, knn_scores
 from embedstore.query.labels import LabelledVectors, check_splits, join_labels, read_labels, split_by_patient
 from embedstore.query.metrics import multiclass_metrics, multilabel_metrics
 from embedstore.query.vectors import load_vectors
@@ -29,19 +29,21 @@ def labelled_vectors(store: Store, labels: str | Path, feature: str = "cls", lev
 
 def knn_evaluation(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
                    model_id: str | None = None, ks=DEFAULT_KS, temperature: float = TEMPERATURE,
-                   split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
+                   split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0, search: str = "auto") -> dict:
     """The DINOv2 weighted kNN: train rows are the neighbours; val and test are classified.
-    Every k is reported on test; the k with the best val score is named (never chosen on test)."""
+    Every k is reported on test; the k with the best val score is named (never chosen on test).
+    The neighbour search used (exact or int8 re-ranked, see knn.py) is recorded."""
     vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
     train = data.subset(data.splits == "train")
+    evaluated = [data.subset(data.splits == split) for split in ("val", "test")]
+    search = choose_search(search, sum(len(part.matrix) for part in evaluated), len(train.matrix))
     result = {"task": "knn", "model_id": vectors.model_id, "feature": feature, "level": level,
               "counts": data.counts(), "classes": data.classes, "multilabel": data.multilabel,
-              "temperature": temperature, "ks": list(ks), "metrics": {}}
-    for split in ("val", "test"):
-        part = data.subset(data.splits == split)
+              "temperature": temperature, "ks": list(ks), "search": search, "metrics": {}}
+    for split, part in zip(("val", "test"), evaluated):
         if not len(part.matrix):
             continue
-        scores = knn_scores(train.matrix, train.targets, part.matrix, len(data.classes), ks, temperature)
+        scores = knn_scores(train.matrix, train.targets, part.matrix, len(data.classes), ks, temperature, search)
         result["metrics"][split] = {str(k): _metrics(part, s) for k, s in scores.items()}
     if "val" in result["metrics"]:
         key = "macro_auroc" if data.multilabel else "balanced_accuracy"

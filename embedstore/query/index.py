@@ -102,6 +102,13 @@ def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k:
     return search.limit(k).to_list()
 
 
+def model_condition(store: Store, table_name: str, model_id: str) -> str | None:
+    """The filter that keeps a search to one model's rows, or None when the table holds no other
+    model: a filtered (prefiltered) index search costs over 10 ms more per query."""
+    condition = f"model_id = {sql_literal(model_id)}"
+    return condition if store.table(table_name).count_rows(f"NOT ({condition})") else None
+
+
 def measure_recall(store: Store, model_id: str, table_name: str, column: str, parameters: IndexParameters,
                    n_rows: int, build_seconds: float) -> IndexReport:
     """recall@10 of the index against exact search, on stored vectors used as queries."""
@@ -109,7 +116,7 @@ def measure_recall(store: Store, model_id: str, table_name: str, column: str, pa
     rng = np.random.default_rng(0)
     sample = rng.choice(len(vectors), size=min(RECALL_QUERIES, len(vectors)), replace=False)
     keys = vectors.rows.column("key").to_pylist()
-    where = f"model_id = {sql_literal(model_id)}"
+    where = model_condition(store, table_name, model_id)
     found, ann_ms, exact_ms = [], [], []
     for row in sample:
         started = time.perf_counter()

@@ -5,16 +5,31 @@ over the first k, the argmax predicted (k in 10, 20, 100, 200; T = 0.07).
 Multi-label tasks use the same weights in a per-label vote: a label's score is the weighted share
 of neighbours carrying it (predicted at 0.5). This is the documented alternative to ML-kNN in the
 reference protocol (../shared/PROTOCOL.md): simpler, and the same weighting as the single-label vote.
+
+Neighbours are found by exact search, or on the CPU for large problems by an int8 candidate pass
+re-ranked exactly (`int8_rerank_top_k`, about twice as fast; `search="exact"` forces exact search).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from embedstore.query.exact import exact_top_k
+from embedstore.query.exact import exact_top_k, int8_rerank_top_k, search_device
 
 DEFAULT_KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
+SEARCHES = ("auto", "exact", "int8")
+INT8_MIN_PAIRS = 10**8  # below this many query × database pairs exact search takes a second or two
+
+
+def choose_search(search: str, n_queries: int, n_database: int) -> str:
+    """The neighbour search `auto` means: int8 candidates on a CPU for large problems, else exact."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}")
+    if search != "auto":
+        return search
+    large = n_queries * n_database >= INT8_MIN_PAIRS
+    return "int8" if large and search_device().type == "cpu" else "exact"
 
 
 def neighbour_weights(similarities: np.ndarray, temperature: float = TEMPERATURE) -> np.ndarray:
@@ -35,10 +50,13 @@ def vote(neighbour_labels: np.ndarray, weights: np.ndarray, n_classes: int, k: i
 
 
 def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, n_classes: int,
-               ks=DEFAULT_KS, temperature: float = TEMPERATURE) -> dict[int, np.ndarray]:
+               ks=DEFAULT_KS, temperature: float = TEMPERATURE, search: str = "auto") -> dict[int, np.ndarray]:
     """Class scores of every test vector for each k (k larger than the training set is capped)."""
     k_max = min(max(ks), len(train))
-    similarities, indices = exact_top_k(test, train, k_max, metric="cosine")
+    if choose_search(search, len(test), len(train)) == "int8":
+        similarities, indices, _ = int8_rerank_top_k(test, train, k_max)
+    else:
+        similarities, indices = exact_top_k(test, train, k_max, metric="cosine")
     weights = neighbour_weights(similarities, temperature)
     neighbour_labels = train_labels[indices]
     return {k: vote(neighbour_labels, weights, n_classes, min(k, k_max)) for k in ks}

@@ -22,7 +22,7 @@ import numpy as np
 
 from embedstore.errors import UsageError
 from embedstore.query.exact import exact_top_k
-from embedstore.query.index import ann_search, index_for
+from embedstore.query.index import ann_search, index_for, model_condition
 from embedstore.query.vectors import FEATURES, Vectors, l2_normalised, load_vectors, resolve_model_id
 from embedstore.query.where import validated_where
 from embedstore.store import Store, sql_literal
@@ -83,7 +83,7 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
 def _search_index(store: Store, table: str, column: str, vector: np.ndarray, k: int, index, level: str,
                   model_id: str, condition: str | None, own: str | None) -> list[Hit]:
     """The ANN index's answer (the query's own item asked for and dropped)."""
-    where = f"model_id = {sql_literal(model_id)}" + (f" AND ({condition})" if condition else "")
+    where = " AND ".join(f"({part})" for part in (model_condition(store, table, model_id), condition) if part) or None
     rows = ann_search(store, table, column, vector, k + (1 if own else 0), index, where)
     identity = "key" if level == "slice" else "series_uid"
     rows = [row for row in rows if row[identity] != own][:k]
