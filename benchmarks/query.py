@@ -86,7 +86,8 @@ def search_benchmark(n_rows: int) -> dict:
         report = build_index(store)
     return {"rows": n_rows, "dim": 384, "write_s": round(write_s, 1), "index": report.parameters.__dict__,
             "build_s": round(report.build_seconds, 1), "recall_at_10": round(report.recall_at_10, 4),
-            "ann_p50_ms": round(report.ann_p50_ms, 2), "exact_p50_ms": round(report.exact_p50_ms, 2)}
+            "ann_p50_ms": round(report.ann_p50_ms, 2), "ann_rows_p50_ms": round(report.ann_rows_p50_ms, 2),
+            "exact_p50_ms": round(report.exact_p50_ms, 2)}
 
 
 def main() -> None:
@@ -110,8 +111,9 @@ def main() -> None:
         print(f"search: {search['rows']:,} × 384 vectors, {search['index']['index_type']} "
               f"({search['index']['num_partitions']} partitions, nprobes {search['index']['nprobes']}, refine "
               f"{search['index']['refine_factor']}), built in {search['build_s']} s: recall@10 {search['recall_at_10']} "
-              f"(target ≥ 0.95), p50 {search['ann_p50_ms']} ms per query (target ≤ 10) vs exact "
-              f"{search['exact_p50_ms']} ms", flush=True)
+              f"(target ≥ 0.95), p50 {search['ann_p50_ms']} ms per query for keys and distances (target ≤ 10), "
+              f"{search['ann_rows_p50_ms']} ms fetching the 6 result columns, vs exact {search['exact_p50_ms']} ms",
+              flush=True)
         result["search"] = search
     print(json.dumps(result))
 

@@ -19,6 +19,9 @@ INT8_MAX = 127
 TINY = torch.finfo(torch.float32).tiny
 UNSURE_ERROR_MULTIPLE = 4  # see int8_rerank_top_k
 GROUP = 32  # columns per group in block_top_k
+# Temporaries under glibc's largest mmap threshold (32 MiB) reuse heap memory instead of being
+# paged in afresh each time.
+SMALL_BLOCK_BYTES = 16 * 1024 * 1024
 
 
 def search_device() -> torch.device:
@@ -40,16 +43,18 @@ def exact_top_k(queries: np.ndarray, database: np.ndarray, k: int, metric: str =
     else:
         base_norms = (base * base).sum(1)
     db_chunk, query_chunk = _chunks(len(queries), len(base), budget_bytes)
+    scores_buffer = torch.empty(query_chunk * db_chunk, device=device)
     all_scores, all_indices = [], []
     for q_start in range(0, len(queries), query_chunk):
         query = _as_tensor(queries[q_start:q_start + query_chunk], device)
         if metric == "cosine":
             query = torch.nn.functional.normalize(query, dim=1)
-            score_block = lambda start, end: query @ base[start:end].T  # noqa: E731
+            score_block = lambda start, end, out: torch.mm(query, base[start:end].T, out=out)  # noqa: E731
         else:  # ‖q − x‖² = ‖q‖² − 2 q·x + ‖x‖², negated so that larger is better
             query_norms = (query * query).sum(1, keepdim=True)
-            score_block = lambda start, end: 2 * (query @ base[start:end].T) - base_norms[start:end] - query_norms  # noqa: E731,E501
-        best_scores, best_indices = blockwise_top_k(score_block, len(query), len(base), db_chunk, k, device)
+            score_block = lambda start, end, out: torch.mm(query, base[start:end].T, out=out).mul_(2) \
+                .sub_(base_norms[start:end]).sub_(query_norms)  # noqa: E731
+        best_scores, best_indices = blockwise_top_k(score_block, len(query), len(base), db_chunk, k, scores_buffer)
         all_scores.append(best_scores if metric == "cosine" else -best_scores)
         all_indices.append(best_indices)
     return torch.cat(all_scores).cpu().numpy(), torch.cat(all_indices).cpu().numpy()
@@ -74,17 +79,19 @@ def int8_rerank_top_k(queries: np.ndarray, database: np.ndarray, k: int, candida
     n_candidates = min(len(database), candidates or max(2 * k, k + 32))
     base = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(database, dtype=np.float32)), dim=1)
     centre = base.mean(0)
-    base_int8, base_scale = _quantised_columns(base, centre, budget_bytes)
+    base_int8, base_scale = _quantised_rows(base, centre, budget_bytes)
     db_chunk, query_chunk = _chunks(len(queries), len(base), budget_bytes)
+    products_buffer = torch.empty(query_chunk * db_chunk, dtype=torch.int32)
     # the re-ranking gathers each query's candidate rows: (queries, candidates, dim) float32 per step
-    rerank_chunk = max(1, budget_bytes // (4 * n_candidates * base.shape[1]))
+    rerank_chunk = max(1, min(budget_bytes, SMALL_BLOCK_BYTES) // (4 * n_candidates * base.shape[1]))
     all_scores, all_indices, unsure = [], [], []
     for q_start in range(0, len(queries), query_chunk):
         query = torch.nn.functional.normalize(_as_tensor(queries[q_start:q_start + query_chunk], "cpu"), dim=1)
         query_scale = INT8_MAX / query.abs().amax(1, keepdim=True).clamp_min(TINY)
         query_int8 = (query * query_scale).round().to(torch.int8)
-        products, found = blockwise_top_k(lambda start, end: torch._int_mm(query_int8, base_int8[:, start:end]),
-                                          len(query), len(base), db_chunk, n_candidates, "cpu")
+        products, found = blockwise_top_k(
+            lambda start, end, out: torch._int_mm(query_int8, base_int8[start:end].T, out=out),
+            len(query), len(base), db_chunk, n_candidates, products_buffer)
         approximate = products / (query_scale * base_scale) + (query @ centre)[:, None]  # similarities
         for r_start in range(0, len(query), rerank_chunk):
             part = slice(r_start, r_start + rerank_chunk)
@@ -104,27 +111,31 @@ def int8_rerank_top_k(queries: np.ndarray, database: np.ndarray, k: int, candida
     return scores, indices, len(redo)
 
 
-def _quantised_columns(base: torch.Tensor, centre: torch.Tensor, budget_bytes: int) -> tuple[torch.Tensor, float]:
-    """(dim × n int8 matrix of round((x − centre) · scale), scale), built a chunk at a time so no
+def _quantised_rows(base: torch.Tensor, centre: torch.Tensor, budget_bytes: int) -> tuple[torch.Tensor, float]:
+    """(n × dim int8 matrix of round((x − centre) · scale), scale), built a chunk at a time so no
     float copy of the whole database is made."""
-    step = max(1, budget_bytes // (4 * base.shape[1]))
+    step = max(1, min(budget_bytes, SMALL_BLOCK_BYTES) // (4 * base.shape[1]))
     spread = max(float((base[i:i + step] - centre).abs().max()) for i in range(0, len(base), step))
     scale = INT8_MAX / max(spread, TINY)
-    columns = torch.empty((base.shape[1], len(base)), dtype=torch.int8)
+    rows = torch.empty(base.shape, dtype=torch.int8)
     for i in range(0, len(base), step):
-        columns[:, i:i + step] = ((base[i:i + step] - centre) * scale).round().to(torch.int8).T
-    return columns, scale
+        rows[i:i + step] = ((base[i:i + step] - centre) * scale).round()
+    return rows, scale
 
 
-def blockwise_top_k(score_block: Callable[[int, int], torch.Tensor], n_queries: int, n_database: int,
-                    db_chunk: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of `score_block(start, end)` (n_queries × (end − start) scores of database rows
-    start..end) over the whole database, best first. Each block's own top k first, then a merge
-    of two small candidate sets: concatenating the whole block to the running best would copy
-    every score once more."""
+def blockwise_top_k(score_block: Callable[[int, int, torch.Tensor], torch.Tensor], n_queries: int, n_database: int,
+                    db_chunk: int, k: int, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of `score_block(start, end, out)` (n_queries × (end − start) scores of database
+    rows start..end, written into `out`) over the whole database, best first. Each block's scores
+    go into the same `buffer`: a fresh block of this size would be paged in anew every time, which
+    costs as much as an int8 product. Each block's own top k first, then a merge of two small
+    candidate sets: concatenating the whole block to the running best would copy every score once
+    more."""
     best_scores = best_indices = None
     for start in range(0, n_database, db_chunk):
-        block_values, block_indices = block_top_k(score_block(start, min(start + db_chunk, n_database)), k)
+        end = min(start + db_chunk, n_database)
+        block = score_block(start, end, buffer[:n_queries * (end - start)].view(n_queries, end - start))
+        block_values, block_indices = block_top_k(block, k)
         if best_scores is None:
             candidates, candidate_indices = block_values, block_indices + start
         else:
@@ -133,7 +144,8 @@ def blockwise_top_k(score_block: Callable[[int, int], torch.Tensor], n_queries: 
         top = torch.topk(candidates, min(k, candidates.shape[1]), dim=1, sorted=True)
         best_scores, best_indices = top.values, candidate_indices.gather(1, top.indices)
     if best_scores is None:
-        return torch.zeros((n_queries, 0), device=device), torch.zeros((n_queries, 0), dtype=torch.long, device=device)
+        return (torch.zeros((n_queries, 0), dtype=buffer.dtype, device=buffer.device),
+                torch.zeros((n_queries, 0), dtype=torch.long, device=buffer.device))
     return best_scores, best_indices
 
 
