@@ -294,9 +294,8 @@ def eval_knn(
 ) -> None:
     """kNN classification, the DINOv2 weighted-vote protocol, on stored vectors."""
     from embedstore.query.evaluate import knn_evaluation
-    from embedstore.store import Store
-
     from embedstore.query.knn import SEARCHES
+    from embedstore.store import Store
 
     check_split_by(split_by)
     if search not in SEARCHES:

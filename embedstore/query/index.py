@@ -3,7 +3,7 @@ recall@10 measured against exact search before the index is trusted.
 
 LanceDB's defaults give poor recall on embeddings (a published test measured 0.16). Here the default
 is IVF_FLAT: about √n partitions holding the full vectors, so a probed partition is scored exactly
-and recall depends only on the probes. At 1,000,000 × 384 it builds in about 90 s on 2 cores where
+and recall depends only on the probes. At 1,000,000 × 384 it builds in about 70 s on 2 cores where
 IVF_PQ takes over 1,000 s, and is as fast to search: fetching the result rows, not scanning the
 partitions, is most of a query's time. Searches start at max(20, partitions / 50) probes, and the
 probes are doubled until the measured recall@10 reaches 0.95. `ivf_sq` (int8 vectors, a quarter of
