@@ -53,7 +53,7 @@ def knn_benchmark(n_queries: int, n_database: int) -> dict:
     theirs_s = time.perf_counter() - started
     _, _, searched_exactly = int8_rerank_top_k(queries, database, K)  # untimed: how often int8 gave way
     return {"queries": n_queries, "database": n_database, "dim": 768, "k": K,
-            "search": choose_search("auto", n_queries, n_database),
+            "search": choose_search("auto", n_queries, n_database, K),
             "embedstore_s": round(timings["auto"], 2), "embedstore_exact_s": round(timings["exact"], 2),
             "sklearn_s": round(theirs_s, 2), "speedup": round(theirs_s / timings["auto"], 2),
             "speedup_exact": round(theirs_s / timings["exact"], 2),

@@ -284,7 +284,8 @@ def eval_knn(
     k: str = typer.Option("10,20,100,200", help="Neighbour counts."),
     temperature: float = typer.Option(0.07, help="Vote weights exp(similarity / T)."),
     search: str = typer.Option("auto", help="Neighbour search: exact, int8 (candidates re-ranked exactly; "
-                                            "about 2x faster on a CPU), or auto (int8 for large sets on a CPU)."),
+                                            "about 2x faster on a CPU at k = 20), or auto (int8 for large sets "
+                                            "and k up to 100 on a CPU)."),
     split_by: Optional[str] = SPLIT_BY_OPTION,
     ratios: str = RATIOS_OPTION,
     seed: int = SPLIT_SEED_OPTION,

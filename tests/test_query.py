@@ -96,12 +96,13 @@ def test_int8_search_of_near_duplicates_is_exact():
     np.testing.assert_array_equal(indices, exact_indices)
 
 
-def test_auto_search_takes_int8_only_for_large_problems_on_a_cpu():
-    assert choose_search("auto", 100, 1000) == "exact"
-    assert choose_search("auto", 10_000, 100_000) == ("int8" if search_device().type == "cpu" else "exact")
-    assert choose_search("exact", 10_000, 100_000) == "exact"
+def test_auto_search_takes_int8_only_for_large_problems_and_small_k_on_a_cpu():
+    assert choose_search("auto", 100, 1000, 20) == "exact"
+    assert choose_search("auto", 10_000, 100_000, 20) == ("int8" if search_device().type == "cpu" else "exact")
+    assert choose_search("auto", 10_000, 100_000, 200) == "exact"
+    assert choose_search("exact", 10_000, 100_000, 20) == "exact"
     with pytest.raises(ValueError):
-        choose_search("faiss", 1, 1)
+        choose_search("faiss", 1, 1, 1)
 
 
 # --------------------------------------------------------------------------------------- kNN

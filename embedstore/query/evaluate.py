@@ -36,7 +36,7 @@ def knn_evaluation(store: Store, labels: str | Path, feature: str = "cls", level
     vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
     train = data.subset(data.splits == "train")
     evaluated = [data.subset(data.splits == split) for split in ("val", "test")]
-    search = choose_search(search, sum(len(part.matrix) for part in evaluated), len(train.matrix))
+    search = choose_search(search, sum(len(part.matrix) for part in evaluated), len(train.matrix), max(ks))
     result = {"task": "knn", "model_id": vectors.model_id, "feature": feature, "level": level,
               "counts": data.counts(), "classes": data.classes, "multilabel": data.multilabel,
               "temperature": temperature, "ks": list(ks), "search": search, "metrics": {}}
