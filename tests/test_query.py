@@ -290,6 +290,16 @@ def test_search_where_filters_and_a_malicious_where_is_rejected(ingested):
     assert Store.open(ingested.path).table("slices").count_rows() == ingested.summary.n_embedded
 
 
+def test_where_is_rebuilt_with_and_or_not_and_parentheses_kept():
+    from embedstore.query.where import validated_where
+
+    columns = ["modality", "slice_index", "body_part"]
+    assert validated_where("modality = 'CT' or not (slice_index < 2 and body_part = 'HEAD')", columns) == \
+        "modality = 'CT' OR NOT (slice_index < 2 AND body_part = 'HEAD')"
+    with pytest.raises(UsageError, match="--where"):
+        validated_where("modality = 'CT' AND", columns)
+
+
 def test_study_level_ranks_by_the_best_match_of_each_query_slice(ingested):
     from embedstore.query.search import query_by_series, search
     from embedstore.query.vectors import l2_normalised

@@ -77,18 +77,18 @@ class _Parser:
         return token[1]
 
     def expression(self) -> str:
-        parts = [self.conjunction()]
-        while self.peek() == ("word", "OR"):
-            self.take()
-            parts.append(self.conjunction())
-        return " OR ".join(parts)
+        return self.joined("OR", self.conjunction)
 
     def conjunction(self) -> str:
-        parts = [self.unary()]
-        while self.peek() == ("word", "AND"):
+        return self.joined("AND", self.unary)
+
+    def joined(self, operator: str, operand) -> str:
+        """operand (operator operand)*: OR binds looser than AND, which binds looser than NOT."""
+        parts = [operand()]
+        while self.peek() == ("word", operator):
             self.take()
-            parts.append(self.unary())
-        return " AND ".join(parts)
+            parts.append(operand())
+        return f" {operator} ".join(parts)
 
     def unary(self) -> str:
         if self.peek() == ("word", "NOT"):

@@ -162,7 +162,7 @@ def _text_numbers(ds: Dataset, keyword: str) -> list[float]:
 def _decode(path: str, ds: Dataset, syntax: uid.UID, layout: ImageLayout) -> np.ndarray:
     try:
         decoder = get_decoder(syntax)
-    except NotImplementedError:
+    except NotImplementedError:  # pydicom's answer for a syntax it has no decoder for at all (MPEG2, say)
         raise InputError(UNSUPPORTED_TRANSFER_SYNTAX, f"no decoder exists for transfer syntax {syntax.name} "
                          f"({syntax})", "decode") from None
     if not decoder.is_available:
@@ -187,6 +187,8 @@ def _decode(path: str, ds: Dataset, syntax: uid.UID, layout: ImageLayout) -> np.
             ds.pixel_array_options(decoding_plugin="")
     try:
         return ds.pixel_array
+    # pydicom raises these when the header's pixel description is missing or one it cannot follow
+    # (an absent or odd Bits Allocated, an unknown photometric interpretation): the file, not a bug
     except (AttributeError, KeyError, TypeError, NotImplementedError) as error:
         raise InputError(INVALID_HEADER, f"pixel data cannot be interpreted: {error}", "decode") from None
     except ValueError as error:
