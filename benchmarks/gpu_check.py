@@ -130,8 +130,8 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
     import torch
 
     from embedstore import samples
-    from embedstore.ingest.decode import DecodePool
-    from embedstore.ingest.batching import SliceBatcher
+    from embedstore.pipeline.decode import DecodePool
+    from embedstore.pipeline.batching import SliceBatcher
     from embedstore.models import load_model
     from embedstore.models.embedder import Embedder
     from embedstore.preprocess import IntensityConfig
@@ -184,7 +184,7 @@ class StoreWriter:
     """Embedded batches into an embedstore store (LanceDB rows, Zarr patches) on its writer thread."""
 
     def __init__(self, path: Path, loaded):
-        from embedstore.ingest.writer import SliceWriter
+        from embedstore.pipeline.writer import SliceWriter
         from embedstore.store import Store
 
         store = Store.open(path, create=True)
@@ -192,7 +192,7 @@ class StoreWriter:
         self.writer = SliceWriter(store, "gpu-check", "gpu-check-run", loaded.embed_dim, loaded.num_patches, True)
 
     def write(self, items, embeddings) -> None:
-        from embedstore.ingest.writer import EmbeddedBatch
+        from embedstore.pipeline.writer import EmbeddedBatch
 
         for item in items:
             item.rows = item.cols = 512

@@ -31,7 +31,7 @@ def write_archive(root: Path, n: int) -> Path:
 
 
 def timed_ingest(archive: Path, store: Path, args, executor: str) -> dict:
-    from embedstore.ingest.run import IngestOptions, ingest
+    from embedstore.pipeline.ingest import IngestOptions, ingest
 
     options = IngestOptions(model=args.model, weights="random", image_size=args.image_size, executor=executor,
                             show_progress=False)
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
-    from embedstore.ingest.on_ray import start_ray
+    from embedstore.pipeline.on_ray import start_ray
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

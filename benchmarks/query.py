@@ -35,8 +35,8 @@ def clustered(n: int, dim: int, n_classes: int, seed: int, centres=None):
 def knn_benchmark(n_queries: int, n_database: int) -> dict:
     from sklearn.neighbors import KNeighborsClassifier
 
-    from embedstore.query.exact import int8_rerank_top_k
-    from embedstore.query.knn import choose_search, knn_scores
+    from embedstore.search.exact import int8_rerank_top_k
+    from embedstore.eval.knn import choose_search, knn_scores
 
     database, database_labels, centres = clustered(n_database, 768, 50, seed=0)
     queries, query_labels, _ = clustered(n_queries, 768, 50, seed=1, centres=centres)
@@ -64,8 +64,8 @@ def knn_benchmark(n_queries: int, n_database: int) -> dict:
 
 
 def search_benchmark(n_rows: int) -> dict:
-    from embedstore.ingest.writer import row_metadata, slice_table
-    from embedstore.query.index import build_index
+    from embedstore.pipeline.writer import row_metadata, slice_table
+    from embedstore.search.index import build_index
     from embedstore.sources import SliceItem
     from embedstore.store import Store
 

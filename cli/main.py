@@ -65,7 +65,7 @@ def ingest(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Embed every slice under SOURCES into STORE; reruns embed only what is missing."""
-    from embedstore.ingest.run import IngestOptions, ingest as run_ingest
+    from embedstore.pipeline.ingest import IngestOptions, ingest as run_ingest
 
     options = IngestOptions(
         model=model, weights=weights, image_size=image_size, seed=seed, keep_patches=patches, window=window,
@@ -185,7 +185,7 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """The stored slices, series or studies most similar to a query."""
-    from embedstore.query import search as searching
+    from embedstore.search import similar as searching
     from embedstore.store import Store
 
     given = [name for name, value in (("--image", image), ("--key", key), ("--series-uid", series_uid)) if value]
@@ -223,7 +223,7 @@ def index(
     model_id: Optional[str] = typer.Option(None, help="The model whose vectors measure the recall."),
 ) -> None:
     """Build an ANN index with parameters chosen from the table size, and measure its recall@10."""
-    from embedstore.query.index import build_index
+    from embedstore.search.index import build_index
     from embedstore.store import Store
 
     report = build_index(Store.open(store), model_id, column, level, index_type)
@@ -263,7 +263,7 @@ def write_result(result: dict, path: Path | None, report: Path | None) -> None:
     if path:
         path.write_text(json.dumps(result, indent=2) + "\n")
     if report:
-        from embedstore.query.report import write_report
+        from embedstore.eval.report import write_report
 
         out.print(f"report: {write_report(result, report)}")
 
@@ -294,8 +294,8 @@ def eval_knn(
     report: Optional[Path] = REPORT_OPTION,
 ) -> None:
     """kNN classification, the DINOv2 weighted-vote protocol, on stored vectors."""
-    from embedstore.query.evaluate import knn_evaluation
-    from embedstore.query.knn import SEARCHES
+    from embedstore.eval.evaluate import knn_evaluation
+    from embedstore.eval.knn import SEARCHES
     from embedstore.store import Store
 
     check_split_by(split_by)
@@ -345,7 +345,7 @@ def eval_linear(
     report: Optional[Path] = REPORT_OPTION,
 ) -> None:
     """Linear probe (logistic regression): C chosen on val only, refitted on train + val, tested once."""
-    from embedstore.query.evaluate import linear_evaluation
+    from embedstore.eval.evaluate import linear_evaluation
     from embedstore.store import Store
 
     check_split_by(split_by)
@@ -374,8 +374,8 @@ def eval_fewshot(
     report: Optional[Path] = REPORT_OPTION,
 ) -> None:
     """Few-shot curves: mean and 95% interval over random draws of training patients per class."""
-    from embedstore.query.evaluate import fewshot_evaluation
-    from embedstore.query.fewshot import plot_curves
+    from embedstore.eval.evaluate import fewshot_evaluation
+    from embedstore.eval.fewshot import plot_curves
     from embedstore.store import Store
 
     check_split_by(split_by)

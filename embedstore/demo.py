@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Callable
 
 from embedstore.errors import UsageError
-from embedstore.ingest.run import IngestOptions, IngestSummary, ingest
+from embedstore.pipeline.ingest import IngestOptions, IngestSummary, ingest
 from embedstore.models import LoadedModel, load_model
-from embedstore.query.search import Hit, nearest_slices
+from embedstore.search.similar import Hit, nearest_slices
 from embedstore.samples import build_sample_archive
 from embedstore.store import Store, sql_literal
 from embedstore.store.info import store_info

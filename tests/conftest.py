@@ -49,7 +49,7 @@ def mixed_archive(tmp_path_factory) -> MixedArchive:
 
 
 def ingest_options(**overrides):
-    from embedstore.ingest.run import IngestOptions
+    from embedstore.pipeline.ingest import IngestOptions
 
     settings = dict(weights="random", image_size=TEST_IMAGE_SIZE, workers=0, show_progress=False)
     settings.update(overrides)
@@ -66,7 +66,7 @@ class IngestedStore:
 @pytest.fixture(scope="session")
 def ingested(mixed_archive, tmp_path_factory) -> IngestedStore:
     """The mixed archive ingested once; tests that change a store work on `fresh_copy` of it."""
-    from embedstore.ingest.run import ingest
+    from embedstore.pipeline.ingest import ingest
 
     path = tmp_path_factory.mktemp("stores") / "store"
     summary = ingest([mixed_archive.root], path, ingest_options(batch_size=4))

@@ -98,7 +98,7 @@ def expected_reason_counts() -> dict[str, int]:
 
 
 def options(workers: int):
-    from embedstore.ingest.run import IngestOptions
+    from embedstore.pipeline.ingest import IngestOptions
 
     return IngestOptions(weights="random", image_size=28, workers=workers, show_progress=False)
 
@@ -145,7 +145,7 @@ def lagging_writer(monkeypatch):
     Without this the interleaving of the ingest loop and the writer thread (and so the outcome
     of the failure-row checks) depends on thread scheduling; with it every run is the same.
     """
-    from embedstore.ingest.writer import SliceWriter
+    from embedstore.pipeline.writer import SliceWriter
 
     drain = SliceWriter._drain
 
@@ -244,7 +244,7 @@ def test_wrong_request_is_one_line_exit_2_and_writes_nothing(case, wrong_request
 @pytest.mark.parametrize("workers", [0, 1], ids=["inline", "worker-process"])
 def test_bad_files_become_failure_rows_and_the_rest_is_embedded(tmp_path, lagging_writer, workers):
     """With workers=1 the decode-stage failures cross the process boundary and must arrive intact."""
-    from embedstore.ingest.run import ingest
+    from embedstore.pipeline.ingest import ingest
 
     archive, bad_paths = build_bad_archive(tmp_path)
     store_path = tmp_path / "store"
@@ -258,7 +258,7 @@ def test_bad_files_become_failure_rows_and_the_rest_is_embedded(tmp_path, laggin
 
 
 def test_rerun_embeds_nothing_and_keeps_one_failure_row_per_bad_file(tmp_path, lagging_writer):
-    from embedstore.ingest.run import ingest
+    from embedstore.pipeline.ingest import ingest
 
     archive, bad_paths = build_bad_archive(tmp_path)
     store_path = tmp_path / "store"

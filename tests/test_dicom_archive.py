@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from conftest import TEST_IMAGE_SIZE, ingest_options
 from embedstore import samples
 from embedstore.errors import UsageError
-from embedstore.ingest.run import ingest
+from embedstore.pipeline.ingest import ingest
 from embedstore.preprocess import CT_WINDOWS, IntensityConfig, decode_task
 from embedstore.sources import ReadTask, SliceItem
 from embedstore.sources.dicom import read_header

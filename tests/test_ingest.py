@@ -7,7 +7,7 @@ import pydicom
 import pytest
 
 from conftest import TEST_IMAGE_SIZE, ingest_options
-from embedstore.ingest.run import ingest
+from embedstore.pipeline.ingest import ingest
 from embedstore.models import load_model
 from embedstore.models.embedder import Embedder
 from embedstore.preprocess import IntensityConfig, decode_task

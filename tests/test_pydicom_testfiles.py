@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 
 from conftest import ingest_options
 from embedstore.errors import DECODE_ERROR, WORKER_CRASHED
-from embedstore.ingest.run import ingest
+from embedstore.pipeline.ingest import ingest
 from embedstore.sources.dicom import read_header
 from embedstore.sources.dicom_pixels import read_dicom_pixels
 from embedstore.sources.discover import file_kind

@@ -14,10 +14,10 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from embedstore.errors import UsageError
-from embedstore.query.exact import DEFAULT_BUDGET_BYTES, block_top_k, exact_top_k, int8_rerank_top_k, search_device
-from embedstore.query.knn import choose_search, knn_scores
-from embedstore.query.labels import LabelledVectors, check_splits, split_by_patient
-from embedstore.query.vectors import load_vectors
+from embedstore.search.exact import DEFAULT_BUDGET_BYTES, block_top_k, exact_top_k, int8_rerank_top_k, search_device
+from embedstore.eval.knn import choose_search, knn_scores
+from embedstore.eval.labels import LabelledVectors, check_splits, split_by_patient
+from embedstore.store.vectors import load_vectors
 from embedstore.store import Store
 
 
@@ -192,7 +192,7 @@ def test_series_vectors_are_the_mean_of_their_slices(ingested):
 
 def test_vectors_of_two_models_are_never_mixed(ingested, fresh_copy):
     from conftest import ingest_options
-    from embedstore.ingest.run import ingest
+    from embedstore.pipeline.ingest import ingest
 
     ingest([ingested.archive.pngs[0]], fresh_copy, ingest_options(seed=1))  # another model id
     store = Store.open(fresh_copy)
@@ -244,7 +244,7 @@ def test_eval_knn_from_the_command_line_writes_its_json(ingested, tmp_path):
 
 
 def test_labels_that_join_nothing_or_lack_columns_are_clear_errors(ingested, tmp_path):
-    from embedstore.query.evaluate import knn_evaluation
+    from embedstore.eval.evaluate import knn_evaluation
 
     store = Store.open(ingested.path)
     nothing = write_labels(tmp_path / "nothing.csv", [{"key": "no-such-key", "label": "a", "split": "train"}])
@@ -262,7 +262,7 @@ def test_labels_that_join_nothing_or_lack_columns_are_clear_errors(ingested, tmp
 
 
 def test_search_by_key_is_exact_and_leaves_the_query_out(ingested):
-    from embedstore.query.search import query_by_key, search
+    from embedstore.search.similar import query_by_key, search
 
     store = Store.open(ingested.path)
     slices = load_vectors(store, feature="patch_mean")  # random weights: CLS hardly varies, patch means do
@@ -277,7 +277,7 @@ def test_search_by_key_is_exact_and_leaves_the_query_out(ingested):
 
 
 def test_search_where_filters_and_a_malicious_where_is_rejected(ingested):
-    from embedstore.query.search import query_by_key, search
+    from embedstore.search.similar import query_by_key, search
 
     store = Store.open(ingested.path)
     key = load_vectors(store).rows.column("key")[0].as_py()
@@ -291,7 +291,7 @@ def test_search_where_filters_and_a_malicious_where_is_rejected(ingested):
 
 
 def test_where_is_rebuilt_with_and_or_not_and_parentheses_kept():
-    from embedstore.query.where import validated_where
+    from embedstore.search.where import validated_where
 
     columns = ["modality", "slice_index", "body_part"]
     assert validated_where("modality = 'CT' or not (slice_index < 2 and body_part = 'HEAD')", columns) == \
@@ -301,8 +301,8 @@ def test_where_is_rebuilt_with_and_or_not_and_parentheses_kept():
 
 
 def test_study_level_ranks_by_the_best_match_of_each_query_slice(ingested):
-    from embedstore.query.search import query_by_series, search
-    from embedstore.query.vectors import l2_normalised
+    from embedstore.search.similar import query_by_series, search
+    from embedstore.store.vectors import l2_normalised
 
     store = Store.open(ingested.path)
     ct_series = store.rows("series", "modality = 'CT' AND n_slices > 1", ["series_uid"]).column("series_uid")[0].as_py()
@@ -321,7 +321,7 @@ def test_study_level_ranks_by_the_best_match_of_each_query_slice(ingested):
 
 
 def test_search_by_image_embeds_it_with_the_stores_model(ingested):
-    from embedstore.query.search import query_by_image, search
+    from embedstore.search.similar import query_by_image, search
 
     store = Store.open(ingested.path)
     png = ingested.archive.pngs[1]
@@ -361,7 +361,7 @@ def labelled_clusters(n_patients: int, rows_per_patient: int, n_classes: int, di
 def test_linear_probe_matches_sklearn_with_the_same_c():
     from sklearn.linear_model import LogisticRegression
 
-    from embedstore.query.linear import linear_probe
+    from embedstore.eval.linear import linear_probe
 
     data = split_by_patient(labelled_clusters(150, 4, 4, 32, seed=11), (0.6, 0.2, 0.2), seed=0)
     result = linear_probe(data, c_grid=tuple(np.logspace(-4, 2, 7)))
@@ -376,7 +376,7 @@ def test_linear_probe_matches_sklearn_with_the_same_c():
 
 
 def test_linear_probe_carves_val_from_train_by_patient_and_never_peeks_at_test():
-    from embedstore.query.linear import linear_probe, with_val_split
+    from embedstore.eval.linear import linear_probe, with_val_split
 
     data = split_by_patient(labelled_clusters(80, 3, 3, 16, seed=12), (0.8, 0.0, 0.2), seed=1)
     assert not (data.splits == "val").any()
@@ -411,7 +411,7 @@ def test_eval_linear_from_the_command_line(ingested, tmp_path):
 def test_metrics_agree_with_sklearn():
     from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-    from embedstore.query.metrics import multiclass_metrics
+    from embedstore.eval.metrics import multiclass_metrics
 
     rng = np.random.default_rng(13)
     y = rng.integers(0, 4, 200)
@@ -427,7 +427,7 @@ def test_metrics_agree_with_sklearn():
 
 
 def test_fewshot_draws_train_patients_only_and_repeats_exactly():
-    from embedstore.query.fewshot import draw, few_shot, patients_by_class
+    from embedstore.eval.fewshot import draw, few_shot, patients_by_class
 
     data = split_by_patient(labelled_clusters(90, 3, 3, 16, seed=14), (0.6, 0.1, 0.3), seed=2)
     grouped = patients_by_class(data)
@@ -448,7 +448,7 @@ def test_fewshot_draws_train_patients_only_and_repeats_exactly():
 
 
 def test_prototype_classifier_is_the_nearest_class_mean():
-    from embedstore.query.fewshot import classify
+    from embedstore.eval.fewshot import classify
 
     data = labelled_clusters(30, 2, 3, 8, seed=15)
     test, _ = clustered(10, 3, 8, seed=16)
@@ -483,7 +483,7 @@ def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp
 
 def synthetic_store(path, n: int, dim: int = 384, seed: int = 17, spread: float = 0.8) -> Store:
     """A real store holding n slices of clustered vectors (written as ingest writes them)."""
-    from embedstore.ingest.writer import row_metadata, slice_table
+    from embedstore.pipeline.writer import row_metadata, slice_table
     from embedstore.sources import SliceItem
 
     vectors, labels = clustered(n // 20, 20, dim, seed=seed, spread=spread)
@@ -498,8 +498,8 @@ def synthetic_store(path, n: int, dim: int = 384, seed: int = 17, spread: float 
 
 
 def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
-    from embedstore.query.index import build_index, index_for
-    from embedstore.query.search import query_by_key, search
+    from embedstore.search.index import build_index, index_for
+    from embedstore.search.similar import query_by_key, search
 
     store = synthetic_store(tmp_path / "store", 4000)
     report = build_index(store)
@@ -518,7 +518,7 @@ def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
         overlaps.append(len(set(expected) & {h.key for h in indexed}) / 10)
     assert np.mean(overlaps) >= 0.9, overlaps
     # another model's rows, copies of the query itself: the search must keep to the query's model
-    from embedstore.ingest.writer import row_metadata, slice_table
+    from embedstore.pipeline.writer import row_metadata, slice_table
     from embedstore.sources import SliceItem
 
     copies = np.repeat(query.vectors, 3, axis=0)
@@ -530,7 +530,7 @@ def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
 
 
 def test_index_probes_are_raised_until_the_recall_reaches_its_target(tmp_path):
-    from embedstore.query.index import TARGET_RECALL, build_index, choose_parameters
+    from embedstore.search.index import TARGET_RECALL, build_index, choose_parameters
 
     store = synthetic_store(tmp_path / "store", 4000, spread=6.0)  # barely clustered: few probes miss neighbours
     report = build_index(store)
@@ -541,7 +541,7 @@ def test_index_probes_are_raised_until_the_recall_reaches_its_target(tmp_path):
 
 @pytest.mark.parametrize("index_type", ["ivf_sq", "ivf_pq", "ivf_hnsw_sq"])
 def test_smaller_index_types_reach_the_recall_target_too(tmp_path, index_type):
-    from embedstore.query.index import TARGET_RECALL, build_index, index_for
+    from embedstore.search.index import TARGET_RECALL, build_index, index_for
 
     report = build_index(synthetic_store(tmp_path / "store", 2000), index_type=index_type)
     assert report.parameters.index_type == index_type and report.recall_at_10 >= TARGET_RECALL, report
@@ -549,7 +549,7 @@ def test_smaller_index_types_reach_the_recall_target_too(tmp_path, index_type):
 
 
 def test_index_refuses_a_tiny_table(ingested, fresh_copy):
-    from embedstore.query.index import build_index
+    from embedstore.search.index import build_index
 
     with pytest.raises(UsageError, match="no index built"):
         build_index(Store.open(fresh_copy))

@@ -17,8 +17,8 @@ ray = pytest.importorskip("ray")
 
 from conftest import TEST_IMAGE_SIZE, ingest_options  # noqa: E402
 from embedstore import samples  # noqa: E402
-from embedstore.ingest.on_ray import FAULT_EXIT_AFTER_UNITS, FAULT_MARKER  # noqa: E402
-from embedstore.ingest.run import ingest  # noqa: E402
+from embedstore.pipeline.on_ray import FAULT_EXIT_AFTER_UNITS, FAULT_MARKER  # noqa: E402
+from embedstore.pipeline.ingest import ingest  # noqa: E402
 from embedstore.store import Store  # noqa: E402
 from embedstore.store.patches import read_patches  # noqa: E402
 
@@ -112,7 +112,7 @@ KILLED_DRIVER = """
 import sys
 sys.path.insert(0, {tests!r})
 from conftest import ingest_options
-from embedstore.ingest.run import ingest
+from embedstore.pipeline.ingest import ingest
 ingest([{source!r}], {store!r}, ingest_options(executor="ray", unit_slices=8, batch_size=8, commit_rows=8))
 """
 

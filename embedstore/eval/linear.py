@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.query.labels import LabelledVectors, split_by_patient
-from embedstore.query.metrics import multiclass_metrics, multilabel_metrics
+from embedstore.eval.labels import LabelledVectors, split_by_patient
+from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
 VAL_SHARE_OF_TRAIN = 0.15  # carved by patient when the labels give no val split

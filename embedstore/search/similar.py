@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.errors import UsageError
-from embedstore.query.exact import exact_top_k
-from embedstore.query.index import ann_search, index_for, model_condition
-from embedstore.query.vectors import FEATURES, Vectors, l2_normalised, load_vectors, resolve_model_id
-from embedstore.query.where import validated_where
+from embedstore.search.exact import exact_top_k
+from embedstore.search.index import ann_search, index_for, model_condition
+from embedstore.store.vectors import FEATURES, Vectors, l2_normalised, load_vectors, resolve_model_id
+from embedstore.search.where import validated_where
 from embedstore.store import Store, sql_literal
 
 LEVELS = ("slice", "series", "study")
@@ -141,7 +141,7 @@ def query_by_series(store: Store, series_uid: str, feature: str = "cls", model_i
 def query_by_image(store: Store, path: str | Path, feature: str = "cls", model_id: str | None = None) -> Query:
     """The file's slices embedded with the model and preprocessing the store's vectors came from
     (read back from that model's latest run)."""
-    from embedstore.ingest.batching import SliceBatcher
+    from embedstore.pipeline.batching import SliceBatcher
     from embedstore.models import load_model
     from embedstore.models.embedder import Embedder
     from embedstore.preprocess import IntensityConfig, decode_task

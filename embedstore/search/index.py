@@ -24,8 +24,8 @@ import numpy as np
 from lancedb.index import Bitmap, IvfFlat, IvfHnswSq, IvfPq, IvfSq
 
 from embedstore.errors import UsageError
-from embedstore.query.exact import exact_top_k
-from embedstore.query.vectors import load_vectors, resolve_model_id
+from embedstore.search.exact import exact_top_k
+from embedstore.store.vectors import load_vectors, resolve_model_id
 from embedstore.store import MANIFEST, Store, sql_literal
 
 INDEX_TYPES = ("ivf_flat", "ivf_sq", "ivf_pq", "ivf_hnsw_sq")

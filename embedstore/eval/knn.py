@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedstore.query.exact import exact_top_k, int8_rerank_top_k, search_device
+from embedstore.search.exact import exact_top_k, int8_rerank_top_k, search_device
 
 DEFAULT_KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07

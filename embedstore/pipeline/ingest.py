@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.errors import UsageError
-from embedstore.ingest.batching import SliceBatcher
-from embedstore.ingest.decode import DecodePool
-from embedstore.ingest.on_ray import UNIT_SLICES, embed_on_ray
-from embedstore.ingest.plan import plan_remaining
-from embedstore.ingest.progress import IngestProgress
-from embedstore.ingest.writer import DEFAULT_COMMIT_ROWS, EmbeddedBatch, SliceWriter
+from embedstore.pipeline.batching import SliceBatcher
+from embedstore.pipeline.decode import DecodePool
+from embedstore.pipeline.on_ray import UNIT_SLICES, embed_on_ray
+from embedstore.pipeline.plan import plan_remaining
+from embedstore.pipeline.progress import IngestProgress
+from embedstore.pipeline.writer import DEFAULT_COMMIT_ROWS, EmbeddedBatch, SliceWriter
 from embedstore.models import LoadedModel, load_model
 from embedstore.models.embedder import Embedder, pick_device
 from embedstore.models.engines import candidate_engines

@@ -17,11 +17,11 @@ import numpy as np
 from scipy import stats
 
 from embedstore.errors import UsageError
-from embedstore.query.knn import knn_scores
-from embedstore.query.labels import LabelledVectors
-from embedstore.query.linear import fit_logistic
-from embedstore.query.metrics import multiclass_metrics
-from embedstore.query.vectors import l2_normalised
+from embedstore.eval.knn import knn_scores
+from embedstore.eval.labels import LabelledVectors
+from embedstore.eval.linear import fit_logistic
+from embedstore.eval.metrics import multiclass_metrics
+from embedstore.store.vectors import l2_normalised
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_TRIES = 10

@@ -19,7 +19,7 @@ def write_report(result: dict, directory: Path) -> Path:
              f"Feature `{result['feature']}`, {result['level']} level, {len(result['classes'])} classes"
              f"{' (multi-label)' if result['multilabel'] else ''}; {counts}.", ""]
     if task == "fewshot":
-        from embedstore.query.fewshot import plot_curves
+        from embedstore.eval.fewshot import plot_curves
 
         plot_curves(result, directory / "fewshot.png")
         lines += [f"Score: {result['score']}, mean [95% interval] over {result['tries']} draws per point.", "",

@@ -25,10 +25,10 @@ import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import UsageError, WORKER_CRASHED
-from embedstore.ingest.batching import SliceBatcher
-from embedstore.ingest.decode import decode_or_fail
-from embedstore.ingest.progress import IngestProgress
-from embedstore.ingest.writer import row_metadata, slice_table
+from embedstore.pipeline.batching import SliceBatcher
+from embedstore.pipeline.decode import decode_or_fail
+from embedstore.pipeline.progress import IngestProgress
+from embedstore.pipeline.writer import row_metadata, slice_table
 from embedstore.sources import Failure, ReadTask
 
 UNIT_SLICES = 256  # slices per work unit (a longer series is one unit on its own)
@@ -180,7 +180,7 @@ def embed_on_ray(job, tasks: list[ReadTask], progress: IngestProgress, stage_sec
     """Embed `tasks` on Ray; returns the run's EmbedOutcome."""
     import ray
 
-    from embedstore.ingest.run import EmbedOutcome
+    from embedstore.pipeline.ingest import EmbedOutcome
 
     options = job.options
     start_ray(options.ray_address)

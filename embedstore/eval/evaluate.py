@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.query.knn import DEFAULT_KS, TEMPERATURE, choose_search, knn_scores
-from embedstore.query.labels import LabelledVectors, check_splits, join_labels, read_labels, split_by_patient
-from embedstore.query.metrics import multiclass_metrics, multilabel_metrics
-from embedstore.query.vectors import load_vectors
+from embedstore.eval.knn import DEFAULT_KS, TEMPERATURE, choose_search, knn_scores
+from embedstore.eval.labels import LabelledVectors, check_splits, join_labels, read_labels, split_by_patient
+from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
+from embedstore.store.vectors import load_vectors
 from embedstore.store import Store
 
 
@@ -67,7 +67,7 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
                       ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
     """The linear probe: C chosen on val (carved from train by patient when absent), refitted on
     train + val, reported on test."""
-    from embedstore.query.linear import DEFAULT_C_GRID, linear_probe
+    from embedstore.eval.linear import DEFAULT_C_GRID, linear_probe
 
     vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
     probe = linear_probe(data, c_grid or DEFAULT_C_GRID, seed)
@@ -79,7 +79,7 @@ def fewshot_evaluation(store: Store, labels: str | Path, feature: str = "cls", l
                        model_id: str | None = None, shots=None, tries: int = 10, classifiers=None,
                        split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
     """Few-shot curves: `tries` draws of n training patients per class for each n, on a fixed test split."""
-    from embedstore.query.fewshot import CLASSIFIERS, DEFAULT_SHOTS, few_shot
+    from embedstore.eval.fewshot import CLASSIFIERS, DEFAULT_SHOTS, few_shot
 
     vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
     curves = few_shot(data, shots or DEFAULT_SHOTS, tries, classifiers or CLASSIFIERS, seed)

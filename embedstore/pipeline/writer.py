@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from embedstore.ingest.plan import slice_key
+from embedstore.pipeline.plan import slice_key
 from embedstore.models.embedder import Embeddings
 from embedstore.sources import Failure, SliceItem
 from embedstore.store import Store

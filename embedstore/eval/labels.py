@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.errors import UsageError
-from embedstore.query.vectors import Vectors
+from embedstore.store.vectors import Vectors
 
 JOIN_COLUMNS = ("key", "path", "sop_uid", "series_uid", "study_uid")
 SPLITS = ("train", "val", "test")

@@ -1,0 +1,1 @@
+"""Evaluations on stored vectors: labels and splits, kNN, linear probe, few-shot, metrics, reports."""

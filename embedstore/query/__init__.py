@@ -1,1 +1,0 @@
-"""Query layer: answers from stored vectors without re-running the backbone."""
