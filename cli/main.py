@@ -36,10 +36,19 @@ err = Console(stderr=True)
 def ingest(
     sources: list[str] = typer.Argument(..., help="Files or directories (searched recursively)."),
     store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
-    model: str = typer.Option("dinov2_vits14", help="dinov2_vit{s,b,l,g}14[_reg] or any timm model name."),
+    model: list[str] = typer.Option(
+        ["dinov2_vits14"], "--model", help="dinov2_vit{s,b,l,g}14[_reg] or any timm model name; repeat it to embed "
+        "every slice with several models (each slice is decoded once)."),
     weights: str = typer.Option("hub", help="hub, random, or a checkpoint path (Meta .pth or timm file)."),
     image_size: int = typer.Option(224, help="Model input size; a multiple of the patch size (14)."),
+    layers: Optional[int] = typer.Option(
+        None, help="Keep the final-norm CLS token of the last N blocks (default 4 on ViTs) beside cls and patch_mean."),
+    patch_layers: Optional[str] = typer.Option(
+        None, help="Blocks whose patch tokens go to Zarr, comma-separated, negative from the end (default -1, "
+        "the last; -5,-4,-3,-2,-1 for a UNet decoder)."),
     patches: bool = typer.Option(True, "--patches/--no-patches", help="Keep patch tokens in Zarr."),
+    mean: Optional[str] = typer.Option(None, help="Input mean R,G,B instead of the model's pretrained_cfg."),
+    std: Optional[str] = typer.Option(None, help="Input std R,G,B instead of the model's pretrained_cfg."),
     window: str = typer.Option(
         "auto", help="auto (CT [-1024, 600], MR percentiles, X-ray VOI), header (the file's own VOI window), "
         "a CT preset (study, brain, subdural, stroke, lung, mediastinum, abdomen, liver, bone), multi (three CT "
@@ -68,7 +77,10 @@ def ingest(
     from embedstore.pipeline.ingest import IngestOptions, ingest as run_ingest
 
     options = IngestOptions(
-        model=model, weights=weights, image_size=image_size, seed=seed, keep_patches=patches, window=window,
+        models=tuple(model), weights=weights, image_size=image_size, seed=seed, layers=layers,
+        patch_layers=parse_numbers(patch_layers, "--patch-layers", int) if patch_layers else None,
+        mean=parse_numbers(mean, "--mean") if mean else None, std=parse_numbers(std, "--std") if std else None,
+        keep_patches=patches, window=window,
         mr_percentiles=parse_percentiles(mr_percentiles), axis=axis, keep_patient_id=keep_patient_id,
         executor="ray" if ray_address else executor, ray_address=ray_address, ray_actors=ray_actors,
         batch_size=batch_size, workers=workers, device=device, engine=engine,
@@ -92,7 +104,8 @@ def print_summary(summary) -> None:
     table = Table(title=f"ingest {summary.run_id}", show_header=False)
     table.add_column(overflow="fold")
     table.add_column(overflow="fold")
-    table.add_row("model", summary.model_id)
+    for model_id in summary.model_ids:
+        table.add_row("model", f"{model_id}: {summary.embedded_by_model[model_id]:,} slices embedded")
     table.add_row("store", summary.store)
     table.add_row("slices found", f"{summary.n_found:,}")
     table.add_row("embedded", f"{summary.n_embedded:,}")
@@ -125,7 +138,7 @@ def info(
 
 def print_info(summary: dict) -> None:
     out.print(f"[bold]{summary['store']}[/bold]  format v{summary['format_version']}, "
-              f"{summary['vector_dim'] or '-'}-d vectors, {summary['series']:,} series, "
+              f"{len(summary['models'])} models, {summary['slices']:,} slices, {summary['series']:,} series, "
               f"{summary['studies']:,} studies, patches {summary['patch_bytes'] / 1e6:,.1f} MB")
     if summary["orphan_shards"]:
         out.print(f"orphan patch shards (from interrupted runs): {summary['orphan_shards']:,}; "
@@ -137,16 +150,40 @@ def print_info(summary: dict) -> None:
     for name, rows in summary["tables"].items():
         tables.add_row(name, f"{rows:,}")
     out.print(tables)
-    models = Table("model_id", "slices", "series", "studies", "patients")
-    for model_id, counts in summary["models"].items():
-        models.add_row(model_id, *(f"{counts[c]:,}" for c in ("slices", "series", "studies", "patients")))
-    out.print(models)
+    print_models(summary["models"])
     for title, counts in (("modality", summary["modalities"]), ("failure reason", summary["failures_by_reason"])):
         if counts:
             table = Table(title, "count")
             for name, n in counts.items():
                 table.add_row(str(name), f"{n:,}")
             out.print(table)
+
+
+def print_models(models: dict) -> None:
+    table = Table("model_id", "width", "CLS blocks", "patch blocks", "slices", "series", "studies", "patients")
+    for model_id, counts in models.items():
+        table.add_row(model_id, str(counts["embed_dim"]), ",".join(map(str, counts["cls_layers"])) or "-",
+                      ",".join(map(str, counts["patch_layers"])) or "-",
+                      *(f"{counts[c]:,}" for c in ("slices", "series", "studies", "patients")))
+    out.print(table)
+
+
+@app.command()
+def models(
+    store: Path = typer.Argument(..., help="Store directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print every model's full spec and counts as JSON."),
+) -> None:
+    """The models a store holds, with their specs and row counts."""
+    from embedstore.store import Store
+    from embedstore.store.info import model_counts
+
+    opened = Store.open(store)
+    counts = model_counts(opened)
+    if as_json:
+        print(json.dumps([{**spec.to_row(), **counts[model_id]} for model_id, spec in opened.specs().items()],
+                         indent=2))
+    else:
+        print_models(counts)
 
 
 @app.command()
@@ -180,8 +217,8 @@ def search(
     k: int = typer.Option(10, "--k", help="Results to return."),
     level: str = typer.Option("slice", help="slice, series or study (best match per query slice, averaged)."),
     where: Optional[str] = typer.Option(None, help="Filter on metadata columns, e.g. \"modality = 'CT' AND body_part = 'CHEST'\"."),
-    feature: str = typer.Option("cls", help="cls, patch_mean or cls+patch_mean."),
-    model_id: Optional[str] = typer.Option(None, help="The model, when the store holds several."),
+    feature: str = typer.Option("cls", help="cls, patch_mean, clsN (CLS of the last N blocks), or cls/clsN+patch_mean."),
+    model_id: Optional[str] = typer.Option(None, help="The model (any unique prefix of its id), when the store holds several."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """The stored slices, series or studies most similar to a query."""
@@ -193,11 +230,16 @@ def search(
         raise UsageError("give exactly one of --image, --key, --series-uid")
     opened = Store.open(store)
     if key:
-        query = searching.query_by_key(opened, key, feature)
+        query = searching.query_by_key(opened, key, feature, model_id)
     elif series_uid:
         query = searching.query_by_series(opened, series_uid, feature, model_id)
     else:
-        query = searching.query_by_image(opened, image, feature, model_id)
+        from embedstore.pipeline.embed_file import embed_file
+
+        resolved = opened.resolve_model_id(model_id)
+        columns = embed_file(opened, image, resolved)
+        query = searching.query_by_vectors(opened, f"image {image} ({len(columns['cls'])} slices)", resolved,
+                                           columns, feature)
     hits = searching.search(opened, query, k, level, feature, where)
     if as_json:
         print(json.dumps({"query": query.description, "model_id": query.model_id, "level": level,

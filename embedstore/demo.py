@@ -10,7 +10,7 @@ from embedstore.pipeline.ingest import IngestOptions, IngestSummary, ingest
 from embedstore.models import LoadedModel, load_model
 from embedstore.search.similar import Hit, nearest_slices
 from embedstore.samples import build_sample_archive
-from embedstore.store import Store, sql_literal
+from embedstore.store import Store
 from embedstore.store.info import store_info
 
 DEMO_MODEL = "dinov2_vits14"
@@ -34,11 +34,10 @@ def run_demo(store_path: Path, say: Callable[[str], None] = print,
             f"PNG phantoms, a NIfTI volume)")
         build_sample_archive(archive)
     loaded = demo_model(say)
-    options = IngestOptions(model=DEMO_MODEL, weights=loaded.weights_source, show_progress=show_progress)
-    summary = ingest([archive], store_path, options, loaded=loaded)
+    options = IngestOptions(models=(DEMO_MODEL,), weights=loaded.weights_source, show_progress=show_progress)
+    summary = ingest([archive], store_path, options, loaded=[loaded])
     store = Store.open(store_path)
-    query = store.rows("slices", f"model_id = {sql_literal(summary.model_id)} AND modality = 'CT' "
-                                 f"AND path LIKE '%ct_series%' AND slice_index = 5", ["key"])
+    query = store.rows("items", "modality = 'CT' AND path LIKE '%ct_series%' AND slice_index = 5", ["key"])
     query_key = query.column("key")[0].as_py()
     # A randomly initialised DINOv2 scales every block by LayerScale 1e-5, so its CLS token barely
     # depends on the image; the patch-token mean still does, and makes a more telling lookup.

@@ -181,28 +181,43 @@ def _grey_label(native: NativeSlices, config: IntensityConfig) -> str:
     return "minmax"
 
 
-def resize_stack(unit: np.ndarray, size: int) -> np.ndarray:
-    """(n, H, W) or (n, C, H, W) in [0, 1] → (n, C, size, size), antialiased bilinear."""
+def resize_stack(unit: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """(n, H, W) or (n, C, H, W) in [0, 1] → (n, C, size, size) with the model's interpolation
+    (antialiased where torch supports it: a 512 px slice shrunk to 224 must not alias)."""
     tensor = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))
     if tensor.ndim == 3:
         tensor = tensor[:, None]
     if tensor.shape[-2:] != (size, size):
-        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if interpolation == "nearest":
+            tensor = F.interpolate(tensor, size=(size, size), mode="nearest")
+        else:
+            tensor = F.interpolate(tensor, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
     return tensor.clamp(0.0, 1.0).numpy()  # not in place: without a resize the tensor shares the caller's array
 
 
-def prepare_slices(native: NativeSlices, config: IntensityConfig, size: int) -> tuple[np.ndarray, str]:
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What the decode stage makes of every slice, for every model of an ingest at once: one
+    intensity mapping, one size, and a resized stack per interpolation the models ask for."""
+
+    intensity: IntensityConfig
+    image_size: int
+    interpolations: tuple[str, ...] = ("bicubic",)
+
+
+def prepare_slices(native: NativeSlices, config: IntensityConfig, size: int,
+                   interpolation: str = "bicubic") -> tuple[np.ndarray, str]:
     """Native slices → model-ready (n, C, size, size) float32 in [0, 1], and the intensity label."""
     unit, label = unit_channels(native, config)
-    return resize_stack(unit, size), label
+    return resize_stack(unit, size, interpolation), label
 
 
-def imagenet_normalize(batch: torch.Tensor) -> torch.Tensor:
-    """(n, 1 or 3, S, S) in [0, 1] → (n, 3, S, S) ImageNet-normalised, on the batch's device."""
+def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(n, 1 or 3, S, S) in [0, 1] → (n, 3, S, S) normalised by the model's mean and std, on the batch's device."""
     if batch.shape[1] == 1:
         batch = batch.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
     return (batch - mean) / std
 
 
@@ -211,7 +226,7 @@ class DecodedFile:
     """A read task's slices, preprocessed and ready for the model."""
 
     task: ReadTask
-    pixels: np.ndarray  # (n, C, S, S) float32 in [0, 1], in the order of task.items
+    pixels: dict[str, np.ndarray]  # interpolation → (n, C, S, S) float32 in [0, 1], in the order of task.items
     modality: str | None
     rows: int
     cols: int
@@ -220,12 +235,15 @@ class DecodedFile:
     seconds: dict[str, float] = field(default_factory=dict)  # read_decode, preprocess
 
 
-def decode_task(task: ReadTask, config: IntensityConfig, image_size: int) -> DecodedFile:
-    """Read one file once and preprocess the slices the task asks for; InputError on bad data."""
+def decode_task(task: ReadTask, settings: DecodeSettings) -> DecodedFile:
+    """Read one file once and preprocess the slices the task asks for, for every model of the
+    ingest; InputError on bad data."""
     started = time.perf_counter()
+    config = settings.intensity
     native = read_native(task, apply_voi_lut=config.uses_header_voi(task.items[0].modality))
     read = time.perf_counter()
-    pixels, intensity = prepare_slices(native, config, image_size)
+    unit, intensity = unit_channels(native, config)
+    pixels = {mode: resize_stack(unit, settings.image_size, mode) for mode in settings.interpolations}
     seconds = {"read_decode": read - started, "preprocess": time.perf_counter() - read}
     return DecodedFile(task, pixels, native.modality, native.pixels.shape[1], native.pixels.shape[2], intensity,
                        seconds=seconds)

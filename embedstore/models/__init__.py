@@ -1,5 +1,6 @@
-"""Models: the registry of names, weights from hub / file / seeded random, and the embedder that
-turns preprocessed pixels into CLS, patch-mean and patch-token embeddings."""
+"""Models: the registry of names, weights from hub / file / seeded random, the model spec every
+reader rebuilds a model from, and the embedder that turns preprocessed pixels into the stored
+features (CLS of the last blocks, patch mean, patch tokens of chosen blocks)."""
 
 from __future__ import annotations
 
@@ -10,36 +11,51 @@ from pathlib import Path
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.models.registry import DINOV2_MODELS, ModelSpec, resolve_model
+from embedstore.models.registry import DINOV2_MODELS, ModelName, resolve_model
+from embedstore.models.spec import INTERPOLATIONS, ModelSpec
 from embedstore.models.weights import build_from_file, build_from_hub, build_random, weights_digest
+from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_VERSION, IntensityConfig
 
-__all__ = ["DINOV2_MODELS", "LoadedModel", "ModelSpec", "load_model", "resolve_model"]
+__all__ = ["DINOV2_MODELS", "LoadedModel", "ModelSpec", "load_model", "rebuild_model", "resolve_model"]
+
+DEFAULT_LAYERS = 4  # the reference study's "last 4 blocks" linear-probe input
 
 
 @dataclass
 class LoadedModel:
+    """A built model and the spec that says what its vectors mean."""
+
     spec: ModelSpec
     model: torch.nn.Module
-    image_size: int
-    weights_tag: str  # "hub-<digest>", "file-<digest>" or "random-s<seed>-<digest>"
-    embed_dim: int
-    patch_size: int
-    grid: tuple[int, int]
-    num_prefix_tokens: int  # CLS + register tokens in front of the patch tokens
 
     @property
-    def weights_source(self) -> str:
-        """"hub", "file" or "random"."""
-        return self.weights_tag.split("-", 1)[0]
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    # Shorthands for the geometry every stage asks for.
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.spec.grid
 
     @property
     def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.spec.num_patches
 
-    def model_id(self, preprocess_tag: str) -> str:
-        """Pins architecture, weights digest, image size and preprocessing; safe as a path component."""
-        name = re.sub(r"[^A-Za-z0-9_.]", "_", self.spec.name)
-        return f"{name}-{self.weights_tag}-{self.image_size}px-{preprocess_tag}"
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.spec.num_prefix_tokens
+
+    @property
+    def weights_source(self) -> str:
+        return self.spec.weights_source
 
 
 def feature_map_nchw(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -49,34 +65,63 @@ def feature_map_nchw(model: torch.nn.Module, features: torch.Tensor) -> torch.Te
     return features
 
 
-def patch_size_of(spec: ModelSpec) -> int | None:
-    match = re.search(r"patch(\d+)", spec.architecture)
+def patch_size_of(name: ModelName) -> int | None:
+    match = re.search(r"patch(\d+)", name.architecture)
     return int(match.group(1)) if match else None
 
 
-def load_model(name: str, weights: str = "hub", image_size: int = 224, seed: int = 0) -> LoadedModel:
-    """Build `name` at `image_size` with weights from "hub", "random" or a checkpoint path.
+def has_token_blocks(model: torch.nn.Module) -> bool:
+    """A ViT-like model whose blocks' tokens (CLS first) `forward_intermediates` returns."""
+    return (getattr(model, "num_prefix_tokens", 0) > 0 and hasattr(model, "blocks")
+            and hasattr(model, "forward_intermediates"))
 
-    Every problem the user can fix (unknown name, bad size, unreadable file, no network) is a
-    UsageError raised before anything is written anywhere.
+
+def load_model(name: str, weights: str = "hub", image_size: int = 224, seed: int = 0,
+               intensity: IntensityConfig | None = None, layers: int | None = None,
+               patch_layers: tuple[int, ...] | None = None, mean: tuple[float, ...] | None = None,
+               std: tuple[float, ...] | None = None) -> LoadedModel:
+    """Build `name` at `image_size` with weights from "hub", "random" or a checkpoint path, and its spec.
+
+    `layers`: how many last blocks' CLS tokens to keep (default 4 on ViTs; CNNs have none).
+    `patch_layers`: blocks whose patch tokens are kept (negative counts from the end; default the
+    last; () keeps none). `mean`/`std` override the model's `pretrained_cfg`. Every problem the user
+    can fix (unknown name, bad size or layers, unreadable file, no network) is a UsageError raised
+    before anything is written anywhere.
     """
-    spec = resolve_model(name)
-    declared_patch = patch_size_of(spec)
+    resolved = resolve_model(name)
+    declared_patch = patch_size_of(resolved)
     if image_size <= 0 or (declared_patch and image_size % declared_patch):
         raise UsageError(
-            f"image size {image_size} is not a positive multiple of {spec.name}'s patch size {declared_patch}"
+            f"image size {image_size} is not a positive multiple of {resolved.name}'s patch size {declared_patch}"
         )
     if weights == "random":
-        model, source = build_random(spec, image_size, seed), f"random-s{seed}"
+        model, source, weights_file = build_random(resolved, image_size, seed), "random", None
     elif weights == "hub":
-        model, source = build_from_hub(spec, image_size), "hub"
+        model, source, weights_file = build_from_hub(resolved, image_size), "hub", None
     else:
-        model, source = build_from_file(spec, image_size, Path(weights)), "file"
+        path = Path(weights)
+        model, source, weights_file = build_from_file(resolved, image_size, path), "file", str(path.resolve())
     model.eval().requires_grad_(False)
-    return _describe(spec, model, image_size, f"{source}-{weights_digest(model)}")
+    spec = describe(resolved, model, image_size, source, weights_file, seed if source == "random" else 0,
+                    intensity or IntensityConfig(), layers, patch_layers, mean, std)
+    return LoadedModel(spec, model)
 
 
-def _describe(spec: ModelSpec, model: torch.nn.Module, image_size: int, weights_tag: str) -> LoadedModel:
+def rebuild_model(spec: ModelSpec, weights: str | None = None) -> LoadedModel:
+    """The model a stored spec describes, checked against its weights digest. `weights` points at
+    a checkpoint when the recorded source cannot be reached from here."""
+    source = weights or {"random": "random", "hub": "hub"}.get(spec.weights_source, spec.weights_file)
+    loaded = load_model(spec.name, source, spec.image_size, spec.seed, spec.intensity, mean=spec.mean, std=spec.std)
+    if loaded.spec.weights_digest != spec.weights_digest:
+        raise UsageError(f"the weights loaded for {spec.model_id} have digest {loaded.spec.weights_digest}, "
+                         f"not {spec.weights_digest}: pass --weights PATH to the checkpoint the store was made with")
+    # The stored record stays the truth: the layers it kept, its interpolation, the version that wrote it.
+    return LoadedModel(spec, loaded.model)
+
+
+def describe(name: ModelName, model: torch.nn.Module, image_size: int, source: str, weights_file: str | None,
+             seed: int, intensity: IntensityConfig, layers: int | None, patch_layers: tuple[int, ...] | None,
+             mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> ModelSpec:
     with torch.inference_mode():
         features = feature_map_nchw(model, model.forward_features(torch.zeros(1, 3, image_size, image_size)))
     if features.ndim == 4:  # CNN feature map (N, C, h, w): every position is a "patch"
@@ -87,5 +132,53 @@ def _describe(spec: ModelSpec, model: torch.nn.Module, image_size: int, weights_
         embed_dim, prefix = features.shape[2], getattr(model, "num_prefix_tokens", 1)
         patch = model.patch_embed.patch_size[0]
         if image_size % patch:
-            raise UsageError(f"image size {image_size} is not a multiple of {spec.name}'s patch size {patch}")
-    return LoadedModel(spec, model, image_size, weights_tag, int(embed_dim), int(patch), grid, int(prefix))
+            raise UsageError(f"image size {image_size} is not a multiple of {name.name}'s patch size {patch}")
+    num_blocks = len(model.blocks) if has_token_blocks(model) else 0
+    config = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in (mean or config.get("mean") or IMAGENET_MEAN))
+    std = tuple(float(v) for v in (std or config.get("std") or IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise UsageError(f"mean and std take three values each (std positive), not {mean} and {std}")
+    interpolation = config.get("interpolation", "bicubic")
+    return ModelSpec(
+        name=name.name, timm_name=name.timm_name, weights_source=source, weights_digest=weights_digest(model),
+        weights_file=weights_file, seed=seed, image_size=image_size, patch_size=int(patch),
+        grid_h=int(grid[0]), grid_w=int(grid[1]), num_prefix_tokens=int(prefix), embed_dim=int(embed_dim),
+        num_blocks=num_blocks, mean=mean, std=std,
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
+        window=intensity.window, mr_percentiles=tuple(intensity.mr_percentiles),
+        preprocess_version=PREPROCESS_VERSION, cls_layers=kept_cls_layers(name.name, num_blocks, layers),
+        patch_layers=kept_patch_layers(name.name, num_blocks, patch_layers),
+    )
+
+
+def kept_cls_layers(name: str, num_blocks: int, layers: int | None) -> tuple[int, ...]:
+    if num_blocks == 0:
+        if layers not in (None, 1):
+            raise UsageError(f"--layers {layers}: {name} has no class token per block; it keeps its pooled "
+                             "features as cls only (omit --layers)")
+        return ()
+    n = DEFAULT_LAYERS if layers is None else layers
+    if not 1 <= n <= num_blocks:
+        raise UsageError(f"--layers must be between 1 and {name}'s {num_blocks} blocks, not {n}")
+    return tuple(range(num_blocks - min(n, num_blocks), num_blocks))
+
+
+def kept_patch_layers(name: str, num_blocks: int, requested: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Block indices (from 0) whose patch tokens are kept; CNNs keep their final feature map as
+    "block -1" only, recorded as (0,)."""
+    if requested is not None and not requested:
+        return ()
+    if num_blocks == 0:
+        if requested not in (None, (-1,)):
+            raise UsageError(f"--patch-layers: {name} has no transformer blocks; only its final feature map "
+                             "is kept (omit --patch-layers)")
+        return (0,)
+    blocks = []
+    for index in (-1,) if requested is None else requested:
+        block = index + num_blocks if index < 0 else index
+        if not 0 <= block < num_blocks:
+            raise UsageError(f"--patch-layers: {name} has blocks 0 to {num_blocks - 1} (or -1 to -{num_blocks}), "
+                             f"not {index}")
+        blocks.append(block)
+    return tuple(sorted(set(blocks)))

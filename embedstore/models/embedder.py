@@ -10,16 +10,17 @@ import torch
 from embedstore.errors import UsageError
 from embedstore.models import LoadedModel
 from embedstore.models.engines import EmbeddingForward, autocast, build_engine, forward_padded
-from embedstore.preprocess import imagenet_normalize
+from embedstore.preprocess import normalize
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Embeddings:
-    cls: np.ndarray  # (n, D) float32: final-norm CLS token (pooled features for CNNs)
-    patch_mean: np.ndarray  # (n, D) float32: mean of final-norm patch tokens
-    patches: np.ndarray | None  # (n, grid_h*grid_w, D) float16, when kept
+    cls: np.ndarray  # (n, D) float32: the model's pooled pre-logits features (final-norm CLS for DINOv2)
+    patch_mean: np.ndarray  # (n, D) float32: mean of final-norm patch tokens of the last block
+    cls_layers: np.ndarray  # (n, L, D) float32: final-norm CLS of each of spec.cls_layers
+    patches: np.ndarray | None  # (n, P, grid_h*grid_w, D) float16: tokens of spec.patch_layers, when kept
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -41,25 +42,26 @@ class Embedder:
         self.device = pick_device(device)
         self.dtype = PRECISIONS[precision]
         self.model = loaded.model.to(self.device).eval()
-        module = EmbeddingForward(self.model, loaded.num_prefix_tokens)
-        self.engine = build_engine(module, engine, self.device, self.dtype, batch_size, loaded.image_size,
-                                   cache_key=f"{loaded.spec.name}-{loaded.weights_tag}-{loaded.image_size}px")
+        spec = loaded.spec
+        module = EmbeddingForward(self.model, spec)
+        layers = f"c{'.'.join(map(str, spec.cls_layers))}-p{'.'.join(map(str, spec.patch_layers))}"
+        self.engine = build_engine(module, engine, self.device, self.dtype, batch_size, spec.image_size,
+                                   cache_key=f"{spec.model_id}-{layers}")
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor, keep_patches: bool = True) -> Embeddings:
         """`pixels`: (n, 1 or 3, S, S) in [0, 1] from `preprocess.prepare_slices`."""
-        batch = imagenet_normalize(torch.as_tensor(pixels).to(self.device, non_blocking=True))
-        cls, tokens = [], []
+        spec = self.loaded.spec
+        batch = normalize(torch.as_tensor(pixels).to(self.device, non_blocking=True), spec.mean, spec.std)
+        outputs = []
         step = self.engine.batch_size or len(batch)
         with autocast(self.device, self.dtype):
             for start in range(0, len(batch), step):
-                part_cls, part_tokens = forward_padded(self.engine.forward, batch[start:start + step],
-                                                       self.engine.batch_size)
-                cls.append(part_cls)
-                tokens.append(part_tokens)
-        cls, tokens = torch.cat(cls), torch.cat(tokens)
+                outputs.append(forward_padded(self.engine.forward, batch[start:start + step], self.engine.batch_size))
+        cls, patch_mean, cls_layers, patches = (torch.cat([o[part] for o in outputs]) for part in range(4))
         return Embeddings(
             cls=cls.float().cpu().numpy(),
-            patch_mean=tokens.float().mean(dim=1).cpu().numpy(),
-            patches=tokens.to(torch.float16).cpu().numpy() if keep_patches else None,
+            patch_mean=patch_mean.float().cpu().numpy(),
+            cls_layers=cls_layers.float().cpu().numpy(),
+            patches=patches.to(torch.float16).cpu().numpy() if keep_patches else None,
         )

@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from embedstore.errors import UsageError
@@ -28,28 +27,47 @@ ENGINE_CACHE_ENV = "EMBEDSTORE_ENGINE_CACHE"  # where TensorRT engines are kept 
 
 
 class EmbeddingForward(torch.nn.Module):
-    """ImageNet-normalised batch → (pooled CLS, patch tokens): the whole per-batch computation,
-    one module, so an engine compiles all of it."""
+    """Normalised batch → every stored feature, in one module so an engine compiles all of it:
+    (pooled `cls` (n, D), `patch_mean` (n, D), final-norm CLS of the kept blocks (n, L, D), final-norm
+    patch tokens of the kept blocks (n, P, T, D)). ViTs run timm's `forward_intermediates(norm=True)`,
+    what DINOv2's `get_intermediate_layers(n, norm=True)` returns; CNNs give their pooled features
+    and final feature map."""
 
-    def __init__(self, model: torch.nn.Module, num_prefix_tokens: int):
+    def __init__(self, model: torch.nn.Module, spec):
         super().__init__()
         self.model = model
-        self.num_prefix_tokens = num_prefix_tokens
+        self.num_prefix_tokens = spec.num_prefix_tokens
+        self.cls_layers = list(spec.cls_layers)
+        self.patch_layers = list(spec.patch_layers)
+        self.token_blocks = spec.num_blocks > 0
+        # forward_intermediates returns the blocks asked for, in block order
+        self.taken = sorted(set(self.cls_layers) | set(self.patch_layers)) if self.token_blocks else []
 
-    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(batch)
-        cls = self.model.forward_head(features, pre_logits=True)
-        if features.ndim == 4:  # CNNs: the feature map's positions are the "patches"
+    def forward(self, batch: torch.Tensor):
+        if not self.token_blocks:  # CNNs: the feature map's positions are the "patches"
+            features = self.model.forward_features(batch)
+            pooled = self.model.forward_head(features, pre_logits=True)
             tokens = feature_map_nchw(self.model, features).flatten(2).transpose(1, 2)
-        else:
-            tokens = features[:, self.num_prefix_tokens:]
-        return cls, tokens
+            patches = tokens[:, None] if self.patch_layers else tokens[:, :0, None]
+            return pooled, tokens.mean(dim=1), tokens.new_zeros((len(batch), 0, tokens.shape[-1])), patches
+        final, intermediates = self.model.forward_intermediates(
+            batch, indices=self.taken or [len(self.model.blocks) - 1], norm=True, output_fmt="NLC",
+            return_prefix_tokens=True)
+        by_block = dict(zip(self.taken, intermediates))
+        pooled = self.model.forward_head(final, pre_logits=True)
+        patch_mean = final[:, self.num_prefix_tokens:].mean(dim=1)
+        width = final.shape[-1]
+        cls_layers = torch.stack([by_block[b][1][:, 0] for b in self.cls_layers], dim=1) if self.cls_layers \
+            else final.new_zeros((len(batch), 0, width))
+        patches = torch.stack([by_block[b][0] for b in self.patch_layers], dim=1) if self.patch_layers \
+            else final.new_zeros((len(batch), 0, final.shape[1] - self.num_prefix_tokens, width))
+        return pooled, patch_mean, cls_layers, patches
 
 
 @dataclass
 class Engine:
     name: str  # the engine in use
-    forward: object  # callable: normalised batch → (cls, tokens)
+    forward: object  # callable: normalised batch → EmbeddingForward's outputs
     batch_size: int | None  # fixed batch of a compiled engine (short batches are padded); None: any
     notes: list[str] = field(default_factory=list)  # why a requested engine was not used
 
@@ -90,12 +108,11 @@ def build_engine(module: EmbeddingForward, requested: str, device: torch.device,
 
 
 def calibration_batch(image_size: int, device: torch.device) -> torch.Tensor:
-    """Fixed phantom images (ImageNet-normalised), so every run checks an engine on the same input."""
-    from embedstore.preprocess import imagenet_normalize
-    from embedstore.samples import phantom
-
-    images = np.stack([phantom(image_size, seed) for seed in range(CALIBRATION_IMAGES)])[:, None]
-    return imagenet_normalize(torch.from_numpy(images).to(device))
+    """Fixed smooth random images, so every run checks an engine on the same input."""
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(CALIBRATION_IMAGES, 3, 8, 8, generator=generator)
+    images = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bilinear")
+    return ((images - 0.45) / 0.225).to(device)
 
 
 def run_padded(forward, batch: torch.Tensor, batch_size: int, dtype: torch.dtype,
@@ -105,9 +122,7 @@ def run_padded(forward, batch: torch.Tensor, batch_size: int, dtype: torch.dtype
     with torch.inference_mode(), autocast(device, dtype):
         for start in range(0, len(batch), batch_size):
             outputs.append(forward_padded(forward, batch[start:start + batch_size], batch_size))
-    cls = torch.cat([o[0] for o in outputs]).float()
-    patch_mean = torch.cat([o[1].float().mean(dim=1) for o in outputs])
-    return cls, patch_mean
+    return tuple(torch.cat([o[part] for o in outputs]).float() for part in (0, 1))
 
 
 def forward_padded(forward, batch: torch.Tensor, batch_size: int | None):
@@ -115,8 +130,7 @@ def forward_padded(forward, batch: torch.Tensor, batch_size: int | None):
     if batch_size is None or n == batch_size:
         return forward(batch)
     padded = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
-    cls, tokens = forward(padded)
-    return cls[:n], tokens[:n]
+    return tuple(output[:n] for output in forward(padded))
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -26,7 +26,9 @@ DINOV2_MODELS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelName:
+    """A name the user gave, resolved to what timm builds."""
+
     name: str  # what the user asked for, recorded in model_id
     timm_name: str  # "architecture[.pretrained_tag]" as timm.create_model takes it
 
@@ -35,12 +37,12 @@ class ModelSpec:
         return self.timm_name.split(".", 1)[0]
 
 
-def resolve_model(name: str) -> ModelSpec:
+def resolve_model(name: str) -> ModelName:
     """The spec for a familiar DINOv2 name or any timm model name; UsageError otherwise."""
     if name in DINOV2_MODELS:
-        return ModelSpec(name=name, timm_name=DINOV2_MODELS[name])
+        return ModelName(name=name, timm_name=DINOV2_MODELS[name])
     if timm.is_model(name.split(".", 1)[0]):
-        return ModelSpec(name=name, timm_name=name)
+        return ModelName(name=name, timm_name=name)
     raise UsageError(
         f"unknown model {name!r}: use one of {', '.join(DINOV2_MODELS)} or a timm model name"
     )

@@ -18,13 +18,13 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from embedstore.errors import UsageError
-from embedstore.models.registry import ModelSpec
+from embedstore.models.registry import ModelName
 
 CHECKPOINT_WRAPPER_KEYS = ("model", "state_dict", "teacher")  # Meta training checkpoints use "teacher"
 CHECKPOINT_KEY_PREFIXES = ("module.", "backbone.")
 
 
-def create_architecture(spec: ModelSpec, image_size: int, pretrained: bool = False) -> torch.nn.Module:
+def create_architecture(spec: ModelName, image_size: int, pretrained: bool = False) -> torch.nn.Module:
     """The timm model without a classifier head, at `image_size` where the architecture takes one."""
     kwargs = {"pretrained": pretrained, "num_classes": 0}
     try:
@@ -33,7 +33,7 @@ def create_architecture(spec: ModelSpec, image_size: int, pretrained: bool = Fal
         return timm.create_model(spec.timm_name, **kwargs)
 
 
-def build_random(spec: ModelSpec, image_size: int, seed: int) -> torch.nn.Module:
+def build_random(spec: ModelName, image_size: int, seed: int) -> torch.nn.Module:
     """timm's own initialisation, made reproducible by the seed."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -60,7 +60,7 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def build_from_hub(spec: ModelSpec, image_size: int) -> torch.nn.Module:
+def build_from_hub(spec: ModelName, image_size: int) -> torch.nn.Module:
     advice = "pass --weights PATH to a local checkpoint (or --weights random)"
     problem = hub_unreachable()
     if problem:
@@ -96,7 +96,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_from_file(spec: ModelSpec, image_size: int, path: Path) -> torch.nn.Module:
+def build_from_file(spec: ModelName, image_size: int, path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise UsageError(f"weights file {path} does not exist")
     state = read_checkpoint(path)

@@ -14,7 +14,7 @@ class SliceBatcher:
     def __init__(self, size: int):
         self.size = size
         self._items: list[SliceItem] = []
-        self._pixels: list[np.ndarray] = []
+        self._pixels: list[dict[str, np.ndarray]] = []  # interpolation → (n, C, S, S), per decoded file
         self._count = 0
 
     def add(self, decoded: DecodedFile) -> None:
@@ -32,10 +32,12 @@ class SliceBatcher:
     def full(self) -> bool:
         return self._count >= self.size
 
-    def take(self) -> tuple[list[SliceItem], np.ndarray]:
-        pixels = np.concatenate(self._pixels) if len(self._pixels) > 1 else self._pixels[0]
+    def take(self) -> tuple[list[SliceItem], dict[str, np.ndarray]]:
+        """The next batch: its items and, per interpolation, its pixels."""
+        pixels = {mode: np.concatenate([p[mode] for p in self._pixels]) if len(self._pixels) > 1
+                  else self._pixels[0][mode] for mode in self._pixels[0]}
         n = min(self.size, self._count)
         items, self._items = self._items[:n], self._items[n:]
-        self._pixels = [pixels[n:]] if n < len(pixels) else []
+        self._pixels = [{mode: stack[n:] for mode, stack in pixels.items()}] if n < self._count else []
         self._count -= n
-        return items, pixels[:n]
+        return items, {mode: stack[:n] for mode, stack in pixels.items()}

@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
 from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, InputError
-from embedstore.preprocess import DecodedFile, IntensityConfig, decode_task
+from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
 from embedstore.sources import Failure, ReadTask
 
 CHUNK_SLICES = 8  # files are grouped until a chunk holds this many slices
@@ -27,14 +27,14 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # parallelism comes from the processes; one thread each avoids oversubscription
 
 
-def decode_or_fail(task: ReadTask, config: IntensityConfig, image_size: int) -> DecodedFile | list[Failure]:
+def decode_or_fail(task: ReadTask, settings: DecodeSettings) -> DecodedFile | list[Failure]:
     """The decoded task, or the failures that stopped it. A DICOM instance with alternate copies is
     read from the first copy that decodes; the others are recorded as failures of their own
     (what was wrong with them) or as duplicates of the copy that was used."""
     failures = []
     for path in [task.path, *task.alternates]:
         try:
-            decoded = decode_task(task if path == task.path else task.at(path), config, image_size)
+            decoded = decode_task(task if path == task.path else task.at(path), settings)
         except InputError as error:
             failures.append(Failure(path, error.stage, error.reason, error.message))
             continue
@@ -49,8 +49,8 @@ def decode_or_fail(task: ReadTask, config: IntensityConfig, image_size: int) -> 
     return failures
 
 
-def decode_chunk(tasks: list[ReadTask], config: IntensityConfig, image_size: int) -> list:
-    return [decode_or_fail(task, config, image_size) for task in tasks]
+def decode_chunk(tasks: list[ReadTask], settings: DecodeSettings) -> list:
+    return [decode_or_fail(task, settings) for task in tasks]
 
 
 def chunk_tasks(tasks: Iterable[ReadTask], chunk_slices: int = CHUNK_SLICES) -> Iterator[list[ReadTask]]:
@@ -67,10 +67,9 @@ def chunk_tasks(tasks: Iterable[ReadTask], chunk_slices: int = CHUNK_SLICES) -> 
 
 
 class DecodePool:
-    def __init__(self, workers: int, config: IntensityConfig, image_size: int):
+    def __init__(self, workers: int, settings: DecodeSettings):
         self.workers = workers
-        self.config = config
-        self.image_size = image_size
+        self.settings = settings
         self.stage_seconds: Counter = Counter()  # read_decode and preprocess, summed over workers
         self._executor: ProcessPoolExecutor | None = None
 
@@ -104,7 +103,7 @@ class DecodePool:
         chunks = chunk_tasks(tasks)
         if self.workers == 0:
             for chunk in chunks:
-                results = decode_chunk(chunk, self.config, self.image_size)
+                results = decode_chunk(chunk, self.settings)
                 self._account(results)
                 yield from zip(chunk, results)
             return
@@ -119,10 +118,10 @@ class DecodePool:
 
     def _submit(self, chunk: list[ReadTask]) -> Future:
         try:
-            return self._pool().submit(decode_chunk, chunk, self.config, self.image_size)
+            return self._pool().submit(decode_chunk, chunk, self.settings)
         except BrokenProcessPool:
             self._replace_pool()
-            return self._pool().submit(decode_chunk, chunk, self.config, self.image_size)
+            return self._pool().submit(decode_chunk, chunk, self.settings)
 
     def _replace_pool(self) -> None:
         if self._executor is not None:

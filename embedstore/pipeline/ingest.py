@@ -1,4 +1,5 @@
-"""Single-machine ingest: catalog → plan → decode (worker processes) → embed → write → summary."""
+"""Ingest: catalog → plan (per model) → units → decode once → embed with every model → commit →
+series rows → summary, on the local or the Ray distributor."""
 
 from __future__ import annotations
 
@@ -9,25 +10,25 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from embedstore.errors import UsageError
-from embedstore.pipeline.batching import SliceBatcher
-from embedstore.pipeline.decode import DecodePool
-from embedstore.pipeline.on_ray import UNIT_SLICES, embed_on_ray
-from embedstore.pipeline.plan import plan_remaining
-from embedstore.pipeline.progress import IngestProgress
-from embedstore.pipeline.writer import DEFAULT_COMMIT_ROWS, EmbeddedBatch, SliceWriter
 from embedstore.models import LoadedModel, load_model
 from embedstore.models.embedder import Embedder, pick_device
 from embedstore.models.engines import candidate_engines
-from embedstore.preprocess import IntensityConfig
-from embedstore.sources import Failure, ReadTask, SliceItem, build_catalog, check_sources, discover
+from embedstore.models.spec import ModelSpec
+from embedstore.pipeline.decode import DecodePool
+from embedstore.pipeline.local import embed_locally
+from embedstore.pipeline.on_ray import embed_on_ray
+from embedstore.pipeline.plan import plan_remaining
+from embedstore.pipeline.progress import IngestProgress
+from embedstore.pipeline.runner import UNIT_SLICES, UnitRunner, plan_units, unit_slices_for
+from embedstore.pipeline.series import refresh_series
+from embedstore.preprocess import DecodeSettings, IntensityConfig
+from embedstore.sources import Failure, ReadTask, build_catalog, check_sources, discover
 from embedstore.sources.nifti import AXES
 from embedstore.store import Store, check_store_path
 from embedstore.store.privacy import AS_READ, HASHED, patient_id_key, pseudonymise
 
-
+DEFAULT_COMMIT_ROWS = 4096
 EXECUTORS = ("local", "ray")
 
 
@@ -45,11 +46,15 @@ def default_workers(device_type: str) -> int:
 
 @dataclass
 class IngestOptions:
-    model: str = "dinov2_vits14"
-    weights: str = "hub"  # "hub" | "random" | checkpoint path
+    models: tuple[str, ...] = ("dinov2_vits14",)  # every model embeds each decoded slice
+    weights: str = "hub"  # "hub" | "random" | checkpoint path (one model only)
     image_size: int = 224
     seed: int = 0  # for --weights random
+    layers: int | None = None  # last blocks whose CLS is kept; None: 4 on ViTs
+    patch_layers: tuple[int, ...] | None = None  # blocks whose patch tokens are kept; None: the last
     keep_patches: bool = True
+    mean: tuple[float, float, float] | None = None  # override the models' pretrained_cfg statistics
+    std: tuple[float, float, float] | None = None
     window: str = "auto"  # auto | header | a CT window preset | multi | multi:W1,W2,W3
     mr_percentiles: tuple[float, float] = (5.0, 95.0)
     axis: str = "axial"  # NIfTI slicing axis
@@ -71,14 +76,15 @@ class IngestOptions:
 @dataclass
 class IngestSummary:
     run_id: str
-    model_id: str
+    model_ids: list[str]
     store: str
     workers: int
     engine: str  # the engine that ran the model
     engine_notes: list[str]  # why a requested engine gave way to another
     n_found: int
-    n_embedded: int
-    n_skipped: int
+    n_embedded: int  # slices embedded by at least one model
+    embedded_by_model: dict[str, int]
+    n_skipped: int  # slices every model already had
     n_failed: int
     failures_by_reason: dict[str, int]
     seconds: float
@@ -93,12 +99,29 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOptions,
-           loaded: LoadedModel | None = None) -> IngestSummary:
-    """Embed every slice under `sources` that the store does not hold yet for this model.
+def load_models(options: IngestOptions, intensity: IntensityConfig) -> list[LoadedModel]:
+    """Every requested model, built and described; UsageError before anything is written."""
+    if not options.models:
+        raise UsageError("name at least one --model")
+    if len(options.models) > 1 and options.weights not in ("hub", "random"):
+        raise UsageError("--weights PATH is one checkpoint: ingest one --model with it at a time")
+    patch_layers = () if not options.keep_patches else options.patch_layers
+    loaded = [load_model(name, options.weights, options.image_size, options.seed, intensity, options.layers,
+                         patch_layers, options.mean, options.std) for name in options.models]
+    ids = [m.model_id for m in loaded]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise UsageError(f"the same model is named twice (model id {repeated[0]}): name each model once")
+    return loaded
 
-    All argument checks (sources, store path, model, image size, weights) happen before the
-    store is created or touched, so a wrong request writes nothing.
+
+def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOptions,
+           loaded: list[LoadedModel] | None = None) -> IngestSummary:
+    """Embed every slice under `sources` that the store does not hold yet, with every requested
+    model; each slice is decoded once for all of them.
+
+    All argument checks (sources, store path, models, image size, layers, weights) happen before
+    the store is created or touched, so a wrong request writes nothing.
     """
     source_paths = check_sources(sources)
     store_path = Path(store_path)
@@ -107,67 +130,75 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
     if options.axis not in AXES:
         raise UsageError(f"unknown axis {options.axis!r}: use one of {', '.join(AXES)}")
-    config = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
+    intensity = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
     if options.executor not in EXECUTORS:
         raise UsageError(f"unknown executor {options.executor!r}: use one of {', '.join(EXECUTORS)}")
     device = pick_device(options.device)
     candidate_engines(options.engine, device)  # an unknown engine is a wrong request: nothing written yet
-    loaded = loaded or load_model(options.model, options.weights, options.image_size, options.seed)
-    model_id = loaded.model_id(config.tag())
+    models = loaded or load_models(options, intensity)
+    specs = [m.spec for m in models]
     workers = default_workers(device.type) if options.workers is None else options.workers
+    settings = DecodeSettings(intensity, options.image_size, tuple(sorted({s.interpolation for s in specs})))
 
     patient_ids = AS_READ if options.keep_patient_id else HASHED
     store = Store.open(store_path, create=True, patient_ids=patient_ids)
     store.check_patient_ids(patient_ids)
-    store.ensure_vector_tables(loaded.embed_dim)
-    if options.overwrite:
-        store.delete_model(model_id)
+    for spec in specs:
+        if options.overwrite:
+            store.drop_model(spec.model_id)
+        store.add_model(spec)
     run_id = new_run_id()
-    store.start_run(run_id, model_id, {**asdict(options), "workers": workers, "device": str(device),
-                                       "sources": [str(p) for p in source_paths]})
+    model_ids = [s.model_id for s in specs]
+    store.start_run(run_id, model_ids, {**asdict(options), "workers": workers, "device": str(device),
+                                        "sources": [str(p) for p in source_paths]})
     started = time.perf_counter()
     stage_seconds: Counter = Counter()
 
-    with store.ingest_lock(), DecodePool(workers, config, loaded.image_size) as pool:
+    with store.ingest_lock(), DecodePool(workers, settings) as pool:
         found, discover_failures = discover(source_paths)
         catalog = build_catalog(found, pool.map, axis=options.axis)
         if patient_ids == HASHED:
             pseudonymise_patients(catalog.tasks, patient_id_key(store.path))
-        plan = plan_remaining(catalog.tasks, model_id, store.committed_keys(model_id))
+        plan = plan_remaining(catalog.tasks, [store.committed_keys(m) for m in model_ids])
+        units = plan_units(plan.tasks, plan.missing, unit_slices_for(specs, options.unit_slices))
         stage_seconds["catalog"] = time.perf_counter() - started
         failures: list[Failure] = discover_failures + catalog.failures
         store.add_failures(failures, run_id)
-        job = EmbedJob(store, model_id, run_id, config, options, loaded)
+        job = EmbedJob(options, specs, run_id, str(store.patches_root), settings)
         with IngestProgress(plan.n_todo, enabled=options.show_progress) as progress:
             if options.executor == "ray":
-                outcome = embed_on_ray(job, plan.tasks, progress, stage_seconds)
+                outcome = embed_on_ray(job, store, units, progress, stage_seconds)
             else:
-                embedder = Embedder(loaded, options.device, options.precision, options.engine, options.batch_size)
-                outcome = embed_locally(job, embedder, pool, plan.tasks, progress, stage_seconds)
+                embedders = [Embedder(m, options.device, options.precision, options.engine, options.batch_size)
+                             for m in models]
+                runner = UnitRunner(models, embedders, store.patches_root, run_id, options.batch_size)
+                outcome = embed_locally(job, store, runner, pool, units, progress, stage_seconds)
         failures.extend(outcome.failures)
-        embedded = outcome.n_committed
 
     tried_paths = sorted({task.path for task in plan.tasks} | {f.path for f in failures})
     store.forget_failures(tried_paths, run_id)
     series_started = time.perf_counter()
-    store.refresh_series(model_id, store.stale_series(model_id))
+    refresh_series(store, model_ids)
     stage_seconds["series"] = time.perf_counter() - series_started
     seconds = time.perf_counter() - started
+    embedded = max(outcome.committed.values(), default=0)
     summary = IngestSummary(
-        run_id=run_id, model_id=model_id, store=str(store_path), workers=workers, n_found=catalog.n_items,
+        run_id=run_id, model_ids=model_ids, store=str(store_path), workers=workers, n_found=catalog.n_items,
         engine=outcome.engine, engine_notes=outcome.engine_notes,
-        n_embedded=embedded, n_skipped=plan.n_skipped, n_failed=len(failures),
+        n_embedded=embedded, embedded_by_model={m: outcome.committed.get(m, 0) for m in model_ids},
+        n_skipped=plan.n_skipped, n_failed=len(failures),
         failures_by_reason=dict(Counter(f.reason for f in failures)), seconds=seconds,
         slices_per_s=embedded / seconds if seconds > 0 else 0.0,
         stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
     )
-    store.finish_run(run_id, embedded, plan.n_skipped, len(failures), summary.slices_per_s, stage_seconds)
+    store.finish_run(run_id, sum(outcome.committed.values()), plan.n_skipped, len(failures), summary.slices_per_s,
+                     stage_seconds)
     return summary
 
 
 @dataclass
 class EmbedOutcome:
-    n_committed: int
+    committed: Counter  # model_id → rows committed
     failures: list[Failure]
     engine: str
     engine_notes: list[str]
@@ -175,43 +206,13 @@ class EmbedOutcome:
 
 @dataclass
 class EmbedJob:
-    """What every executor needs to embed a plan's tasks into the store."""
+    """What every distributor and actor needs to embed units (picklable: no open store)."""
 
-    store: Store
-    model_id: str
-    run_id: str
-    config: IntensityConfig
     options: IngestOptions
-    loaded: LoadedModel
-
-
-def embed_locally(job: EmbedJob, embedder: Embedder, pool: DecodePool, tasks: list[ReadTask],
-                  progress: IngestProgress, stage_seconds: Counter) -> EmbedOutcome:
-    """Decode in `pool`, embed in this process, write on a background thread."""
-    options = job.options
-    writer = SliceWriter(job.store, job.model_id, job.run_id, job.loaded.embed_dim, job.loaded.num_patches,
-                         options.keep_patches, options.commit_rows)
-    failures: list[Failure] = []
-    batcher = SliceBatcher(options.batch_size)
-    for task, result in pool.decode(tasks):
-        file_failures = result if isinstance(result, list) else result.failures
-        failures.extend(file_failures)
-        writer.submit_failures(file_failures)
-        if isinstance(result, list):
-            progress.failed(len(task.items))
-            continue
-        batcher.add(result)
-        while batcher.full():
-            _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
-            progress.advance(options.batch_size)
-    if batcher.pending():
-        n = batcher.pending()
-        _embed_and_submit(embedder, batcher.take(), writer, options.keep_patches, stage_seconds)
-        progress.advance(n)
-    writer.close()
-    stage_seconds.update(pool.stage_seconds)
-    stage_seconds.update(writer.seconds)
-    return EmbedOutcome(writer.n_committed, failures, embedder.engine.name, embedder.engine.notes)
+    specs: list[ModelSpec]
+    run_id: str
+    patches_root: str
+    settings: DecodeSettings
 
 
 def pseudonymise_patients(tasks: list[ReadTask], key: bytes) -> None:
@@ -223,12 +224,3 @@ def pseudonymise_patients(tasks: list[ReadTask], key: bytes) -> None:
                 if item.patient_id not in hashed:
                     hashed[item.patient_id] = pseudonymise(item.patient_id, key)
                 item.patient_id = hashed[item.patient_id]
-
-
-def _embed_and_submit(embedder: Embedder, batch: tuple[list[SliceItem], np.ndarray], writer: SliceWriter,
-                      keep_patches: bool, stage_seconds: Counter) -> None:
-    items, pixels = batch
-    started = time.perf_counter()
-    embeddings = embedder.embed(pixels, keep_patches=keep_patches)
-    stage_seconds["embed"] += time.perf_counter() - started
-    writer.submit(EmbeddedBatch(items, embeddings))

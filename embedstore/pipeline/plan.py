@@ -1,4 +1,4 @@
-"""What is left to do: the catalog minus what the store has committed for this model."""
+"""What is left to do: the catalog minus what the store has committed, planned per model."""
 
 from __future__ import annotations
 
@@ -9,21 +9,24 @@ from embedstore.sources import ReadTask
 
 @dataclass
 class Plan:
-    tasks: list[ReadTask]  # only the items still missing
-    n_todo: int
-    n_skipped: int
+    tasks: list[ReadTask]  # only the items some model still lacks
+    missing: list[set[str]]  # per model, the item ids it lacks
+    n_todo: int  # slices to decode
+    n_skipped: int  # slices every model already has
 
 
-def slice_key(model_id: str, item_id: str) -> str:
-    return f"{model_id}|{item_id}"
-
-
-def plan_remaining(tasks: list[ReadTask], model_id: str, committed: set[str]) -> Plan:
-    remaining, n_todo, n_skipped = [], 0, 0
+def plan_remaining(tasks: list[ReadTask], committed: list[set[str]]) -> Plan:
+    remaining, missing, n_todo, n_skipped = [], [set() for _ in committed], 0, 0
     for task in tasks:
-        missing = [item for item in task.items if slice_key(model_id, item.item_id) not in committed]
-        n_skipped += len(task.items) - len(missing)
-        if missing:
-            remaining.append(replace(task, items=missing))
-            n_todo += len(missing)
-    return Plan(remaining, n_todo, n_skipped)
+        todo = []
+        for item in task.items:
+            lacking = [model for model, keys in enumerate(committed) if item.item_id not in keys]
+            for model in lacking:
+                missing[model].add(item.item_id)
+            if lacking:
+                todo.append(item)
+        n_skipped += len(task.items) - len(todo)
+        if todo:
+            remaining.append(replace(task, items=todo))
+            n_todo += len(todo)
+    return Plan(remaining, missing, n_todo, n_skipped)

@@ -21,11 +21,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-from lancedb.index import Bitmap, IvfFlat, IvfHnswSq, IvfPq, IvfSq
+from lancedb.index import IvfFlat, IvfHnswSq, IvfPq, IvfSq
 
 from embedstore.errors import UsageError
 from embedstore.search.exact import exact_top_k
-from embedstore.store.vectors import load_vectors, resolve_model_id
+from embedstore.store.schema import series_table_name, slices_table_name
+from embedstore.store.vectors import load_vectors
 from embedstore.store import MANIFEST, Store, sql_literal
 
 INDEX_TYPES = ("ivf_flat", "ivf_sq", "ivf_pq", "ivf_hnsw_sq")
@@ -87,8 +88,8 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
         raise UsageError(f"--type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
     if column not in INDEXABLE:
         raise UsageError(f"--column must be one of {', '.join(INDEXABLE)}, not {column!r}")
-    model_id = resolve_model_id(store, model_id)
-    table_name = "series" if level == "series" else "slices"
+    model_id = store.resolve_model_id(model_id)
+    table_name = series_table_name(model_id) if level == "series" else slices_table_name(model_id)
     table = store.table(table_name)
     n_rows = table.count_rows()
     if n_rows < MIN_ROWS:
@@ -97,7 +98,6 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
     parameters = choose_parameters(n_rows, dim, index_type)
     started = time.perf_counter()
     table.create_index(column, config=index_config(parameters), replace=True)
-    table.create_index("model_id", config=Bitmap(), replace=True)
     build_seconds = time.perf_counter() - started
     report = measure_recall(store, model_id, table_name, column, parameters, n_rows, build_seconds)
     remember_index(store, report)
@@ -105,7 +105,7 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
 
 
 RESULT_COLUMNS = {"slices": ["key", "path", "study_uid", "series_uid", "slice_index", "modality"],
-                  "series": ["key", "study_uid", "series_uid", "modality"]}
+                  "series": ["key", "study_uid", "series_uid", "modality"]}  # by table kind (its name's prefix)
 
 
 def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k: int, parameters: IndexParameters,
@@ -115,7 +115,7 @@ def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k:
     these are read: fetching the stored vectors too doubles the latency."""
     search = store.table(table_name).search(query.astype(np.float32), vector_column_name=column) \
         .distance_type("cosine").nprobes(parameters.nprobes) \
-        .select((columns or RESULT_COLUMNS[table_name]) + ["_distance"])
+        .select((columns or RESULT_COLUMNS[table_name.split("-", 1)[0]]) + ["_distance"])
     if parameters.refine_factor:
         search = search.refine_factor(parameters.refine_factor)
     if where:
@@ -123,18 +123,11 @@ def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k:
     return search.limit(k).to_list()
 
 
-def model_condition(store: Store, table_name: str, model_id: str) -> str | None:
-    """The filter that keeps a search to one model's rows, or None when the table holds no other
-    model: a filtered (prefiltered) index search costs over 10 ms more per query."""
-    condition = f"model_id = {sql_literal(model_id)}"
-    return condition if store.table(table_name).count_rows(f"NOT ({condition})") else None
-
-
 def measure_recall(store: Store, model_id: str, table_name: str, column: str, parameters: IndexParameters,
                    n_rows: int, build_seconds: float) -> IndexReport:
     """recall@10 of the index against exact search, on stored vectors used as queries, with the
     probes doubled until it reaches TARGET_RECALL (or every partition is probed)."""
-    vectors = load_vectors(store, model_id, column, "series" if table_name == "series" else "slice")
+    vectors = load_vectors(store, model_id, column, "series" if table_name.startswith("series") else "slice")
     rng = np.random.default_rng(0)
     sample = rng.choice(len(vectors), size=min(RECALL_QUERIES, len(vectors)), replace=False)
     keys = vectors.rows.column("key").to_pylist()
@@ -145,14 +138,13 @@ def measure_recall(store: Store, model_id: str, table_name: str, column: str, pa
         started = time.perf_counter()
         exact_top_k(vectors.matrix[row:row + 1], vectors.matrix, RECALL_K)
         exact_ms.append((time.perf_counter() - started) * 1000)
-    where = model_condition(store, table_name, model_id)
 
     def search_sample(columns: list[str] | None) -> tuple[list[set], float]:
-        ann_search(store, table_name, column, vectors.matrix[sample[0]], RECALL_K, parameters, where, columns)  # warm
+        ann_search(store, table_name, column, vectors.matrix[sample[0]], RECALL_K, parameters, None, columns)  # warm
         found, ann_ms = [], []
         for row in sample:
             started = time.perf_counter()
-            hits = ann_search(store, table_name, column, vectors.matrix[row], RECALL_K, parameters, where, columns)
+            hits = ann_search(store, table_name, column, vectors.matrix[row], RECALL_K, parameters, None, columns)
             ann_ms.append((time.perf_counter() - started) * 1000)
             found.append({hit["key"] for hit in hits})
         return found, float(np.median(ann_ms))

@@ -14,16 +14,15 @@ for the study level).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from embedstore.errors import UsageError
 from embedstore.search.exact import exact_top_k
-from embedstore.search.index import ann_search, index_for, model_condition
-from embedstore.store.vectors import FEATURES, Vectors, l2_normalised, load_vectors, resolve_model_id
+from embedstore.search.index import ann_search, index_for
+from embedstore.store.schema import series_table_name, slices_table_name
+from embedstore.store.vectors import Vectors, feature_columns, l2_normalised, load_vectors
 from embedstore.search.where import validated_where
 from embedstore.store import Store, sql_literal
 
@@ -59,13 +58,13 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
         raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     if k < 1:
         raise UsageError("--k must be at least 1")
-    table = "series" if level == "series" else "slices"
+    table = series_table_name(query.model_id) if level == "series" else slices_table_name(query.model_id)
     condition = validated_where(where, store.table(table).schema.names) if where else None
     pooled = query.vectors.mean(0, keepdims=True)
     own = query.own_key if level == "slice" else query.own_series
     index = index_for(store, table, feature) if level != "study" else None
     if index is not None:
-        return _search_index(store, table, feature, pooled[0], k, index, level, query.model_id, condition, own)
+        return _search_index(store, table, feature, pooled[0], k, index, level, condition, own)
     candidates = load_vectors(store, query.model_id, feature, "series" if level == "series" else "slice", condition)
     if level == "study":
         return _rank_studies(query, candidates, k)
@@ -81,10 +80,9 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
 
 
 def _search_index(store: Store, table: str, column: str, vector: np.ndarray, k: int, index, level: str,
-                  model_id: str, condition: str | None, own: str | None) -> list[Hit]:
+                  condition: str | None, own: str | None) -> list[Hit]:
     """The ANN index's answer (the query's own item asked for and dropped)."""
-    where = " AND ".join(f"({part})" for part in (model_condition(store, table, model_id), condition) if part) or None
-    rows = ann_search(store, table, column, vector, k + (1 if own else 0), index, where)
+    rows = ann_search(store, table, column, vector, k + (1 if own else 0), index, condition)
     identity = "key" if level == "slice" else "series_uid"
     rows = [row for row in rows if row[identity] != own][:k]
     return [_hit(rank, 1.0 - float(row["_distance"]), level, row) for rank, row in enumerate(rows, 1)]
@@ -119,17 +117,19 @@ def _rank_studies(query: Query, slices: Vectors, k: int) -> list[Hit]:
 
 # ------------------------------------------------------------------------------------- queries
 
-def query_by_key(store: Store, key: str, feature: str = "cls") -> Query:
-    found = store.rows("slices", f"key = {sql_literal(key)}", ["model_id", "series_uid", "study_uid"])
-    if not found.num_rows:
-        raise UsageError(f"no slice with key {key!r} in store {store.path}")
-    row = found.to_pylist()[0]
-    vectors = load_vectors(store, row["model_id"], feature, where=f"key = {sql_literal(key)}")
-    return Query(f"slice {key}", row["model_id"], vectors.matrix, key, row["series_uid"], row["study_uid"])
+def query_by_key(store: Store, key: str, feature: str = "cls", model_id: str | None = None) -> Query:
+    """A stored slice (its item key, e.g. `dicom:<SOPInstanceUID>:0`) as the query."""
+    model_id = store.resolve_model_id(model_id)
+    try:
+        vectors = load_vectors(store, model_id, feature, where=f"key = {sql_literal(key)}")
+    except UsageError:
+        raise UsageError(f"no slice with key {key!r} of model {model_id} in store {store.path}") from None
+    row = vectors.rows.to_pylist()[0]
+    return Query(f"slice {key}", model_id, vectors.matrix, key, row["series_uid"], row["study_uid"])
 
 
 def query_by_series(store: Store, series_uid: str, feature: str = "cls", model_id: str | None = None) -> Query:
-    model_id = resolve_model_id(store, model_id)
+    model_id = store.resolve_model_id(model_id)
     try:
         vectors = load_vectors(store, model_id, feature, where=f"series_uid = {sql_literal(series_uid)}")
     except UsageError:
@@ -138,39 +138,11 @@ def query_by_series(store: Store, series_uid: str, feature: str = "cls", model_i
     return Query(f"series {series_uid} ({len(vectors)} slices)", model_id, vectors.matrix, None, series_uid, study)
 
 
-def query_by_image(store: Store, path: str | Path, feature: str = "cls", model_id: str | None = None) -> Query:
-    """The file's slices embedded with the model and preprocessing the store's vectors came from
-    (read back from that model's latest run)."""
-    from embedstore.pipeline.batching import SliceBatcher
-    from embedstore.models import load_model
-    from embedstore.models.embedder import Embedder
-    from embedstore.preprocess import IntensityConfig, decode_task
-    from embedstore.sources import build_catalog, check_sources, discover
-
-    model_id = resolve_model_id(store, model_id)
-    runs = store.rows("runs", f"model_id = {sql_literal(model_id)}", ["started_at", "config"])
-    if not runs.num_rows:
-        raise UsageError(f"store {store.path} has no run record of model {model_id}: cannot rebuild it")
-    config = json.loads(runs.sort_by([("started_at", "descending")]).column("config")[0].as_py())
-    loaded = load_model(config["model"], config["weights"], config["image_size"], config["seed"])
-    intensity = IntensityConfig(window=config["window"], mr_percentiles=tuple(config["mr_percentiles"]))
-    if loaded.model_id(intensity.tag()) != model_id:
-        raise UsageError(f"the model rebuilt from the run record is {loaded.model_id(intensity.tag())}, "
-                         f"not {model_id}: were the weights changed?")
-    found, failures = discover(check_sources([path]))
-    catalog = build_catalog(found, axis=config.get("axis", "axial"))
-    if failures or catalog.failures or not catalog.tasks:
-        reason = (failures + catalog.failures)[0] if failures or catalog.failures else None
-        raise UsageError(f"{path} cannot be embedded" + (f": {reason.reason}: {reason.message}" if reason else ""))
-    batcher = SliceBatcher(max(1, catalog.n_items))
-    for task in catalog.tasks:
-        batcher.add(decode_task(task, intensity, loaded.image_size))
-    embeddings = Embedder(loaded, engine="eager").embed(batcher.take()[1], keep_patches=False)
-    parts = {"cls": embeddings.cls, "patch_mean": embeddings.patch_mean}
-    vectors = np.concatenate([parts[p] for p in feature.split("+")], axis=1) if feature in FEATURES else None
-    if vectors is None:
-        raise UsageError(f"feature must be one of {', '.join(FEATURES)}, not {feature!r}")
-    return Query(f"image {path} ({len(vectors)} slices)", model_id, vectors)
+def query_by_vectors(store: Store, description: str, model_id: str, columns: dict[str, np.ndarray],
+                     feature: str = "cls") -> Query:
+    """A query from freshly embedded slices (`pipeline.embed_file`): stored-column name → (n, D)."""
+    parts = feature_columns(store.spec(model_id), feature)
+    return Query(description, model_id, np.concatenate([columns[part] for part in parts], axis=1))
 
 
 def hits_as_dicts(hits: list[Hit]) -> list[dict]:
@@ -179,6 +151,6 @@ def hits_as_dicts(hits: list[Hit]) -> list[dict]:
 
 # ------------------------------------------------------------------------- used by the demo
 
-def nearest_slices(store: Store, key: str, k: int = 5, feature: str = "cls") -> list[Hit]:
+def nearest_slices(store: Store, key: str, k: int = 5, feature: str = "cls", model_id: str | None = None) -> list[Hit]:
     """The k slices most similar to the slice `key` (itself excluded), same model only."""
-    return search(store, query_by_key(store, key, feature), k, "slice", feature)
+    return search(store, query_by_key(store, key, feature, model_id), k, "slice", feature)

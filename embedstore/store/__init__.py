@@ -1,8 +1,12 @@
-"""The store: a directory holding a LanceDB database (`slices`, `series`, `failures`, `runs`),
-Zarr v3 patch shards under `patches/<model_id>/`, and a manifest with the format version.
+"""The store: a directory holding a LanceDB database and Zarr v3 patch shards, with a manifest.
 
-Whether an item is done is decided from committed `slices` rows only. A commit never adds a key
-that is already present, so retries and reruns cannot create duplicates.
+Tables (store/schema.py): `items` and `series` (what each slice and series is, written once),
+`models` (one spec per model), a `slices-<model_id>` / `series-<model_id>` pair per model (its
+vectors), `failures` and `runs`. Patch tokens: `patches/<model_id>/<shard>/b<block>`.
+
+Whether an item is done for a model is decided from that model's committed rows only. A commit
+never adds a key that is already present, so retries and reruns cannot create duplicates. This
+module is persistence only: what goes into a row is decided upstream, in the pipeline.
 """
 
 from __future__ import annotations
@@ -19,29 +23,25 @@ from pathlib import Path
 os.environ.setdefault("LANCE_LOG", "error")  # keep Lance's informational warnings off the terminal
 
 import lancedb  # noqa: E402
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from embedstore import __version__  # noqa: E402
 from embedstore.errors import StoreFormatError, UsageError  # noqa: E402
+from embedstore.models.spec import ModelSpec  # noqa: E402
 from embedstore.sources.records import Failure  # noqa: E402
-from embedstore.sources.series import spacing_stats  # noqa: E402
-from embedstore.store.privacy import AS_READ, HASHED  # noqa: E402
 from embedstore.store.patches import directory_bytes, remove_model_patches  # noqa: E402
+from embedstore.store.privacy import AS_READ, HASHED  # noqa: E402
 from embedstore.store.schema import (  # noqa: E402
-    FAILURES_SCHEMA, RUNS_SCHEMA, STORE_FORMAT_VERSION, series_schema, slices_schema,
+    FAILURES_SCHEMA, ITEMS_SCHEMA, MODELS_SCHEMA, RUNS_SCHEMA, SERIES_SCHEMA, STORE_FORMAT_VERSION,
+    model_series_schema, model_slices_schema, series_table_name, slices_table_name,
 )
 
 MANIFEST = "embedstore.json"
 LOCK_FILE = ".lock"
 TABLES_DIR = "tables"
 PATCHES_DIR = "patches"
-SERIES_REFRESH_GROUP = 512  # series whose slice vectors are read back per query
-# Columns a series row copies from its first slice.
-SERIES_IDENTITY = ("patient_id", "study_uid", "series_uid", "modality", "body_part", "series_description",
-                   "study_date", "pixel_spacing")
-SPACING_COLUMNS = ("slice_spacing", "spacing_deviation", "spacing_deviation_rel", "n_missing_slices",
-                   "uneven_spacing")
+SHARED_TABLES = {"items": ITEMS_SCHEMA, "series": SERIES_SCHEMA, "models": MODELS_SCHEMA,
+                 "failures": FAILURES_SCHEMA, "runs": RUNS_SCHEMA}
 
 
 def sql_literal(value: str) -> str:
@@ -58,6 +58,7 @@ class Store:
         self.manifest = manifest
         self.db = lancedb.connect(str(path / TABLES_DIR))
         self.patches_root = path / PATCHES_DIR
+        self._specs: dict[str, ModelSpec] | None = None
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -71,22 +72,20 @@ class Store:
         manifest_path = path / MANIFEST
         if manifest_path.exists():
             manifest = json.loads(manifest_path.read_text())
-            version = manifest.get("format_version")
-            if manifest.get("format") != "embedstore" or version != STORE_FORMAT_VERSION:
-                raise StoreFormatError(
-                    f"store {path} has format version {version!r}; this embedstore reads version "
-                    f"{STORE_FORMAT_VERSION} only"
-                )
+            check_format(path, manifest)
             return cls(path, manifest)
         path.mkdir(parents=True, exist_ok=True)
         manifest = {"format": "embedstore", "format_version": STORE_FORMAT_VERSION,
                     "created_by": f"embedstore {__version__}", "created_at": now_utc().isoformat(),
                     "patient_ids": patient_ids}
         store = cls(path, manifest)
-        store.db.create_table("failures", schema=FAILURES_SCHEMA, exist_ok=True)
-        store.db.create_table("runs", schema=RUNS_SCHEMA, exist_ok=True)
-        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks the store complete
+        for name, schema in SHARED_TABLES.items():
+            store.db.create_table(name, schema=schema, exist_ok=True)
+        store.write_manifest()  # last: marks the store complete
         return store
+
+    def write_manifest(self) -> None:
+        (self.path / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
 
     @property
     def patient_ids(self) -> str:
@@ -100,9 +99,9 @@ class Store:
 
     @contextmanager
     def ingest_lock(self, exclusive: bool = False):
-        """Held while an ingest writes (shared: ingests of several models may run at once) and by
-        vacuum (exclusive: it must not take a running ingest's fresh shards for orphans). The
-        kernel drops the lock of a process that dies, even by SIGKILL."""
+        """Held while an ingest writes (shared: several ingests may run at once) and by vacuum
+        (exclusive: it must not take a running ingest's fresh shards for orphans). The kernel
+        drops the lock of a process that dies, even by SIGKILL."""
         with open(self.path / LOCK_FILE, "a") as handle:
             try:
                 fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -120,22 +119,60 @@ class Store:
     def has_table(self, name: str) -> bool:
         return name in self.db.list_tables().tables
 
-    @property
-    def vector_dim(self) -> int | None:
-        if not self.has_table("slices"):
-            return None
-        return self.table("slices").schema.field("cls").type.list_size
+    # ---------------------------------------------------------------- models
+    def specs(self) -> dict[str, ModelSpec]:
+        """Every model's spec, by model_id, in the order they were added."""
+        if self._specs is None:
+            rows = self.rows("models").to_pylist()
+            self._specs = {row["model_id"]: ModelSpec.from_row(row) for row in rows}
+        return self._specs
 
-    def ensure_vector_tables(self, dim: int) -> None:
-        """Create `slices` and `series` for `dim`-wide vectors, or check the width they have."""
-        existing = self.vector_dim
-        if existing is None:
-            self.db.create_table("slices", schema=slices_schema(dim), exist_ok=True)
-            self.db.create_table("series", schema=series_schema(dim), exist_ok=True)
-        elif existing != dim:
-            raise UsageError(
-                f"store {self.path} holds {existing}-d vectors; a {dim}-d model needs a store of its own"
-            )
+    def spec(self, model_id: str) -> ModelSpec:
+        return self.specs()[self.resolve_model_id(model_id)]
+
+    def resolve_model_id(self, prefix: str | None) -> str:
+        """The one model whose id starts with `prefix` (the only model when None); UsageError
+        naming the candidates otherwise."""
+        models = list(self.specs())
+        if not models:
+            raise UsageError(f"store {self.path} holds no embeddings yet")
+        if prefix is None:
+            if len(models) > 1:
+                raise UsageError(f"store {self.path} holds {len(models)} models; name one with --model-id "
+                                 f"(any unique prefix): {', '.join(models)}")
+            return models[0]
+        if prefix in models:
+            return prefix
+        matches = [m for m in models if m.startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise UsageError(f"no model id in store {self.path} starts with {prefix!r}; it holds: {', '.join(models)}")
+        raise UsageError(f"--model-id {prefix!r} is ambiguous in store {self.path}: it matches {', '.join(matches)}")
+
+    def add_model(self, spec: ModelSpec) -> None:
+        """Record a model and create its tables; a model already here must keep the layers it has."""
+        known = self.specs().get(spec.model_id)
+        if known is not None:
+            if (known.cls_layers, known.patch_layers) != (spec.cls_layers, spec.patch_layers):
+                raise UsageError(
+                    f"model {spec.model_id} is stored with CLS of blocks {list(known.cls_layers)} and patch tokens "
+                    f"of blocks {list(known.patch_layers)}; ingest it with the same --layers/--patch-layers, or "
+                    "with --overwrite to rebuild it")
+            return
+        self.db.create_table(slices_table_name(spec.model_id), schema=model_slices_schema(spec), exist_ok=True)
+        self.db.create_table(series_table_name(spec.model_id), schema=model_series_schema(spec), exist_ok=True)
+        self.table("models").add(pa.Table.from_pylist([spec.to_row()], schema=MODELS_SCHEMA))
+        self._specs = None
+
+    def drop_model(self, model_id: str) -> None:
+        """Remove one model's vectors, patch tokens and spec; other models' files are not touched."""
+        for name in (slices_table_name(model_id), series_table_name(model_id)):
+            if self.has_table(name):
+                self.db.drop_table(name)
+        remove_model_patches(self.patches_root, model_id)
+        self.table("models").delete(f"model_id = {sql_literal(model_id)}")
+        self._specs = None
 
     # ---------------------------------------------------------------- reading
     def rows(self, table: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -149,16 +186,18 @@ class Store:
         return query.limit(None).to_arrow()
 
     def committed_keys(self, model_id: str) -> set[str]:
-        rows = self.rows("slices", f"model_id = {sql_literal(model_id)}", ["key"])
+        rows = self.rows(slices_table_name(model_id), columns=["key"])
         return set(rows.column("key").to_pylist()) if rows.num_rows else set()
 
     # ---------------------------------------------------------------- writing
-    def add_slices(self, rows: pa.Table) -> int:
-        """Commit slice rows in one transaction, skipping keys already present; returns rows added."""
-        result = (
-            self.table("slices").merge_insert("key").when_not_matched_insert_all().execute(rows)
-        )
+    def insert_new(self, table: str, rows: pa.Table) -> int:
+        """Commit rows in one transaction, skipping keys already present; returns rows added."""
+        key = "model_id" if table == "models" else "series_uid" if table == "series" else "key"
+        result = self.table(table).merge_insert(key).when_not_matched_insert_all().execute(rows)
         return int(result.num_inserted_rows)
+
+    def upsert(self, table: str, rows: pa.Table, key: str = "key") -> None:
+        self.table(table).merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(rows)
 
     def add_failures(self, failures: list[Failure], run_id: str) -> None:
         if not failures:
@@ -177,9 +216,9 @@ class Store:
             group = ", ".join(sql_literal(p) for p in paths[start:start + 500])
             table.delete(f"path IN ({group}) AND run_id != {sql_literal(keep_run_id)}")
 
-    def start_run(self, run_id: str, model_id: str, config: dict) -> None:
+    def start_run(self, run_id: str, model_ids: list[str], config: dict) -> None:
         self.table("runs").add(pa.Table.from_pylist(
-            [{"run_id": run_id, "model_id": model_id, "started_at": now_utc(), "config": json.dumps(config)}],
+            [{"run_id": run_id, "model_ids": model_ids, "started_at": now_utc(), "config": json.dumps(config)}],
             schema=RUNS_SCHEMA,
         ))
 
@@ -192,23 +231,20 @@ class Store:
                     "stage_seconds": json.dumps({k: round(v, 3) for k, v in stage_seconds.items()})},
         )
 
-    def delete_model(self, model_id: str) -> None:
-        """Remove every row and patch shard of one model (for --overwrite)."""
-        for name in ("slices", "series"):
-            if self.has_table(name):
-                self.table(name).delete(f"model_id = {sql_literal(model_id)}")
-        remove_model_patches(self.patches_root, model_id)
-
     # ---------------------------------------------------------------- orphans
     def orphan_shards(self) -> list[Path]:
         """Patch shards no committed row points at: left by a killed actor or driver (or a
         retried unit), or by a run that is writing right now."""
         if not self.patches_root.exists():
             return []
-        referenced = set(self.rows("slices", "patch_shard IS NOT NULL", ["patch_shard"])
-                         .column("patch_shard").to_pylist()) if self.has_table("slices") else set()
-        return sorted(shard for model in self.patches_root.iterdir() if model.is_dir()
-                      for shard in model.iterdir() if f"{model.name}/{shard.name}" not in referenced)
+        orphans = []
+        for model in sorted(p for p in self.patches_root.iterdir() if p.is_dir()):
+            table = slices_table_name(model.name)
+            referenced = set(self.rows(table, "patch_shard IS NOT NULL", ["patch_shard"])
+                             .column("patch_shard").to_pylist()) if self.has_table(table) else set()
+            orphans.extend(shard for shard in sorted(model.iterdir())
+                           if f"{model.name}/{shard.name}" not in referenced)
+        return orphans
 
     def vacuum(self) -> dict:
         """Remove orphan patch shards and table files no version needs (including those of a
@@ -226,57 +262,16 @@ class Store:
         return {"orphan_shards_removed": len(orphans), "patch_bytes_freed": freed,
                 "table_versions_before": versions_before}
 
-    # ---------------------------------------------------------------- series
-    def stale_series(self, model_id: str) -> list[str]:
-        """Series whose `series` row is missing or counts a different number of slices."""
-        where = f"model_id = {sql_literal(model_id)}"
-        slices = self.rows("slices", where, ["series_uid"])
-        if not slices.num_rows:
-            return []
-        counts = slices.group_by("series_uid").aggregate([("series_uid", "count")])
-        have = dict(zip(counts["series_uid"].to_pylist(), counts["series_uid_count"].to_pylist()))
-        series = self.rows("series", where, ["series_uid", "n_slices"])
-        recorded = dict(zip(series["series_uid"].to_pylist(), series["n_slices"].to_pylist())) if series.num_rows else {}
-        return sorted(uid for uid, n in have.items() if recorded.get(uid) != n)
 
-    def refresh_series(self, model_id: str, series_uids: list[str]) -> None:
-        """Recompute `series` rows (mean of their slices' vectors) for the given series."""
-        for start in range(0, len(series_uids), SERIES_REFRESH_GROUP):
-            group = series_uids[start:start + SERIES_REFRESH_GROUP]
-            where = (f"model_id = {sql_literal(model_id)} AND series_uid IN "
-                     f"({', '.join(sql_literal(u) for u in group)})")
-            slices = self.rows("slices", where, [*SERIES_IDENTITY, "slice_position", "cls", "patch_mean"])
-            rows = series_rows(model_id, slices, self.vector_dim)
-            self.table("series").merge_insert("key").when_matched_update_all() \
-                .when_not_matched_insert_all().execute(rows)
-
-
-def series_rows(model_id: str, slices: pa.Table, dim: int) -> pa.Table:
-    """One row per series_uid in `slices`: identity and metadata of its first slice, spacing
-    measured from the slice positions, and mean vectors."""
-    uids = slices.column("series_uid").to_numpy(zero_copy_only=False)
-    order = np.argsort(uids, kind="stable")
-    unique, starts, counts = np.unique(uids[order], return_index=True, return_counts=True)
-    means = {}
-    for column in ("cls", "patch_mean"):
-        flat = slices.column(column).combine_chunks().flatten().to_numpy()
-        vectors = flat.reshape(-1, dim)[order]
-        means[column] = np.add.reduceat(vectors, starts, axis=0) / counts[:, None]
-    positions = slices.column("slice_position").to_numpy(zero_copy_only=False)[order]
-    spacing = [spacing_stats(list(positions[start:start + n])) for start, n in zip(starts, counts)]
-    taken = slices.take(pa.array(order[starts]))
-    columns = {
-        "key": [f"{model_id}|{uid}" for uid in unique],
-        "model_id": [model_id] * len(unique),
-        **{name: taken.column(name) for name in SERIES_IDENTITY},
-        "n_slices": pa.array(counts, pa.int32()),
-        **{name: [getattr(stats, name) for stats in spacing] for name in SPACING_COLUMNS},
-        "cls": pa.FixedSizeListArray.from_arrays(pa.array(means["cls"].astype(np.float32).ravel()), dim),
-        "patch_mean": pa.FixedSizeListArray.from_arrays(
-            pa.array(means["patch_mean"].astype(np.float32).ravel()), dim),
-    }
-    schema = series_schema(dim)
-    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+def check_format(path: Path, manifest: dict) -> None:
+    version = manifest.get("format_version")
+    if manifest.get("format") == "embedstore" and version == STORE_FORMAT_VERSION:
+        return
+    if manifest.get("format") == "embedstore" and version == 2:
+        raise StoreFormatError(f"store {path} has format version 2; convert it with `embedstore migrate {path}` "
+                               "(no re-embedding)")
+    raise StoreFormatError(f"store {path} has format version {version!r}; this embedstore reads version "
+                           f"{STORE_FORMAT_VERSION} only")
 
 
 def check_store_path(path: Path, create: bool) -> None:

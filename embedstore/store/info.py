@@ -7,30 +7,36 @@ from collections import Counter
 from embedstore.errors import REASONS, UsageError
 from embedstore.store import Store, sql_literal
 from embedstore.store.patches import directory_bytes
+from embedstore.store.schema import slices_table_name
 
 
 def _counts(values) -> dict[str, int]:
     return dict(Counter("(none)" if v is None else v for v in values).most_common())
 
 
+def model_counts(store: Store) -> dict[str, dict]:
+    """Per model: its spec's essentials and how many slices, series, studies and patients it covers."""
+    models = {}
+    for model_id, spec in store.specs().items():
+        slices = store.rows(slices_table_name(model_id), columns=["study_uid", "series_uid", "patient_id"])
+        models[model_id] = {
+            "name": spec.name, "embed_dim": spec.embed_dim, "image_size": spec.image_size,
+            "weights": spec.weights_tag, "cls_layers": list(spec.cls_layers), "patch_layers": list(spec.patch_layers),
+            "slices": slices.num_rows,
+            "series": len(set(slices.column("series_uid").to_pylist())) if slices.num_rows else 0,
+            "studies": len(set(slices.column("study_uid").to_pylist())) if slices.num_rows else 0,
+            "patients": len({p for p in slices.column("patient_id").to_pylist() if p}) if slices.num_rows else 0,
+        }
+    return models
+
+
 def store_info(store: Store) -> dict:
     tables = {name: store.table(name).count_rows() for name in sorted(store.db.list_tables().tables)}
-    slices = store.rows("slices", columns=["model_id", "modality", "study_uid", "series_uid", "patient_id"])
+    items = store.rows("items", columns=["modality", "study_uid", "series_uid"])
     failures = store.rows("failures", columns=["reason"])
     series = store.rows("series", columns=["n_missing_slices", "uneven_spacing"])
-    runs = store.rows("runs", columns=["run_id", "model_id", "started_at", "ended_at", "n_embedded",
+    runs = store.rows("runs", columns=["run_id", "model_ids", "started_at", "ended_at", "n_embedded",
                                        "n_skipped", "n_failed", "slices_per_s"])
-    models = {}
-    if slices.num_rows:
-        model_column = slices.column("model_id").to_pylist()
-        for model_id, n in Counter(model_column).items():
-            mine = slices.filter([m == model_id for m in model_column])
-            models[model_id] = {
-                "slices": n,
-                "series": len(set(mine.column("series_uid").to_pylist())),
-                "studies": len(set(mine.column("study_uid").to_pylist())),
-                "patients": len({p for p in mine.column("patient_id").to_pylist() if p}),
-            }
     last_run = runs.sort_by([("started_at", "descending")]).slice(0, 1).to_pylist() if runs.num_rows else []
     for run in last_run:
         for key in ("started_at", "ended_at"):
@@ -38,12 +44,12 @@ def store_info(store: Store) -> dict:
     return {
         "store": str(store.path),
         "format_version": store.manifest["format_version"],
-        "vector_dim": store.vector_dim,
         "tables": tables,
-        "models": models,
-        "modalities": _counts(slices.column("modality").to_pylist()) if slices.num_rows else {},
-        "series": len(set(slices.column("series_uid").to_pylist())) if slices.num_rows else 0,
-        "studies": len(set(slices.column("study_uid").to_pylist())) if slices.num_rows else 0,
+        "models": model_counts(store),
+        "slices": items.num_rows,
+        "modalities": _counts(items.column("modality").to_pylist()) if items.num_rows else {},
+        "series": len(set(items.column("series_uid").to_pylist())) if items.num_rows else 0,
+        "studies": len(set(items.column("study_uid").to_pylist())) if items.num_rows else 0,
         "patch_bytes": directory_bytes(store.patches_root),
         "orphan_shards": len(store.orphan_shards()),
         "failures_by_reason": _counts(failures.column("reason").to_pylist()) if failures.num_rows else {},

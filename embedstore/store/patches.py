@@ -1,4 +1,5 @@
-"""Patch tokens in Zarr v3: one float16 array of shape (n, grid_h*grid_w, dim) per shard.
+"""Patch tokens in Zarr v3: a shard is a group holding, per kept block, one float16 array
+`b<block>` of shape (n, grid_h*grid_w, dim); row i of every array is the same slice.
 
 A shard belongs to one writer and one commit: it is written and closed before the rows that point
 into it are committed, so a committed row's patches always exist. Writes are whole chunks only.
@@ -13,30 +14,29 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from embedstore.models.spec import patch_array
+
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
 class PatchShardWriter:
-    def __init__(self, patches_root: Path, model_id: str, shard_name: str, capacity: int, tokens: int, dim: int):
+    def __init__(self, patches_root: Path, model_id: str, shard_name: str, capacity: int,
+                 blocks: tuple[int, ...], tokens: int, dim: int):
         self.relative_path = f"{model_id}/{shard_name}"
         self.path = patches_root / model_id / shard_name
         row_bytes = tokens * dim * 2
         self.chunk_rows = max(1, min(capacity, CHUNK_BYTES // row_bytes))
-        self.array = zarr.create_array(
-            store=str(self.path),
-            shape=(capacity, tokens, dim),
-            chunks=(self.chunk_rows, tokens, dim),
-            dtype="float16",
-            compressors=ZstdCodec(level=1),
-            fill_value=0,
-            overwrite=True,
-        )
+        group = zarr.open_group(store=str(self.path), mode="w")
+        self.arrays = [group.create_array(
+            name=patch_array(block), shape=(capacity, tokens, dim), chunks=(self.chunk_rows, tokens, dim),
+            dtype="float16", compressors=ZstdCodec(level=1), fill_value=0,
+        ) for block in blocks]
         self.n_rows = 0  # rows handed to append()
-        self._written = 0  # rows already in the array
+        self._written = 0  # rows already in the arrays
         self._pending: list[np.ndarray] = []
 
     def append(self, patches: np.ndarray) -> np.ndarray:
-        """Queue rows; returns their offsets in this shard."""
+        """Queue rows (n, blocks, tokens, dim); returns their offsets in this shard."""
         offsets = np.arange(self.n_rows, self.n_rows + len(patches), dtype=np.int64)
         self._pending.append(patches.astype(np.float16, copy=False))
         self.n_rows += len(patches)
@@ -48,20 +48,22 @@ class PatchShardWriter:
         pending = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         count = len(pending) - len(pending) % self.chunk_rows if whole_chunks_only else len(pending)
         if count:
-            self.array[self._written:self._written + count] = pending[:count]
+            for index, array in enumerate(self.arrays):
+                array[self._written:self._written + count] = pending[:count, index]
             self._written += count
         self._pending = [pending[count:]] if count < len(pending) else []
 
     def close(self) -> None:
-        """Write what is left and trim the array to the rows it holds."""
+        """Write what is left and trim the arrays to the rows they hold."""
         if self._pending:
             self._flush(whole_chunks_only=False)
-        self.array.resize((self.n_rows, *self.array.shape[1:]))
+        for array in self.arrays:
+            array.resize((self.n_rows, *array.shape[1:]))
 
 
-def read_patches(patches_root: Path, patch_shard: str, offsets) -> np.ndarray:
-    """Patch tokens (len(offsets), tokens, dim) of rows in one shard, as float16."""
-    array = zarr.open_array(str(patches_root / patch_shard), mode="r")
+def read_patches(patches_root: Path, patch_shard: str, offsets, block: int) -> np.ndarray:
+    """Patch tokens (len(offsets), tokens, dim) of block `block` for rows of one shard, as float16."""
+    array = zarr.open_array(str(patches_root / patch_shard / patch_array(block)), mode="r")
     return array.oindex[np.asarray(offsets, dtype=np.int64)]
 
 

@@ -1,21 +1,27 @@
 """Stored vectors as one contiguous matrix: the input of every query and evaluation.
 
-A feature is `cls`, `patch_mean` or `cls+patch_mean` (the two concatenated, the reference study's
-usual linear-probe input). Vectors come from one model only: rows of different model ids are never
-mixed, and a store holding several models needs the model named.
+Features (the reference study's variants):
+- `cls`: the model's pooled features (final-norm CLS token for DINOv2);
+- `patch_mean`: the mean of the last block's final-norm patch tokens ("avgpool");
+- `clsN`: the final-norm CLS tokens of the last N blocks, concatenated (N up to the `--layers` kept);
+- `cls+patch_mean`, `clsN+patch_mean`: the two concatenated (the study's usual linear-probe input).
+Vectors come from one model only: each model's vectors live in tables of their own.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import UsageError
-from embedstore.store import Store, sql_literal
+from embedstore.models.spec import ModelSpec, cls_column
+from embedstore.store import Store
+from embedstore.store.schema import series_table_name, slices_table_name
 
-FEATURES = ("cls", "patch_mean", "cls+patch_mean")
+FEATURES = ("cls", "patch_mean", "cls+patch_mean", "clsN", "clsN+patch_mean")
 LEVELS = ("slice", "series")
 # Columns carried beside the vectors, for joins with labels and for results.
 SLICE_COLUMNS = ["key", "path", "patient_id", "study_uid", "series_uid", "sop_uid", "slice_index", "modality"]
@@ -34,39 +40,43 @@ class Vectors:
         return len(self.matrix)
 
 
-def resolve_model_id(store: Store, model_id: str | None) -> str:
-    models = sorted(set(store.rows("slices", columns=["model_id"]).column("model_id").to_pylist())) \
-        if store.has_table("slices") else []
-    if not models:
-        raise UsageError(f"store {store.path} holds no embeddings yet")
-    if model_id is None:
-        if len(models) > 1:
-            raise UsageError(f"store {store.path} holds {len(models)} models; name one with --model-id: "
-                             + ", ".join(models))
-        return models[0]
-    if model_id not in models:
-        raise UsageError(f"model {model_id} is not in store {store.path}; it holds: {', '.join(models)}")
-    return model_id
+def feature_columns(spec: ModelSpec, feature: str) -> list[str]:
+    """The stored columns a feature concatenates; UsageError for a feature the model's rows lack."""
+    columns = []
+    for part in feature.split("+"):
+        blocks = re.fullmatch(r"cls(\d+)", part)
+        if part in ("cls", "patch_mean"):
+            columns.append(part)
+        elif blocks:
+            n = int(blocks.group(1))
+            if not 1 <= n <= len(spec.cls_layers):
+                kept = f"the last {len(spec.cls_layers)}" if spec.cls_layers else "no"
+                raise UsageError(f"feature {part}: model {spec.model_id} keeps the CLS token of {kept} blocks "
+                                 "(re-ingest with a larger --layers)")
+            columns.extend(cls_column(block) for block in spec.cls_layers[-n:])
+        else:
+            raise UsageError(f"feature must be one of {', '.join(FEATURES)} (N a number of blocks), not {feature!r}")
+    if len(set(columns)) != len(columns) or feature.count("+") > 1:
+        raise UsageError(f"feature {feature!r} repeats a part: use one of {', '.join(FEATURES)}")
+    return columns
 
 
 def load_vectors(store: Store, model_id: str | None = None, feature: str = "cls", level: str = "slice",
                  where: str | None = None) -> Vectors:
     """One model's vectors at slice level, or series level (the mean of each series' slice
-    vectors, as the `series` table stores them). `where` is an already validated filter."""
-    if feature not in FEATURES:
-        raise UsageError(f"feature must be one of {', '.join(FEATURES)}, not {feature!r}")
+    vectors, as the model's series table stores them). `where` is an already validated filter."""
     if level not in LEVELS:
         raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
-    model_id = resolve_model_id(store, model_id)
-    parts = feature.split("+")
-    table, identity = ("slices", SLICE_COLUMNS) if level == "slice" else ("series", SERIES_COLUMNS)
-    condition = f"model_id = {sql_literal(model_id)}" + (f" AND ({where})" if where else "")
-    rows = store.rows(table, condition, identity + parts)
+    spec = store.spec(store.resolve_model_id(model_id))
+    parts = feature_columns(spec, feature)
+    table, identity = (slices_table_name(spec.model_id), SLICE_COLUMNS) if level == "slice" else \
+        (series_table_name(spec.model_id), SERIES_COLUMNS)
+    rows = store.rows(table, where, identity + parts)
     if not rows.num_rows:
-        raise UsageError(f"no {level} vectors of model {model_id} match" + (f" {where}" if where else ""))
+        raise UsageError(f"no {level} vectors of model {spec.model_id} match" + (f" {where}" if where else ""))
     rows = rows.sort_by("key")  # a stable order, whatever the fragments' order on disk
     matrix = np.concatenate([column_matrix(rows.column(part)) for part in parts], axis=1)
-    return Vectors(model_id, feature, level, rows.select(identity), np.ascontiguousarray(matrix, dtype=np.float32))
+    return Vectors(spec.model_id, feature, level, rows.select(identity), np.ascontiguousarray(matrix, dtype=np.float32))
 
 
 def column_matrix(column: pa.ChunkedArray) -> np.ndarray:

@@ -1,0 +1,249 @@
+"""The unit of ingest work, run the same way by every distributor (clip-retrieval's pattern: one
+runner built from a reader, a mapper and a writer; a local and a Ray distributor call it).
+
+A work unit is a few hundred slices (a series never straddles two). `UnitRunner.run` takes the
+unit's decoded files, embeds every slice with every model that still lacks it (each slice was
+decoded once for all of them), writes each model's patch tokens to a Zarr shard of its own (named per
+unit and attempt: no two writers ever touch one shard, a retry never reuses one), closes the
+shards, and returns the rows. `RowCommitter` commits rows in large transactions that never add a
+key already present: items first, then each model's vectors, so a committed vector row always has
+its item and its patches.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from embedstore.models import LoadedModel
+from embedstore.models.embedder import Embedder, Embeddings
+from embedstore.models.spec import ModelSpec, cls_column
+from embedstore.pipeline.batching import SliceBatcher
+from embedstore.pipeline.progress import IngestProgress
+from embedstore.preprocess import DecodedFile
+from embedstore.sources import Failure, ReadTask, SliceItem
+from embedstore.store import Store
+from embedstore.store.patches import PatchShardWriter
+from embedstore.store.schema import ITEMS_SCHEMA, SEARCH_COLUMNS, model_slices_schema, slices_table_name
+
+UNIT_SLICES = 256  # slices per work unit (a longer series is one unit on its own)
+UNIT_PATCH_BYTES = 512 * 1024 * 1024  # smaller units where patch tokens are large (448 px, 5 layers, ViT-L)
+ITEM_GEOMETRY = ("frame", "rows", "cols", "pixel_spacing", "slice_thickness", "image_position",
+                 "image_orientation", "slice_position")
+
+
+@dataclass
+class WorkUnit:
+    unit_id: int
+    tasks: list[ReadTask] = field(default_factory=list)
+    # Per model (by position in the ingest's model list), the item ids of this unit it still lacks.
+    wanted: list[set[str]] = field(default_factory=list)
+
+    @property
+    def n_items(self) -> int:
+        return sum(len(task.items) for task in self.tasks)
+
+
+def unit_slices_for(specs: list[ModelSpec], requested: int) -> int:
+    """`requested` slices per unit, fewer when the models' patch tokens would make a unit too big."""
+    patch_bytes = sum(len(s.patch_layers) * s.num_patches * s.embed_dim * 2 for s in specs)
+    return max(8, min(requested, UNIT_PATCH_BYTES // max(1, patch_bytes)))
+
+
+def plan_units(tasks: list[ReadTask], missing: list[set[str]], unit_slices: int = UNIT_SLICES) -> list[WorkUnit]:
+    """Consecutive tasks grouped into units of about `unit_slices`; a series is never split (the
+    catalog lists a series' files together). `missing`: per model, the item ids it lacks."""
+    units: list[WorkUnit] = []
+    current, series_of_last = WorkUnit(0), None
+    for task in tasks:
+        series = task.items[0].series_uid
+        if current.n_items >= unit_slices and series != series_of_last:
+            units.append(current)
+            current = WorkUnit(len(units))
+        current.tasks.append(task)
+        series_of_last = series
+    if current.tasks:
+        units.append(current)
+    for unit in units:
+        ids = {item.item_id for task in unit.tasks for item in task.items}
+        unit.wanted = [ids & model_missing for model_missing in missing]
+    return units
+
+
+@dataclass
+class UnitOutput:
+    unit_id: int
+    items: pa.Table | None  # `items` rows of every slice embedded
+    vectors: dict[str, pa.Table]  # model_id → its `slices-<model_id>` rows, patches already on disk
+    failures: list[Failure]
+    n_failed_items: int
+    n_items: int  # slices embedded (by at least one model)
+    seconds: dict[str, float]
+
+
+class UnitRunner:
+    """The models on their device, and the one function that turns a decoded unit into rows."""
+
+    def __init__(self, models: list[LoadedModel], embedders: list[Embedder], patches_root: Path, run_id: str,
+                 batch_size: int):
+        self.models, self.embedders = models, embedders
+        self.patches_root, self.run_id, self.batch_size = Path(patches_root), run_id, batch_size
+
+    def run(self, unit: WorkUnit, decoded: list[tuple[ReadTask, DecodedFile | list[Failure]]]) -> UnitOutput:
+        failures: list[Failure] = []
+        n_failed_items = 0
+        seconds: Counter = Counter()
+        batcher = SliceBatcher(self.batch_size)
+        for task, result in decoded:
+            if isinstance(result, list):
+                failures.extend(result)
+                n_failed_items += len(task.items)
+            else:
+                failures.extend(result.failures)
+                batcher.add(result)
+                seconds.update(result.seconds)
+        n_items = batcher.pending()
+        if not n_items:
+            return UnitOutput(unit.unit_id, None, {}, failures, n_failed_items, 0, dict(seconds))
+        writers = [ModelRows(loaded, self.patches_root, self.run_id, unit.unit_id, wanted)
+                   for loaded, wanted in zip(self.models, unit.wanted)]
+        items: list[SliceItem] = []
+        while batcher.pending():
+            batch_items, pixels = batcher.take()
+            items.extend(batch_items)
+            for writer, embedder in zip(writers, self.embedders):
+                chosen = [i for i, item in enumerate(batch_items) if item.item_id in writer.wanted]
+                if not chosen:
+                    continue
+                started = time.perf_counter()
+                images = pixels[writer.spec.interpolation]
+                embeddings = embedder.embed(images if len(chosen) == len(batch_items) else images[chosen],
+                                            keep_patches=bool(writer.spec.patch_layers))
+                seconds["embed"] += time.perf_counter() - started
+                started = time.perf_counter()
+                writer.add([batch_items[i] for i in chosen], embeddings)
+                seconds["write_patches"] += time.perf_counter() - started
+        started = time.perf_counter()
+        vectors = {writer.spec.model_id: writer.close() for writer in writers if writer.n_rows}
+        seconds["write_patches"] += time.perf_counter() - started
+        return UnitOutput(unit.unit_id, item_rows(items, self.run_id), vectors, failures, n_failed_items,
+                          len(items), dict(seconds))
+
+
+class ModelRows:
+    """One model's rows and patch shard for one unit."""
+
+    def __init__(self, loaded: LoadedModel, patches_root: Path, run_id: str, unit_id: int, wanted: set[str]):
+        self.spec = loaded.spec
+        self.run_id = run_id
+        self.wanted = wanted  # the unit's item ids this model lacks
+        self.shard_name = f"{run_id}-u{unit_id:06d}-{uuid.uuid4().hex[:6]}"  # per unit and attempt
+        self.patches_root = patches_root
+        self.shard: PatchShardWriter | None = None
+        self.items: list[SliceItem] = []
+        self.offsets: list[int | None] = []
+        self.parts: list[Embeddings] = []
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.items)
+
+    def add(self, items: list[SliceItem], embeddings: Embeddings) -> None:
+        if self.spec.patch_layers and self.shard is None:  # made on first use: a unit that fails leaves none
+            self.shard = PatchShardWriter(self.patches_root, self.spec.model_id, self.shard_name, len(self.wanted),
+                                          self.spec.patch_layers, self.spec.num_patches, self.spec.embed_dim)
+        self.items.extend(items)
+        self.offsets.extend(self.shard.append(embeddings.patches).tolist() if self.shard else [None] * len(items))
+        self.parts.append(embeddings)
+
+    def close(self) -> pa.Table:
+        """Close the shard (the patches are on disk before any row points at them); the rows."""
+        if self.shard:
+            self.shard.close()
+        return vector_rows(self.spec, self.items, self.parts, self.shard.relative_path if self.shard else None,
+                           self.offsets, self.run_id)
+
+
+def item_rows(items: list[SliceItem], run_id: str) -> pa.Table:
+    """`items` rows: what each slice is, whatever model embedded it."""
+    return pa.Table.from_pylist([{**{name: getattr(item, name) for name in (*SEARCH_COLUMNS, *ITEM_GEOMETRY)},
+                                  "key": item.item_id, "run_id": run_id} for item in items], schema=ITEMS_SCHEMA)
+
+
+def vector_rows(spec: ModelSpec, items: list[SliceItem], parts: list[Embeddings], shard: str | None,
+                offsets: list[int | None], run_id: str) -> pa.Table:
+    """One model's `slices-<model_id>` rows in its schema."""
+    schema = model_slices_schema(spec)
+    columns = {
+        "key": [item.item_id for item in items],
+        **{name: [getattr(item, name) for item in items] for name in SEARCH_COLUMNS},
+        "intensity": [item.intensity for item in items],
+        "patch_shard": [shard if offset is not None else None for offset in offsets],
+        "patch_offset": offsets, "run_id": [run_id] * len(items),
+        "cls": np.concatenate([p.cls for p in parts]),
+        "patch_mean": np.concatenate([p.patch_mean for p in parts]),
+    }
+    cls_layers = np.concatenate([p.cls_layers for p in parts])
+    for position, block in enumerate(spec.cls_layers):
+        columns[cls_column(block)] = cls_layers[:, position]
+    arrays = []
+    for schema_field in schema:
+        values = columns[schema_field.name]
+        if isinstance(values, np.ndarray):
+            flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).ravel())
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, spec.embed_dim))
+        else:
+            arrays.append(pa.array(values, schema_field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class RowCommitter:
+    """Gathers unit rows and commits them in transactions of about `commit_rows`, so the number of
+    table versions follows the rows, not the batches or units."""
+
+    def __init__(self, store: Store, run_id: str, model_ids: list[str], commit_rows: int, stage_seconds: Counter):
+        self.store, self.run_id, self.model_ids = store, run_id, model_ids
+        self.commit_rows = commit_rows
+        self.stage_seconds = stage_seconds
+        self.items: list[pa.Table] = []
+        self.vectors: dict[str, list[pa.Table]] = {m: [] for m in model_ids}
+        self.n_pending = 0
+        self.committed: Counter = Counter()  # model_id → rows added
+        self.failures: list[Failure] = []
+        self._pending_failures: list[Failure] = []
+
+    def take(self, output: UnitOutput, progress: IngestProgress) -> None:
+        for stage, seconds in output.seconds.items():
+            self.stage_seconds[stage] += seconds
+        self.failures.extend(output.failures)
+        self._pending_failures.extend(output.failures)
+        if output.n_failed_items:
+            progress.failed(output.n_failed_items)
+        if output.items is not None:
+            self.items.append(output.items)
+            for model_id, rows in output.vectors.items():
+                self.vectors[model_id].append(rows)
+            self.n_pending += output.n_items
+            progress.advance(output.n_items)
+        if self.n_pending >= self.commit_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        started = time.perf_counter()
+        if self.items:
+            self.store.insert_new("items", pa.concat_tables(self.items))
+            for model_id, tables in self.vectors.items():
+                if tables:
+                    self.committed[model_id] += self.store.insert_new(slices_table_name(model_id),
+                                                                      pa.concat_tables(tables))
+            self.items, self.n_pending = [], 0
+            self.vectors = {m: [] for m in self.model_ids}
+        self.store.add_failures(self._pending_failures, self.run_id)
+        self._pending_failures = []
+        self.stage_seconds["commit"] += time.perf_counter() - started
