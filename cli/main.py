@@ -281,9 +281,38 @@ def index(
               f"(exact: {report.exact_p50_ms:.1f} ms)")
 
 
+@app.command()
+def export(
+    store: Path = typer.Argument(..., help="Store directory."),
+    destination: Path = typer.Argument(..., metavar="OUT", help="parquet: the file to write; npy: a new or empty "
+                                       "directory."),
+    export_format: str = typer.Option(..., "--format", help="parquet (metadata columns and a `vector` column) or npy "
+                                      "(OUT/vectors.npy, (n, D) float32, and OUT/rows.parquet, row i for vector i)."),
+    model_id: Optional[str] = typer.Option(None, help="The model (any unique prefix of its id), when the store "
+                                           "holds several."),
+    feature: str = typer.Option("cls", help="cls, patch_mean, clsN (CLS of the last N blocks), or "
+                                "cls/clsN+patch_mean."),
+    level: str = typer.Option("slice", help="slice, or series (mean of its slice vectors)."),
+    where: Optional[str] = typer.Option(None, help="Filter on metadata columns, e.g. \"modality = 'CT'\"."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels CSV (as for eval): adds label and split "
+                                          "columns; rows it does not name keep null."),
+) -> None:
+    """Write one model's vectors with their metadata as Parquet or NumPy, for other tools."""
+    from embedstore.export import export_vectors
+    from embedstore.store import Store
+
+    summary = export_vectors(Store.open(store), destination, export_format, model_id, feature, level, where, labels)
+    print(f"{summary.n_rows:,} {summary.level} vectors ({summary.feature}, {summary.dim}-d) of "
+          f"{summary.model_id} written to {summary.out}"
+          + (f"; {summary.n_labelled:,} labelled" if summary.n_labelled is not None else ""))
+
+
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate stored vectors against labels, without the backbone.")
 app.add_typer(eval_app, name="eval")
 
+
+FEATURE_HELP = ("cls, patch_mean, clsN (final-norm CLS of the last N blocks, concatenated), cls+patch_mean or "
+                "clsN+patch_mean.")
 
 # Options every `embedstore eval` command takes.
 LABELS_OPTION = typer.Option(..., "--labels", help="Labels CSV (see README: join column, label, split, patient_id).")
@@ -321,7 +350,7 @@ def parse_numbers(text: str, option: str, kind=float) -> tuple:
 def eval_knn(
     store: Path = typer.Argument(..., help="Store directory."),
     labels: Path = LABELS_OPTION,
-    feature: str = typer.Option("cls", help="cls, patch_mean or cls+patch_mean."),
+    feature: str = typer.Option("cls", help=FEATURE_HELP),
     level: str = EVAL_LEVEL_OPTION,
     k: str = typer.Option("10,20,100,200", help="Neighbour counts."),
     temperature: float = typer.Option(0.07, help="Vote weights exp(similarity / T)."),
@@ -354,6 +383,9 @@ def print_evaluation(result: dict) -> None:
     out.print(f"[bold]{result['task']}[/bold] {result['model_id']} · {result['feature']} · {result['level']} level · "
               f"{len(result['classes'])} classes{' (multi-label)' if result['multilabel'] else ''} · {counts}"
               + (f" · {result['search']} neighbour search" if "search" in result else ""))
+    for name, chosen in result.get("feature_grid", {}).items():
+        out.print(f"feature {name}: C {chosen['chosen_c']:.3g}, val score {chosen['val_score']:.4f}"
+                  + ("  <- chosen on val" if name == result["feature"] else ""))
     if result["task"] == "linear":
         out.print(f"C chosen on val{' (carved from train by patient)' if result['val_carved_from_train'] else ''}: "
                   f"{result['chosen_c']:.3g} (val score {result['val_score']:.4f}); refitted on train + val")
@@ -376,7 +408,8 @@ def print_evaluation(result: dict) -> None:
 def eval_linear(
     store: Path = typer.Argument(..., help="Store directory."),
     labels: Path = LABELS_OPTION,
-    feature: str = typer.Option("cls+patch_mean", help="cls, patch_mean or cls+patch_mean."),
+    feature: str = typer.Option("cls+patch_mean", help=FEATURE_HELP + " grid: choose among cls1, cls4, "
+                                "cls1+patch_mean and cls4+patch_mean on val, as the reference study does."),
     level: str = EVAL_LEVEL_OPTION,
     c_grid: Optional[str] = typer.Option(None, help="Comma-separated C values (default: 10^linspace(-6, 5, 45))."),
     split_by: Optional[str] = SPLIT_BY_OPTION,
@@ -402,7 +435,7 @@ def eval_linear(
 def eval_fewshot(
     store: Path = typer.Argument(..., help="Store directory."),
     labels: Path = LABELS_OPTION,
-    feature: str = typer.Option("cls", help="cls, patch_mean or cls+patch_mean."),
+    feature: str = typer.Option("cls", help=FEATURE_HELP),
     level: str = EVAL_LEVEL_OPTION,
     shots: str = typer.Option("1,2,4,8,16", help="Training patients per class."),
     tries: int = typer.Option(10, help="Random draws per shot count."),
@@ -446,6 +479,23 @@ def vacuum(store: Path = typer.Argument(..., help="Store directory.")) -> None:
     report = Store.open(store).vacuum()
     out.print(f"removed {report['orphan_shards_removed']:,} orphan patch shards "
               f"({report['patch_bytes_freed'] / 1e6:,.1f} MB); tables compacted")
+
+
+@app.command()
+def migrate(store: Path = typer.Argument(..., help="A format-2 store directory.")) -> None:
+    """Convert a format-2 store to format 3 in place, without re-embedding (rerun it if it is interrupted)."""
+    from embedstore.store.migrate import migrate_store
+
+    report = migrate_store(store)
+    models = "; ".join(f"{old} -> {new}" for old, new in report.models.items())
+    indexes = (f"; {len(report.indexes_dropped)} ANN indexes not carried over: rebuild them with `embedstore index`"
+               if report.indexes_dropped else "")
+    print(f"migrated {report.store} to format 3: {len(report.models)} models" + (f" ({models})" if models else "")
+          + f", {report.items:,} items, "
+          f"{sum(report.slices.values()):,} slice rows, {report.series:,} series, {report.failures:,} failures, "
+          f"{report.runs:,} runs, {report.patch_shards:,} patch shards{indexes}")
+    for note in report.notes:
+        print(f"embedstore: note: {note}", file=sys.stderr)
 
 
 @app.command()

@@ -247,3 +247,18 @@ def test_wrong_model_requests_are_one_line_exit_2_before_anything_is_written(cas
     assert len(lines) == 1 and lines[0].startswith("embedstore: error:") and named in lines[0], result.stderr
     assert not (tmp_path / "store").exists()
 
+
+
+def test_linear_feature_grid_chooses_on_val_and_equals_the_chosen_feature_run_alone(two_model_store, tmp_path):
+    from embedstore.eval.evaluate import GRID_FEATURES, linear_evaluation
+    from embedstore.store import Store
+
+    path, summary, _, _ = two_model_store
+    labels = write_labels(tmp_path / "labels.csv", path)
+    store = Store.open(path)
+    grid = linear_evaluation(store, labels, "grid", model_id=summary.model_ids[0], c_grid=(0.01, 1.0, 100.0))
+    assert set(grid["feature_grid"]) == set(GRID_FEATURES)
+    best = max(score["val_score"] for score in grid["feature_grid"].values())
+    assert grid["feature_grid"][grid["feature"]]["val_score"] == best
+    alone = linear_evaluation(store, labels, grid["feature"], model_id=summary.model_ids[0], c_grid=(0.01, 1.0, 100.0))
+    assert alone["metrics"] == grid["metrics"] and alone["chosen_c"] == grid["chosen_c"]

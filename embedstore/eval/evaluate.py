@@ -62,17 +62,30 @@ def _score(metrics: dict, key: str) -> float:
     return -1.0 if value is None else value
 
 
+GRID_FEATURES = ("cls1", "cls1+patch_mean", "cls4", "cls4+patch_mean")  # the study's linear-probe inputs
+
+
 def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patch_mean", level: str = "slice",
                       model_id: str | None = None, c_grid=None, split_by: str | None = None,
                       ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
     """The linear probe: C chosen on val (carved from train by patient when absent), refitted on
-    train + val, reported on test."""
-    from embedstore.eval.linear import DEFAULT_C_GRID, linear_probe
+    train + val, reported on test. `feature="grid"` also chooses the input as the study does, among
+    the CLS of the last 1 or 4 blocks with or without the patch mean, by val score alone."""
+    from embedstore.eval.linear import DEFAULT_C_GRID, choose_c, probe_result, refit_and_test
 
-    vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
-    probe = linear_probe(data, c_grid or DEFAULT_C_GRID, seed)
-    return {"task": "linear", "model_id": vectors.model_id, "feature": feature, "level": level,
-            "classes": data.classes, "multilabel": data.multilabel, **probe}
+    candidates = GRID_FEATURES if feature == "grid" else (feature,)
+    selections = {}
+    for candidate in candidates:
+        vectors, data = labelled_vectors(store, labels, candidate, level, model_id, split_by, ratios, seed)
+        selections[candidate] = choose_c(data, c_grid or DEFAULT_C_GRID, seed)
+    chosen = max(candidates, key=lambda name: selections[name].val_score)  # first listed wins a tie
+    result = {"task": "linear", "model_id": vectors.model_id, "feature": chosen, "level": level,
+              "classes": data.classes, "multilabel": data.multilabel,
+              **probe_result(selections[chosen], refit_and_test(selections[chosen]))}
+    if feature == "grid":
+        result["feature_grid"] = {name: {"chosen_c": s.chosen_c, "val_score": s.val_score}
+                                  for name, s in selections.items()}
+    return result
 
 
 def fewshot_evaluation(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",

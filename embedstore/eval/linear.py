@@ -9,6 +9,8 @@ TRAIN + VAL and reported on TEST, whose labels are not read before that.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -73,24 +75,51 @@ def with_val_split(data: LabelledVectors, seed: int) -> tuple[LabelledVectors, b
                            data.keys), True
 
 
-def linear_probe(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> dict:
-    """Choose C on val, refit on train + val, report on test."""
+@dataclass
+class CSelection:
+    """C chosen on val: the data with its val split (carved from train when absent) and the scores."""
+
+    data: LabelledVectors
+    carved: bool
+    c_grid: list[float]
+    val_scores: list[float]  # in the order of c_grid
+    chosen_c: float
+    val_score: float
+
+
+def choose_c(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> CSelection:
+    """Fit on train for every C (small C first, each fit warm-started from the last) and pick the
+    C with the best val score; test rows are not looked at."""
     data, carved = with_val_split(data, seed)
     train, val = data.subset(data.splits == "train"), data.subset(data.splits == "val")
     if not len(val.matrix) or not len(train.matrix):
         raise UsageError(f"too few patients for a train and a val split: {data.counts()}")
-    n_outputs = len(data.classes)
     val_scores, probe = [], None
-    for c in sorted(c_grid):  # small C first, each fit warm-started from the last
-        probe = fit_logistic(train.matrix, train.targets, n_outputs, c, data.multilabel, probe)
+    for c in sorted(c_grid):
+        probe = fit_logistic(train.matrix, train.targets, len(data.classes), c, data.multilabel, probe)
         val_scores.append((selection_score(val, probe.scores(val.matrix)), c))
     best_score, best_c = max(val_scores, key=lambda pair: (pair[0], -pair[1]))  # ties: the stronger penalty
+    return CSelection(data, carved, sorted(c_grid), [s for s, _ in val_scores], best_c, best_score)
+
+
+def refit_and_test(selection: CSelection) -> dict:
+    """The chosen C refitted on train + val; the test metrics (test labels are read only here)."""
+    data = selection.data
     refit = data.subset(data.splits != "test")
-    final = fit_logistic(refit.matrix, refit.targets, n_outputs, best_c, data.multilabel)
-    test = data.subset(data.splits == "test")  # read only now
+    final = fit_logistic(refit.matrix, refit.targets, len(data.classes), selection.chosen_c, data.multilabel)
+    test = data.subset(data.splits == "test")
     scores = final.scores(test.matrix)
-    metrics = multilabel_metrics(test.targets, scores, test.classes) if data.multilabel else \
+    return multilabel_metrics(test.targets, scores, test.classes) if data.multilabel else \
         multiclass_metrics(test.targets, scores, test.classes)
-    return {"chosen_c": best_c, "val_score": best_score, "val_carved_from_train": carved,
-            "c_grid": sorted(c_grid), "val_scores": [s for s, _ in val_scores], "counts": data.counts(),
-            "metrics": {"test": metrics}}
+
+
+def linear_probe(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> dict:
+    """Choose C on val, refit on train + val, report on test."""
+    selection = choose_c(data, c_grid, seed)
+    return probe_result(selection, refit_and_test(selection))
+
+
+def probe_result(selection: CSelection, test_metrics: dict) -> dict:
+    return {"chosen_c": selection.chosen_c, "val_score": selection.val_score,
+            "val_carved_from_train": selection.carved, "c_grid": selection.c_grid,
+            "val_scores": selection.val_scores, "counts": selection.data.counts(), "metrics": {"test": test_metrics}}

@@ -1,0 +1,224 @@
+"""The Python API: a store opened with `embedstore.open`, read without the command line.
+
+    import embedstore
+
+    store = embedstore.open("archive-store")
+    [spec.model_id for spec in store.models()]  # ['dinov2_vits14-hub-3f2a...-224px-pp2.1384af']
+    v = store.vectors(feature="cls+patch_mean", where="modality = 'CT'")
+    v.matrix                                    # (n, 768) float32
+    v.rows                                      # pyarrow Table: key, path, patient_id, ..., row i for vector i
+    key = v.rows["key"][0].as_py()
+    store.patches(key)                          # (grid_h * grid_w, 384) float16, the last kept block
+    store.search(key=key, k=5, feature="patch_mean")  # [Hit(rank=1, similarity=0.98, key=...), ...]
+    store.export("ct.parquet", "parquet", feature="cls", labels="labels.csv")
+
+Models are named by any unique prefix of their id; `model=None` means the store's only model.
+Every wrong request (unknown model, feature, block, key, a `where` outside the filter language)
+raises `embedstore.errors.UsageError` with a message saying what to do. Reading never writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from embedstore.errors import UsageError
+from embedstore.export import ExportSummary, export_vectors, metadata_columns
+from embedstore.models.spec import ModelSpec
+from embedstore.search import similar
+from embedstore.search.similar import Hit
+from embedstore.search.where import validated_where
+from embedstore.store import Store, sql_literal
+from embedstore.store.patches import read_patches
+from embedstore.store.schema import series_table_name, slices_table_name
+from embedstore.store.vectors import LEVELS, Vectors, feature_columns, load_vectors
+
+__all__ = ["EmbedStore", "Hit", "Vectors", "open_store"]
+
+
+class EmbedStore:
+    """An embedstore store, read through a small API. Make one with `embedstore.open(path)`.
+
+    The underlying `embedstore.store.Store` is `.store` (LanceDB connection: `.store.db`)."""
+
+    def __init__(self, path: str | Path):
+        self.store = Store.open(path)
+
+    def __repr__(self) -> str:
+        return f"embedstore.open({str(self.path)!r})  # {len(self.store.specs())} models"
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    # ------------------------------------------------------------------ models
+    def models(self) -> list[ModelSpec]:
+        """Every model's spec, in the order the models were added.
+
+        Example::
+
+            [(m.model_id, m.embed_dim, m.cls_layers, m.patch_layers) for m in store.models()]
+            # [('dinov2_vits14-hub-...', 384, (8, 9, 10, 11), (11,))]
+        """
+        return list(self.store.specs().values())
+
+    def model(self, prefix: str | None = None) -> ModelSpec:
+        """The spec of the model whose id starts with `prefix` (the only model when None).
+
+        Example::
+
+            store.model("dinov2_vitb").embed_dim  # 768
+        """
+        return self.store.spec(self.store.resolve_model_id(prefix))
+
+    # ------------------------------------------------------------------ tables
+    def vectors(self, model: str | None = None, feature: str = "cls", level: str = "slice",
+                where: str | None = None) -> Vectors:
+        """One model's vectors as a matrix: `.matrix` (n, D) float32 and `.rows`, a pyarrow Table of
+        identity columns (key, path, patient_id, study_uid, series_uid, sop_uid, slice_index, modality;
+        at series level key is the series UID, with n_slices), row i describing vector i, sorted by key.
+
+        feature: cls, patch_mean, cls+patch_mean, clsN (the CLS of the last N kept blocks,
+        concatenated) or clsN+patch_mean. level: slice, or series (the mean of each series' slices).
+        where: a filter on the table's metadata columns, e.g. "modality = 'CT' AND body_part = 'CHEST'".
+
+        Example::
+
+            v = store.vectors(feature="patch_mean", level="series", where="modality = 'MR'")
+            v.matrix.shape, v.rows.column("series_uid").to_pylist()[:2]
+        """
+        if level not in LEVELS:
+            raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+        model_id = self.store.resolve_model_id(model)
+        table = series_table_name(model_id) if level == "series" else slices_table_name(model_id)
+        condition = self._where(table, where)
+        return load_vectors(self.store, model_id, feature, level, condition)
+
+    def items(self, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The `items` table (one row per slice or frame, whatever the number of models): key, DICOM
+        identity, geometry (pixel_spacing, image_position, slice_position, ...). `where` filters as in
+        `vectors`; `columns` picks columns.
+
+        Example::
+
+            store.items("modality = 'CT'", columns=["key", "slice_position"]).to_pylist()[:2]
+        """
+        if columns is not None:
+            unknown = sorted(set(columns) - set(self.store.table("items").schema.names))
+            if unknown:
+                raise UsageError(f"the items table has no column {', '.join(unknown)}")
+        return self.store.rows("items", self._where("items", where), columns)
+
+    def patches(self, key: str, model: str | None = None, block: int | None = None) -> np.ndarray:
+        """One slice's patch tokens, (grid_h * grid_w, embed_dim) float16, row-major over the patch
+        grid, of a block whose tokens the ingest kept (default: the last kept block; a negative block
+        counts from the end of the network, as `--patch-layers` does).
+
+        Example::
+
+            spec = store.model()
+            grid = store.patches(key).reshape(spec.grid_h, spec.grid_w, spec.embed_dim)
+        """
+        spec = self.model(model)
+        if not spec.patch_layers:
+            raise UsageError(f"model {spec.model_id} kept no patch tokens (it was ingested with --no-patches)")
+        if block is None:
+            block = spec.patch_layers[-1]
+        elif block < 0:
+            block += spec.num_blocks
+        if block not in spec.patch_layers:
+            raise UsageError(f"model {spec.model_id} kept the patch tokens of block"
+                             f"{'s' if len(spec.patch_layers) > 1 else ''} {', '.join(map(str, spec.patch_layers))} "
+                             f"only, not block {block} (ingest with --patch-layers to keep others)")
+        rows = self.store.rows(slices_table_name(spec.model_id), f"key = {sql_literal(key)}",
+                               ["patch_shard", "patch_offset"]).to_pylist()
+        if not rows:
+            raise UsageError(f"no slice with key {key!r} of model {spec.model_id} in store {self.path}")
+        if rows[0]["patch_shard"] is None:
+            raise UsageError(f"slice {key!r} of model {spec.model_id} has no patch tokens stored")
+        return read_patches(self.store.patches_root, rows[0]["patch_shard"], [rows[0]["patch_offset"]], block)[0]
+
+    # ------------------------------------------------------------------ search
+    def search(self, key: str | None = None, series_uid: str | None = None, image: str | Path | None = None,
+               vector: np.ndarray | None = None, k: int = 10, level: str = "slice", model: str | None = None,
+               feature: str = "cls", where: str | None = None) -> list[Hit]:
+        """The k stored slices, series or studies (`level`) most similar (cosine) to one query:
+        a stored slice (`key`), a stored series (`series_uid`), an image file embedded on the fly
+        with the store's model and preprocessing (`image`), or your own `vector` (D,) or vectors
+        (n, D) in the feature's width. The query's own slice, series or study is left out.
+
+        Example::
+
+            for hit in store.search(key="dicom:1.2.826...:0", k=3, feature="patch_mean", where="modality = 'CT'"):
+                print(hit.rank, round(hit.similarity, 3), hit.series_uid, hit.slice_index, hit.path)
+            store.search(image="query.dcm", level="study", k=5)
+        """
+        given = [name for name, value in (("key", key), ("series_uid", series_uid), ("image", image),
+                                          ("vector", vector)) if value is not None]
+        if len(given) != 1:
+            raise UsageError("give exactly one of key, series_uid, image, vector")
+        model_id = self.store.resolve_model_id(model)
+        if key is not None:
+            query = similar.query_by_key(self.store, key, feature, model_id)
+        elif series_uid is not None:
+            query = similar.query_by_series(self.store, series_uid, feature, model_id)
+        elif image is not None:
+            from embedstore.pipeline.embed_file import embed_file  # torch and timm: only when needed
+
+            columns = embed_file(self.store, image, model_id)
+            query = similar.query_by_vectors(self.store, f"image {image} ({len(columns['cls'])} slices)", model_id,
+                                             columns, feature)
+        else:
+            query = similar.Query("a given vector", model_id, self._query_vectors(vector, model_id, feature))
+        return similar.search(self.store, query, k, level, feature, where)
+
+    def _query_vectors(self, vector, model_id: str, feature: str) -> np.ndarray:
+        spec = self.store.spec(model_id)
+        width = len(feature_columns(spec, feature)) * spec.embed_dim
+        matrix = np.asarray(vector, dtype=np.float32)
+        matrix = matrix.reshape(1, -1) if matrix.ndim == 1 else matrix
+        if matrix.ndim != 2 or matrix.shape[1] != width or not len(matrix):
+            raise UsageError(f"vector must have shape ({width},) or (n, {width}) for feature {feature} of model "
+                             f"{model_id}, not {np.shape(vector)}")
+        return matrix
+
+    # ------------------------------------------------------------------ export and the rest
+    def export(self, out: str | Path, format: str = "parquet", model: str | None = None, feature: str = "cls",
+               level: str = "slice", where: str | None = None, labels: str | Path | None = None) -> ExportSummary:
+        """Write vectors with their metadata: `parquet` (one file, metadata columns and a `vector`
+        column) or `npy` (a directory with vectors.npy and rows.parquet); see `embedstore.export`.
+        `labels`: a labels CSV whose label (and split) are joined in; unlabelled rows keep null.
+
+        Example::
+
+            store.export("vectors.parquet", "parquet", feature="cls+patch_mean").n_rows
+        """
+        return export_vectors(self.store, out, format, model, feature, level, where, labels)
+
+    def failures(self, reason: str | None = None) -> list[dict]:
+        """The inputs that could not be embedded (path, stage, reason, message, run_id, time), oldest
+        first; `reason` keeps one failure code (e.g. "truncated", "not_dicom")."""
+        from embedstore.store.info import list_failures
+
+        return list_failures(self.store, reason)
+
+    def info(self) -> dict:
+        """What the store holds, as `embedstore info --json` prints it: tables, models and their
+        counts, modalities, patch bytes, failures by reason, the last run."""
+        from embedstore.store.info import store_info
+
+        return store_info(self.store)
+
+    def _where(self, table: str, where: str | None) -> str | None:
+        if not where:
+            return None
+        if not self.store.has_table(table):
+            raise UsageError(f"store {self.path} has no table {table}")
+        return validated_where(where, metadata_columns(self.store.table(table).schema))
+
+
+def open_store(path: str | Path) -> EmbedStore:
+    """`embedstore.open`: the store at `path` (a UsageError when there is none)."""
+    return EmbedStore(path)
