@@ -197,14 +197,6 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
 
 
 @dataclass
-class EmbedOutcome:
-    committed: Counter  # model_id → rows committed
-    failures: list[Failure]
-    engine: str
-    engine_notes: list[str]
-
-
-@dataclass
 class EmbedJob:
     """What every distributor and actor needs to embed units (picklable: no open store)."""
 

@@ -8,14 +8,12 @@ from itertools import islice
 
 from embedstore.pipeline.decode import DecodePool
 from embedstore.pipeline.progress import IngestProgress
-from embedstore.pipeline.runner import RowCommitter, UnitRunner, WorkUnit
+from embedstore.pipeline.runner import EmbedOutcome, RowCommitter, UnitRunner, WorkUnit
 
 
 def embed_locally(job, store, runner: UnitRunner, pool: DecodePool, units: list[WorkUnit],
                   progress: IngestProgress, stage_seconds: Counter):
     """Embed the plan's units in this process; returns the run's EmbedOutcome."""
-    from embedstore.pipeline.ingest import EmbedOutcome
-
     committer = RowCommitter(store, job.run_id, [s.model_id for s in job.specs], job.options.commit_rows,
                              stage_seconds)
     # One ordered stream over every unit's tasks keeps the decode workers busy across unit borders.

@@ -20,7 +20,7 @@ from collections import Counter, deque
 from embedstore.errors import UsageError, WORKER_CRASHED
 from embedstore.pipeline.decode import decode_or_fail
 from embedstore.pipeline.progress import IngestProgress
-from embedstore.pipeline.runner import RowCommitter, UnitOutput, UnitRunner, WorkUnit
+from embedstore.pipeline.runner import EmbedOutcome, RowCommitter, UnitOutput, UnitRunner, WorkUnit
 from embedstore.sources import Failure
 
 UNITS_IN_FLIGHT_PER_ACTOR = 2  # one embedding, one waiting: the actor never idles, memory stays bounded
@@ -93,8 +93,6 @@ def start_ray(address: str | None) -> None:
 def embed_on_ray(job, store, units: list[WorkUnit], progress: IngestProgress, stage_seconds: Counter):
     """Embed the plan's units on Ray; returns the run's EmbedOutcome."""
     import ray
-
-    from embedstore.pipeline.ingest import EmbedOutcome
 
     options = job.options
     start_ray(options.ray_address)

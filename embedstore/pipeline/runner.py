@@ -203,6 +203,16 @@ def vector_rows(spec: ModelSpec, items: list[SliceItem], parts: list[Embeddings]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+@dataclass
+class EmbedOutcome:
+    """What a distributor returns for the run's summary."""
+
+    committed: Counter  # model_id → rows committed
+    failures: list[Failure]
+    engine: str
+    engine_notes: list[str]
+
+
 class RowCommitter:
     """Gathers unit rows and commits them in transactions of about `commit_rows`, so the number of
     table versions follows the rows, not the batches or units."""
