@@ -50,14 +50,18 @@ def model_rows(spec, start: int, vectors: np.ndarray, modality: np.ndarray) -> p
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def p50_ms(run, queries: np.ndarray) -> tuple[float, list]:
-    run(queries[0])  # warm
-    times, results = [], []
+def side_by_side(runs: list, queries: np.ndarray) -> list[tuple[float, list]]:
+    """(p50 ms, results) of each search, the searches taking turns query by query so that a
+    noisy machine slows them alike."""
+    for run in runs:
+        run(queries[0])  # warm
+    times, results = [[] for _ in runs], [[] for _ in runs]
     for query in queries:
-        started = time.perf_counter()
-        results.append(run(query))
-        times.append((time.perf_counter() - started) * 1000)
-    return float(np.median(times)), results
+        for run, took, got in zip(runs, times, results):
+            started = time.perf_counter()
+            got.append(run(query))
+            took.append((time.perf_counter() - started) * 1000)
+    return [(float(np.median(took)), got) for took, got in zip(times, results)]
 
 
 def main() -> None:
@@ -100,8 +104,7 @@ def main() -> None:
         def run(where):
             return lambda query: ann_search(store, table, "cls", query, K, parameters, where)
 
-        unfiltered_ms, unfiltered = p50_ms(run(None), queries)
-        filtered_ms, filtered = p50_ms(run(WHERE), queries)
+        (unfiltered_ms, unfiltered), (filtered_ms, filtered) = side_by_side([run(None), run(WHERE)], queries)
         recall = float(np.mean([len({h["key"] for h in got} & want) / K for got, want in zip(filtered, expected)]))
         recall_all = float(np.mean([len({h["key"] for h in got} & want) / K
                                     for got, want in zip(unfiltered, expected_all)]))
