@@ -10,8 +10,9 @@ image counted from the architecture (ViT-B/14 at 224: 46 GFLOP).
 
 Pipeline: generated uncompressed 512×512 16-bit CT DICOM files read by embedstore's reader in
 decode worker processes (embedstore's DecodePool), preprocessed (HU window, resize to 224), and
-embedded by embedstore's Embedder in bf16; the store write is measured only where lancedb and
-zarr are importable (it says which).
+embedded by embedstore's Embedder in bf16; where lancedb and zarr are importable (it says which),
+the work units run through the ingest's own UnitRunner (embed, patch shards) and RowCommitter
+(LanceDB rows), as the local distributor runs them, so the store write is measured too.
 
     python benchmarks/gpu_check.py [--smoke]     # --smoke: tiny sizes on the CPU, to test the script
 """
@@ -24,6 +25,8 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # embedstore from this checkout
@@ -74,7 +77,8 @@ def model_only(name: str, batch_size: int, image_size: int, device, iterations: 
     from embedstore.models.engines import EmbeddingForward
 
     loaded = load_model(name, "random", image_size)
-    module = EmbeddingForward(loaded.model.to(device).eval(), loaded.num_prefix_tokens)
+    # what ingest runs: pooled CLS, patch mean, CLS of the last 4 blocks, patch tokens of the last
+    module = EmbeddingForward(loaded.model.to(device).eval(), loaded.spec)
     flops = vit_flops_per_image(loaded.model)
     batch = torch.randn(batch_size, 3, image_size, image_size, device=device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -125,8 +129,8 @@ def build_forward(module, engine: str, precision: str, batch, device):
 
 
 def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: dict) -> None:
-    """Generated DICOM → embedstore's DecodePool (reader + preprocessing) → Embedder, and the
-    store write where its libraries exist."""
+    """Generated DICOM → embedstore's DecodePool (reader + preprocessing) → Embedder, through the
+    ingest's UnitRunner and RowCommitter into a store where its libraries exist."""
     import torch
 
     from embedstore import samples
@@ -134,7 +138,7 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
     from embedstore.pipeline.batching import SliceBatcher
     from embedstore.models import load_model
     from embedstore.models.embedder import Embedder
-    from embedstore.preprocess import IntensityConfig
+    from embedstore.preprocess import DecodeSettings
     from embedstore.sources import ReadTask, SliceItem
 
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -144,34 +148,34 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
         for series in range(0, n_slices, per_series):  # written once, read many: generation is not timed
             paths += samples.write_ct_series(Path(scratch) / f"s{series}", n_slices=min(per_series, n_slices - series),
                                              size=512, seed=series, shuffle_names=False)
-        tasks = [ReadTask("dicom", str(p), [SliceItem(f"dicom:{p}:0", str(p), "study", "series", i, modality="CT")])
+        tasks = [ReadTask("dicom", str(p), [SliceItem(f"dicom:{p}:0", str(p), "study", f"series{i // per_series}",
+                                                      i % per_series, modality="CT")])
                  for i, p in enumerate(paths)]
         loaded = load_model("dinov2_vitb14", "random", image_size)
+        spec = loaded.spec
         embedder = Embedder(loaded, str(device), "bf16", "eager", batch_size)
-        writer, write_note = store_writer(Path(scratch) / "store", loaded)
-        config = IntensityConfig()
-        with DecodePool(workers, config, image_size) as pool:
+        sink, write_note = store_sink(Path(scratch) / "store", loaded, embedder, batch_size)
+        with DecodePool(workers, DecodeSettings(spec.intensity, image_size, (spec.interpolation,))) as pool:
             list(pool.decode(tasks[:workers * 8]))  # workers up and warm before the clock starts
             started = time.perf_counter()
-            batcher, n_embedded = SliceBatcher(batch_size), 0
+            if sink is not None:
+                n_embedded = sink.run(pool, tasks)
+            else:
+                batcher, n_embedded = SliceBatcher(batch_size), 0
 
-            def embed_and_write(batch):
-                items, pixels = batch
-                embeddings = embedder.embed(pixels, keep_patches=writer is not None)
-                if writer is not None:
-                    writer.write(items, embeddings)
-                return len(items)
+                def embed(batch):
+                    items, pixels = batch
+                    embedder.embed(pixels[spec.interpolation], keep_patches=False)
+                    return len(items)
 
-            for _, decoded in pool.decode(tasks):
-                if isinstance(decoded, list):
-                    raise RuntimeError(f"a generated slice failed to decode: {decoded[0].message}")
-                batcher.add(decoded)
-                while batcher.full():
-                    n_embedded += embed_and_write(batcher.take())
-            if batcher.pending():
-                n_embedded += embed_and_write(batcher.take())
-            if writer is not None:
-                writer.close()
+                for _, decoded in pool.decode(tasks):
+                    if isinstance(decoded, list):
+                        raise RuntimeError(f"a generated slice failed to decode: {decoded[0].message}")
+                    batcher.add(decoded)
+                    while batcher.full():
+                        n_embedded += embed(batcher.take())
+                if batcher.pending():
+                    n_embedded += embed(batcher.take())
             torch.cuda.synchronize() if device.type == "cuda" else None
             seconds = time.perf_counter() - started
     rate = n_embedded / seconds
@@ -180,33 +184,46 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
           f"workers: {rate:.1f} slices/s ({write_note})", flush=True)
 
 
-class StoreWriter:
-    """Embedded batches into an embedstore store (LanceDB rows, Zarr patches) on its writer thread."""
+class StoreSink:
+    """Decoded work units into an embedstore store the way the local distributor does it: the
+    UnitRunner embeds each unit and writes its patch shard, the RowCommitter commits the items and
+    vector rows in large transactions."""
 
-    def __init__(self, path: Path, loaded):
-        from embedstore.pipeline.writer import SliceWriter
+    RUN_ID = "gpu-check-run"
+
+    def __init__(self, path: Path, loaded, embedder, batch_size: int):
+        from embedstore.pipeline.ingest import DEFAULT_COMMIT_ROWS
+        from embedstore.pipeline.runner import RowCommitter, UnitRunner
         from embedstore.store import Store
 
-        store = Store.open(path, create=True)
-        store.ensure_vector_tables(loaded.embed_dim)
-        self.writer = SliceWriter(store, "gpu-check", "gpu-check-run", loaded.embed_dim, loaded.num_patches, True)
+        self.store = Store.open(path, create=True)
+        self.store.add_model(loaded.spec)
+        self.spec = loaded.spec
+        self.runner = UnitRunner([loaded], [embedder], self.store.patches_root, self.RUN_ID, batch_size)
+        self.committer = RowCommitter(self.store, self.RUN_ID, [loaded.model_id], DEFAULT_COMMIT_ROWS, Counter())
 
-    def write(self, items, embeddings) -> None:
-        from embedstore.pipeline.writer import EmbeddedBatch
+    def run(self, pool, tasks) -> int:
+        """Every task through the runner and committer; the rows committed."""
+        from embedstore.pipeline.progress import IngestProgress
+        from embedstore.pipeline.runner import UNIT_SLICES, plan_units, unit_slices_for
 
-        for item in items:
-            item.rows = item.cols = 512
-            item.intensity = "ct:study"
-        self.writer.submit(EmbeddedBatch(items, embeddings))
+        wanted = {item.item_id for task in tasks for item in task.items}
+        units = plan_units(tasks, [wanted], unit_slices_for([self.spec], UNIT_SLICES))
+        decoded = pool.decode(task for unit in units for task in unit.tasks)
+        with IngestProgress(len(wanted), enabled=False) as progress:
+            for unit in units:
+                self.committer.take(self.runner.run(unit, list(islice(decoded, len(unit.tasks)))), progress)
+            self.committer.flush()
+        if self.committer.failures:
+            raise RuntimeError(f"a generated slice failed: {self.committer.failures[0].message}")
+        return self.committer.committed[self.spec.model_id]
 
-    def close(self) -> None:
-        self.writer.close()
 
-
-def store_writer(path: Path, loaded) -> tuple[StoreWriter | None, str]:
-    """A writer into an embedstore store, or None and why not."""
+def store_sink(path: Path, loaded, embedder, batch_size: int) -> tuple[StoreSink | None, str]:
+    """The ingest's runner and committer into an embedstore store, or None and why not."""
     try:
-        return StoreWriter(path, loaded), "store write measured (LanceDB rows and Zarr patches)"
+        return StoreSink(path, loaded, embedder, batch_size), \
+            "store write measured (LanceDB rows and Zarr patches, by UnitRunner and RowCommitter)"
     except ImportError as error:
         return None, f"store write not measured: {error.name} is not installed"
 

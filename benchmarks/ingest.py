@@ -29,19 +29,21 @@ def write_pngs(directory: Path, n: int, size: int = 512) -> list[Path]:
     return [samples.write_png(directory / f"img{i:05d}.png", samples.phantom(size, i)) for i in range(n)]
 
 
-def decoded_images(paths: list[Path], image_size: int):
+def decoded_images(paths: list[Path], spec):
+    """The PNGs decoded and preprocessed as ingest does it for `spec` (its size, resize and statistics)."""
     import numpy as np
     import torch
 
-    from embedstore.preprocess import IntensityConfig, decode_task, imagenet_normalize
+    from embedstore.preprocess import DecodeSettings, decode_task, normalize
     from embedstore.sources import ReadTask
     from embedstore.sources.raster import raster_item
 
-    config = IntensityConfig()
+    settings = DecodeSettings(spec.intensity, spec.image_size, (spec.interpolation,))
     pixels = np.concatenate([
-        decode_task(ReadTask("raster", str(p), [raster_item(str(p))]), config, image_size).pixels for p in paths
+        decode_task(ReadTask("raster", str(p), [raster_item(str(p))]), settings).pixels[spec.interpolation]
+        for p in paths
     ])
-    return imagenet_normalize(torch.from_numpy(pixels)).contiguous()
+    return normalize(torch.from_numpy(pixels), spec.mean, spec.std).contiguous()
 
 
 def bare_forward_rate(model, images, batch_size: int) -> float:
@@ -85,8 +87,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         paths = write_pngs(scratch / "archive", args.n)
-        model = load_model(args.model, "random", args.image_size).model
-        images = decoded_images(paths, args.image_size)
+        loaded = load_model(args.model, "random", args.image_size)
+        model = loaded.model
+        images = decoded_images(paths, loaded.spec)
         bare_forward_rate(model, images, args.batch_size)  # warm-up pass, discarded
 
         bare, pipeline, summary = [], [], None

@@ -33,7 +33,7 @@ def write_archive(root: Path, n: int) -> Path:
 def timed_ingest(archive: Path, store: Path, args, executor: str) -> dict:
     from embedstore.pipeline.ingest import IngestOptions, ingest
 
-    options = IngestOptions(model=args.model, weights="random", image_size=args.image_size, executor=executor,
+    options = IngestOptions(models=(args.model,), weights="random", image_size=args.image_size, executor=executor,
                             show_progress=False)
     summary = ingest([archive], store, options)
     return {"slices_per_s": summary.slices_per_s, "seconds": summary.seconds, "n_embedded": summary.n_embedded,

@@ -64,14 +64,20 @@ def knn_benchmark(n_queries: int, n_database: int) -> dict:
 
 
 def search_benchmark(n_rows: int) -> dict:
-    from embedstore.pipeline.writer import row_metadata, slice_table
+    from embedstore.models import load_model
+    from embedstore.models.embedder import Embeddings
+    from embedstore.pipeline.runner import item_rows, vector_rows
     from embedstore.search.index import build_index
     from embedstore.sources import SliceItem
     from embedstore.store import Store
+    from embedstore.store.schema import slices_table_name
 
+    # A real 384-d model's spec (ViT-S/14, the CLS of its last block only, no patch tokens): the
+    # vectors themselves are synthetic.
+    spec = load_model("dinov2_vits14", "random", 28, layers=1, patch_layers=()).spec
     with tempfile.TemporaryDirectory() as scratch:
         store = Store.open(Path(scratch) / "store", create=True)
-        store.ensure_vector_tables(384)
+        store.add_model(spec)
         started = time.perf_counter()
         centres = None
         for start in range(0, n_rows, 100_000):  # written in commits of 100,000 rows, as ingest would
@@ -80,8 +86,10 @@ def search_benchmark(n_rows: int) -> dict:
             items = [SliceItem(f"synthetic:{i}", f"/archive/{i}.dcm", f"study{i // 200}", f"series{i // 100}", i % 100,
                                modality="CT", rows=512, cols=512, intensity="ct:study")
                      for i in range(start, start + count)]
-            store.add_slices(slice_table(row_metadata("synthetic-model", "run", items, None, [None] * count),
-                                         vectors, vectors, 384))
+            embeddings = Embeddings(vectors, vectors, vectors[:, None], None)
+            store.insert_new("items", item_rows(items, "run"))
+            store.insert_new(slices_table_name(spec.model_id),
+                             vector_rows(spec, items, [embeddings], None, [None] * count, "run"))
         write_s = time.perf_counter() - started
         report = build_index(store)
     return {"rows": n_rows, "dim": 384, "write_s": round(write_s, 1), "index": report.parameters.__dict__,

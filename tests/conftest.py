@@ -73,6 +73,28 @@ def ingested(mixed_archive, tmp_path_factory) -> IngestedStore:
     return IngestedStore(path, summary, mixed_archive)
 
 
+def slice_rows(store_path, where: str | None = None, model_id: str | None = None) -> list[dict]:
+    """One model's rows of `slices-<model_id>` (the only model's when None), each merged with its
+    `items` row (frame, rows, cols, geometry): everything the store holds about a slice for that
+    model. A vector row without its item fails the lookup."""
+    from embedstore.store import Store
+    from embedstore.store.schema import SEARCH_COLUMNS, slices_table_name
+
+    store = Store.open(store_path)
+    vectors = store.rows(slices_table_name(store.resolve_model_id(model_id)), where).to_pylist()
+    items = {row["key"]: row for row in store.rows("items").to_pylist()}
+    for row in vectors:  # the metadata copied beside the vectors is the item's
+        assert {c: row[c] for c in SEARCH_COLUMNS} == {c: items[row["key"]][c] for c in SEARCH_COLUMNS}, row["key"]
+    return [{**items[row["key"]], **row} for row in vectors]
+
+
+def slices_table(store) -> str:
+    """The `slices-<model_id>` table of a one-model store."""
+    from embedstore.store.schema import slices_table_name
+
+    return slices_table_name(store.resolve_model_id(None))
+
+
 @pytest.fixture
 def fresh_copy(ingested, tmp_path) -> Path:
     target = tmp_path / "store"

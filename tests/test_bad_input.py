@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 
 FAST = ["--weights", "random", "--image-size", "28", "--workers", "0"]
 SUBPROCESS_TIMEOUT_S = 180
-WRITER_LAG_S = 0.3
 
 # Bad files of the archive: name -> (stage, reason) the code records for it.
 BAD_FILES = {
@@ -130,30 +128,17 @@ def check_summary(summary, n_embedded: int, n_skipped: int) -> None:
 
 
 def check_slices_table(store_path: Path, archive: Path) -> None:
+    """One item and one vector row of the model per good slice, and nothing of a bad file."""
     from embedstore.store import Store
+    from embedstore.store.schema import slices_table_name
 
-    rows = Store.open(store_path).rows("slices", columns=["key", "path", "frame"]).to_pylist()
-    assert len({row["key"] for row in rows}) == len(rows), "duplicate slice keys"
-    assert sorted((row["path"], row["frame"]) for row in rows) == sorted(good_slice_ids(archive))
-
-
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture
-def lagging_writer(monkeypatch):
-    """Hold the store writer thread back briefly before it drains its queue, as a slow disk does.
-
-    Without this the interleaving of the ingest loop and the writer thread (and so the outcome
-    of the failure-row checks) depends on thread scheduling; with it every run is the same.
-    """
-    from embedstore.pipeline.writer import SliceWriter
-
-    drain = SliceWriter._drain
-
-    def drain_late(self):
-        time.sleep(WRITER_LAG_S)
-        drain(self)
-
-    monkeypatch.setattr(SliceWriter, "_drain", drain_late)
+    store = Store.open(store_path)
+    items = store.rows("items", columns=["key", "path", "frame"]).to_pylist()
+    vectors = store.rows(slices_table_name(store.resolve_model_id(None)), columns=["key", "path"]).to_pylist()
+    assert len({row["key"] for row in items}) == len(items), "duplicate item keys"
+    assert len({row["key"] for row in vectors}) == len(vectors), "duplicate slice keys"
+    assert {(row["key"], row["path"]) for row in vectors} == {(row["key"], row["path"]) for row in items}
+    assert sorted((row["path"], row["frame"]) for row in items) == sorted(good_slice_ids(archive))
 
 
 # ----------------------------------------------------------------------------- A: wrong requests
@@ -178,6 +163,11 @@ WRONG_REQUESTS = {
     "unknown-engine": (["ingest", "src", "--store", "store", *FAST, "--engine", "warp"], "warp"),
     "unknown-executor": (["ingest", "src", "--store", "store", *FAST, "--executor", "spark"], "spark"),
     "percentiles-reversed": (["ingest", "src", "--store", "store", *FAST, "--mr-percentiles", "95,5"], "95"),
+    "too-many-layers": (["ingest", "src", "--store", "store", *FAST, "--layers", "13"], "13"),
+    "patch-layer-out-of-range": (["ingest", "src", "--store", "store", *FAST, "--patch-layers", "-1,-13"], "-13"),
+    "mean-not-numbers": (["ingest", "src", "--store", "store", *FAST, "--mean", "a,b,c"], "a,b,c"),
+    "same-model-twice": (["ingest", "src", "--store", "store", *FAST, "--model", "dinov2_vits14", "--model",
+                          "dinov2_vits14"], "named twice"),
     "info-not-a-store": (["info", "notstore"], "notstore"),
     "unknown-neighbour-search": (["eval", "knn", "notstore", "--labels", "labels.csv", "--search", "faiss"], "faiss"),
 }
@@ -242,7 +232,7 @@ def test_wrong_request_is_one_line_exit_2_and_writes_nothing(case, wrong_request
 
 # ----------------------------------------------------------------------------- B: bad data, library
 @pytest.mark.parametrize("workers", [0, 1], ids=["inline", "worker-process"])
-def test_bad_files_become_failure_rows_and_the_rest_is_embedded(tmp_path, lagging_writer, workers):
+def test_bad_files_become_failure_rows_and_the_rest_is_embedded(tmp_path, workers):
     """With workers=1 the decode-stage failures cross the process boundary and must arrive intact."""
     from embedstore.pipeline.ingest import ingest
 
@@ -257,7 +247,7 @@ def test_bad_files_become_failure_rows_and_the_rest_is_embedded(tmp_path, laggin
     assert {Path(r["path"]).name for r in decoded} == {"truncated.png", "broken.nii.gz"}
 
 
-def test_rerun_embeds_nothing_and_keeps_one_failure_row_per_bad_file(tmp_path, lagging_writer):
+def test_rerun_embeds_nothing_and_keeps_one_failure_row_per_bad_file(tmp_path):
     from embedstore.pipeline.ingest import ingest
 
     archive, bad_paths = build_bad_archive(tmp_path)

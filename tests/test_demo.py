@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from embedstore.store import Store
+from embedstore.store.schema import slices_table_name
 
 
 def test_demo_offline_runs_to_the_end(tmp_path):
@@ -18,8 +19,11 @@ def test_demo_offline_runs_to_the_end(tmp_path):
     assert "RANDOM weights" in result.stdout
     assert "nearest slices by patch_mean" in result.stdout
     store = Store.open(tmp_path / "demo-store")
-    slices = store.rows("slices", columns=["modality", "path"])
+    (model_id,) = store.specs()
+    assert model_id.startswith("dinov2_vits14-random-")
+    slices = store.rows(slices_table_name(model_id), columns=["modality", "path"])
     assert slices.num_rows == 37  # 2 pydicom files + 12 CT + 6 MR frames + 6 PNGs + 1 DX + 10 NIfTI slices
+    assert store.table("items").count_rows() == 37
     assert store.rows("failures").num_rows == 0
     neighbour_lines = [line for line in result.stdout.splitlines() if "embedstore-demo" in line or "demo-store-archive" in line]
     assert len(neighbour_lines) >= 5  # the five nearest slices are listed with their paths

@@ -8,16 +8,17 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from conftest import TEST_IMAGE_SIZE, ingest_options
+from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows
 from embedstore import samples
 from embedstore.errors import UsageError
 from embedstore.pipeline.ingest import ingest
-from embedstore.preprocess import CT_WINDOWS, IntensityConfig, decode_task
+from embedstore.preprocess import CT_WINDOWS, DecodedFile, DecodeSettings, IntensityConfig, decode_task
 from embedstore.sources import ReadTask, SliceItem
 from embedstore.sources.dicom import read_header
 from embedstore.sources.dicom_pixels import read_dicom_pixels
@@ -119,6 +120,9 @@ def store(archive, tmp_path_factory) -> Path:
 
 
 def rows(store_path: Path, table: str) -> list[dict]:
+    """A table's rows; "slices": the model's slice rows, each with its item's columns."""
+    if table == "slices":
+        return slice_rows(store_path)
     return Store.open(store_path).rows(table).to_pylist()
 
 
@@ -258,19 +262,26 @@ def dicom_task(path: Path, modality: str, body_part: str | None = None) -> ReadT
     return ReadTask("dicom", str(path), [item])
 
 
+def decode(task: ReadTask, config: IntensityConfig, size: int) -> tuple[DecodedFile, np.ndarray]:
+    """The decoded task and its pixels resized as DINOv2 asks (bicubic)."""
+    decoded = decode_task(task, DecodeSettings(config, size, ("bicubic",)))
+    assert list(decoded.pixels) == ["bicubic"]
+    return decoded, decoded.pixels["bicubic"]
+
+
 def test_monochrome1_is_inverted(archive):
     config = IntensityConfig()
-    plain = decode_task(dicom_task(archive.xray_m2, "DX"), config, TEST_IMAGE_SIZE)
-    inverted = decode_task(dicom_task(archive.xray_m1, "DX"), config, TEST_IMAGE_SIZE)
+    plain, plain_pixels = decode(dicom_task(archive.xray_m2, "DX"), config, TEST_IMAGE_SIZE)
+    inverted, inverted_pixels = decode(dicom_task(archive.xray_m1, "DX"), config, TEST_IMAGE_SIZE)
     assert plain.intensity == "voi" and inverted.intensity == "voi+inverted"
-    np.testing.assert_allclose(inverted.pixels, plain.pixels, atol=1e-5)
-    assert np.abs(plain.pixels - (1.0 - plain.pixels)).max() > 0.5  # so the test could tell the two apart
+    np.testing.assert_allclose(inverted_pixels, plain_pixels, atol=1e-5)
+    assert np.abs(plain_pixels - (1.0 - plain_pixels)).max() > 0.5  # so the test could tell the two apart
 
 
 def test_xray_voi_window_is_honoured(archive):
     native = read_dicom_pixels(str(archive.xray_m2), [0])
     assert native.windows == [(600.0, 3000.0)]
-    unit = decode_task(dicom_task(archive.xray_m2, "DX"), IntensityConfig(), native.pixels.shape[-1]).pixels[0, 0]
+    unit = decode(dicom_task(archive.xray_m2, "DX"), IntensityConfig(), native.pixels.shape[-1])[1][0, 0]
     expected = np.clip(native.pixels[0], 600.0, 3000.0)
     expected = (expected - expected.min()) / (expected.max() - expected.min())
     np.testing.assert_allclose(unit, expected, atol=1e-5)
@@ -287,10 +298,10 @@ def test_xray_voi_lut_sequence_is_applied(archive, tmp_path):
     path = tmp_path / "lut.dcm"
     ds.save_as(path, enforce_file_format=True)
     stored = read_dicom_pixels(str(path), [0]).pixels[0]  # no LUT unless asked
-    decoded = decode_task(dicom_task(path, "DX"), IntensityConfig(), stored.shape[-1])
+    decoded, pixels = decode(dicom_task(path, "DX"), IntensityConfig(), stored.shape[-1])
     assert decoded.intensity == "voi-lut"
     mapped = lut[stored.astype(int)].astype(np.float32)
-    np.testing.assert_allclose(decoded.pixels[0, 0], (mapped - mapped.min()) / np.ptp(mapped), atol=1e-5)
+    np.testing.assert_allclose(pixels[0, 0], (mapped - mapped.min()) / np.ptp(mapped), atol=1e-5)
 
 
 def test_header_window_applies_to_ct_only_when_asked(archive, tmp_path):
@@ -300,11 +311,11 @@ def test_header_window_applies_to_ct_only_when_asked(archive, tmp_path):
     ds.save_as(path, enforce_file_format=True)
     task = dicom_task(path, "CT")
     hu = read_dicom_pixels(str(path), [0]).pixels[0]
-    header = decode_task(task, IntensityConfig(window="header"), 40)
+    header, pixels = decode(task, IntensityConfig(window="header"), 40)
     assert header.intensity == "voi"
     clipped = np.clip(hu, 0.0, 80.0)
-    np.testing.assert_allclose(header.pixels[0, 0], (clipped - clipped.min()) / np.ptp(clipped), atol=1e-5)
-    assert decode_task(task, IntensityConfig(), 40).intensity == "ct:study"
+    np.testing.assert_allclose(pixels[0, 0], (clipped - clipped.min()) / np.ptp(clipped), atol=1e-5)
+    assert decode(task, IntensityConfig(), 40)[0].intensity == "ct:study"
 
 
 def write_hu_ramp(path: Path, like: Path) -> Path:
@@ -320,10 +331,10 @@ def write_hu_ramp(path: Path, like: Path) -> Path:
                                                 (None, "lung,mediastinum,bone")])
 def test_multi_window_gives_three_different_channels(archive, body_part, windows, tmp_path):
     ramp = write_hu_ramp(tmp_path / "ramp.dcm", archive.ct[3])
-    decoded = decode_task(dicom_task(ramp, "CT", body_part), IntensityConfig(window="multi"), 40)
-    assert decoded.pixels.shape == (1, 3, 40, 40)
+    decoded, pixels = decode(dicom_task(ramp, "CT", body_part), IntensityConfig(window="multi"), 40)
+    assert pixels.shape == (1, 3, 40, 40)
     assert decoded.intensity == f"multi:{windows}"
-    channels = decoded.pixels[0]
+    channels = pixels[0]
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert np.abs(channels[a] - channels[b]).max() > 0.2
     low, high = CT_WINDOWS[windows.split(",")[0]]  # each channel is its window mapped onto [0, 1]
@@ -333,8 +344,8 @@ def test_multi_window_gives_three_different_channels(archive, body_part, windows
 
 def test_explicit_multi_windows_and_grey_modalities_in_multi_mode(archive):
     config = IntensityConfig(window="multi:stroke,liver,bone")
-    assert decode_task(dicom_task(archive.ct[3], "CT"), config, 40).intensity == "multi:stroke,liver,bone"
-    xray = decode_task(dicom_task(archive.xray_m2, "DX"), config, 40).pixels[0]
+    assert decode(dicom_task(archive.ct[3], "CT"), config, 40)[0].intensity == "multi:stroke,liver,bone"
+    xray = decode(dicom_task(archive.xray_m2, "DX"), config, 40)[1][0]
     np.testing.assert_array_equal(xray[0], xray[1])  # one grey image repeated: the model still sees 3 channels
     np.testing.assert_array_equal(xray[0], xray[2])
     with pytest.raises(UsageError):
@@ -352,11 +363,17 @@ def test_multi_window_ingest_embeds_three_channels(archive, tmp_path):
 
 
 def every_text_in(store_path: Path) -> str:
+    """The manifest and every table's rows (vector columns left out) as text."""
     store = Store.open(store_path)
     texts = [json.dumps(store.manifest)]
-    for name in store.db.list_tables().tables:
-        texts.append(json.dumps(store.rows(name).drop_columns(
-            [c for c in ("cls", "patch_mean") if c in store.rows(name).column_names]).to_pylist(), default=str))
+    names = store.db.list_tables().tables
+    assert {"items", "series", "models", "runs", "failures"} <= set(names)
+    assert any(name.startswith("slices-") for name in names) and any(name.startswith("series-") for name in names)
+    for name in names:
+        table = store.rows(name)
+        vectors = [f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)]
+        assert name in ("items", "series", "models", "runs", "failures") or {"cls", "patch_mean"} <= set(vectors)
+        texts.append(json.dumps(table.drop_columns(vectors).to_pylist(), default=str))
     return "\n".join(texts)
 
 
@@ -366,6 +383,7 @@ def test_patient_names_never_reach_the_store_and_ids_are_hashed(archive, store):
         assert name not in text
     ids = {row["patient_id"] for row in rows(store, "slices") if row["sop_uid"]}
     assert ids and all(pid.startswith("pid:") for pid in ids)
+    assert {row["patient_id"] for row in rows(store, "series") if row["patient_id"]} == ids  # the same hashes
     assert "PAT-CT" not in text and "PAT-DX" not in text
     ct_ids = {row["patient_id"] for row in rows(store, "slices") if row["series_uid"].startswith(archive.series_uid)}
     second_uid = str(pydicom.dcmread(archive.second[0]).SeriesInstanceUID)

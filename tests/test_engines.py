@@ -66,8 +66,9 @@ def test_compiled_engine_matches_eager_including_a_short_last_batch(loaded):
     assert compiled.engine.name == "compile", compiled.engine.notes
     pixels = images(6)  # one full batch of 4, then 2 padded to 4: no recompilation for the remainder
     expected, got = eager.embed(pixels), compiled.embed(pixels)
-    for name in ("cls", "patch_mean"):
-        a, b = getattr(expected, name), getattr(got, name)
+    assert expected.cls_layers.shape == got.cls_layers.shape == (6, len(loaded.spec.cls_layers), loaded.embed_dim)
+    for name in ("cls", "patch_mean", "cls_layers"):
+        a, b = (getattr(result, name).reshape(-1, loaded.embed_dim) for result in (expected, got))
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cosine.min() > 0.9999
     np.testing.assert_allclose(got.patches.astype(np.float32), expected.patches.astype(np.float32), atol=1e-2)

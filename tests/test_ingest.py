@@ -6,33 +6,47 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import TEST_IMAGE_SIZE, ingest_options
+from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows
 from embedstore.pipeline.ingest import ingest
 from embedstore.models import load_model
 from embedstore.models.embedder import Embedder
-from embedstore.preprocess import IntensityConfig, decode_task
+from embedstore.models.spec import cls_column
+from embedstore.preprocess import DecodeSettings, IntensityConfig, decode_task
 from embedstore.sources import ReadTask, SliceItem
 from embedstore.sources.dicom_pixels import read_dicom_pixels
 from embedstore.store import Store, sql_literal
 from embedstore.store.patches import read_patches
-from embedstore.store.schema import STORE_FORMAT_VERSION
+from embedstore.store.schema import STORE_FORMAT_VERSION, series_table_name, slices_table_name
 from embedstore import samples
 
 
-def slices_of(store_path, where=None):
-    return Store.open(store_path).rows("slices", where).to_pylist()
+def slices_of(store_path, where=None, model_id=None):
+    return slice_rows(store_path, where, model_id)
+
+
+def only_model(summary) -> str:
+    (model_id,) = summary.model_ids
+    return model_id
 
 
 def test_every_slice_embedded_once(ingested):
     summary, archive = ingested.summary, ingested.archive
+    model_id = only_model(summary)
     assert summary.n_found == archive.n_slices == 18
     assert summary.n_embedded == archive.n_slices
+    assert summary.embedded_by_model == {model_id: archive.n_slices}
     assert summary.n_failed == 0
+    store = Store.open(ingested.path)
+    assert list(store.specs()) == [model_id]
     rows = slices_of(ingested.path)
     assert len(rows) == archive.n_slices
     assert len({row["key"] for row in rows}) == len(rows)
-    assert {row["model_id"] for row in rows} == {summary.model_id}
-    assert all(row["key"] == f"{summary.model_id}|{row['item_id']}" for row in rows)
+    # one vector row per item, keyed by the item id itself (no model prefix: the table is the model's)
+    items = store.rows("items", columns=["key"]).column("key").to_pylist()
+    assert len(items) == len(set(items)) == archive.n_slices
+    assert {row["key"] for row in rows} == set(items)
+    assert all(row["key"].split(":", 1)[0] in ("dicom", "file", "nifti") and "|" not in row["key"] for row in rows)
+    assert "model_id" not in store.table(slices_table_name(model_id)).schema.names
 
 
 def test_series_grouping(ingested):
@@ -90,84 +104,132 @@ def test_ct_rescale_gives_hounsfield_units(mixed_archive):
 def test_patch_arrays_shape_and_offsets(ingested):
     """Every row points at its own patch tokens: recompute a few slices and compare."""
     store = Store.open(ingested.path)
-    rows = store.rows("slices").to_pylist()
+    rows = slices_of(ingested.path)
     tokens = (TEST_IMAGE_SIZE // 14) ** 2
     import zarr
 
-    shard = zarr.open_array(str(store.patches_root / rows[0]["patch_shard"]), mode="r")
-    assert shard.shape == (len(rows), tokens, 384)
-    assert shard.dtype == np.float16
+    spec = store.spec(only_model(ingested.summary))
+    assert spec.patch_layers == (11,) and spec.cls_layers == (8, 9, 10, 11)  # the defaults: last block, last 4
+    assert len({r["patch_shard"] for r in rows}) == 1  # 18 slices: one work unit, one shard
+    shard = store.patches_root / rows[0]["patch_shard"]
+    assert sorted(zarr.open_group(str(shard), mode="r").array_keys()) == ["b11"]  # one array per kept block
+    array = zarr.open_array(str(shard / "b11"), mode="r")
+    assert array.shape == (len(rows), tokens, 384)
+    assert array.dtype == np.float16
     assert sorted(r["patch_offset"] for r in rows) == list(range(len(rows)))
 
     loaded = load_model("dinov2_vits14", "random", TEST_IMAGE_SIZE)
+    assert loaded.spec == spec  # what ingest recorded is what load_model builds
     embedder = Embedder(loaded)
-    config = IntensityConfig()
+    settings = DecodeSettings(IntensityConfig(), TEST_IMAGE_SIZE, (spec.interpolation,))
     for row in rows[::5]:
         kind = "dicom" if row["sop_uid"] else ("nifti" if row["path"].endswith(".nii.gz") else "raster")
-        item = SliceItem(row["item_id"], row["path"], row["study_uid"], row["series_uid"], row["slice_index"],
+        item = SliceItem(row["key"], row["path"], row["study_uid"], row["series_uid"], row["slice_index"],
                          frame=row["frame"], modality=row["modality"])
         task = ReadTask(kind, row["path"], [item])
-        expected = embedder.embed(decode_task(task, config, TEST_IMAGE_SIZE).pixels)
-        stored = read_patches(store.patches_root, row["patch_shard"], [row["patch_offset"]])
-        np.testing.assert_allclose(stored[0].astype(np.float32), expected.patches[0].astype(np.float32), atol=2e-2)
+        expected = embedder.embed(decode_task(task, settings).pixels[spec.interpolation])
+        stored = read_patches(store.patches_root, row["patch_shard"], [row["patch_offset"]], 11)
+        np.testing.assert_allclose(stored[0].astype(np.float32), expected.patches[0, 0].astype(np.float32), atol=2e-2)
         np.testing.assert_allclose(np.asarray(row["cls"]), expected.cls[0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(row["patch_mean"]), expected.patch_mean[0], rtol=1e-4, atol=1e-4)
+        for position, block in enumerate(spec.cls_layers):
+            np.testing.assert_allclose(np.asarray(row[cls_column(block)]), expected.cls_layers[0, position],
+                                       rtol=1e-4, atol=1e-4)
+        # DINOv2's pooled feature is the last block's final-norm CLS token
+        np.testing.assert_allclose(np.asarray(row["cls_b11"]), np.asarray(row["cls"]), rtol=1e-4, atol=1e-4)
 
 
 def test_series_rows_hold_mean_of_slice_vectors(ingested):
     store = Store.open(ingested.path)
-    series = store.rows("series").to_pylist()
-    assert len(series) == 6
+    model_id = only_model(ingested.summary)
+    described = {row["series_uid"]: row for row in store.rows("series").to_pylist()}
+    series = store.rows(series_table_name(model_id)).to_pylist()
+    assert len(series) == len(described) == 6
+    columns = ["cls", "patch_mean", *(cls_column(block) for block in store.spec(model_id).cls_layers)]
     for row in series:
-        slices = store.rows("slices", f"series_uid = {sql_literal(row['series_uid'])}").to_pylist()
-        assert row["n_slices"] == len(slices)
-        np.testing.assert_allclose(row["cls"], np.mean([s["cls"] for s in slices], axis=0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(row["patch_mean"], np.mean([s["patch_mean"] for s in slices], axis=0),
-                                   rtol=1e-5, atol=1e-6)
+        assert row["key"] == row["series_uid"]
+        slices = store.rows(slices_table_name(model_id), f"series_uid = {sql_literal(row['series_uid'])}").to_pylist()
+        items = store.rows("items", f"series_uid = {sql_literal(row['series_uid'])}").to_pylist()
+        assert row["n_slices"] == described[row["series_uid"]]["n_slices"] == len(slices) == len(items)
+        assert row["study_uid"] == described[row["series_uid"]]["study_uid"]
+        for column in columns:
+            np.testing.assert_allclose(row[column], np.mean([s[column] for s in slices], axis=0),
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_rows_committed_in_large_batches(ingested):
     """Batch size 4 over 18 slices is 5 model batches, but one commit: versions do not grow per batch."""
     store = Store.open(ingested.path)
-    assert len(store.table("slices").list_versions()) <= 2  # create + one commit
-    assert store.table("slices").stats()["fragment_stats"]["num_fragments"] == 1
+    for table in ("items", slices_table_name(only_model(ingested.summary))):
+        assert len(store.table(table).list_versions()) <= 2, table  # create + one commit
+        assert store.table(table).stats()["fragment_stats"]["num_fragments"] == 1, table
 
 
 def test_resume_adds_nothing(fresh_copy, mixed_archive):
     summary = ingest([mixed_archive.root], fresh_copy, ingest_options())
     assert summary.n_embedded == 0
     assert summary.n_skipped == mixed_archive.n_slices
-    assert Store.open(fresh_copy).table("slices").count_rows() == mixed_archive.n_slices
+    store = Store.open(fresh_copy)
+    assert store.table(slices_table_name(only_model(summary))).count_rows() == mixed_archive.n_slices
+    assert store.table("items").count_rows() == mixed_archive.n_slices
 
 
 def test_resume_embeds_only_missing(fresh_copy, ingested):
     store = Store.open(fresh_copy)
+    model_id = only_model(ingested.summary)
     nifti = str(ingested.archive.nifti)
-    store.table("slices").delete(f"path = {sql_literal(nifti)} AND slice_index >= 3")
+    store.table(slices_table_name(model_id)).delete(f"path = {sql_literal(nifti)} AND slice_index >= 3")
     summary = ingest([ingested.archive.root], fresh_copy, ingest_options())
     assert (summary.n_embedded, summary.n_skipped) == (2, 16)
-    rows = Store.open(fresh_copy).rows("slices").to_pylist()
+    assert summary.embedded_by_model == {model_id: 2}
+    rows = slices_of(fresh_copy)
     assert len(rows) == 18 and len({r["key"] for r in rows}) == 18
-    series = Store.open(fresh_copy).rows("series", f"series_uid = {sql_literal('file:' + nifti)}").to_pylist()
-    assert series[0]["n_slices"] == 5
+    assert Store.open(fresh_copy).table("items").count_rows() == 18  # items already there are not added again
+    where = f"series_uid = {sql_literal('file:' + nifti)}"
+    for table in ("series", series_table_name(model_id)):
+        series = Store.open(fresh_copy).rows(table, where).to_pylist()
+        assert len(series) == 1 and series[0]["n_slices"] == 5, table
 
 
 def test_overwrite_rebuilds(fresh_copy, ingested):
     summary = ingest([ingested.archive.root], fresh_copy, ingest_options(overwrite=True))
+    model_id = only_model(summary)
+    assert model_id == only_model(ingested.summary)
     assert summary.n_embedded == 18 and summary.n_skipped == 0
-    rows = Store.open(fresh_copy).rows("slices").to_pylist()
+    store = Store.open(fresh_copy)
+    rows = store.rows(slices_table_name(model_id)).to_pylist()
     assert len(rows) == 18
     assert {r["run_id"] for r in rows} == {summary.run_id}
+    assert store.table("items").count_rows() == 18 and store.table(series_table_name(model_id)).count_rows() == 6
+    assert list(store.specs()) == [model_id]  # the spec row was replaced, not doubled
     shards = {r["patch_shard"] for r in rows}
-    assert all(s.startswith(f"{summary.model_id}/{summary.run_id}") for s in shards)
-    old_shards = list((Store.open(fresh_copy).patches_root / summary.model_id).iterdir())
-    assert {f"{summary.model_id}/{p.name}" for p in old_shards} == shards  # old shards are gone
+    assert all(s.startswith(f"{model_id}/{summary.run_id}") for s in shards)
+    old_shards = list((store.patches_root / model_id).iterdir())
+    assert {f"{model_id}/{p.name}" for p in old_shards} == shards  # old shards are gone
+
+
+def test_slices_that_different_models_lack_are_each_counted_once(mixed_archive, tmp_path):
+    """One model lacks two slices, the other a third: three slices embedded, the rest skipped."""
+    sources = [mixed_archive.nifti, *mixed_archive.pngs]  # 5 + 3 slices
+    options = ingest_options(models=("dinov2_vits14", "dinov2_vits14_reg"), keep_patches=False)
+    first = ingest(sources, tmp_path / "s", options)
+    a, b = first.model_ids
+    assert first.n_embedded == 8 and first.embedded_by_model == {a: 8, b: 8}
+    store = Store.open(tmp_path / "s")
+    store.table(slices_table_name(a)).delete(f"path = {sql_literal(str(mixed_archive.nifti))} AND slice_index >= 3")
+    store.table(slices_table_name(b)).delete(f"path = {sql_literal(str(mixed_archive.pngs[0]))}")
+    again = ingest(sources, tmp_path / "s", options)
+    assert again.embedded_by_model == {a: 2, b: 1}
+    assert (again.n_found, again.n_embedded, again.n_skipped, again.n_failed) == (8, 3, 5, 0)
+    assert all(len(store.committed_keys(model_id)) == 8 for model_id in (a, b))
+    assert store.table("items").count_rows() == 8
 
 
 def test_no_patches_leaves_offsets_null(mixed_archive, tmp_path):
     summary = ingest([mixed_archive.pngs[0]], tmp_path / "s", ingest_options(keep_patches=False))
     rows = slices_of(tmp_path / "s")
-    assert summary.n_embedded == 1
+    assert summary.n_embedded == 1 and len(rows) == 1
+    assert Store.open(tmp_path / "s").spec(only_model(summary)).patch_layers == ()
     assert rows[0]["patch_shard"] is None and rows[0]["patch_offset"] is None
     assert not (tmp_path / "s" / "patches").exists()
 
@@ -175,9 +237,15 @@ def test_no_patches_leaves_offsets_null(mixed_archive, tmp_path):
 def test_second_model_in_same_store_is_kept_apart(fresh_copy, ingested):
     summary = ingest([ingested.archive.pngs[0]], fresh_copy, ingest_options(seed=1))
     assert summary.n_embedded == 1  # other weights → other model_id → not skipped
-    assert summary.model_id != ingested.summary.model_id
+    model_id, first = only_model(summary), only_model(ingested.summary)
+    assert model_id != first
     store = Store.open(fresh_copy)
-    assert store.committed_keys(summary.model_id) == {f"{summary.model_id}|file:{ingested.archive.pngs[0]}"}
+    png_key = f"file:{ingested.archive.pngs[0]}"
+    assert store.committed_keys(model_id) == {png_key}
+    assert len(store.committed_keys(first)) == 18 and png_key in store.committed_keys(first)  # untouched
+    assert store.table("items").count_rows() == 18  # the slice is one item, whatever the number of models
+    assert list(store.specs()) == [first, model_id]
+    assert store.rows(series_table_name(model_id)).column("key").to_pylist() == [png_key]
 
 
 def test_worker_processes_give_identical_rows(mixed_archive, ingested, tmp_path):
@@ -194,6 +262,7 @@ def test_worker_processes_give_identical_rows(mixed_archive, ingested, tmp_path)
 def test_runs_table_records_the_run(ingested):
     runs = Store.open(ingested.path).rows("runs").to_pylist()
     run = next(r for r in runs if r["run_id"] == ingested.summary.run_id)
+    assert run["model_ids"] == ingested.summary.model_ids
     assert run["n_embedded"] == 18 and run["ended_at"] is not None and run["slices_per_s"] > 0
     assert '"weights": "random"' in run["config"]
 
@@ -212,8 +281,16 @@ def test_info_counts(ingested):
     from embedstore.store.info import store_info
 
     info = store_info(Store.open(ingested.path))
-    assert info["tables"]["slices"] == 18 and info["tables"]["series"] == 6
-    assert info["models"][ingested.summary.model_id] == {"slices": 18, "series": 6, "studies": 6, "patients": 2}
+    model_id = only_model(ingested.summary)
+    assert info["format_version"] == STORE_FORMAT_VERSION
+    assert info["tables"]["items"] == 18 and info["tables"]["series"] == 6
+    assert info["tables"][slices_table_name(model_id)] == 18 and info["tables"][series_table_name(model_id)] == 6
+    assert info["tables"]["models"] == 1
+    assert (info["slices"], info["series"], info["studies"]) == (18, 6, 6)
+    counts = info["models"][model_id]
+    assert {k: counts[k] for k in ("slices", "series", "studies", "patients")} == \
+        {"slices": 18, "series": 6, "studies": 6, "patients": 2}
+    assert (counts["embed_dim"], counts["cls_layers"], counts["patch_layers"]) == (384, [8, 9, 10, 11], [11])
     assert info["modalities"] == {"CT": 11, "MR": 4, "(none)": 3}
     assert info["patch_bytes"] > 0
 
@@ -224,7 +301,7 @@ def test_nifti_axis_option(mixed_archive, tmp_path, axis, n_slices):
     assert summary.n_embedded == n_slices
     rows = slices_of(tmp_path / "store")
     assert {r["series_uid"] for r in rows} == {f"file:{mixed_archive.nifti}#{axis}"}
-    assert all(f":{axis}:" in r["item_id"] for r in rows)
+    assert all(f":{axis}:" in r["key"] for r in rows)
     positions = [r["slice_position"] for r in sorted(rows, key=lambda r: r["slice_index"])]
     assert positions == sorted(positions) and len(set(positions)) == n_slices
 

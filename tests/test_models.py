@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from embedstore.errors import UsageError
-from embedstore.models import LoadedModel, load_model, resolve_model
+from embedstore.models import LoadedModel, describe, load_model, resolve_model
 from embedstore.models import weights as weights_module
 from embedstore.models.embedder import Embedder
 from embedstore.models.weights import build_random, weights_digest
@@ -60,25 +60,21 @@ def source_model(name: str, image_size: int, seed: int) -> torch.nn.Module:
 
 
 def as_loaded(name: str, model: torch.nn.Module, image_size: int) -> LoadedModel:
-    """Wrap a model built here the way load_model would describe it (without a forward pass)."""
-    return LoadedModel(
-        spec=resolve_model(name),
-        model=model,
-        image_size=image_size,
-        weights_tag="source",
-        embed_dim=model.embed_dim,
-        patch_size=model.patch_embed.patch_size[0],
-        grid=tuple(model.patch_embed.grid_size),
-        num_prefix_tokens=model.num_prefix_tokens,
-    )
+    """Wrap a model built here the way load_model would describe it (default layers and statistics)."""
+    spec = describe(resolve_model(name), model, image_size, "file", None, 0, IntensityConfig(), None, None, None, None)
+    return LoadedModel(spec, model)
 
 
 def assert_same_embeddings(expected: LoadedModel, actual: LoadedModel, pixels: np.ndarray) -> None:
+    assert (actual.spec.mean, actual.spec.std) == (expected.spec.mean, expected.spec.std)
+    assert (actual.spec.cls_layers, actual.spec.patch_layers) == (expected.spec.cls_layers, expected.spec.patch_layers)
     want, got = Embedder(expected).embed(pixels), Embedder(actual).embed(pixels)
     np.testing.assert_allclose(got.cls, want.cls, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got.patch_mean, want.patch_mean, rtol=0, atol=1e-5)
+    assert got.cls_layers.shape == want.cls_layers.shape == (len(pixels), 4, actual.embed_dim)
+    np.testing.assert_allclose(got.cls_layers, want.cls_layers, rtol=0, atol=1e-5)
     assert got.patches.dtype == np.float16
-    assert got.patches.shape == want.patches.shape == (len(pixels), actual.num_patches, actual.embed_dim)
+    assert got.patches.shape == want.patches.shape == (len(pixels), 1, actual.num_patches, actual.embed_dim)
     # float16 keeps ~3 significant digits: allow one rounding step either side
     np.testing.assert_allclose(got.patches.astype(np.float32), want.patches.astype(np.float32), rtol=2e-3, atol=2e-3)
 
@@ -157,7 +153,8 @@ def test_meta_checkpoint_gives_the_source_embeddings(meta_checkpoint):
     assert loaded.num_prefix_tokens == meta_checkpoint.source.num_prefix_tokens
     assert_same_state(meta_checkpoint.source, loaded.model)
     # the digest pins the weights, not the file layout they came in
-    assert loaded.weights_tag == f"file-{weights_digest(meta_checkpoint.source)}"
+    assert loaded.spec.weights_tag == f"file-{weights_digest(meta_checkpoint.source)}"
+    assert loaded.spec.weights_source == "file" and loaded.spec.weights_file == str(meta_checkpoint.path.resolve())
     expected = as_loaded(meta_checkpoint.name, meta_checkpoint.source, META_SIZE)
     assert_same_embeddings(expected, loaded, random_pixels(2, META_SIZE, seed=1))
 
@@ -216,29 +213,40 @@ def test_timm_checkpoint_gives_the_source_embeddings(timm_checkpoints, layout):
     loaded = load_model("dinov2_vits14", weights=str(paths[layout]), image_size=SMALL)
     assert_same_state(source, loaded.model)
     # the same model_id whichever layout the weights came in: the digest is over the weights
-    tag = IntensityConfig().tag()
-    assert loaded.model_id(tag) == f"dinov2_vits14-file-{weights_digest(source)}-{SMALL}px-{tag}"
+    tag = default_input_tag()
+    assert loaded.model_id == f"dinov2_vits14-file-{weights_digest(source)}-{SMALL}px-{tag}"
     assert_same_embeddings(as_loaded("dinov2_vits14", source, SMALL), loaded, random_pixels(3, SMALL, seed=2))
 
 
 # ------------------------------------------------------------------------ seeded random weights
 
 
+def default_input_tag() -> str:
+    """The input tag of DINOv2 ViT-S/14 with the default intensity settings (whatever its weights)."""
+    return load_model("dinov2_vits14", weights="random", image_size=SMALL, seed=0).spec.input_tag
+
+
 def test_random_weights_are_seeded_and_recorded():
-    tag = IntensityConfig().tag()
+    tag = default_input_tag()
     first, again, other = (load_model("dinov2_vits14", weights="random", image_size=SMALL, seed=seed)
                            for seed in (0, 0, 1))
     assert_same_state(first.model, again.model)
-    assert first.model_id(tag) == again.model_id(tag)
+    assert first.model_id == again.model_id and first.spec == again.spec
     assert not torch.equal(first.model.patch_embed.proj.weight, other.model.patch_embed.proj.weight)
-    assert first.model_id(tag) != other.model_id(tag)
-    model_id = first.model_id(tag)
+    assert first.model_id != other.model_id
+    model_id = first.model_id
     assert model_id.startswith("dinov2_vits14-random-s0-")
     assert "-56px-" in model_id and model_id.endswith(tag)
-    assert "random-s1-" in other.model_id(tag)
+    assert "random-s1-" in other.model_id
+    assert (first.spec.weights_source, first.spec.seed, other.spec.seed) == ("random", 0, 1)
     bigger = load_model("dinov2_vits14", weights="random", image_size=SMALL + 14, seed=0)
-    assert "-70px-" in bigger.model_id(tag) and bigger.model_id(tag) != model_id
-    assert first.model_id(IntensityConfig(window="lung").tag()) != model_id
+    assert "-70px-" in bigger.model_id and bigger.model_id != model_id
+    lung = load_model("dinov2_vits14", weights="random", image_size=SMALL, seed=0, intensity=IntensityConfig(window="lung"))
+    assert lung.model_id != model_id and lung.spec.window == "lung"
+    # the layers kept change what is stored, not what a vector means: the same model_id
+    fewer = load_model("dinov2_vits14", weights="random", image_size=SMALL, seed=0, layers=1, patch_layers=(-2, -1))
+    assert fewer.model_id == model_id
+    assert (fewer.spec.cls_layers, fewer.spec.patch_layers) == ((11,), (10, 11))
 
 
 def test_random_weights_leave_the_global_generator_alone():
@@ -354,32 +362,38 @@ def test_bad_image_size_fails_before_building(image_size, monkeypatch):
 # ------------------------------------------------------------------------- other timm models
 
 
-def reference_cls(model: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
+def reference_cls(model: torch.nn.Module, pixels: np.ndarray, mean, std) -> np.ndarray:
     """CLS (ViT) or global-average-pooled features (CNN), computed here without the Embedder."""
     grey = torch.from_numpy(pixels)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
     with torch.inference_mode():
         features = model.forward_features((grey.repeat(1, 3, 1, 1) - mean) / std)
     return (features.mean(dim=(2, 3)) if features.ndim == 4 else features[:, 0]).numpy()
 
 
 @pytest.mark.parametrize(
-    "name, image_size, dim, prefix",
-    [("resnet18", 64, 512, 0), ("vit_tiny_patch16_224", 32, 192, 1)],
+    "name, image_size, dim, prefix, cls_layers, statistics",
+    [("resnet18", 64, 512, 0, (), (IMAGENET_MEAN, IMAGENET_STD)),
+     ("vit_tiny_patch16_224", 32, 192, 1, (8, 9, 10, 11), ((0.5,) * 3, (0.5,) * 3))],  # augreg: not ImageNet's
 )
-def test_other_timm_models(name, image_size, dim, prefix):
+def test_other_timm_models(name, image_size, dim, prefix, cls_layers, statistics):
     loaded = load_model(name, weights="random", image_size=image_size, seed=0)
     assert (loaded.embed_dim, loaded.grid, loaded.num_patches, loaded.num_prefix_tokens) == (dim, (2, 2), 4, prefix)
-    assert loaded.model_id(IntensityConfig().tag()).startswith(f"{name}-random-s0-")
+    assert loaded.model_id.startswith(f"{name}-random-s0-")
+    # the input statistics come from the model's pretrained_cfg
+    assert loaded.spec.mean + loaded.spec.std == pytest.approx(statistics[0] + statistics[1])
+    assert loaded.spec.mean == tuple(loaded.model.pretrained_cfg["mean"])
+    assert loaded.spec.cls_layers == cls_layers
     pixels = random_pixels(3, image_size, seed=4)
     embeddings = Embedder(loaded).embed(pixels)
     assert embeddings.cls.shape == (3, dim) and embeddings.cls.dtype == np.float32
     assert embeddings.patch_mean.shape == (3, dim)
-    assert embeddings.patches.shape == (3, 4, dim) and embeddings.patches.dtype == np.float16
-    np.testing.assert_allclose(embeddings.cls, reference_cls(loaded.model, pixels), rtol=1e-4, atol=1e-5)
+    assert embeddings.cls_layers.shape == (3, len(cls_layers), dim)
+    assert embeddings.patches.shape == (3, 1, 4, dim) and embeddings.patches.dtype == np.float16
+    np.testing.assert_allclose(embeddings.cls, reference_cls(loaded.model, pixels, *statistics), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        embeddings.patch_mean, embeddings.patches.astype(np.float32).mean(axis=1), rtol=1e-2, atol=1e-2
+        embeddings.patch_mean, embeddings.patches[:, 0].astype(np.float32).mean(axis=1), rtol=1e-2, atol=1e-2
     )
     assert not np.allclose(embeddings.cls[0], embeddings.cls[1])
     assert Embedder(loaded).embed(pixels, keep_patches=False).patches is None
@@ -390,5 +404,5 @@ def test_channels_last_feature_maps_are_read_as_channels():
     loaded = load_model("swin_tiny_patch4_window7_224", weights="random", image_size=224, seed=0)
     assert (loaded.embed_dim, loaded.grid, loaded.num_prefix_tokens) == (768, (7, 7), 0)
     embeddings = Embedder(loaded).embed(random_pixels(1, 224, seed=1))
-    assert embeddings.patches.shape == (1, 49, 768)
+    assert embeddings.patches.shape == (1, 1, 49, 768)
     assert embeddings.cls.shape == (1, 768)

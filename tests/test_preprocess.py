@@ -1,4 +1,4 @@
-"""Intensity handling and model input: CT windows, MR percentiles, min-max, resize, ImageNet norm."""
+"""Intensity handling and model input: CT windows, MR percentiles, min-max, resize, the model's normalisation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from embedstore.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     IntensityConfig,
-    imagenet_normalize,
+    normalize,
     prepare_slices,
     to_unit_range,
 )
@@ -100,11 +100,12 @@ def test_mr_percentiles_ignore_a_single_outlier():
 # ------------------------------------------------------------------------------ prepare_slices
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
 @pytest.mark.parametrize("modality", MODALITIES)
 @pytest.mark.parametrize("size", [28, 24, 56])  # smaller, equal to the slice height, larger
-def test_prepare_slices_shape_and_range(modality, size):
+def test_prepare_slices_shape_and_range(modality, size, interpolation):
     stack = mixed_stack()
-    pixels = prepared(stack, modality, IntensityConfig(), size)
+    pixels = prepare_slices(NativeSlices(stack, modality), IntensityConfig(), size, interpolation)[0]
     assert pixels.shape == (len(stack), 1, size, size) and pixels.dtype == np.float32
     assert np.isfinite(pixels).all()
     assert pixels.min() >= 0.0 and pixels.max() <= 1.0
@@ -117,6 +118,13 @@ def test_prepare_slices_square_input_of_the_right_size_is_only_scaled():
     np.testing.assert_allclose(pixels[:, 0], (native + 500) / 1000, atol=1e-6)
 
 
+def test_prepare_slices_resizes_with_the_interpolation_asked_for_bicubic_by_default():
+    native, config = NativeSlices(mixed_stack(seed=3), "CT"), IntensityConfig()
+    default = prepare_slices(native, config, 28)[0]
+    np.testing.assert_array_equal(default, prepare_slices(native, config, 28, "bicubic")[0])
+    assert not np.allclose(default, prepare_slices(native, config, 28, "bilinear")[0], atol=1e-3)
+
+
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_prepare_slices_is_per_slice(modality):
     stack, config = mixed_stack(seed=2), IntensityConfig(window="abdomen")
@@ -127,7 +135,10 @@ def test_prepare_slices_is_per_slice(modality):
     assert not np.allclose(together[0], together[1], atol=1e-2)
 
 
-# ------------------------------------------------------------------------- imagenet_normalize
+# --------------------------------------------------------------------------------- normalize
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # a model whose pretrained_cfg is not ImageNet's
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def test_imagenet_constants():
@@ -135,17 +146,24 @@ def test_imagenet_constants():
     assert IMAGENET_STD == pytest.approx((0.229, 0.224, 0.225))
 
 
+@pytest.mark.parametrize("stats", [(IMAGENET_MEAN, IMAGENET_STD), (CLIP_MEAN, CLIP_STD)], ids=["imagenet", "clip"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_imagenet_normalize(channels):
+def test_normalize(channels, stats):
+    mean_values, std_values = stats
     batch = torch.rand(2, channels, 6, 6, generator=torch.Generator().manual_seed(0))
-    normalized = imagenet_normalize(batch)
+    normalized = normalize(batch, mean_values, std_values)
     assert normalized.shape == (2, 3, 6, 6)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(mean_values).view(1, 3, 1, 1)
+    std = torch.tensor(std_values).view(1, 3, 1, 1)
     torch.testing.assert_close(normalized * std + mean, batch.expand(-1, 3, -1, -1))
-    grey = imagenet_normalize(torch.full((1, 1, 2, 2), 0.5))
-    expected = [(0.5 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    grey = normalize(torch.full((1, 1, 2, 2), 0.5), mean_values, std_values)
+    expected = [(0.5 - m) / s for m, s in zip(mean_values, std_values)]
     torch.testing.assert_close(grey[0, :, 0, 0], torch.tensor(expected))
+
+
+def test_normalize_uses_the_statistics_it_is_given():
+    batch = torch.full((1, 1, 2, 2), 0.5)
+    assert not torch.allclose(normalize(batch, IMAGENET_MEAN, IMAGENET_STD), normalize(batch, CLIP_MEAN, CLIP_STD))
 
 
 # ---------------------------------------------------------------------------- IntensityConfig
@@ -176,6 +194,36 @@ def test_intensity_config_tag():
     assert len(tags) == len(CT_WINDOWS)
     assert IntensityConfig(mr_percentiles=(1.0, 99.0)).tag() != default
     assert IntensityConfig(window="auto").tag() == IntensityConfig(window="study").tag()  # same pixels
+
+
+def model_spec(**changes):
+    """A DINOv2 ViT-S/14 spec at 56 px, built without a model, with `changes` applied."""
+    from dataclasses import replace
+
+    from embedstore.models.spec import ModelSpec
+    from embedstore.preprocess import PREPROCESS_VERSION
+
+    spec = ModelSpec(name="dinov2_vits14", timm_name="vit_small_patch14_dinov2.lvd142m", weights_source="random",
+                     weights_digest="0123456789ab", weights_file=None, seed=0, image_size=56, patch_size=14,
+                     grid_h=4, grid_w=4, num_prefix_tokens=1, embed_dim=384, num_blocks=12, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD, interpolation="bicubic", window="auto", mr_percentiles=(5.0, 95.0),
+                     preprocess_version=PREPROCESS_VERSION, cls_layers=(8, 9, 10, 11), patch_layers=(11,))
+    return replace(spec, **changes)
+
+
+def test_model_input_tag():
+    """The spec's input tag (part of every model_id) tells apart whatever changes the model's input pixels."""
+    default = model_spec().input_tag
+    assert default == model_spec(window="auto", mr_percentiles=(5.0, 95.0)).input_tag
+    assert default.startswith("pp") and "/" not in default and " " not in default
+    assert len({model_spec(window=window).input_tag for window in CT_WINDOWS}) == len(CT_WINDOWS)
+    assert model_spec(mr_percentiles=(1.0, 99.0)).input_tag != default
+    assert model_spec(window="study").input_tag == default  # auto does what study does: the same pixels
+    assert model_spec(interpolation="bilinear").input_tag != default
+    assert model_spec(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).input_tag != default
+    # the layers kept change what is stored, not what a vector means
+    assert model_spec(cls_layers=(11,), patch_layers=()).model_id == model_spec().model_id
+    assert model_spec(window="lung").model_id != model_spec().model_id
 
 
 @pytest.mark.parametrize("modality", MODALITIES)

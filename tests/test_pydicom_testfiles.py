@@ -24,6 +24,7 @@ from embedstore.sources.dicom import read_header
 from embedstore.sources.dicom_pixels import read_dicom_pixels
 from embedstore.sources.discover import file_kind
 from embedstore.store import Store
+from embedstore.store.schema import slices_table_name
 
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
 COMPRESSED_FAMILIES = ("JPEG", "RLE")  # JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE
@@ -70,7 +71,8 @@ def ingested(tmp_path_factory):
     store_path = tmp_path_factory.mktemp("pydicom") / "store"
     summary = ingest([TEST_FILES], store_path, ingest_options(workers=1))  # decode in a worker: a codec crash stays contained
     store = Store.open(store_path)
-    embedded = set(store.rows("slices", columns=["path"]).column("path").to_pylist())
+    embedded = set(store.rows(slices_table_name(summary.model_ids[0]), columns=["path"]).column("path").to_pylist())
+    assert set(store.rows("items", columns=["path"]).column("path").to_pylist()) == embedded
     failures = {row["path"]: row for row in store.rows("failures").to_pylist()}
     return files, summary, embedded, failures
 

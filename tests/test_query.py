@@ -19,6 +19,7 @@ from embedstore.eval.knn import choose_search, knn_scores
 from embedstore.eval.labels import LabelledVectors, check_splits, split_by_patient
 from embedstore.store.vectors import load_vectors
 from embedstore.store import Store
+from embedstore.store.schema import slices_table_name
 
 
 def clustered(n_per_class: int, n_classes: int, dim: int, seed: int, spread: float = 0.6):
@@ -180,26 +181,50 @@ def test_a_patient_in_two_splits_is_refused():
 # ------------------------------------------------------------------------- on a real store
 
 
-def test_series_vectors_are_the_mean_of_their_slices(ingested):
+@pytest.mark.parametrize("feature, width", [("cls+patch_mean", 2), ("cls4+patch_mean", 5), ("cls2", 2)])
+def test_series_vectors_are_the_mean_of_their_slices(ingested, feature, width):
     store = Store.open(ingested.path)
-    slices = load_vectors(store, feature="cls+patch_mean")
-    series = load_vectors(store, feature="cls+patch_mean", level="series")
+    slices = load_vectors(store, feature=feature)
+    series = load_vectors(store, feature=feature, level="series")
+    assert len(series) == 6
     uids = np.array(slices.rows.column("series_uid").to_pylist())
     for row, uid in enumerate(series.rows.column("series_uid").to_pylist()):
         np.testing.assert_allclose(series.matrix[row], slices.matrix[uids == uid].mean(0), rtol=1e-5, atol=1e-6)
-    assert slices.matrix.shape[1] == 2 * 384 and slices.matrix.flags["C_CONTIGUOUS"]
+    assert slices.matrix.shape[1] == width * 384 and slices.matrix.flags["C_CONTIGUOUS"]
+
+
+def test_cls_n_features_are_the_last_blocks_cls_tokens_in_block_order(ingested):
+    store = Store.open(ingested.path)
+    rows = store.rows(slices_table_name(ingested.summary.model_ids[0])).sort_by("key")
+    stacked = load_vectors(store, feature="cls3+patch_mean").matrix
+    expected = np.concatenate([np.stack(rows[column].to_numpy(zero_copy_only=False))
+                               for column in ("cls_b9", "cls_b10", "cls_b11", "patch_mean")], axis=1)
+    np.testing.assert_array_equal(stacked, expected)
+    for feature, fragment in (("cls5", "keeps the CLS token of the last 4 blocks"), ("cls0", "cls0"),
+                              ("cls+cls", "repeats"), ("pixels", "feature must be one of")):
+        with pytest.raises(UsageError, match=fragment):
+            load_vectors(store, feature=feature)
 
 
 def test_vectors_of_two_models_are_never_mixed(ingested, fresh_copy):
     from conftest import ingest_options
     from embedstore.pipeline.ingest import ingest
 
-    ingest([ingested.archive.pngs[0]], fresh_copy, ingest_options(seed=1))  # another model id
+    second = ingest([ingested.archive.pngs[0]], fresh_copy, ingest_options(seed=1))  # another model id
     store = Store.open(fresh_copy)
     with pytest.raises(UsageError, match="holds 2 models"):
         load_vectors(store)
-    model_ids = sorted(set(store.rows("slices", columns=["model_id"]).column("model_id").to_pylist()))
+    model_ids = list(store.specs())
+    assert model_ids == ingested.summary.model_ids + second.model_ids
     assert len(load_vectors(store, model_ids[1])) == 1
+    assert len(load_vectors(store, model_ids[0])) == 18
+    # a model is named by any unique prefix of its id
+    assert "random-s0-" in model_ids[0] and "random-s1-" in model_ids[1]
+    assert load_vectors(store, model_ids[1].split("-s1-")[0] + "-s1").model_id == model_ids[1]
+    with pytest.raises(UsageError, match="ambiguous"):
+        load_vectors(store, "dinov2_vits14-random-s")
+    with pytest.raises(UsageError, match="starts with"):
+        load_vectors(store, "resnet")
 
 
 def write_labels(path, rows):
@@ -214,14 +239,14 @@ def test_eval_knn_from_the_command_line_writes_its_json(ingested, tmp_path):
     from cli.main import app
 
     store = Store.open(ingested.path)
-    rows = store.rows("slices", columns=["key", "series_uid", "modality"]).to_pylist()
+    rows = store.rows(slices_table_name(store.resolve_model_id(None)), columns=["key", "series_uid", "modality"]).to_pylist()
     labels = write_labels(tmp_path / "labels.csv", [
         {"key": r["key"], "label": r["modality"] or "raster", "patient_id": r["series_uid"]} for r in rows])
     out, report = tmp_path / "knn.json", tmp_path / "report"
     app(["eval", "knn", str(ingested.path), "--labels", str(labels), "--split-by", "patient", "--ratios", "0.5,0,0.5",
          "--k", "1,3", "--json", str(out), "--report", str(report)], standalone_mode=False)
     result = json.loads(out.read_text())
-    assert result["task"] == "knn" and result["model_id"] == ingested.summary.model_id
+    assert result["task"] == "knn" and result["model_id"] == ingested.summary.model_ids[0]
     assert sum(result["counts"].values()) == len(rows) and result["counts"]["test"] > 0
     assert set(result["metrics"]["test"]) == {"1", "3"}
     assert 0.0 <= result["metrics"]["test"]["1"]["top1_accuracy"] <= 1.0
@@ -287,7 +312,9 @@ def test_search_where_filters_and_a_malicious_where_is_rejected(ingested):
                       "cls IS NOT NULL", "modality = lower('CT')"):
         with pytest.raises(UsageError, match="--where"):
             search(store, query_by_key(store, key), where=malicious)
-    assert Store.open(ingested.path).table("slices").count_rows() == ingested.summary.n_embedded
+    store = Store.open(ingested.path)
+    assert store.table(slices_table_name(ingested.summary.model_ids[0])).count_rows() == ingested.summary.n_embedded
+    assert store.table("items").count_rows() == ingested.summary.n_embedded
 
 
 def test_where_is_rebuilt_with_and_or_not_and_parentheses_kept():
@@ -320,15 +347,19 @@ def test_study_level_ranks_by_the_best_match_of_each_query_slice(ingested):
     np.testing.assert_allclose([h.similarity for h in hits], [expected[h.key] for h in hits], rtol=1e-5)
 
 
-def test_search_by_image_embeds_it_with_the_stores_model(ingested):
-    from embedstore.search.similar import query_by_image, search
+@pytest.mark.parametrize("feature", ["patch_mean", "cls4+patch_mean"])
+def test_search_by_image_embeds_it_with_the_stores_model(ingested, feature):
+    from embedstore.pipeline.embed_file import embed_file
+    from embedstore.search.similar import query_by_vectors, search
 
     store = Store.open(ingested.path)
+    model_id = store.resolve_model_id(None)
     png = ingested.archive.pngs[1]
-    query = query_by_image(store, png, "patch_mean")
-    stored = load_vectors(store, feature="patch_mean", where=f"path = '{png}'")
+    columns = embed_file(store, png, model_id)
+    query = query_by_vectors(store, f"image {png}", model_id, columns, feature)
+    stored = load_vectors(store, feature=feature, where=f"path = '{png}'")
     np.testing.assert_allclose(query.vectors, stored.matrix, rtol=1e-4, atol=1e-5)  # the very vector ingest stored
-    hits = search(store, query, k=3, feature="patch_mean")
+    hits = search(store, query, k=3, feature=feature)
     assert hits[0].path == str(png) and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
 
 
@@ -394,7 +425,7 @@ def test_eval_linear_from_the_command_line(ingested, tmp_path):
     from cli.main import app
 
     store = Store.open(ingested.path)
-    rows = store.rows("slices", columns=["key", "series_uid", "modality"]).to_pylist()
+    rows = store.rows(slices_table_name(store.resolve_model_id(None)), columns=["key", "series_uid", "modality"]).to_pylist()
     labels = write_labels(tmp_path / "labels.csv", [
         {"key": r["key"], "label": "ct" if r["modality"] == "CT" else "other", "patient_id": r["series_uid"]}
         for r in rows])
@@ -464,7 +495,7 @@ def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp
     from cli.main import app
 
     store = Store.open(ingested.path)
-    rows = store.rows("slices", columns=["key", "series_uid", "modality"]).to_pylist()
+    rows = store.rows(slices_table_name(store.resolve_model_id(None)), columns=["key", "series_uid", "modality"]).to_pylist()
     labels = write_labels(tmp_path / "labels.csv", [
         {"key": r["key"], "label": "ct" if r["modality"] == "CT" else "other", "patient_id": r["key"]} for r in rows])
     out, plot, report = tmp_path / "fewshot.json", tmp_path / "fewshot.png", tmp_path / "report"
@@ -481,19 +512,40 @@ def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp
 # ------------------------------------------------------------------------------------- index
 
 
+def synthetic_spec(dim: int, name: str = "synthetic"):
+    """The spec of a model of width `dim` that keeps no per-block CLS and no patch tokens."""
+    from embedstore.models.spec import ModelSpec
+    from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_VERSION
+
+    return ModelSpec(name=name, timm_name=name, weights_source="random", weights_digest="0" * 12,
+                     weights_file=None, seed=0, image_size=224, patch_size=14, grid_h=16, grid_w=16,
+                     num_prefix_tokens=1, embed_dim=dim, num_blocks=0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     interpolation="bicubic", window="auto", mr_percentiles=(5.0, 95.0),
+                     preprocess_version=PREPROCESS_VERSION, cls_layers=(), patch_layers=())
+
+
+def add_synthetic_slices(store: Store, spec, items, vectors: np.ndarray) -> None:
+    """Commit items and one model's vector rows (cls = patch_mean = vectors) as ingest commits them."""
+    from embedstore.models.embedder import Embeddings
+    from embedstore.pipeline.runner import item_rows, vector_rows
+
+    store.add_model(spec)
+    embeddings = Embeddings(vectors, vectors, np.zeros((len(vectors), 0, spec.embed_dim), np.float32), None)
+    store.insert_new("items", item_rows(items, "run"))
+    store.insert_new(slices_table_name(spec.model_id),
+                     vector_rows(spec, items, [embeddings], None, [None] * len(items), "run"))
+
+
 def synthetic_store(path, n: int, dim: int = 384, seed: int = 17, spread: float = 0.8) -> Store:
     """A real store holding n slices of clustered vectors (written as ingest writes them)."""
-    from embedstore.pipeline.writer import row_metadata, slice_table
     from embedstore.sources import SliceItem
 
     vectors, labels = clustered(n // 20, 20, dim, seed=seed, spread=spread)
     store = Store.open(path, create=True)
-    store.ensure_vector_tables(dim)
     items = [SliceItem(f"synthetic:{i}", f"/archive/{i}.png", f"study{i // 10}", f"series{i // 5}", i % 5,
                        modality="CT" if labels[i] % 2 else "MR", rows=1, cols=1, intensity="minmax")
              for i in range(len(vectors))]
-    rows = row_metadata("synthetic-model", "run", items, None, [None] * len(items))
-    store.add_slices(slice_table(rows, vectors, vectors, dim))
+    add_synthetic_slices(store, synthetic_spec(dim), items, vectors)
     return store
 
 
@@ -503,9 +555,11 @@ def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
 
     store = synthetic_store(tmp_path / "store", 4000)
     report = build_index(store)
+    table = slices_table_name(store.resolve_model_id(None))
+    assert report.table == table and report.column == "cls"
     assert report.parameters.index_type == "ivf_flat" and report.parameters.num_partitions == 63
     assert report.recall_at_10 >= 0.95, report
-    assert index_for(Store.open(tmp_path / "store"), "slices", "cls") == report.parameters
+    assert index_for(Store.open(tmp_path / "store"), table, "cls") == report.parameters
     vectors = load_vectors(store, where="modality = 'CT'")
     keys = vectors.rows.column("key").to_pylist()
     overlaps = []
@@ -518,15 +572,24 @@ def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
         overlaps.append(len(set(expected) & {h.key for h in indexed}) / 10)
     assert np.mean(overlaps) >= 0.9, overlaps
     # another model's rows, copies of the query itself: the search must keep to the query's model
-    from embedstore.pipeline.writer import row_metadata, slice_table
     from embedstore.sources import SliceItem
 
     copies = np.repeat(query.vectors, 3, axis=0)
     items = [SliceItem(f"copy:{i}", f"/archive/copy{i}.png", "study-c", "series-c", i, modality="CT", rows=1, cols=1,
                        intensity="minmax") for i in range(3)]
-    store.add_slices(slice_table(row_metadata("other-model", "run", items, None, [None] * 3), copies, copies, 384))
-    again = search(Store.open(tmp_path / "store"), query, k=10, where="modality = 'CT'")
+    other = synthetic_spec(384, name="other")
+    add_synthetic_slices(store, other, items, copies)
+    # and a model of another width beside them (a store holds any number of widths, each in its tables)
+    wide = synthetic_spec(768, name="wide")
+    add_synthetic_slices(store, wide, items, np.concatenate([copies, copies], axis=1))
+    reopened = Store.open(tmp_path / "store")
+    assert [s.embed_dim for s in reopened.specs().values()] == [384, 384, 768]
+    assert len(load_vectors(reopened, other.model_id)) == 3
+    assert load_vectors(reopened, wide.model_id).matrix.shape == (3, 768)
+    assert reopened.table("items").count_rows() == 4000 + 3  # the copies' items once, not once per model
+    again = search(reopened, query, k=10, where="modality = 'CT'")
     assert [h.key for h in again] == [h.key for h in indexed]
+    assert index_for(reopened, slices_table_name(other.model_id), "cls") is None  # its own, unindexed table
 
 
 def test_index_probes_are_raised_until_the_recall_reaches_its_target(tmp_path):
@@ -536,16 +599,19 @@ def test_index_probes_are_raised_until_the_recall_reaches_its_target(tmp_path):
     report = build_index(store)
     assert report.recall_at_10 >= TARGET_RECALL, report
     assert report.parameters.nprobes > choose_parameters(4000, 384, "ivf_flat").nprobes
-    assert Store.open(tmp_path / "store").manifest["indexes"]["slices.cls"]["nprobes"] == report.parameters.nprobes
+    table = slices_table_name(store.resolve_model_id(None))
+    assert Store.open(tmp_path / "store").manifest["indexes"][f"{table}.cls"]["nprobes"] == report.parameters.nprobes
 
 
 @pytest.mark.parametrize("index_type", ["ivf_sq", "ivf_pq", "ivf_hnsw_sq"])
 def test_smaller_index_types_reach_the_recall_target_too(tmp_path, index_type):
     from embedstore.search.index import TARGET_RECALL, build_index, index_for
 
-    report = build_index(synthetic_store(tmp_path / "store", 2000), index_type=index_type)
+    store = synthetic_store(tmp_path / "store", 2000)
+    report = build_index(store, index_type=index_type)
     assert report.parameters.index_type == index_type and report.recall_at_10 >= TARGET_RECALL, report
-    assert index_for(Store.open(tmp_path / "store"), "slices", "cls") == report.parameters
+    assert index_for(Store.open(tmp_path / "store"), slices_table_name(store.resolve_model_id(None)), "cls") == \
+        report.parameters
 
 
 def test_index_refuses_a_tiny_table(ingested, fresh_copy):

@@ -15,11 +15,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from conftest import TEST_IMAGE_SIZE, ingest_options  # noqa: E402
+from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows, slices_table  # noqa: E402
 from embedstore import samples  # noqa: E402
 from embedstore.pipeline.on_ray import FAULT_EXIT_AFTER_UNITS, FAULT_MARKER  # noqa: E402
 from embedstore.pipeline.ingest import ingest  # noqa: E402
-from embedstore.store import Store  # noqa: E402
+from embedstore.store import MANIFEST, Store  # noqa: E402
 from embedstore.store.patches import read_patches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,19 +37,26 @@ def write_pngs(directory: Path, n: int, size: int = 32) -> Path:
     return directory
 
 
-def sorted_slices(store_path: Path):
-    return Store.open(store_path).rows("slices").sort_by("key")
+LAST_BLOCK = 11  # ViT-S/14 keeps the patch tokens of its last block by default
+
+
+def sorted_slices(store_path: Path) -> dict[str, list]:
+    """The model's slice rows (with their items' columns) by key, as columns."""
+    rows = sorted(slice_rows(store_path), key=lambda row: row["key"])
+    return {column: [row[column] for row in rows] for column in rows[0]}
 
 
 def assert_one_valid_row_per_item(store_path: Path, expected: int) -> None:
     store = Store.open(store_path)
-    rows = store.rows("slices", columns=["key", "patch_shard", "patch_offset"]).to_pylist()
+    rows = store.rows(slices_table(store), columns=["key", "patch_shard", "patch_offset"]).to_pylist()
     assert len(rows) == len({r["key"] for r in rows}) == expected
+    items = store.rows("items", columns=["key"]).column("key").to_pylist()
+    assert len(items) == len(set(items)) == expected and set(items) == {r["key"] for r in rows}
     by_shard: dict[str, list[int]] = {}
     for row in rows:
         by_shard.setdefault(row["patch_shard"], []).append(row["patch_offset"])
     for shard, offsets in by_shard.items():  # every committed row's patches exist
-        patches = read_patches(store.patches_root, shard, offsets)
+        patches = read_patches(store.patches_root, shard, offsets, LAST_BLOCK)
         assert patches.shape == (len(offsets), (TEST_IMAGE_SIZE // 14) ** 2, 384)
         assert np.isfinite(patches.astype(np.float32)).all() and np.abs(patches.astype(np.float32)).sum() > 0
 
@@ -57,18 +64,21 @@ def assert_one_valid_row_per_item(store_path: Path, expected: int) -> None:
 def test_ray_gives_the_rows_of_the_local_executor(mixed_archive, ingested, tmp_path):
     summary = ingest([mixed_archive.root], tmp_path / "ray", ingest_options(executor="ray", unit_slices=5))
     assert summary.n_embedded == mixed_archive.n_slices and summary.n_failed == 0
+    assert summary.model_ids == ingested.summary.model_ids
     local, on_ray = sorted_slices(ingested.path), sorted_slices(tmp_path / "ray")
-    assert local["key"].to_pylist() == on_ray["key"].to_pylist()
-    for column in ("cls", "patch_mean"):
-        np.testing.assert_allclose(np.stack(on_ray[column].to_numpy(zero_copy_only=False)),
-                                   np.stack(local[column].to_numpy(zero_copy_only=False)), atol=1e-5)
-    for column in ("series_uid", "slice_index", "slice_position", "intensity"):
-        assert on_ray[column].to_pylist() == local[column].to_pylist()
-    first_local, first_ray = local.slice(0, 1).to_pylist()[0], on_ray.slice(0, 1).to_pylist()[0]
-    np.testing.assert_allclose(
-        read_patches(Store.open(tmp_path / "ray").patches_root, first_ray["patch_shard"], [first_ray["patch_offset"]]),
-        read_patches(Store.open(ingested.path).patches_root, first_local["patch_shard"], [first_local["patch_offset"]]),
-        atol=2e-3)
+    assert local["key"] == on_ray["key"]
+    for column in ("cls", "patch_mean", "cls_b8", "cls_b11"):
+        np.testing.assert_allclose(np.stack(on_ray[column]), np.stack(local[column]), atol=1e-5)
+    for column in ("series_uid", "slice_index", "slice_position", "intensity", "frame", "rows", "cols"):
+        assert on_ray[column] == local[column]
+    assert len(set(on_ray["patch_shard"])) > 1  # several units, each its own shard
+    for row in (0, len(local["key"]) - 1):
+        np.testing.assert_allclose(
+            read_patches(Store.open(tmp_path / "ray").patches_root, on_ray["patch_shard"][row],
+                         [on_ray["patch_offset"][row]], LAST_BLOCK),
+            read_patches(Store.open(ingested.path).patches_root, local["patch_shard"][row],
+                         [local["patch_offset"][row]], LAST_BLOCK),
+            atol=2e-3)
 
 
 def test_decode_tasks_feeding_a_gpu_actor_give_the_same_rows(mixed_archive, ingested, tmp_path):
@@ -81,9 +91,8 @@ def test_decode_tasks_feeding_a_gpu_actor_give_the_same_rows(mixed_archive, inge
         ray.shutdown()
     assert summary.n_embedded == mixed_archive.n_slices
     local, on_ray = sorted_slices(ingested.path), sorted_slices(tmp_path / "gpu")
-    assert local["key"].to_pylist() == on_ray["key"].to_pylist()
-    np.testing.assert_allclose(np.stack(on_ray["cls"].to_numpy(zero_copy_only=False)),
-                               np.stack(local["cls"].to_numpy(zero_copy_only=False)), atol=1e-5)
+    assert local["key"] == on_ray["key"]
+    np.testing.assert_allclose(np.stack(on_ray["cls"]), np.stack(local["cls"]), atol=1e-5)
 
 
 def test_a_killed_embedding_actor_still_gives_one_row_per_item(mixed_archive, tmp_path, monkeypatch):
@@ -104,8 +113,9 @@ def test_table_versions_stay_few_whatever_the_batch_size(tmp_path):
         summary = ingest([source], store_path, ingest_options(executor="ray", batch_size=batch_size,
                                                               keep_patches=False))
         assert summary.n_embedded == 1000
-        versions[batch_size] = len(Store.open(store_path).table("slices").list_versions())
-    assert versions[8] == versions[64] <= 3, versions
+        store = Store.open(store_path)
+        versions[batch_size] = [len(store.table(name).list_versions()) for name in ("items", slices_table(store))]
+    assert versions[8] == versions[64] and max(versions[8]) <= 3, versions
 
 
 KILLED_DRIVER = """
@@ -115,6 +125,14 @@ from conftest import ingest_options
 from embedstore.pipeline.ingest import ingest
 ingest([{source!r}], {store!r}, ingest_options(executor="ray", unit_slices=8, batch_size=8, commit_rows=8))
 """
+
+
+def committed_rows(store_path: Path) -> int:
+    """Vector rows committed so far by the one model of a store that may not exist yet."""
+    if not (store_path / MANIFEST).exists():
+        return 0
+    store = Store.open(store_path)
+    return store.table(slices_table(store)).count_rows() if store.specs() else 0
 
 
 def test_a_driver_killed_with_sigkill_resumes_without_duplicates(tmp_path):
@@ -128,8 +146,7 @@ def test_a_driver_killed_with_sigkill_resumes_without_duplicates(tmp_path):
         deadline = time.monotonic() + 240
         while committed == 0 and time.monotonic() < deadline and driver.poll() is None:
             time.sleep(0.5)
-            if (store_path / "tables" / "slices.lance").exists():
-                committed = Store.open(store_path).table("slices").count_rows()
+            committed = committed_rows(store_path)
         assert 0 < committed < 400, f"the driver was to be killed mid-run, it had committed {committed} rows"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started

@@ -181,7 +181,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     refresh_series(store, model_ids)
     stage_seconds["series"] = time.perf_counter() - series_started
     seconds = time.perf_counter() - started
-    embedded = max(outcome.committed.values(), default=0)
+    embedded = outcome.n_embedded
     summary = IngestSummary(
         run_id=run_id, model_ids=model_ids, store=str(store_path), workers=workers, n_found=catalog.n_items,
         engine=outcome.engine, engine_notes=outcome.engine_notes,

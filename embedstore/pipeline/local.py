@@ -23,4 +23,4 @@ def embed_locally(job, store, runner: UnitRunner, pool: DecodePool, units: list[
     committer.flush()
     stage_seconds.update(pool.stage_seconds)
     engine = runner.embedders[0].engine
-    return EmbedOutcome(committer.committed, committer.failures, engine.name, engine.notes)
+    return EmbedOutcome(committer.committed, committer.failures, engine.name, engine.notes, committer.n_embedded)

@@ -132,7 +132,7 @@ def embed_on_ray(job, store, units: list[WorkUnit], progress: IngestProgress, st
     finally:
         for actor in actors:
             ray.kill(actor)
-    return EmbedOutcome(committer.committed, committer.failures, engine, notes)
+    return EmbedOutcome(committer.committed, committer.failures, engine, notes, committer.n_embedded)
 
 
 def _result_or_failure(ray, ref, unit: WorkUnit) -> UnitOutput:

@@ -211,6 +211,7 @@ class EmbedOutcome:
     failures: list[Failure]
     engine: str
     engine_notes: list[str]
+    n_embedded: int  # slices embedded by at least one model (models may lack different slices)
 
 
 class RowCommitter:
@@ -225,6 +226,7 @@ class RowCommitter:
         self.vectors: dict[str, list[pa.Table]] = {m: [] for m in model_ids}
         self.n_pending = 0
         self.committed: Counter = Counter()  # model_id → rows added
+        self.n_embedded = 0  # slices embedded by at least one model
         self.failures: list[Failure] = []
         self._pending_failures: list[Failure] = []
 
@@ -240,6 +242,7 @@ class RowCommitter:
             for model_id, rows in output.vectors.items():
                 self.vectors[model_id].append(rows)
             self.n_pending += output.n_items
+            self.n_embedded += output.n_items
             progress.advance(output.n_items)
         if self.n_pending >= self.commit_rows:
             self.flush()
