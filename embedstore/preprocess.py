@@ -3,15 +3,14 @@
 The steps follow the reference study: CT in Hounsfield units clamped to a window (default
 [-1024, 600]); MR clipped to per-slice percentiles (default 5th-95th); X-ray through the file's own
 VOI window or LUT; anything else as stored. Then per-slice min-max to [0, 1] (a constant slice
-becomes all zeros, never 0/0 = NaN), MONOCHROME1 inverted, an antialiased bilinear resize to S×S,
-and, on the model's device, grey → 3 channels and ImageNet normalisation. With `--window multi`
+becomes all zeros, never 0/0 = NaN), MONOCHROME1 inverted, an antialiased resize to S×S with the model's interpolation (bicubic for DINOv2),
+and, on the model's device, grey → 3 channels and the model's own normalisation (its
+`pretrained_cfg` mean and std, ImageNet's for DINOv2). With `--window multi`
 a CT slice becomes three channels, each window mapped linearly onto [0, 1]. Every step works on a whole stack at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -99,13 +98,6 @@ class IntensityConfig:
     def uses_header_voi(self, modality: str | None) -> bool:
         return self.window == "header" or modality in XRAY_MODALITIES
 
-    def tag(self) -> str:
-        """Short, stable identifier of this preprocessing, part of the model_id."""
-        # "study" is what auto does already: the same pixels get the same model_id.
-        window = "auto" if self.window == "study" else self.window
-        settings = json.dumps({"version": PREPROCESS_VERSION, "window": window, "ct_window": self.ct_window,
-                               "mr_percentiles": self.mr_percentiles}, sort_keys=True)
-        return f"pp{PREPROCESS_VERSION}.{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
 
 
 def to_unit_range(stack: np.ndarray, modality: str | None, config: IntensityConfig,

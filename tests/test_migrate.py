@@ -91,10 +91,11 @@ F2_SERIES_IDENTITY = ("patient_id", "study_uid", "series_uid", "modality", "body
 
 
 def f2_model_id(spec) -> str:
-    """`<name>-<weights>-<size>px-<pp tag>` as format 2 made it (IntensityConfig.tag() of those days)."""
+    """`<name>-<weights>-<size>px-<pp tag>` as format 2 made it."""
     from embedstore.preprocess import IntensityConfig
+    from embedstore.store.migrate import format2_tag
 
-    tag = IntensityConfig(spec.window, spec.mr_percentiles).tag()
+    tag = format2_tag(IntensityConfig(spec.window, spec.mr_percentiles))
     return f"{spec.name}-{spec.weights_tag}-{spec.image_size}px-{tag}"
 
 
@@ -488,21 +489,21 @@ def test_an_interrupted_migration_is_finished_by_a_rerun(format2, format2_copy, 
 def test_specs_of_hub_and_file_models_are_rebuilt_without_their_weights(monkeypatch):
     import embedstore.models as models
     from embedstore.preprocess import IntensityConfig
-    from embedstore.store.migrate import rebuild_spec
+    from embedstore.store.migrate import format2_tag, rebuild_spec
 
     def no_download(*args, **kwargs):
         raise AssertionError("a migration must not download hub weights")
 
     monkeypatch.setattr(models, "build_from_hub", no_download)
     # No run row: the window is the one whose format-2 tag the id carries.
-    old_id = f"dinov2_vits14-hub-0123456789ab-{TEST_IMAGE_SIZE}px-{IntensityConfig(window='lung').tag()}"
+    old_id = f"dinov2_vits14-hub-0123456789ab-{TEST_IMAGE_SIZE}px-{format2_tag(IntensityConfig(window='lung'))}"
     spec, notes = rebuild_spec(old_id, None, keep_patches=True)
     assert (spec.weights_source, spec.weights_digest, spec.window, spec.seed) == ("hub", "0123456789ab", "lung", 0)
     assert (spec.interpolation, spec.cls_layers, spec.patch_layers) == ("bilinear", (), (spec.num_blocks - 1,))
     assert spec.model_id.startswith(f"dinov2_vits14-hub-0123456789ab-{TEST_IMAGE_SIZE}px-pp2.")
     assert spec.model_id != old_id and notes == []
 
-    old_id = f"dinov2_vits14-file-0123456789ab-{TEST_IMAGE_SIZE}px-{IntensityConfig().tag()}"
+    old_id = f"dinov2_vits14-file-0123456789ab-{TEST_IMAGE_SIZE}px-{format2_tag(IntensityConfig())}"
     config = {"model": "dinov2_vits14", "weights": "/nowhere/teacher.pth", "window": "auto", "mr_percentiles": [5, 95]}
     spec, notes = rebuild_spec(old_id, config, keep_patches=False)
     assert (spec.weights_source, spec.weights_file, spec.patch_layers) == ("file", "/nowhere/teacher.pth", ())

@@ -186,16 +186,6 @@ def test_intensity_config_rejects(settings, fragment):
     assert "\n" not in str(caught.value)
 
 
-def test_intensity_config_tag():
-    default = IntensityConfig().tag()
-    assert default == IntensityConfig().tag() == IntensityConfig(window="auto", mr_percentiles=(5.0, 95.0)).tag()
-    assert default.startswith("pp") and "/" not in default and " " not in default
-    tags = {IntensityConfig(window=window).tag() for window in CT_WINDOWS}
-    assert len(tags) == len(CT_WINDOWS)
-    assert IntensityConfig(mr_percentiles=(1.0, 99.0)).tag() != default
-    assert IntensityConfig(window="auto").tag() == IntensityConfig(window="study").tag()  # same pixels
-
-
 def model_spec(**changes):
     """A DINOv2 ViT-S/14 spec at 56 px, built without a model, with `changes` applied."""
     from dataclasses import replace

@@ -8,8 +8,8 @@ IVF_PQ takes over 1,000 s, and is as fast to search: fetching the result rows, n
 partitions, is most of a query's time. Searches start at max(20, partitions / 50) probes, and the
 probes are doubled until the measured recall@10 reaches 0.95. `ivf_sq` (int8 vectors, a quarter of
 the size, 2× refine), `ivf_pq` (PQ with one sub-vector per 4 dimensions, 10× refine) and
-`ivf_hnsw_sq` are there when the index must be smaller. A bitmap index on model_id keeps a
-one-model search of a several-model table fast. The parameters go into the store manifest with the
+`ivf_hnsw_sq` are there when the index must be smaller. Bitmap indexes on modality and body part
+keep a filtered search's prefilter cheap. The parameters go into the store manifest with the
 measured recall, and `embedstore search` uses them.
 """
 
@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-from lancedb.index import IvfFlat, IvfHnswSq, IvfPq, IvfSq
+from lancedb.index import Bitmap, IvfFlat, IvfHnswSq, IvfPq, IvfSq
 
 from embedstore.errors import UsageError
 from embedstore.search.exact import exact_top_k
@@ -103,7 +103,7 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
     table.create_index(column, config=index_config(parameters), replace=True)
     for name in FILTER_BITMAPS:
         if name in table.schema.names:
-            table.create_scalar_index(name, index_type="BITMAP", replace=True)
+            table.create_index(name, config=Bitmap(), replace=True)
     build_seconds = time.perf_counter() - started
     report = measure_recall(store, model_id, table_name, column, parameters, n_rows, build_seconds)
     remember_index(store, report)

@@ -25,6 +25,7 @@ ANN indexes are not carried over (their tables are new): `embedstore index` rebu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -230,19 +231,27 @@ def rebuild_spec(old_id: str, config: dict | None, keep_patches: bool) -> tuple[
     return spec, notes
 
 
+def format2_tag(intensity: IntensityConfig) -> str:
+    """The preprocessing part of a format-2 model_id: a digest of the intensity settings alone."""
+    window = "auto" if intensity.window == "study" else intensity.window  # "study" is what auto does
+    settings = json.dumps({"version": 2, "window": window, "ct_window": intensity.ct_window,
+                           "mr_percentiles": intensity.mr_percentiles}, sort_keys=True)
+    return f"pp2.{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
+
+
 def recorded_intensity(old_id: str, config: dict, tag: str) -> IntensityConfig:
     """The intensity settings the old id's preprocessing tag pins: the run config's, or (without a
     run row) the one window setting with default MR percentiles whose tag matches."""
     if "window" in config:
         intensity = IntensityConfig(window=config["window"],
                                     mr_percentiles=tuple(config.get("mr_percentiles", (5.0, 95.0))))
-        if intensity.tag() == tag:
+        if format2_tag(intensity) == tag:
             return intensity
     from embedstore.preprocess import CT_WINDOWS, WINDOW_MODES
 
     for window in (*WINDOW_MODES, *CT_WINDOWS):
         intensity = IntensityConfig(window=window)
-        if intensity.tag() == tag:
+        if format2_tag(intensity) == tag:
             return intensity
     raise StoreFormatError(f"format-2 model {old_id}: no run config describes its preprocessing {tag}; "
                            "this store cannot be migrated")
