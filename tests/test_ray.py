@@ -21,6 +21,7 @@ from embedstore.pipeline.on_ray import FAULT_EXIT_AFTER_UNITS, FAULT_MARKER  # n
 from embedstore.pipeline.ingest import ingest  # noqa: E402
 from embedstore.store import MANIFEST, Store  # noqa: E402
 from embedstore.store.patches import read_patches  # noqa: E402
+from embedstore.store.schema import slices_table_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,18 +48,21 @@ def sorted_slices(store_path: Path) -> dict[str, list]:
 
 
 def assert_one_valid_row_per_item(store_path: Path, expected: int) -> None:
+    """Every model of the store holds exactly one row per item, and every row's patches exist."""
     store = Store.open(store_path)
-    rows = store.rows(slices_table(store), columns=["key", "patch_shard", "patch_offset"]).to_pylist()
-    assert len(rows) == len({r["key"] for r in rows}) == expected
     items = store.rows("items", columns=["key"]).column("key").to_pylist()
-    assert len(items) == len(set(items)) == expected and set(items) == {r["key"] for r in rows}
-    by_shard: dict[str, list[int]] = {}
-    for row in rows:
-        by_shard.setdefault(row["patch_shard"], []).append(row["patch_offset"])
-    for shard, offsets in by_shard.items():  # every committed row's patches exist
-        patches = read_patches(store.patches_root, shard, offsets, LAST_BLOCK)
-        assert patches.shape == (len(offsets), (TEST_IMAGE_SIZE // 14) ** 2, 384)
-        assert np.isfinite(patches.astype(np.float32)).all() and np.abs(patches.astype(np.float32)).sum() > 0
+    assert len(items) == len(set(items)) == expected
+    for model_id, spec in store.specs().items():
+        rows = store.rows(slices_table_name(model_id), columns=["key", "patch_shard", "patch_offset"]).to_pylist()
+        assert len(rows) == len({r["key"] for r in rows}) == expected, model_id
+        assert set(items) == {r["key"] for r in rows}
+        by_shard: dict[str, list[int]] = {}
+        for row in rows:
+            by_shard.setdefault(row["patch_shard"], []).append(row["patch_offset"])
+        for shard, offsets in by_shard.items():  # every committed row's patches exist
+            patches = read_patches(store.patches_root, shard, offsets, LAST_BLOCK)
+            assert patches.shape == (len(offsets), (TEST_IMAGE_SIZE // 14) ** 2, spec.embed_dim)
+            assert np.isfinite(patches.astype(np.float32)).all() and np.abs(patches.astype(np.float32)).sum() > 0
 
 
 def test_ray_gives_the_rows_of_the_local_executor(mixed_archive, ingested, tmp_path):
@@ -123,22 +127,25 @@ import sys
 sys.path.insert(0, {tests!r})
 from conftest import ingest_options
 from embedstore.pipeline.ingest import ingest
-ingest([{source!r}], {store!r}, ingest_options(executor="ray", unit_slices=8, batch_size=8, commit_rows=8))
+ingest([{source!r}], {store!r}, ingest_options(models={models!r}, executor="ray", unit_slices=8, batch_size=8,
+                                               commit_rows=8))
 """
+KILLED_MODELS = ("dinov2_vits14", "dinov2_vitb14")
 
 
 def committed_rows(store_path: Path) -> int:
-    """Vector rows committed so far by the one model of a store that may not exist yet."""
+    """Vector rows committed so far by the first model of a store that may not exist yet."""
     if not (store_path / MANIFEST).exists():
         return 0
     store = Store.open(store_path)
-    return store.table(slices_table(store)).count_rows() if store.specs() else 0
+    return store.table(slices_table_name(next(iter(store.specs())))).count_rows() if store.specs() else 0
 
 
 def test_a_driver_killed_with_sigkill_resumes_without_duplicates(tmp_path):
     source = write_pngs(tmp_path / "src", 400)
     store_path = tmp_path / "store"
-    script = KILLED_DRIVER.format(tests=str(REPO / "tests"), source=str(source), store=str(store_path))
+    script = KILLED_DRIVER.format(tests=str(REPO / "tests"), source=str(source), store=str(store_path),
+                                  models=KILLED_MODELS)
     driver = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -151,8 +158,9 @@ def test_a_driver_killed_with_sigkill_resumes_without_duplicates(tmp_path):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
         driver.wait()
-    summary = ingest([source], store_path, ingest_options(executor="ray"))
+    summary = ingest([source], store_path, ingest_options(models=KILLED_MODELS, executor="ray"))
     assert summary.n_skipped >= committed and summary.n_embedded + summary.n_skipped == 400
+    assert len(Store.open(store_path).specs()) == 2
     assert_one_valid_row_per_item(store_path, 400)
     store = Store.open(store_path)
     report = store.vacuum()
