@@ -330,9 +330,9 @@ def check_split_by(split_by: str | None) -> None:
         raise UsageError(f"--split-by takes patient, not {split_by!r}")
 
 
-def write_result(result: dict, path: Path | None, report: Path | None) -> None:
+def write_result(result, path: Path | None, report: Path | None) -> None:
     if path:
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if report:
         from embedstore.eval.report import write_report
 
@@ -378,30 +378,23 @@ def eval_knn(
     write_result(result, json_out, report)
 
 
-def print_evaluation(result: dict) -> None:
-    counts = ", ".join(f"{split} {n:,}" for split, n in result["counts"].items())
-    out.print(f"[bold]{result['task']}[/bold] {result['model_id']} · {result['feature']} · {result['level']} level · "
-              f"{len(result['classes'])} classes{' (multi-label)' if result['multilabel'] else ''} · {counts}"
-              + (f" · {result['search']} neighbour search" if "search" in result else ""))
-    for name, chosen in result.get("feature_grid", {}).items():
-        out.print(f"feature {name}: C {chosen['chosen_c']:.3g}, val score {chosen['val_score']:.4f}"
-                  + ("  <- chosen on val" if name == result["feature"] else ""))
-    if result["task"] == "linear":
-        out.print(f"C chosen on val{' (carved from train by patient)' if result['val_carved_from_train'] else ''}: "
-                  f"{result['chosen_c']:.3g} (val score {result['val_score']:.4f}); refitted on train + val")
-    for split, by_k in result["metrics"].items():
-        if result["task"] == "linear":
-            by_k = {f"C={result['chosen_c']:.3g}": by_k}
+def print_evaluation(result) -> None:
+    counts = ", ".join(f"{split} {n:,}" for split, n in result.counts.items())
+    search = getattr(result, "search", None)
+    out.print(f"[bold]{result.task}[/bold] {result.model_id} · {result.feature} · {result.level} level · "
+              f"{len(result.classes)} classes{' (multi-label)' if result.multilabel else ''} · {counts}"
+              + (f" · {search} neighbour search" if search else ""))
+    for line in result.notes():
+        out.print(line)
+    columns = ["macro_auroc", "macro_f1"] if result.multilabel else \
+        ["top1_accuracy", "balanced_accuracy", "macro_auroc", "macro_f1"]
+    for split, rows in result.metric_tables().items():
         table = Table(title=split)
-        columns = ["macro_auroc", "macro_f1"] if result["multilabel"] else \
-            ["top1_accuracy", "balanced_accuracy", "macro_auroc", "macro_f1"]
-        for column in ["C" if result["task"] == "linear" else "k", *columns]:
+        for column in ["", *columns]:
             table.add_column(column)
-        for k, metrics in by_k.items():
-            table.add_row(k, *("-" if metrics.get(c) is None else f"{metrics[c]:.4f}" for c in columns))
+        for label, metrics in rows.items():
+            table.add_row(label, *("-" if metrics.get(c) is None else f"{metrics[c]:.4f}" for c in columns))
         out.print(table)
-    if "best_k_on_val" in result:
-        out.print(f"best k on val: {result['best_k_on_val']}")
 
 
 @eval_app.command("linear")
@@ -458,13 +451,13 @@ def eval_fewshot(
         raise UsageError("--tries must be at least 1")
     result = fewshot_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(shots, "--shots", int),
                                 tries, tuple(classifiers.split(",")), split_by, parse_numbers(ratios, "--ratios"), seed)
-    table = Table(title=f"few-shot {result['score'].replace('_', ' ')}, mean [95% interval] over {tries} draws")
+    table = Table(title=f"few-shot {result.score.replace('_', ' ')}, mean [95% interval] over {tries} draws")
     table.add_column("patients per class")
-    for name in result["curves"]:
+    for name in result.curves:
         table.add_column(name)
-    for row, n in enumerate(result["shots"]):
+    for row, n in enumerate(result.shots):
         table.add_row(str(n), *(f"{c[row]['mean']:.3f} [{c[row]['ci95'][0]:.3f}, {c[row]['ci95'][1]:.3f}]"
-                                for c in result["curves"].values()))
+                                for c in result.curves.values()))
     out.print(table)
     write_result(result, json_out, report)
     if plot:

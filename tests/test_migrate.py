@@ -356,7 +356,7 @@ def test_migrated_store_gives_the_same_knn_metrics_and_search_hits(format2, form
         for feature in ("patch_mean", "cls"):
             got = knn_evaluation(store, labels, feature, model_id=model_id, ks=(1, 3), search="exact")
             want = knn_evaluation(ref, labels, feature, model_id=model_id, ks=(1, 3), search="exact")
-            assert got == want and got["counts"] == {"train": 9, "val": 2, "test": 7}
+            assert got.to_dict() == want.to_dict() and got.counts == {"train": 9, "val": 2, "test": 7}
         hits = nearest_slices(store, query, k=5, feature="patch_mean", model_id=model_id)
         assert [h.key for h in hits] == before[old_id]
         ref_hits = nearest_slices(ref, query, k=5, feature="patch_mean", model_id=model_id)

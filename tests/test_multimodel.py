@@ -102,7 +102,7 @@ def test_eval_knn_of_either_model_equals_a_store_holding_it_alone(two_model_stor
         assert single.model_ids == [model_id]
         shared = knn_evaluation(Store.open(path), labels, "patch_mean", model_id=model_id[:20], ks=(1, 3))
         own = knn_evaluation(Store.open(alone), labels, "patch_mean", ks=(1, 3))
-        assert shared["metrics"] == own["metrics"] and shared["counts"] == own["counts"]
+        assert shared.metrics == own.metrics and shared.counts == own.counts
 
 
 def test_a_model_added_later_leaves_the_others_files_untouched_and_one_can_be_dropped(two_model_store, tmp_path):
@@ -257,8 +257,8 @@ def test_linear_feature_grid_chooses_on_val_and_equals_the_chosen_feature_run_al
     labels = write_labels(tmp_path / "labels.csv", path)
     store = Store.open(path)
     grid = linear_evaluation(store, labels, "grid", model_id=summary.model_ids[0], c_grid=(0.01, 1.0, 100.0))
-    assert set(grid["feature_grid"]) == set(GRID_FEATURES)
-    best = max(score["val_score"] for score in grid["feature_grid"].values())
-    assert grid["feature_grid"][grid["feature"]]["val_score"] == best
-    alone = linear_evaluation(store, labels, grid["feature"], model_id=summary.model_ids[0], c_grid=(0.01, 1.0, 100.0))
-    assert alone["metrics"] == grid["metrics"] and alone["chosen_c"] == grid["chosen_c"]
+    assert set(grid.feature_grid) == set(GRID_FEATURES)
+    best = max(score["val_score"] for score in grid.feature_grid.values())
+    assert grid.feature_grid[grid.feature]["val_score"] == best
+    alone = linear_evaluation(store, labels, grid.feature, model_id=summary.model_ids[0], c_grid=(0.01, 1.0, 100.0))
+    assert alone.metrics == grid.metrics and alone.chosen_c == grid.chosen_c and alone.feature_grid is None

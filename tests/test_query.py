@@ -395,13 +395,13 @@ def test_linear_probe_matches_sklearn_with_the_same_c():
     from embedstore.eval.linear import linear_probe
 
     data = split_by_patient(labelled_clusters(150, 4, 4, 32, seed=11), (0.6, 0.2, 0.2), seed=0)
-    result = linear_probe(data, c_grid=tuple(np.logspace(-4, 2, 7)))
-    assert not result["val_carved_from_train"] and result["chosen_c"] in np.logspace(-4, 2, 7)
+    selection, test_metrics = linear_probe(data, c_grid=tuple(np.logspace(-4, 2, 7)))
+    assert not selection.carved and selection.chosen_c in np.logspace(-4, 2, 7)
     fit = data.subset(data.splits != "test")
     test = data.subset(data.splits == "test")
-    reference = LogisticRegression(C=result["chosen_c"], max_iter=5000, tol=1e-8).fit(fit.matrix, fit.targets)
+    reference = LogisticRegression(C=selection.chosen_c, max_iter=5000, tol=1e-8).fit(fit.matrix, fit.targets)
     theirs = (reference.predict(test.matrix) == test.targets).mean()
-    ours = result["metrics"]["test"]["top1_accuracy"]
+    ours = test_metrics["top1_accuracy"]
     assert abs(ours - theirs) <= 0.01, (ours, theirs)
     assert ours > 0.5  # above chance (0.25): the probe learns the structure
 
@@ -418,7 +418,7 @@ def test_linear_probe_carves_val_from_train_by_patient_and_never_peeks_at_test()
     shuffled = data.subset(np.ones(len(data.splits), dtype=bool))
     shuffled.targets = shuffled.targets.copy()
     shuffled.targets[shuffled.splits == "test"] = (shuffled.targets[shuffled.splits == "test"] + 1) % 3
-    assert linear_probe(shuffled, (0.01, 1.0))["chosen_c"] == linear_probe(data, (0.01, 1.0))["chosen_c"]
+    assert linear_probe(shuffled, (0.01, 1.0))[0].chosen_c == linear_probe(data, (0.01, 1.0))[0].chosen_c
 
 
 def test_eval_linear_from_the_command_line(ingested, tmp_path):

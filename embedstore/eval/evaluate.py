@@ -1,5 +1,5 @@
-"""Evaluations run on stored vectors, each returning the JSON-ready result DESIGN.md describes:
-task, model_id, feature, level, sample counts per split, and the metrics."""
+"""Evaluations run on stored vectors, each returning a typed result (eval/results.py) whose JSON is
+what DESIGN.md describes: task, model_id, feature, level, sample counts per split, and the metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 from embedstore.eval.knn import DEFAULT_KS, TEMPERATURE, choose_search, knn_scores
 from embedstore.eval.labels import LabelledVectors, check_splits, join_labels, read_labels, split_by_patient
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
+from embedstore.eval.results import FewShotResult, KnnResult, LinearResult
 from embedstore.store.vectors import load_vectors
 from embedstore.store import Store
 
@@ -29,7 +30,7 @@ def labelled_vectors(store: Store, labels: str | Path, feature: str = "cls", lev
 
 def knn_evaluation(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
                    model_id: str | None = None, ks=DEFAULT_KS, temperature: float = TEMPERATURE,
-                   split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0, search: str = "auto") -> dict:
+                   split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0, search: str = "auto") -> KnnResult:
     """The DINOv2 weighted kNN: train rows are the neighbours; val and test are classified.
     Every k is reported on test; the k with the best val score is named (never chosen on test).
     The neighbour search used (exact or int8 re-ranked, see knn.py) is recorded."""
@@ -37,18 +38,18 @@ def knn_evaluation(store: Store, labels: str | Path, feature: str = "cls", level
     train = data.subset(data.splits == "train")
     evaluated = [data.subset(data.splits == split) for split in ("val", "test")]
     search = choose_search(search, sum(len(part.matrix) for part in evaluated), len(train.matrix), max(ks))
-    result = {"task": "knn", "model_id": vectors.model_id, "feature": feature, "level": level,
-              "counts": data.counts(), "classes": data.classes, "multilabel": data.multilabel,
-              "temperature": temperature, "ks": list(ks), "search": search, "metrics": {}}
+    metrics = {}
     for split, part in zip(("val", "test"), evaluated):
         if not len(part.matrix):
             continue
         scores = knn_scores(train.matrix, train.targets, part.matrix, len(data.classes), ks, temperature, search)
-        result["metrics"][split] = {str(k): _metrics(part, s) for k, s in scores.items()}
-    if "val" in result["metrics"]:
+        metrics[split] = {str(k): _metrics(part, s) for k, s in scores.items()}
+    best_k = None
+    if "val" in metrics:
         key = "macro_auroc" if data.multilabel else "balanced_accuracy"
-        result["best_k_on_val"] = int(max(result["metrics"]["val"], key=lambda k: _score(result["metrics"]["val"][k], key)))
-    return result
+        best_k = int(max(metrics["val"], key=lambda k: _score(metrics["val"][k], key)))
+    return KnnResult("knn", vectors.model_id, feature, level, data.classes, data.multilabel, data.counts(),
+                     temperature, list(ks), search, metrics, best_k)
 
 
 def _metrics(part: LabelledVectors, scores: np.ndarray) -> dict:
@@ -67,11 +68,11 @@ GRID_FEATURES = ("cls1", "cls1+patch_mean", "cls4", "cls4+patch_mean")  # the st
 
 def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patch_mean", level: str = "slice",
                       model_id: str | None = None, c_grid=None, split_by: str | None = None,
-                      ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
+                      ratios=(0.7, 0.1, 0.2), seed: int = 0) -> LinearResult:
     """The linear probe: C chosen on val (carved from train by patient when absent), refitted on
     train + val, reported on test. `feature="grid"` also chooses the input as the study does, among
     the CLS of the last 1 or 4 blocks with or without the patch mean, by val score alone."""
-    from embedstore.eval.linear import DEFAULT_C_GRID, choose_c, probe_result, refit_and_test
+    from embedstore.eval.linear import DEFAULT_C_GRID, choose_c, refit_and_test
 
     candidates = GRID_FEATURES if feature == "grid" else (feature,)
     selections = {}
@@ -79,22 +80,20 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
         vectors, data = labelled_vectors(store, labels, candidate, level, model_id, split_by, ratios, seed)
         selections[candidate] = choose_c(data, c_grid or DEFAULT_C_GRID, seed)
     chosen = max(candidates, key=lambda name: selections[name].val_score)  # first listed wins a tie
-    result = {"task": "linear", "model_id": vectors.model_id, "feature": chosen, "level": level,
-              "classes": data.classes, "multilabel": data.multilabel,
-              **probe_result(selections[chosen], refit_and_test(selections[chosen]))}
-    if feature == "grid":
-        result["feature_grid"] = {name: {"chosen_c": s.chosen_c, "val_score": s.val_score}
-                                  for name, s in selections.items()}
-    return result
+    selection = selections[chosen]
+    grid = {name: {"chosen_c": s.chosen_c, "val_score": s.val_score} for name, s in selections.items()} \
+        if feature == "grid" else None
+    return LinearResult("linear", vectors.model_id, chosen, level, data.classes, data.multilabel,
+                        selection.data.counts(), selection.chosen_c, selection.val_score, selection.carved,
+                        selection.c_grid, selection.val_scores, {"test": refit_and_test(selection)}, grid)
 
 
 def fewshot_evaluation(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
                        model_id: str | None = None, shots=None, tries: int = 10, classifiers=None,
-                       split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict:
+                       split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0) -> FewShotResult:
     """Few-shot curves: `tries` draws of n training patients per class for each n, on a fixed test split."""
     from embedstore.eval.fewshot import CLASSIFIERS, DEFAULT_SHOTS, few_shot
 
     vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed)
     curves = few_shot(data, shots or DEFAULT_SHOTS, tries, classifiers or CLASSIFIERS, seed)
-    return {"task": "fewshot", "model_id": vectors.model_id, "feature": feature, "level": level,
-            "classes": data.classes, "multilabel": data.multilabel, **curves}
+    return FewShotResult("fewshot", vectors.model_id, feature, level, data.classes, data.multilabel, **curves)

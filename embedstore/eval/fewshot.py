@@ -102,7 +102,7 @@ def few_shot(data: LabelledVectors, shots=DEFAULT_SHOTS, tries: int = DEFAULT_TR
             "counts": data.counts(), "train_patients_per_class": {data.classes[c]: len(p) for c, p in grouped.items()}}
 
 
-def plot_curves(result: dict, path) -> None:
+def plot_curves(result, path) -> None:
     """The few-shot curve (mean and 95% band per classifier) as a PNG."""
     import matplotlib
 
@@ -110,14 +110,14 @@ def plot_curves(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, points in result["curves"].items():
+    for name, points in result.curves.items():
         shots = [p["shots"] for p in points]
         axes.plot(shots, [p["mean"] for p in points], marker="o", label=name)
         axes.fill_between(shots, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points], alpha=0.2)
     axes.set_xscale("log", base=2)
     axes.set_xlabel("training patients per class")
-    axes.set_ylabel(result["score"].replace("_", " "))
-    axes.set_title(f"few-shot, {result['tries']} draws per point, 95% intervals")
+    axes.set_ylabel(result.score.replace("_", " "))
+    axes.set_title(f"few-shot, {result.tries} draws per point, 95% intervals")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

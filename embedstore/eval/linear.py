@@ -113,13 +113,7 @@ def refit_and_test(selection: CSelection) -> dict:
         multiclass_metrics(test.targets, scores, test.classes)
 
 
-def linear_probe(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> dict:
-    """Choose C on val, refit on train + val, report on test."""
+def linear_probe(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> tuple[CSelection, dict]:
+    """Choose C on val, refit on train + val, report on test: the selection and the test metrics."""
     selection = choose_c(data, c_grid, seed)
-    return probe_result(selection, refit_and_test(selection))
-
-
-def probe_result(selection: CSelection, test_metrics: dict) -> dict:
-    return {"chosen_c": selection.chosen_c, "val_score": selection.val_score,
-            "val_carved_from_train": selection.carved, "c_grid": selection.c_grid,
-            "val_scores": selection.val_scores, "counts": selection.data.counts(), "metrics": {"test": test_metrics}}
+    return selection, refit_and_test(selection)

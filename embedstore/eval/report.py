@@ -6,47 +6,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from embedstore.eval.results import EvaluationResult, FewShotResult
+
 HEADLINE_METRICS = ("top1_accuracy", "balanced_accuracy", "macro_auroc", "macro_f1")
 
 
-def write_report(result: dict, directory: Path) -> Path:
+def write_report(result: EvaluationResult, directory: Path) -> Path:
     """Write DIR/<task>.json, DIR/report.md and the plots; returns the Markdown file."""
     directory.mkdir(parents=True, exist_ok=True)
-    task = result["task"]
-    (directory / f"{task}.json").write_text(json.dumps(result, indent=2) + "\n")
-    counts = ", ".join(f"{split} {n:,}" for split, n in result["counts"].items())
-    lines = [f"# {task}: {result['model_id']}", "",
-             f"Feature `{result['feature']}`, {result['level']} level, {len(result['classes'])} classes"
-             f"{' (multi-label)' if result['multilabel'] else ''}; {counts}.", ""]
-    if task == "fewshot":
+    (directory / f"{result.task}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    counts = ", ".join(f"{split} {n:,}" for split, n in result.counts.items())
+    lines = [f"# {result.task}: {result.model_id}", "",
+             f"Feature `{result.feature}`, {result.level} level, {len(result.classes)} classes"
+             f"{' (multi-label)' if result.multilabel else ''}; {counts}.", ""]
+    if isinstance(result, FewShotResult):
         from embedstore.eval.fewshot import plot_curves
 
         plot_curves(result, directory / "fewshot.png")
-        lines += [f"Score: {result['score']}, mean [95% interval] over {result['tries']} draws per point.", "",
-                  "| patients per class | " + " | ".join(result["curves"]) + " |",
-                  "|---|" + "---|" * len(result["curves"])]
-        for row, shots in enumerate(result["shots"]):
+        lines += [f"Score: {result.score}, mean [95% interval] over {result.tries} draws per point.", "",
+                  "| patients per class | " + " | ".join(result.curves) + " |",
+                  "|---|" + "---|" * len(result.curves)]
+        for row, shots in enumerate(result.shots):
             cells = [f"{c[row]['mean']:.3f} [{c[row]['ci95'][0]:.3f}, {c[row]['ci95'][1]:.3f}]"
-                     for c in result["curves"].values()]
+                     for c in result.curves.values()]
             lines.append(f"| {shots} | " + " | ".join(cells) + " |")
         lines += ["", "![few-shot curve](fewshot.png)"]
     else:
-        reported = _reported_metrics(result)
-        lines += [f"Reported on test: {reported[0]}.", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {reported[1][name]:.4f} |" for name in HEADLINE_METRICS if reported[1].get(name) is not None]
-        if "confusion_matrix" in reported[1]:
-            plot_confusion(reported[1]["confusion_matrix"], result["classes"], directory / "confusion.png")
+        described, metrics = result.reported()
+        lines += [f"Reported on test: {described}.", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {metrics[name]:.4f} |" for name in HEADLINE_METRICS if metrics.get(name) is not None]
+        if "confusion_matrix" in metrics:
+            plot_confusion(metrics["confusion_matrix"], result.classes, directory / "confusion.png")
             lines += ["", "![confusion matrix on test](confusion.png)"]
     path = directory / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _reported_metrics(result: dict) -> tuple[str, dict]:
-    if result["task"] == "linear":
-        return f"logistic regression, C = {result['chosen_c']:.3g} (chosen on val)", result["metrics"]["test"]
-    k = str(result.get("best_k_on_val", result["ks"][0]))
-    return f"k = {k}" + (" (best on val)" if "best_k_on_val" in result else ""), result["metrics"]["test"][k]
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> None:

@@ -1,0 +1,89 @@
+"""Typed results of the evaluations: what the CLI prints, the reports render and `--json` writes.
+
+Each result knows what it reports on test (`reported`) and the tables of metrics it holds
+(`metric_tables`), so nothing downstream branches on a task name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class EvaluationResult:
+    task: str
+    model_id: str
+    feature: str
+    level: str
+    classes: list[str]
+    multilabel: bool
+    counts: dict[str, int]  # labelled rows per split
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def notes(self) -> list[str]:
+        """Lines that say how the reported numbers were chosen."""
+        return []
+
+    def metric_tables(self) -> dict[str, dict[str, dict]]:
+        """split → row label (k=..., C=...) → metrics."""
+        return {}
+
+    def reported(self) -> tuple[str, dict] | None:
+        """(what is reported, its test metrics), or None for results that are curves."""
+        return None
+
+
+@dataclass
+class KnnResult(EvaluationResult):
+    temperature: float
+    ks: list[int]
+    search: str  # the neighbour search that ran: exact or int8 re-ranked
+    metrics: dict[str, dict[str, dict]]  # split → k → metrics
+    best_k_on_val: int | None  # named on val, never chosen on test
+
+    def notes(self) -> list[str]:
+        return [f"best k on val: {self.best_k_on_val}"] if self.best_k_on_val is not None else []
+
+    def metric_tables(self) -> dict[str, dict[str, dict]]:
+        return {split: {f"k={k}": metrics for k, metrics in by_k.items()} for split, by_k in self.metrics.items()}
+
+    def reported(self) -> tuple[str, dict]:
+        k = str(self.best_k_on_val if self.best_k_on_val is not None else self.ks[0])
+        return f"k = {k}" + (" (best on val)" if self.best_k_on_val is not None else ""), self.metrics["test"][k]
+
+
+@dataclass
+class LinearResult(EvaluationResult):
+    chosen_c: float
+    val_score: float
+    val_carved_from_train: bool
+    c_grid: list[float]
+    val_scores: list[float]  # in the order of c_grid
+    metrics: dict[str, dict]  # "test" → metrics
+    feature_grid: dict[str, dict] | None  # with --feature grid: each candidate's C and val score
+
+    def notes(self) -> list[str]:
+        lines = [f"feature {name}: C {chosen['chosen_c']:.3g}, val score {chosen['val_score']:.4f}"
+                 + ("  <- chosen on val" if name == self.feature else "")
+                 for name, chosen in (self.feature_grid or {}).items()]
+        carved = " (carved from train by patient)" if self.val_carved_from_train else ""
+        return lines + [f"C chosen on val{carved}: {self.chosen_c:.3g} (val score {self.val_score:.4f}); "
+                        "refitted on train + val"]
+
+    def metric_tables(self) -> dict[str, dict[str, dict]]:
+        return {"test": {f"C={self.chosen_c:.3g}": self.metrics["test"]}}
+
+    def reported(self) -> tuple[str, dict]:
+        return f"logistic regression, C = {self.chosen_c:.3g} (chosen on val)", self.metrics["test"]
+
+
+@dataclass
+class FewShotResult(EvaluationResult):
+    score: str  # the metric of the curves
+    shots: list[int]
+    tries: int
+    seed: int
+    curves: dict[str, list[dict]]  # classifier → per shot count {shots, mean, ci95, tries}
+    train_patients_per_class: dict[str, int]
