@@ -208,13 +208,16 @@ def failures(
     out.print(table)
 
 
+LEVEL_PLURALS = {"slice": "slices", "series": "series", "study": "studies"}
+
+
 @app.command()
 def search(
     store: Path = typer.Argument(..., help="Store directory."),
     image: Optional[Path] = typer.Option(None, "--image", help="Query by an image file (embedded with the store's model)."),
     key: Optional[str] = typer.Option(None, "--key", help="Query by a stored slice's key."),
     series_uid: Optional[str] = typer.Option(None, "--series-uid", help="Query by a stored series."),
-    k: int = typer.Option(10, "--k", help="Results to return."),
+    k: int = typer.Option(10, "--k", "-k", help="Results to return."),
     level: str = typer.Option("slice", help="slice, series or study (best match per query slice, averaged)."),
     where: Optional[str] = typer.Option(None, help="Filter on metadata columns, e.g. \"modality = 'CT' AND body_part = 'CHEST'\"."),
     feature: str = typer.Option("cls", help="cls, patch_mean, clsN (CLS of the last N blocks), or cls/clsN+patch_mean."),
@@ -245,7 +248,7 @@ def search(
         print(json.dumps({"query": query.description, "model_id": query.model_id, "level": level,
                           "feature": feature, "where": where, "hits": searching.hits_as_dicts(hits)}, indent=2))
         return
-    table = Table(title=f"{level}s most similar to {query.description}")
+    table = Table(title=f"{LEVEL_PLURALS[level]} most similar to {query.description}")
     for column in ("rank", "similarity", "modality", level if level != "slice" else "slice", "path"):
         table.add_column(column, overflow="fold")
     for hit in hits:

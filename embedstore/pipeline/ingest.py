@@ -143,6 +143,9 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     patient_ids = AS_READ if options.keep_patient_id else HASHED
     store = Store.open(store_path, create=True, patient_ids=patient_ids)
     store.check_patient_ids(patient_ids)
+    if not options.overwrite:
+        for spec in specs:  # every model checked before any is added
+            store.check_layers(spec)
     for spec in specs:
         if options.overwrite:
             store.drop_model(spec.model_id)

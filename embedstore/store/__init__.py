@@ -150,15 +150,19 @@ class Store:
             raise UsageError(f"no model id in store {self.path} starts with {prefix!r}; it holds: {', '.join(models)}")
         raise UsageError(f"--model-id {prefix!r} is ambiguous in store {self.path}: it matches {', '.join(matches)}")
 
+    def check_layers(self, spec: ModelSpec) -> None:
+        """UsageError when the store holds this model with other layers kept."""
+        known = self.specs().get(spec.model_id)
+        if known is not None and (known.cls_layers, known.patch_layers) != (spec.cls_layers, spec.patch_layers):
+            raise UsageError(
+                f"model {spec.model_id} is stored with CLS of blocks {list(known.cls_layers)} and patch tokens "
+                f"of blocks {list(known.patch_layers)}; ingest it with the same --layers/--patch-layers, or "
+                "with --overwrite to rebuild it")
+
     def add_model(self, spec: ModelSpec) -> None:
         """Record a model and create its tables; a model already here must keep the layers it has."""
-        known = self.specs().get(spec.model_id)
-        if known is not None:
-            if (known.cls_layers, known.patch_layers) != (spec.cls_layers, spec.patch_layers):
-                raise UsageError(
-                    f"model {spec.model_id} is stored with CLS of blocks {list(known.cls_layers)} and patch tokens "
-                    f"of blocks {list(known.patch_layers)}; ingest it with the same --layers/--patch-layers, or "
-                    "with --overwrite to rebuild it")
+        self.check_layers(spec)
+        if spec.model_id in self.specs():
             return
         self.db.create_table(slices_table_name(spec.model_id), schema=model_slices_schema(spec), exist_ok=True)
         self.db.create_table(series_table_name(spec.model_id), schema=model_series_schema(spec), exist_ok=True)
