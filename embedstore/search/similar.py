@@ -119,23 +119,25 @@ def _rank_studies(query: Query, slices: Vectors, k: int) -> list[Hit]:
 
 def query_by_key(store: Store, key: str, feature: str = "cls", model_id: str | None = None) -> Query:
     """A stored slice (its item key, e.g. `dicom:<SOPInstanceUID>:0`) as the query."""
-    model_id = store.resolve_model_id(model_id)
-    try:
-        vectors = load_vectors(store, model_id, feature, where=f"key = {sql_literal(key)}")
-    except UsageError:
-        raise UsageError(f"no slice with key {key!r} of model {model_id} in store {store.path}") from None
+    model_id, vectors = _stored(store, model_id, feature, "key", key, "slice with key")
     row = vectors.rows.to_pylist()[0]
     return Query(f"slice {key}", model_id, vectors.matrix, key, row["series_uid"], row["study_uid"])
 
 
 def query_by_series(store: Store, series_uid: str, feature: str = "cls", model_id: str | None = None) -> Query:
-    model_id = store.resolve_model_id(model_id)
-    try:
-        vectors = load_vectors(store, model_id, feature, where=f"series_uid = {sql_literal(series_uid)}")
-    except UsageError:
-        raise UsageError(f"no series {series_uid!r} of model {model_id} in store {store.path}") from None
+    """A stored series' slices as the query (pooled to their mean at slice and series level)."""
+    model_id, vectors = _stored(store, model_id, feature, "series_uid", series_uid, "series")
     study = vectors.rows.column("study_uid")[0].as_py()
     return Query(f"series {series_uid} ({len(vectors)} slices)", model_id, vectors.matrix, None, series_uid, study)
+
+
+def _stored(store: Store, model_id: str | None, feature: str, column: str, value: str, what: str):
+    """(model id, the model's slice vectors whose `column` is `value`); UsageError naming them when none is."""
+    model_id = store.resolve_model_id(model_id)
+    try:
+        return model_id, load_vectors(store, model_id, feature, where=f"{column} = {sql_literal(value)}")
+    except UsageError:
+        raise UsageError(f"no {what} {value!r} of model {model_id} in store {store.path}") from None
 
 
 def query_by_vectors(store: Store, description: str, model_id: str, columns: dict[str, np.ndarray],
