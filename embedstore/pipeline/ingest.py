@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from embedstore.models.engines import candidate_engines
 from embedstore.models.spec import ModelSpec
 from embedstore.pipeline.decode import DecodePool
 from embedstore.pipeline.local import embed_locally
-from embedstore.pipeline.on_ray import embed_on_ray
+from embedstore.pipeline.on_ray import RayActors, embed_on_ray
 from embedstore.pipeline.plan import plan_remaining
 from embedstore.pipeline.progress import IngestProgress
 from embedstore.pipeline.runner import UNIT_SLICES, UnitRunner, plan_units, unit_slices_for
@@ -157,7 +158,9 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     started = time.perf_counter()
     stage_seconds: Counter = Counter()
 
-    with store.ingest_lock(), DecodePool(workers, settings) as pool:
+    job = EmbedJob(options, specs, run_id, str(store.patches_root), settings)
+    with store.ingest_lock(), DecodePool(workers, settings) as pool, \
+            (RayActors(job) if options.executor == "ray" else nullcontext()) as actors:
         found, discover_failures = discover(source_paths)
         catalog = build_catalog(found, pool.map, axis=options.axis)
         if patient_ids == HASHED:
@@ -167,10 +170,9 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
         stage_seconds["catalog"] = time.perf_counter() - started
         failures: list[Failure] = discover_failures + catalog.failures
         store.add_failures(failures, run_id)
-        job = EmbedJob(options, specs, run_id, str(store.patches_root), settings)
         with IngestProgress(plan.n_todo, enabled=options.show_progress) as progress:
-            if options.executor == "ray":
-                outcome = embed_on_ray(job, store, units, progress, stage_seconds)
+            if actors is not None:
+                outcome = embed_on_ray(job, store, actors, units, progress, stage_seconds)
             else:
                 embedders = [Embedder(m, options.device, options.precision, options.engine, options.batch_size)
                              for m in models]

@@ -90,48 +90,61 @@ def start_ray(address: str | None) -> None:
         raise UsageError(f"cannot join the Ray cluster at {address}: {error}") from None
 
 
-def embed_on_ray(job, store, units: list[WorkUnit], progress: IngestProgress, stage_seconds: Counter):
-    """Embed the plan's units on Ray; returns the run's EmbedOutcome."""
+class RayActors:
+    """The embedding actors of one run, started when made so that their imports and model loading
+    overlap the catalog and planning; killed on exit."""
+
+    def __init__(self, job):
+        import ray
+
+        start_ray(job.options.ray_address)
+        self.gpus = int(ray.cluster_resources().get("GPU", 0))
+        n_actors = job.options.ray_actors or max(1, self.gpus)
+        cpus = 0 if self.gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // n_actors)
+        actor_class = ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=cpus,
+                                 max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(EmbedActor)
+        fault_env = {k: os.environ[k] for k in (FAULT_EXIT_AFTER_UNITS, FAULT_MARKER) if k in os.environ}
+        if fault_env:
+            actor_class = actor_class.options(runtime_env={"env_vars": fault_env})
+        self.handles = [actor_class.remote(job, max(1, cpus)) for _ in range(n_actors)]
+
+    def __enter__(self) -> "RayActors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for actor in self.handles:
+            ray.kill(actor)
+
+
+def embed_on_ray(job, store, actors: RayActors, units: list[WorkUnit], progress: IngestProgress,
+                 stage_seconds: Counter) -> EmbedOutcome:
+    """Embed the plan's units on the run's Ray actors; returns the run's EmbedOutcome."""
     import ray
 
-    options = job.options
-    start_ray(options.ray_address)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_actors = options.ray_actors or max(1, gpus)
-    actor_cpus = 0 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // n_actors)
-    actor_class = ray.remote(num_gpus=1 if gpus else 0, num_cpus=actor_cpus,
-                             max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(EmbedActor)
-    fault_env = {k: os.environ[k] for k in (FAULT_EXIT_AFTER_UNITS, FAULT_MARKER) if k in os.environ}
-    if fault_env:
-        actor_class = actor_class.options(runtime_env={"env_vars": fault_env})
-    actors = [actor_class.remote(job, max(1, actor_cpus)) for _ in range(n_actors)]
     # Beside GPUs, decode tasks on the CPUs feed the actors. Without GPUs the actors' threads hold
     # every core, and a decode process beside them would stall their thread team at each barrier:
     # CPU actors decode their units themselves, as the local executor decodes inline.
-    decode = ray.remote(num_cpus=1, max_retries=ACTOR_RESTARTS)(decode_unit) if gpus else None
+    decode = ray.remote(num_cpus=1, max_retries=ACTOR_RESTARTS)(decode_unit) if actors.gpus else None
     settings_ref = ray.put(job.settings)
-
-    committer = RowCommitter(store, job.run_id, [s.model_id for s in job.specs], options.commit_rows,
+    committer = RowCommitter(store, job.run_id, [s.model_id for s in job.specs], job.options.commit_rows,
                              stage_seconds)
     pending = deque(units)
     in_flight: dict = {}  # result ref → (unit, actor index)
-    load = [0] * n_actors
-    try:
-        while pending or in_flight:
-            while pending and min(load) < UNITS_IN_FLIGHT_PER_ACTOR:
-                unit, actor = pending.popleft(), load.index(min(load))
-                decoded = decode.remote(unit, settings_ref) if decode else None
-                in_flight[actors[actor].embed_unit.remote(unit, decoded)] = (unit, actor)
-                load[actor] += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            unit, actor = in_flight.pop(ready[0])
-            load[actor] -= 1
-            committer.take(_result_or_failure(ray, ready[0], unit), progress)
-        committer.flush()
-        engine, notes = ray.get(actors[0].engine_in_use.remote())
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    load = [0] * len(actors.handles)
+    while pending or in_flight:
+        while pending and min(load) < UNITS_IN_FLIGHT_PER_ACTOR:
+            unit, actor = pending.popleft(), load.index(min(load))
+            decoded = decode.remote(unit, settings_ref) if decode else None
+            in_flight[actors.handles[actor].embed_unit.remote(unit, decoded)] = (unit, actor)
+            load[actor] += 1
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        unit, actor = in_flight.pop(ready[0])
+        load[actor] -= 1
+        committer.take(_result_or_failure(ray, ready[0], unit), progress)
+    committer.flush()
+    engine, notes = ray.get(actors.handles[0].engine_in_use.remote())
     return EmbedOutcome(committer.committed, committer.failures, engine, notes, committer.n_embedded)
 
 
