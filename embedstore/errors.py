@@ -18,6 +18,11 @@ class StoreFormatError(UsageError):
     """A directory that is not a store this version of embedstore can read."""
 
 
+class StoreDamagedError(Exception):
+    """A store file that is missing or cannot be read: the CLI prints one line naming the file and
+    `embedstore check`, and exits with code 1."""
+
+
 # Stable failure reason codes (the `failures.reason` column). Never rename one: users filter on them.
 EMPTY_FILE = "empty_file"  # zero bytes
 NOT_DICOM = "not_dicom"  # a .dcm (or DICM-less) file that does not parse as DICOM
@@ -31,11 +36,16 @@ CORRUPT_NIFTI = "corrupt_nifti"  # a NIfTI header or data block that nibabel can
 INCONSISTENT_SERIES = "inconsistent_series"  # a file whose study or patient contradicts its series
 DUPLICATE_INSTANCE = "duplicate_instance"  # a second file with an already-seen SOPInstanceUID
 WORKER_CRASHED = "worker_crashed"  # the decode process died on this file (e.g. a codec segfault)
+TOO_LARGE = "too_large"  # the header declares more pixels than --max-pixels allows: refused before decoding
+BROKEN_LINK = "broken_link"  # a symbolic link to nothing, or a loop of links
+NOT_A_FILE = "not_a_file"  # a FIFO, socket or device: never opened, since reading one can block forever
+UNREADABLE = "unreadable"  # the file or folder cannot be read (permission denied, I/O error)
 DECODE_ERROR = "decode_error"  # an unexpected reader exception: a bug to report, not a data category
 
 REASONS = (
     EMPTY_FILE, NOT_DICOM, NOT_IMAGE, TRUNCATED, INVALID_HEADER, NO_PIXEL_DATA, UNSUPPORTED_TRANSFER_SYNTAX,
-    CORRUPT_STREAM, CORRUPT_NIFTI, INCONSISTENT_SERIES, DUPLICATE_INSTANCE, WORKER_CRASHED, DECODE_ERROR,
+    CORRUPT_STREAM, CORRUPT_NIFTI, INCONSISTENT_SERIES, DUPLICATE_INSTANCE, WORKER_CRASHED, TOO_LARGE, BROKEN_LINK,
+    NOT_A_FILE, UNREADABLE, DECODE_ERROR,
 )
 
 

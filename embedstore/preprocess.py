@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from embedstore.errors import UsageError
 from embedstore.sources import Failure, NativeSlices, ReadTask, read_native
+from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 
 # Bump when any step below changes its output: it is part of every model_id.
 PREPROCESS_VERSION = 2
@@ -195,6 +196,7 @@ class DecodeSettings:
     intensity: IntensityConfig
     image_size: int
     interpolations: tuple[str, ...] = ("bicubic",)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the most values a frame may declare (--max-pixels)
 
 
 def prepare_slices(native: NativeSlices, config: IntensityConfig, size: int,
@@ -225,6 +227,7 @@ class DecodedFile:
     intensity: str  # what the intensity mapping did, e.g. "ct:study", "voi+inverted", "multi:lung,..."
     failures: list[Failure] = field(default_factory=list)  # other copies of the instance, not used
     seconds: dict[str, float] = field(default_factory=dict)  # read_decode, preprocess
+    codec_output: list[str] = field(default_factory=list)  # warnings and codec lines printed while reading it
 
 
 def decode_task(task: ReadTask, settings: DecodeSettings) -> DecodedFile:
@@ -232,7 +235,7 @@ def decode_task(task: ReadTask, settings: DecodeSettings) -> DecodedFile:
     ingest; InputError on bad data."""
     started = time.perf_counter()
     config = settings.intensity
-    native = read_native(task, apply_voi_lut=config.uses_header_voi(task.items[0].modality))
+    native = read_native(task, config.uses_header_voi(task.items[0].modality), settings.max_pixels)
     read = time.perf_counter()
     unit, intensity = unit_channels(native, config)
     pixels = {mode: resize_stack(unit, settings.image_size, mode) for mode in settings.interpolations}

@@ -318,11 +318,16 @@ def test_wrong_dimensionality_is_corrupt_nifti(tmp_path, shape):
 
 # 7. Modality -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("low", "modality"), [(-1024.0, "CT"), (-500.5, "CT"), (-500.0, "MR"), (0.0, "MR"),
-                                               (10.0, "MR")])
-def test_modality_from_minimum(tmp_path, low, modality):
+@pytest.mark.parametrize(("air", "n_air", "modality"), [
+    (-1000.0, 42, "CT"),  # 20% of the voxels at air
+    (-1000.0, 11, "CT"),  # 5.2%
+    (-1000.0, 10, "MR"),  # 4.8%: a few dark voxels are no field of view around a body
+    (-1024.0, 1, "MR"),  # one voxel below -500 (the old rule's CT)
+    (-600.0, 42, "MR"),  # negative, but not air
+])
+def test_modality_from_share_of_air(tmp_path, air, n_air, modality):
     data = np.full(SHAPE, 40.0, dtype=np.float32)
-    data[1, 2, 3] = low
+    data.flat[:n_air] = air
     path = _save(tmp_path / "v.nii.gz", data, AFFINES["ras_1.5mm"])
     assert read_nifti_slices(path)[1] == modality
 

@@ -3,8 +3,10 @@
 A SOP instance found in several files (copies, re-exports in another transfer syntax) is one
 task: the first file, with the others as alternates for the decode stage to fall back on.
 
-Building it reads DICOM headers and NIfTI headers (never pixel data). `map_fn` lets the caller run
-the header reads in its worker pool; it defaults to the built-in `map`.
+Building it reads DICOM, NIfTI and raster headers (never pixel data), so a file that declares more
+than `max_pixels` values per frame is refused before anything decodes it. `map_fn` lets the caller
+run the header reads in its worker pool; it defaults to the built-in `map`. A modality declared for
+NIfTI and raster files (`--modality`) is set on their items; DICOM files keep their own.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable
 
-from embedstore.errors import DECODE_ERROR, InputError
+from embedstore.errors import DECODE_ERROR, InputError, UsageError
+from embedstore.sources.codec_output import captured_output, with_output
 from embedstore.sources.dicom import DicomHeader, read_header
 from embedstore.sources.discover import FoundFile
+from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.nifti import NiftiLayout, nifti_layout, volume_items
-from embedstore.sources.raster import raster_item
+from embedstore.sources.raster import RasterLayout, raster_layout, raster_tasks
 from embedstore.sources.records import Failure, ReadTask, SliceItem
 from embedstore.sources.series import series_items
+
+# What `--modality` may declare for NIfTI and raster sources (DICOM Modality codes).
+MODALITIES = ("CT", "MR", "CR", "DX", "MG", "US", "PT", "NM", "XA", "OT")
 
 
 @dataclass
@@ -33,26 +40,49 @@ class Catalog:
         return sum(len(task.items) for task in self.tasks)
 
 
-def scan_file(found: FoundFile, axis: str = "axial") -> DicomHeader | NiftiLayout | Failure:
-    """The catalog facts of a DICOM or NIfTI file: its header, or its slice geometry along `axis`."""
+def declared_modality(modality: str | None) -> str | None:
+    """A `--modality` value in upper case; UsageError for one outside MODALITIES."""
+    if modality is None:
+        return None
+    if modality.upper() not in MODALITIES:
+        raise UsageError(f"unknown modality {modality!r}: use one of {', '.join(MODALITIES)}")
+    return modality.upper()
+
+
+def scan_file(found: FoundFile, axis: str = "axial",
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomHeader | NiftiLayout | RasterLayout | Failure:
+    """The catalog facts of a file from its header: DICOM attributes, NIfTI slice geometry along
+    `axis`, raster page sizes (each checked against `max_pixels`).
+    What the readers print (pydicom's warnings on odd values) goes into a failure's message, or
+    nowhere: never onto the terminal."""
+    with captured_output() as output:
+        scanned = _read_facts(found, axis, max_pixels)
+    if isinstance(scanned, Failure):
+        scanned.message = with_output(scanned.message, output)
+    return scanned
+
+
+def _read_facts(found: FoundFile, axis: str, max_pixels: int) -> DicomHeader | NiftiLayout | RasterLayout | Failure:
     try:
         if found.kind == "dicom":
-            return read_header(found.path)
-        return nifti_layout(found.path, axis)
+            return read_header(found.path, max_pixels)
+        if found.kind == "raster":
+            return raster_layout(found.path, max_pixels)
+        return nifti_layout(found.path, axis, max_pixels)
     except InputError as error:
         return Failure(found.path, "read", error.reason, error.message)
     except Exception as error:  # a reader bug or an odd file must not end the run
         return Failure(found.path, "read", DECODE_ERROR, f"{type(error).__name__}: {error}")
 
 
-def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map, axis: str = "axial") -> Catalog:
-    """Read tasks for every slice in `files`; NIfTI volumes are cut along `axis`."""
+def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map, axis: str = "axial",
+                  max_pixels: int = DEFAULT_MAX_PIXELS, modality: str | None = None) -> Catalog:
+    """Read tasks for every slice in `files`; NIfTI volumes are cut along `axis`; NIfTI and raster
+    items get the declared `modality`."""
     catalog = Catalog()
     dicom_series: dict[str, list[DicomHeader]] = defaultdict(list)
     alternates: dict[str, list[str]] = defaultdict(list)  # SOPInstanceUID → later files holding it
-    catalog.tasks.extend(ReadTask("raster", f.path, [raster_item(f.path)]) for f in files if f.kind == "raster")
-    with_headers = [f for f in files if f.kind != "raster"]  # rasters need no header read
-    for found, scanned in zip(with_headers, map_fn(partial(scan_file, axis=axis), with_headers)):
+    for found, scanned in zip(files, map_fn(partial(scan_file, axis=axis, max_pixels=max_pixels), files)):
         if isinstance(scanned, Failure):
             catalog.failures.append(scanned)
         elif found.kind == "dicom":
@@ -61,8 +91,10 @@ def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map,
                 continue
             alternates[scanned.sop_uid] = []
             dicom_series[scanned.series_uid].append(scanned)
+        elif found.kind == "raster":
+            catalog.tasks.extend(raster_tasks(scanned, modality))
         else:
-            catalog.tasks.append(ReadTask("nifti", found.path, volume_items(scanned), axis=axis))
+            catalog.tasks.append(ReadTask("nifti", found.path, volume_items(scanned, modality), axis=axis))
     for headers in dicom_series.values():
         items, failures = series_items(headers)
         for task in _tasks_by_file("dicom", items):

@@ -21,7 +21,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from embedstore.errors import INVALID_HEADER, NO_PIXEL_DATA, NOT_DICOM, TRUNCATED, InputError
+from embedstore.errors import INVALID_HEADER, NO_PIXEL_DATA, NOT_DICOM, TRUNCATED, UNREADABLE, InputError
+from embedstore.sources.limits import DEFAULT_MAX_PIXELS, check_declared_size
 
 # SOP classes that never carry an image, whatever else they hold.
 NON_IMAGE_SOP_PREFIXES = (
@@ -53,6 +54,8 @@ def parse_dicom(path: str, header_only: bool = False, stage: str = "read") -> Da
                 # Old files without the 128-byte preamble and "DICM" are still DICOM: parse them raw.
                 forced = True
                 ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=True)
+        except PermissionError as error:
+            raise InputError(UNREADABLE, f"file cannot be read: {error.strerror}", stage) from None
         except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError, struct.error, zlib.error) as error:
             reason = NOT_DICOM if forced or not _has_preamble(path) else TRUNCATED
             raise InputError(reason, f"DICOM data cannot be parsed: {error}", stage) from None
@@ -120,8 +123,9 @@ class DicomHeader:
     slice_thickness: float | None = None
 
 
-def read_header(path: str) -> DicomHeader:
-    """Header fields needed to catalog one file; InputError when it is no usable image."""
+def read_header(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomHeader:
+    """Header fields needed to catalog one file; InputError when it is no usable image, or one
+    that declares more than `max_pixels` values per frame (refused before anything decodes it)."""
     ds = parse_dicom(path, header_only=True)
     if sop_class_has_no_image(ds):
         name = getattr(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID"), "name", "object")
@@ -135,10 +139,13 @@ def read_header(path: str) -> DicomHeader:
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n_frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
     except (TypeError, ValueError) as error:
-        raise InputError(INVALID_HEADER, f"Rows, Columns or NumberOfFrames is not a number: {error}") from None
+        raise InputError(INVALID_HEADER, f"Rows, Columns, NumberOfFrames or SamplesPerPixel is not a number: "
+                         f"{error}") from None
     if rows < 1 or cols < 1 or n_frames < 1:
         raise InputError(INVALID_HEADER, f"image of {rows}x{cols} pixels and {n_frames} frames")
+    check_declared_size((rows, cols, samples) if samples > 1 else (rows, cols), n_frames, max_pixels)
     sop_uid = str(ds.SOPInstanceUID)
     pixel_spacing, thickness = _pixel_measures(ds)
     return DicomHeader(

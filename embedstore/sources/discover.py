@@ -1,12 +1,24 @@
-"""Find image files under the given paths and sort them by kind."""
+"""Find image files under the given paths and sort them by kind.
+
+Whatever is found ends as an input or a `failures` row (stage `discover`), never as a silent gap or
+a stopped run: a folder that cannot be listed is `unreadable`, a link to nothing or a loop of links
+`broken_link`, a FIFO, socket or device `not_a_file` (never opened: reading a FIFO blocks until a
+writer comes). Links are followed; links to folders after every real folder, so a folder also
+reached through a link keeps its real path, and no folder is walked twice (no endless link cycle).
+Hidden files are skipped; hidden folders are walked.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from embedstore.errors import EMPTY_FILE, UsageError
+from embedstore.errors import BROKEN_LINK, EMPTY_FILE, NOT_A_FILE, UNREADABLE, UsageError
 from embedstore.sources.records import Failure
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -36,11 +48,10 @@ def file_kind(path: Path) -> str | None:
 
 
 def has_dicom_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
+    """Whether the file starts with DICOM's preamble; OSError when it cannot be read. Only for
+    regular files: opening a FIFO would block."""
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
 
 
 def check_sources(sources: list[str | Path]) -> list[Path]:
@@ -57,31 +68,91 @@ def check_sources(sources: list[str | Path]) -> list[Path]:
 
 
 def discover(sources: list[Path]) -> tuple[list[FoundFile], list[Failure]]:
-    """Every image file under `sources` (recursively, in sorted order), and empty files as failures."""
+    """Every image file under `sources` (recursively, in sorted order), and as failures what cannot
+    be an input: empty files, broken links, special files, what cannot be read."""
     found: list[FoundFile] = []
     failures: list[Failure] = []
-    for path in _walk(sources):
-        kind = file_kind(path)
+    for entry in _walk(sources):
+        if isinstance(entry, Failure):
+            failures.append(entry)
+            continue
+        path, size = entry
+        try:
+            kind = file_kind(path)
+        except OSError as error:
+            failures.append(Failure(str(path), "discover", UNREADABLE, f"file cannot be read: {error.strerror}"))
+            continue
         if kind is None:
             continue
-        if path.stat().st_size == 0:
+        if size == 0:
             failures.append(Failure(str(path), "discover", EMPTY_FILE, "file is empty (0 bytes)"))
             continue
         found.append(FoundFile(kind, str(path)))
     return found, failures
 
 
-def _walk(sources: list[Path]):
+def _walk(sources: list[Path]) -> Iterator[tuple[Path, int] | Failure]:
+    """(path, size) of every regular file under `sources`, and failures for what is not one. Order
+    as os.walk's: a folder's files, then its subfolders, each sorted by name."""
     seen: set[Path] = set()
-    for source in sources:
-        if source.is_file():
-            candidates = [source]
+    walked: set[tuple[int, int]] = set()  # (device, inode) of every folder listed
+    pending = [(source, False) for source in reversed(sources)]  # a stack of (path, found in a listing)
+    linked_folders: deque[Path] = deque()
+    while pending or linked_folders:
+        path, listed = pending.pop() if pending else (linked_folders.popleft(), False)
+        hidden = listed and path.name.startswith(".")
+        try:
+            info = os.stat(path)  # follows links
+        except OSError as error:
+            if not hidden:
+                yield _stat_failure(path, error)
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            if listed and os.path.islink(path):
+                linked_folders.append(path)
+                continue
+            if (info.st_dev, info.st_ino) in walked:
+                continue
+            walked.add((info.st_dev, info.st_ino))
+            try:
+                names = _listing(path)
+            except OSError as error:
+                yield Failure(str(path), "discover", UNREADABLE, f"folder cannot be listed: {error.strerror}")
+                continue
+            pending.extend((path / name, True) for name in reversed(names))
+        elif hidden or path in seen:
+            continue
+        elif stat.S_ISREG(info.st_mode):
+            seen.add(path)
+            yield path, info.st_size
         else:
-            candidates = []
-            for directory, subdirectories, files in os.walk(source):
-                subdirectories.sort()
-                candidates.extend(Path(directory, name) for name in sorted(files) if not name.startswith("."))
-        for path in candidates:
-            if path not in seen:
-                seen.add(path)
-                yield path
+            yield Failure(str(path), "discover", NOT_A_FILE, f"{_file_type(info.st_mode)}, not a file: never opened")
+
+
+def _listing(folder: Path) -> list[str]:
+    """The folder's entry names: files first, then folders, each sorted."""
+    with os.scandir(folder) as entries:
+        return [entry.name for entry in sorted(entries, key=lambda entry: (_is_folder(entry), entry.name))]
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # decided when the entry itself is looked at
+        return False
+
+
+def _stat_failure(path: Path, error: OSError) -> Failure:
+    if os.path.islink(path) and error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        target = os.readlink(path)
+        problem = "a loop of symbolic links" if error.errno == errno.ELOOP else f"a link to {target}, which is missing"
+        return Failure(str(path), "discover", BROKEN_LINK, f"{problem}: nothing to read")
+    return Failure(str(path), "discover", UNREADABLE, f"cannot be read: {error.strerror}")
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"

@@ -11,12 +11,14 @@ import numpy as np
 class SliceItem:
     """One 2D slice or frame to embed; becomes one `slices` row."""
 
-    item_id: str  # DICOM: dicom:<SOPInstanceUID>:<frame>; NIfTI: nifti:<path>:<axis>[:t<volume>]:<n>; raster: file:<path>
+    # DICOM: dicom:<SOPInstanceUID>:<frame>; NIfTI: nifti:<path>:<axis>[:t<volume>]:<n>;
+    # raster: file:<path>, file:<path>#p<page> for pages after the first
+    item_id: str
     path: str
     study_uid: str
     series_uid: str  # DICOM series split by geometry get a "#<rows>x<cols>-<plane>" suffix
     slice_index: int  # position in its series, ordered along the slice normal
-    frame: int = 0  # frame of a multi-frame DICOM, or slice number in a NIfTI file (all volumes)
+    frame: int = 0  # frame of a multi-frame DICOM, slice number in a NIfTI file (all volumes), or raster page
     sop_uid: str | None = None
     patient_id: str | None = None  # as read; the ingest pseudonymises it before anything is stored
     modality: str | None = None
