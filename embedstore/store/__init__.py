@@ -5,8 +5,11 @@ Tables (store/schema.py): `items` and `series` (what each slice and series is, w
 vectors), `failures` and `runs`. Patch tokens: `patches/<model_id>/<shard>/b<block>`.
 
 Whether an item is done for a model is decided from that model's committed rows only. A commit
-never adds a key that is already present, so retries and reruns cannot create duplicates. This
-module is persistence only: what goes into a row is decided upstream, in the pipeline.
+never adds a key that is already present, so retries, reruns and concurrent ingests cannot create
+duplicates: every write holds the store's commit lock (`.commit.lock`), which makes a commit's key
+check and its insert one step across processes, and across machines sharing the file system
+(Lance's optimistic merge_insert lets two writers both insert a key). This module is persistence
+only: what goes into a row is decided upstream, in the pipeline.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -26,22 +30,33 @@ import lancedb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from embedstore import __version__  # noqa: E402
-from embedstore.errors import StoreFormatError, UsageError  # noqa: E402
+from embedstore.errors import StoreDamagedError, StoreFormatError, UsageError  # noqa: E402
 from embedstore.models.spec import ModelSpec  # noqa: E402
 from embedstore.sources.records import Failure  # noqa: E402
+from embedstore.store.digests import row_digests  # noqa: E402
 from embedstore.store.patches import directory_bytes, remove_model_patches  # noqa: E402
-from embedstore.store.privacy import AS_READ, HASHED  # noqa: E402
+from embedstore.store.privacy import (  # noqa: E402
+    AS_READ, HASHED, KEY_FILE, KEY_TEMP, key_fingerprint, patient_id_key,
+)
 from embedstore.store.schema import (  # noqa: E402
-    FAILURES_SCHEMA, ITEMS_SCHEMA, MODELS_SCHEMA, RUNS_SCHEMA, SERIES_SCHEMA, STORE_FORMAT_VERSION,
-    model_series_schema, model_slices_schema, series_table_name, slices_table_name,
+    FAILURES_SCHEMA, ITEMS_SCHEMA, MODELS_SCHEMA, ROW_DIGEST, RUNS_SCHEMA, SERIES_SCHEMA, SLICES_PREFIX,
+    STORE_FORMAT_VERSION, model_series_schema, model_slices_schema, series_table_name, slices_table_name,
+    with_row_digest,
 )
 
 MANIFEST = "embedstore.json"
+MANIFEST_TEMP = MANIFEST + ".tmp"
+KEY_FINGERPRINT = "patient_id_key"  # manifest entry: the fingerprint of the patient-ID key
 LOCK_FILE = ".lock"
+COMMIT_LOCK = ".commit.lock"
 TABLES_DIR = "tables"
 PATCHES_DIR = "patches"
 SHARED_TABLES = {"items": ITEMS_SCHEMA, "series": SERIES_SCHEMA, "models": MODELS_SCHEMA,
                  "failures": FAILURES_SCHEMA, "runs": RUNS_SCHEMA}
+# What a directory holds while another process creates a store in it, or after a creation was cut short.
+CREATION_FILES = {COMMIT_LOCK, LOCK_FILE, TABLES_DIR, MANIFEST_TEMP, KEY_FILE, KEY_TEMP}
+# Lance's words for a data file it cannot read: missing, cut short, or bytes that do not decode.
+DAMAGE_MARKERS = ("LanceError(IO)", "Not found:", "corrupt", "column metadata", "Protobuf", "file size is too small")
 
 
 def sql_literal(value: str) -> str:
@@ -52,6 +67,37 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def key_column(table: str) -> str | None:
+    """The column a table's rows are unique on; None for the logs (`failures`, `runs`)."""
+    return {"models": "model_id", "series": "series_uid", "failures": None, "runs": None}.get(table, "key")
+
+
+@contextmanager
+def exclusive_lock(path: Path):
+    """A blocking exclusive flock on `path`; the kernel drops it when its process dies."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def error_text(error: Exception) -> str:
+    """An error's message on one line, without the Rust source location Lance appends."""
+    return re.sub(r", /\S+\.rs:\d+:\d+", "", " ".join(str(error).split()))
+
+
+def as_damage(error: Exception, store_path: Path | None = None, table: str | None = None) -> StoreDamagedError | None:
+    """The StoreDamagedError an error of Lance reading a damaged file amounts to; None for other errors."""
+    text = error_text(error)
+    if not isinstance(error, (OSError, RuntimeError, ValueError)) or not any(m in text for m in DAMAGE_MARKERS):
+        return None
+    store = str(store_path) if store_path else "STORE"
+    where = f"table {Path(store) / TABLES_DIR / (table + '.lance')}" if table else "a table of the store"
+    return StoreDamagedError(f"{where} cannot be read ({text}): run `embedstore check {store}`")
+
+
 class Store:
     def __init__(self, path: Path, manifest: dict):
         self.path = path
@@ -59,6 +105,7 @@ class Store:
         self.db = lancedb.connect(str(path / TABLES_DIR))
         self.patches_root = path / PATCHES_DIR
         self._specs: dict[str, ModelSpec] | None = None
+        self._holds_commit_lock = False
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -69,23 +116,45 @@ class Store:
         """
         path = Path(path)
         check_store_path(path, create)
-        manifest_path = path / MANIFEST
-        if manifest_path.exists():
-            manifest = json.loads(manifest_path.read_text())
-            check_format(path, manifest)
-            return cls(path, manifest)
+        if create and not (path / MANIFEST).exists():
+            return cls.create(path, patient_ids)
+        return cls(path, read_manifest(path))
+
+    @classmethod
+    def create(cls, path: Path, patient_ids: str) -> "Store":
+        """Make a store under the commit lock, or open the one another process made meanwhile: two
+        ingests creating one store at once both succeed."""
         path.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": "embedstore", "format_version": STORE_FORMAT_VERSION,
-                    "created_by": f"embedstore {__version__}", "created_at": now_utc().isoformat(),
-                    "patient_ids": patient_ids}
-        store = cls(path, manifest)
-        for name, schema in SHARED_TABLES.items():
-            store.db.create_table(name, schema=schema, exist_ok=True)
-        store.write_manifest()  # last: marks the store complete
+        with exclusive_lock(path / COMMIT_LOCK):
+            if (path / MANIFEST).exists():
+                return cls(path, read_manifest(path))
+            manifest = {"format": "embedstore", "format_version": STORE_FORMAT_VERSION,
+                        "created_by": f"embedstore {__version__}", "created_at": now_utc().isoformat(),
+                        "patient_ids": patient_ids}
+            store = cls(path, manifest)
+            for name, schema in SHARED_TABLES.items():
+                store.db.create_table(name, schema=schema, exist_ok=True)
+            write_manifest(path, manifest)  # last: marks the store complete
         return store
 
     def write_manifest(self) -> None:
-        (self.path / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+        with self.commit_lock():
+            write_manifest(self.path, self.manifest)
+
+    @contextmanager
+    def commit_lock(self):
+        """Held around every write to the tables and the manifest, so that a commit's key check and
+        insert (and a series refresh) are one step for every process sharing the store. Held once
+        per Store: nested calls pass through (a second flock of one file would wait on itself)."""
+        if self._holds_commit_lock:
+            yield
+            return
+        with exclusive_lock(self.path / COMMIT_LOCK):
+            self._holds_commit_lock = True
+            try:
+                yield
+            finally:
+                self._holds_commit_lock = False
 
     @property
     def patient_ids(self) -> str:
@@ -96,6 +165,20 @@ class Store:
             flag = "with" if self.patient_ids == AS_READ else "without"
             raise UsageError(f"store {self.path} keeps patient IDs {self.patient_ids}; run {flag} "
                              "--keep-patient-id, or use another store")
+
+    def patient_key(self) -> bytes:
+        """The key that hashes PatientIDs, checked against the manifest's fingerprint; the first
+        call on a store without one (new, or migrated from format 2) records it. A store that
+        already holds hashed IDs never gets a new key: the old one must be put back."""
+        with self.commit_lock():
+            self.manifest = read_manifest(self.path)
+            fingerprint = self.manifest.get(KEY_FINGERPRINT)
+            may_make = fingerprint is None and not self.table("items").count_rows("patient_id IS NOT NULL")
+            key = patient_id_key(self.path, fingerprint, may_make)
+            if fingerprint is None:
+                self.manifest[KEY_FINGERPRINT] = key_fingerprint(key)
+                self.write_manifest()
+        return key
 
     @contextmanager
     def ingest_lock(self, exclusive: bool = False):
@@ -161,22 +244,28 @@ class Store:
 
     def add_model(self, spec: ModelSpec) -> None:
         """Record a model and create its tables; a model already here must keep the layers it has."""
-        self.check_layers(spec)
-        if spec.model_id in self.specs():
-            return
-        self.db.create_table(slices_table_name(spec.model_id), schema=model_slices_schema(spec), exist_ok=True)
-        self.db.create_table(series_table_name(spec.model_id), schema=model_series_schema(spec), exist_ok=True)
-        self.table("models").add(pa.Table.from_pylist([spec.to_row()], schema=MODELS_SCHEMA))
-        self._specs = None
+        with self.commit_lock():
+            self._specs = None  # another ingest may have added it meanwhile
+            self.check_layers(spec)
+            table = slices_table_name(spec.model_id)
+            if spec.model_id not in self.specs():
+                self.db.create_table(table, schema=with_row_digest(model_slices_schema(spec)), exist_ok=True)
+                self.db.create_table(series_table_name(spec.model_id), schema=model_series_schema(spec),
+                                     exist_ok=True)
+                self.insert_new("models", pa.Table.from_pylist([spec.to_row()], schema=MODELS_SCHEMA))
+                self._specs = None
+            if ROW_DIGEST.name not in self.table(table).schema.names:  # a table migrated from format 2
+                self.table(table).add_columns(ROW_DIGEST)
 
     def drop_model(self, model_id: str) -> None:
         """Remove one model's vectors, patch tokens and spec; other models' files are not touched."""
-        for name in (slices_table_name(model_id), series_table_name(model_id)):
-            if self.has_table(name):
-                self.db.drop_table(name)
-        remove_model_patches(self.patches_root, model_id)
-        self.table("models").delete(f"model_id = {sql_literal(model_id)}")
-        self._specs = None
+        with self.commit_lock():
+            for name in (slices_table_name(model_id), series_table_name(model_id)):
+                if self.has_table(name):
+                    self.db.drop_table(name)
+            remove_model_patches(self.patches_root, model_id)
+            self.table("models").delete(f"model_id = {sql_literal(model_id)}")
+            self._specs = None
 
     # ---------------------------------------------------------------- reading
     def rows(self, table: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -187,7 +276,13 @@ class Store:
             query = query.where(where)
         if columns:
             query = query.select(columns)
-        return query.limit(None).to_arrow()
+        try:
+            return query.limit(None).to_arrow()
+        except (OSError, RuntimeError, ValueError) as error:
+            damage = as_damage(error, self.path, table)
+            if damage is None:
+                raise
+            raise damage from error
 
     def committed_keys(self, model_id: str) -> set[str]:
         rows = self.rows(slices_table_name(model_id), columns=["key"])
@@ -195,45 +290,61 @@ class Store:
 
     # ---------------------------------------------------------------- writing
     def insert_new(self, table: str, rows: pa.Table) -> int:
-        """Commit rows in one transaction, skipping keys already present; returns rows added."""
-        key = "model_id" if table == "models" else "series_uid" if table == "series" else "key"
-        result = self.table(table).merge_insert(key).when_not_matched_insert_all().execute(rows)
+        """Commit rows in one transaction, skipping keys already present; returns rows added. A
+        model's vector rows get their `row_digest` here."""
+        with self.commit_lock():
+            target = self.table(table)
+            if table.startswith(SLICES_PREFIX):
+                columns = [name for name in target.schema.names if name != ROW_DIGEST.name]
+                rows = rows.select(columns).append_column(ROW_DIGEST, row_digests(rows, columns))
+            result = target.merge_insert(key_column(table)).when_not_matched_insert_all().execute(rows)
         return int(result.num_inserted_rows)
 
     def upsert(self, table: str, rows: pa.Table, key: str = "key") -> None:
-        self.table(table).merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(rows)
+        with self.commit_lock():
+            self.table(table).merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(rows)
 
     def add_failures(self, failures: list[Failure], run_id: str) -> None:
         if not failures:
             return
         now = now_utc()
-        self.table("failures").add(pa.Table.from_pylist(
-            [{"path": f.path, "stage": f.stage, "reason": f.reason, "message": f.message[:2000],
-              "run_id": run_id, "time": now} for f in failures],
-            schema=FAILURES_SCHEMA,
-        ))
+        with self.commit_lock():
+            self.table("failures").add(pa.Table.from_pylist(
+                [{"path": f.path, "stage": f.stage, "reason": f.reason, "message": f.message[:2000],
+                  "run_id": run_id, "time": now} for f in failures],
+                schema=FAILURES_SCHEMA,
+            ))
 
     def forget_failures(self, paths: list[str], keep_run_id: str) -> None:
-        """Drop older failure rows of paths this run tried again: the table shows each input's latest state."""
-        table = self.table("failures")
-        for start in range(0, len(paths), 500):
-            group = ", ".join(sql_literal(p) for p in paths[start:start + 500])
-            table.delete(f"path IN ({group}) AND run_id != {sql_literal(keep_run_id)}")
+        """Drop failure rows of runs started before this one for paths it tried again: the table
+        shows each input's latest state, and a concurrent ingest that started later keeps its rows."""
+        with self.commit_lock():
+            runs = self.rows("runs", columns=["run_id", "started_at"]).to_pylist()
+            started = {run["run_id"]: run["started_at"] for run in runs}
+            older = ", ".join(sql_literal(run_id) for run_id, at in started.items() if at < started[keep_run_id])
+            if not older:
+                return
+            table = self.table("failures")
+            for start in range(0, len(paths), 500):
+                group = ", ".join(sql_literal(p) for p in paths[start:start + 500])
+                table.delete(f"path IN ({group}) AND run_id IN ({older})")
 
     def start_run(self, run_id: str, model_ids: list[str], config: dict) -> None:
-        self.table("runs").add(pa.Table.from_pylist(
-            [{"run_id": run_id, "model_ids": model_ids, "started_at": now_utc(), "config": json.dumps(config)}],
-            schema=RUNS_SCHEMA,
-        ))
+        with self.commit_lock():
+            self.table("runs").add(pa.Table.from_pylist(
+                [{"run_id": run_id, "model_ids": model_ids, "started_at": now_utc(), "config": json.dumps(config)}],
+                schema=RUNS_SCHEMA,
+            ))
 
     def finish_run(self, run_id: str, n_embedded: int, n_skipped: int, n_failed: int,
                    slices_per_s: float, stage_seconds: dict[str, float]) -> None:
-        self.table("runs").update(
-            where=f"run_id = {sql_literal(run_id)}",
-            values={"ended_at": now_utc(), "n_embedded": n_embedded, "n_skipped": n_skipped,
-                    "n_failed": n_failed, "slices_per_s": float(slices_per_s),
-                    "stage_seconds": json.dumps({k: round(v, 3) for k, v in stage_seconds.items()})},
-        )
+        with self.commit_lock():
+            self.table("runs").update(
+                where=f"run_id = {sql_literal(run_id)}",
+                values={"ended_at": now_utc(), "n_embedded": n_embedded, "n_skipped": n_skipped,
+                        "n_failed": n_failed, "slices_per_s": float(slices_per_s),
+                        "stage_seconds": json.dumps({k: round(v, 3) for k, v in stage_seconds.items()})},
+            )
 
     # ---------------------------------------------------------------- orphans
     def orphan_shards(self) -> list[Path]:
@@ -251,20 +362,48 @@ class Store:
         return orphans
 
     def vacuum(self) -> dict:
-        """Remove orphan patch shards and table files no version needs (including those of a
-        transaction a crash interrupted), and compact the tables. Refuses while an ingest runs."""
+        """Remove duplicate keys (stores written by concurrent ingests before the commit lock),
+        orphan patch shards and table files no version needs (including those of a transaction a
+        crash interrupted), and compact the tables. Refuses while an ingest runs."""
+        from embedstore.store.check import remove_duplicates
+
         with self.ingest_lock(exclusive=True):
+            duplicates = remove_duplicates(self)  # first: a dropped copy may leave its shard an orphan
             orphans = self.orphan_shards()
             freed = sum(directory_bytes(shard) for shard in orphans)
             for shard in orphans:
                 shutil.rmtree(shard)
             versions_before = {name: len(self.table(name).list_versions()) for name in self.db.list_tables().tables}
-            with warnings.catch_warnings():  # "removes every version but the latest": the exclusive lock is why it's safe
+            with warnings.catch_warnings():  # "removes every version but the latest": the exclusive lock makes it safe
                 warnings.simplefilter("ignore", UserWarning)
                 for name in versions_before:
                     self.table(name).optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
-        return {"orphan_shards_removed": len(orphans), "patch_bytes_freed": freed,
-                "table_versions_before": versions_before}
+        return {"duplicate_rows_removed": duplicates, "orphan_shards_removed": len(orphans),
+                "patch_bytes_freed": freed, "table_versions_before": versions_before}
+
+
+def read_manifest(path: Path) -> dict:
+    """The store's manifest, its format checked; StoreDamagedError when it does not parse."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as error:  # cut short, or not text
+        raise damaged_manifest(path, str(error)) from None
+    if not isinstance(manifest, dict):
+        raise damaged_manifest(path, "not a JSON object")
+    check_format(path, manifest)
+    return manifest
+
+
+def damaged_manifest(path: Path, why: str) -> StoreDamagedError:
+    return StoreDamagedError(f"store manifest {path / MANIFEST} is damaged ({why}): run `embedstore check {path}`")
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Replace the manifest whole: a crash leaves the old one or the new one, never half of one."""
+    temporary = path / MANIFEST_TEMP
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(temporary, path / MANIFEST)
 
 
 def check_format(path: Path, manifest: dict) -> None:
@@ -286,5 +425,15 @@ def check_store_path(path: Path, create: bool) -> None:
         return
     if not create:
         raise UsageError(f"{path} is not an embedstore store (no {MANIFEST})")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(entry.name not in CREATION_FILES for entry in path.iterdir()):
         raise UsageError(f"store path {path} is a non-empty directory that is not an embedstore store")
+
+
+def check_store_writable(path: Path) -> None:
+    """UsageError unless this process may write the store at `path`: the store directory, or the
+    nearest folder above it that exists, must be a directory it can write to."""
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"store path {path} lies under {existing}, a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the store {path}: permission denied on {existing}")

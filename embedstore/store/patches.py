@@ -3,6 +3,7 @@
 
 A shard belongs to one writer and one commit: it is written and closed before the rows that point
 into it are committed, so a committed row's patches always exist. Writes are whole chunks only.
+Closing a shard records the SHA-256 of its files (store/digests.py) for `embedstore check`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from embedstore.errors import StoreDamagedError
 from embedstore.models.spec import patch_array
+from embedstore.store.digests import write_shard_checksums
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -54,17 +57,35 @@ class PatchShardWriter:
         self._pending = [pending[count:]] if count < len(pending) else []
 
     def close(self) -> None:
-        """Write what is left and trim the arrays to the rows they hold."""
+        """Write what is left, trim the arrays to the rows they hold, record the files' checksums."""
         if self._pending:
             self._flush(whole_chunks_only=False)
         for array in self.arrays:
             array.resize((self.n_rows, *array.shape[1:]))
+        write_shard_checksums(self.path)
 
 
 def read_patches(patches_root: Path, patch_shard: str, offsets, block: int) -> np.ndarray:
-    """Patch tokens (len(offsets), tokens, dim) of block `block` for rows of one shard, as float16."""
-    array = zarr.open_array(str(patches_root / patch_shard / patch_array(block)), mode="r")
-    return array.oindex[np.asarray(offsets, dtype=np.int64)]
+    """Patch tokens (len(offsets), tokens, dim) of block `block` for rows of one shard, as float16.
+    StoreDamagedError when the shard or a chunk the rows need is gone (Zarr would read zeros)."""
+    path = patches_root / patch_shard / patch_array(block)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if not (path / "zarr.json").exists():
+        raise StoreDamagedError(damaged_shard(patches_root, path, "is missing"))
+    array = zarr.open_array(str(path), mode="r")
+    if len(offsets) and offsets.max() >= array.shape[0]:
+        raise StoreDamagedError(damaged_shard(patches_root, path, f"has no row {offsets.max()}"))
+    rows = array.chunks[0]
+    for chunk in np.unique(offsets // rows):
+        if not (path / array.metadata.encode_chunk_key((int(chunk), 0, 0))).exists():
+            raise StoreDamagedError(damaged_shard(patches_root, path, f"lacks its chunk of rows {chunk * rows}+"))
+    return array.oindex[offsets]
+
+
+def damaged_shard(patches_root: Path, path: Path, what: str) -> str:
+    store = patches_root.parent
+    return (f"patch array {path} {what}: run `embedstore check {store}` (`--repair` drops the rows that "
+            "point at it; a rerun of the ingest re-embeds them)")
 
 
 def remove_model_patches(patches_root: Path, model_id: str) -> None:

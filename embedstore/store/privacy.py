@@ -6,6 +6,11 @@ patient's images on one side of a split, so it is stored as HMAC-SHA256 under a 
 IDs give equal hashes, and without the key nobody can test a guessed ID against the store. The key
 is made once per store (`patient-id.key`, readable by its owner only); set EMBEDSTORE_PATIENT_ID_KEY
 to use one key across stores, or to keep the key away from a store you share.
+
+The manifest records a fingerprint of the key (an HMAC of a fixed label under it: it tells keys
+apart and reveals nothing of the key). A key that does not match it, or a key file that is gone,
+is refused: a new key would give every patient a second hash, and a split by patient would no
+longer keep a patient's images together.
 """
 
 from __future__ import annotations
@@ -14,26 +19,68 @@ import hashlib
 import hmac
 import os
 import secrets
+import warnings
 from pathlib import Path
 
+from embedstore.errors import UsageError
+
 KEY_FILE = "patient-id.key"
+KEY_TEMP = KEY_FILE + ".tmp"
 KEY_ENV = "EMBEDSTORE_PATIENT_ID_KEY"
 HASHED, AS_READ = "hmac-sha256", "as-read"
 HASH_PREFIX = "pid:"
 HASH_HEX_CHARS = 32  # 128 bits: no collisions among any archive's patients
+FINGERPRINT_LABEL = b"embedstore patient-id key fingerprint"
+FINGERPRINT_HEX_CHARS = 16
+MIN_KEY_BYTES = 32  # HMAC-SHA256's own strength; a made key has 64
 
 
-def patient_id_key(store_path: Path) -> bytes:
-    """The store's hashing key: from the environment, else the store's key file (made on first use)."""
+class PatientKeyWarning(UserWarning):
+    """A patient-ID key too short to keep guessed IDs from being tested against the store."""
+
+
+def key_fingerprint(key: bytes) -> str:
+    return "hmac-sha256:" + hmac.new(key, FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:FINGERPRINT_HEX_CHARS]
+
+
+def patient_id_key(store_path: Path, fingerprint: str | None, may_make: bool) -> bytes:
+    """The store's hashing key: from the environment, else the store's key file, made when missing
+    only if `may_make` (a store with no fingerprint and no hashed IDs yet). UsageError when the key
+    is missing or is not the one `fingerprint` names. Call it under the store's commit lock, so
+    that two processes never both make a key."""
     from_env = os.environ.get(KEY_ENV)
-    if from_env:
-        return from_env.encode()
     path = store_path / KEY_FILE
-    if not path.exists():
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-    return path.read_text().strip().encode()
+    if from_env:
+        key, source = from_env.encode(), KEY_ENV
+    elif path.exists():
+        key, source = path.read_text().strip().encode(), str(path)
+    elif may_make:
+        key, source = make_key_file(path), str(path)
+    else:
+        raise UsageError(f"store {store_path} hashes patient IDs with a key that is not here ({path} is missing "
+                         f"and {KEY_ENV} is not set): put back {KEY_FILE}, or set {KEY_ENV} to the key the store "
+                         "was made with; a new key would give every patient a second ID")
+    if fingerprint is not None and key_fingerprint(key) != fingerprint:
+        raise UsageError(f"the patient-ID key from {source} is not the key store {store_path} was made with "
+                         f"(fingerprint {key_fingerprint(key)}, the store's {fingerprint}): put back its "
+                         f"{KEY_FILE}, or set {KEY_ENV} to that key (or unset it)")
+    if len(key) < MIN_KEY_BYTES:
+        # A file name and line of 0 keep the warning on one line (no source line is printed).
+        warnings.warn_explicit(f"the patient-ID key from {source} is {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+                               "random bytes, or a guessed patient ID can be tested against the store",
+                               PatientKeyWarning, "embedstore", 0)
+    return key
+
+
+def make_key_file(path: Path) -> bytes:
+    """A new random key, written owner-only; renamed into place whole, so no reader sees half a key."""
+    temporary = path.with_name(KEY_TEMP)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    key = secrets.token_hex(32)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key + "\n")
+    os.replace(temporary, path)
+    return key.encode()
 
 
 def pseudonymise(patient_id: str | None, key: bytes) -> str | None:

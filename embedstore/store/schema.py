@@ -107,6 +107,16 @@ def model_slices_schema(spec: ModelSpec) -> pa.Schema:
     ])
 
 
+# SHA-256 of the row's other columns (store/digests.py), set at commit; null in rows written before it
+# existed (stores migrated from format 2 gain the column at their first ingest).
+ROW_DIGEST = pa.field("row_digest", pa.string())
+
+
+def with_row_digest(schema: pa.Schema) -> pa.Schema:
+    """A model's slices table as stored: its columns, then `row_digest`."""
+    return schema.append(ROW_DIGEST)
+
+
 def model_series_schema(spec: ModelSpec) -> pa.Schema:
     return pa.schema([
         pa.field("key", pa.string(), nullable=False),  # the series_uid
