@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperArgument
 
-from embedstore.errors import UsageError
+from embedstore import __version__
+from embedstore.errors import StoreDamagedError, UsageError
 
 try:  # typer >= 0.2x bundles its own click, whose exceptions are not the click package's
     from typer._click import exceptions as typer_click_exceptions
@@ -27,18 +30,63 @@ CLICK_USAGE_ERRORS = (click.UsageError, typer_click_exceptions.UsageError)
 ABORTS = (KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="DINOv2 embeddings for radiology archives.")
-out = Console()
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
+                  help="DINOv2 embeddings for radiology archives. Short options: -h for help, -k for "
+                       "neighbour counts, -o for a file a command writes (its --json PATH).")
+
+
+def argument_usage(argument: TyperArgument) -> str:
+    return argument.display_name_raw if argument.required else f"[{argument.display_name_raw}]"
+
+
+# Typer writes a required argument as `{name}` beside its Python type (`{sources}...`,
+# `sources... <list[str]>`): show the argument's metavar alone, as click does.
+TyperArgument._usage_display_name = argument_usage
+TyperArgument.display_type_rich = lambda argument, ctx: None
+
+UNWRAPPED_WIDTH = 100_000  # piped output: wide enough that no line (a path, an id) is ever wrapped
+
+
+def stdout_console() -> Console:
+    """Rich's console on a terminal; piped (read by a program or grep), one unwrapped line per row."""
+    console = Console()
+    return console if console.is_terminal else Console(width=UNWRAPPED_WIDTH)
+
+
+out = stdout_console()
 err = Console(stderr=True)
+
+
+def print_version(value: bool) -> None:
+    if value:
+        print(f"embedstore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def shared_options(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
+                                                help="Print the version and exit.")) -> None:
+    pass  # the options of `embedstore` itself, before any command
+
+
+def check_output(path: Path | None, option: str, folder: bool = False) -> None:
+    """A file (or, with `folder`, a folder) written when the work is done needs a directory to go
+    into: said before the work, not after it."""
+    if path is None:
+        return
+    if not path.absolute().parent.is_dir():
+        raise UsageError(f"{option} {path}: directory {path.parent} does not exist")
+    if not folder and path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
 
 
 @app.command()
 def ingest(
-    sources: list[str] = typer.Argument(..., help="Files or directories (searched recursively)."),
+    sources: list[str] = typer.Argument(..., metavar="SRC...", help="Files or directories (searched recursively)."),
     store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
     model: list[str] = typer.Option(
-        ["dinov2_vits14"], "--model", help="dinov2_vit{s,b,l,g}14[_reg] or any timm model name; repeat it to embed "
-        "every slice with several models (each slice is decoded once)."),
+        ["dinov2_vits14"], "--model", metavar="NAME", help="dinov2_vit{s,b,l,g}14[_reg] or any timm model name; "
+        "repeat it to embed every slice with several models (each slice is decoded once)."),
     weights: str = typer.Option("hub", help="hub, random, or a checkpoint path (Meta .pth or timm file)."),
     image_size: int = typer.Option(224, help="Model input size; a multiple of the patch size (14)."),
     layers: Optional[int] = typer.Option(
@@ -55,6 +103,12 @@ def ingest(
         "windows as channels, by body part) or multi:W1,W2,W3."),
     mr_percentiles: str = typer.Option("5,95", help="MR: per-slice clip percentiles LOW,HIGH."),
     axis: str = typer.Option("axial", help="NIfTI slicing axis: axial, coronal or sagittal."),
+    modality: Optional[str] = typer.Option(
+        None, help="Modality of NIfTI and raster sources: CT, MR, CR, DX, MG, US, PT, NM, XA or OT (stored per "
+        "slice; sets the intensity rule). Default: NIfTI inferred (CT or MR), rasters none. DICOM keeps its own."),
+    max_pixels: int = typer.Option(
+        2 ** 28, help="Most values a frame, page or slice may declare (x samples for colour); larger files are "
+        "too_large, refused from their header before any decoding."),
     keep_patient_id: bool = typer.Option(
         False, "--keep-patient-id", help="Store PatientID as read. Default: a keyed hash (see README)."),
     batch_size: int = typer.Option(32, help="Slices per model batch."),
@@ -70,10 +124,11 @@ def ingest(
     ray_address: Optional[str] = typer.Option(
         None, help="Join this Ray cluster (implies --executor ray); without it Ray starts a local one."),
     ray_actors: Optional[int] = typer.Option(None, help="Embedding actors on Ray. Default: one per GPU, else one."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    json_out: Optional[Path] = typer.Option(None, "--json", "-o", help="Also write the run summary as JSON here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="Show the phase and a progress bar on stderr while it runs."),
 ) -> None:
-    """Embed every slice under SOURCES into STORE; reruns embed only what is missing."""
+    """Embed every slice under SRC into STORE; reruns embed only what is missing."""
     from embedstore.pipeline.ingest import IngestOptions, ingest as run_ingest
 
     options = IngestOptions(
@@ -81,11 +136,13 @@ def ingest(
         patch_layers=parse_numbers(patch_layers, "--patch-layers", int) if patch_layers else None,
         mean=parse_numbers(mean, "--mean") if mean else None, std=parse_numbers(std, "--std") if std else None,
         keep_patches=patches, window=window,
-        mr_percentiles=parse_percentiles(mr_percentiles), axis=axis, keep_patient_id=keep_patient_id,
+        mr_percentiles=parse_percentiles(mr_percentiles), axis=axis, modality=modality, max_pixels=max_pixels,
+        keep_patient_id=keep_patient_id,
         executor="ray" if ray_address else executor, ray_address=ray_address, ray_actors=ray_actors,
         batch_size=batch_size, workers=workers, device=device, engine=engine,
         precision=precision, overwrite=overwrite, show_progress=progress,
     )
+    check_output(json_out, "--json")
     summary = run_ingest(sources, store, options)
     print_summary(summary)
     if json_out:
@@ -107,14 +164,22 @@ def print_summary(summary) -> None:
     for model_id in summary.model_ids:
         table.add_row("model", f"{model_id}: {summary.embedded_by_model[model_id]:,} slices embedded")
     table.add_row("store", summary.store)
+    # Slices and files are counted apart, each named: a file may hold many slices, or none found.
     table.add_row("slices found", f"{summary.n_found:,}")
-    table.add_row("embedded", f"{summary.n_embedded:,}")
-    table.add_row("skipped (already in store)", f"{summary.n_skipped:,}")
+    table.add_row("slices embedded", f"{summary.n_embedded:,}")
+    table.add_row("slices skipped (already in store)", f"{summary.n_skipped:,}")
+    table.add_row("slices failed", f"{summary.n_failed_slices:,}")
     failed = ", ".join(f"{reason} {n}" for reason, n in summary.failures_by_reason.items())
-    table.add_row("failed files", f"{summary.n_failed:,}" + (f" ({failed})" if failed else ""))
+    table.add_row("files failed", f"{summary.n_failed:,}" + (f" ({failed})" if failed else ""))
+    table.add_row("duplicate files", f"{summary.n_duplicates:,} (copies of an instance embedded from another file)")
+    if summary.n_warned_files:
+        plural = "s" if summary.n_warned_files > 1 else ""
+        table.add_row("codec warnings", f"{summary.n_warned_files:,} file{plural} decoded with codec warnings")
+    for note in summary.notes:
+        table.add_row("note", note)
     table.add_row("decode workers", str(summary.workers) if summary.workers else "0 (inline)")
     table.add_row("engine", summary.engine + "".join(f"\n{note}" for note in summary.engine_notes))
-    table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("time", f"{summary.seconds:.1f} s; {summary.wall_seconds:.1f} s in all, model loading included")
     table.add_row("slices/s", f"{summary.slices_per_s:,.1f}")
     table.add_row("stage seconds", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))
     out.print(table)
@@ -122,7 +187,7 @@ def print_summary(summary) -> None:
 
 @app.command()
 def info(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """What a store holds: tables, models, modalities, series, patch storage, failures."""
@@ -170,7 +235,7 @@ def print_models(models: dict) -> None:
 
 @app.command()
 def models(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     as_json: bool = typer.Option(False, "--json", help="Print every model's full spec and counts as JSON."),
 ) -> None:
     """The models a store holds, with their specs and row counts."""
@@ -188,7 +253,7 @@ def models(
 
 @app.command()
 def failures(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     reason: Optional[str] = typer.Option(None, help="Only this reason code (e.g. truncated, not_dicom)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -213,7 +278,7 @@ LEVEL_PLURALS = {"slice": "slices", "series": "series", "study": "studies"}
 
 @app.command()
 def search(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     image: Optional[Path] = typer.Option(None, "--image", help="Query by an image file (embedded with the store's model)."),
     key: Optional[str] = typer.Option(None, "--key", help="Query by a stored slice's key."),
     series_uid: Optional[str] = typer.Option(None, "--series-uid", help="Query by a stored series."),
@@ -226,6 +291,7 @@ def search(
 ) -> None:
     """The stored slices, series or studies most similar to a query."""
     from embedstore.search import similar as searching
+    from embedstore.search.degenerate import stored_feature_warning
     from embedstore.store import Store
 
     given = [name for name, value in (("--image", image), ("--key", key), ("--series-uid", series_uid)) if value]
@@ -244,6 +310,7 @@ def search(
         query = searching.query_by_vectors(opened, f"image {image} ({len(columns['cls'])} slices)", resolved,
                                            columns, feature)
     hits = searching.search(opened, query, k, level, feature, where)
+    warn(stored_feature_warning(opened, query.model_id, feature, "series" if level == "series" else "slice"))
     if as_json:
         print(json.dumps({"query": query.description, "model_id": query.model_id, "level": level,
                           "feature": feature, "where": where, "hits": searching.hits_as_dicts(hits)}, indent=2))
@@ -260,7 +327,7 @@ def search(
 
 @app.command()
 def index(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     index_type: str = typer.Option("ivf_flat", "--type", help="ivf_flat, or for a smaller index ivf_sq, ivf_pq or "
                                                              "ivf_hnsw_sq."),
     column: str = typer.Option("cls", help="The vector column: cls or patch_mean."),
@@ -282,11 +349,13 @@ def index(
     out.print(f"recall@10 against exact search: {report.recall_at_10:.3f}; "
               f"p50 latency {report.ann_p50_ms:.1f} ms, {report.ann_rows_p50_ms:.1f} ms fetching the result columns "
               f"(exact: {report.exact_p50_ms:.1f} ms)")
+    for warning in report.warnings:
+        warn(warning)
 
 
 @app.command()
 def export(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     destination: Path = typer.Argument(..., metavar="OUT", help="parquet: the file to write; npy: a new or empty "
                                        "directory."),
     export_format: str = typer.Option(..., "--format", help="parquet (metadata columns and a `vector` column) or npy "
@@ -310,7 +379,9 @@ def export(
           + (f"; {summary.n_labelled:,} labelled" if summary.n_labelled is not None else ""))
 
 
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate stored vectors against labels, without the backbone.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate stored vectors against labels, without the backbone. "
+                       "--feature defaults to the input each protocol uses in the reference study: cls for kNN and "
+                       "few-shot, cls+patch_mean for the linear probe.")
 app.add_typer(eval_app, name="eval")
 
 
@@ -318,19 +389,27 @@ FEATURE_HELP = ("cls, patch_mean, clsN (final-norm CLS of the last N blocks, con
                 "clsN+patch_mean.")
 
 # Options every `embedstore eval` command takes.
-LABELS_OPTION = typer.Option(..., "--labels", help="Labels CSV (see README: join column, label, split, patient_id).")
+LABELS_OPTION = typer.Option(..., "--labels", help="Labels CSV (see README: join column, label, split, patient_id); "
+                             "relative paths in its path column are read from its folder.")
+LABEL_COLUMN_OPTION = typer.Option("label", "--label-column", metavar="NAME", help="The labels CSV's class column.")
 EVAL_LEVEL_OPTION = typer.Option("slice", help="slice, or series (mean of its slice vectors).")
 SPLIT_BY_OPTION = typer.Option(None, help="patient: make train/val/test by patient (else the CSV's split).")
 RATIOS_OPTION = typer.Option("0.7,0.1,0.2", help="train,val,test shares for --split-by patient.")
-SPLIT_SEED_OPTION = typer.Option(0, help="Seed of the splits (and of few-shot draws).")
+SPLIT_SEED_OPTION = typer.Option(0, help="Seed of --split-by patient.")
 EVAL_MODEL_OPTION = typer.Option(None, help="The model to evaluate, when the store holds several.")
-RESULT_JSON_OPTION = typer.Option(None, "--json", help="Write the result JSON here.")
-REPORT_OPTION = typer.Option(None, "--report", help="Write the JSON, a Markdown report and its plots into this directory.")
+RESULT_JSON_OPTION = typer.Option(None, "--json", "-o", help="Write the result JSON to this file.")
+REPORT_OPTION = typer.Option(None, "--report", help="Write the JSON, a Markdown report and its plots into this "
+                             "directory (created; its parent must exist).")
 
 
 def check_split_by(split_by: str | None) -> None:
     if split_by not in (None, "patient"):
         raise UsageError(f"--split-by takes patient, not {split_by!r}")
+
+
+def check_outputs(json_out: Path | None, report: Path | None) -> None:
+    check_output(json_out, "--json")
+    check_output(report, "--report", folder=True)
 
 
 def write_result(result, path: Path | None, report: Path | None) -> None:
@@ -351,12 +430,12 @@ def parse_numbers(text: str, option: str, kind=float) -> tuple:
 
 @eval_app.command("knn")
 def eval_knn(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     labels: Path = LABELS_OPTION,
-    feature: str = typer.Option("cls", help=FEATURE_HELP),
+    feature: str = typer.Option("cls", help=FEATURE_HELP + " Default cls, the DINOv2 kNN protocol's input."),
     level: str = EVAL_LEVEL_OPTION,
-    k: str = typer.Option("10,20,100,200", help="Neighbour counts."),
-    temperature: float = typer.Option(0.07, help="Vote weights exp(similarity / T)."),
+    k: str = typer.Option("10,20,100,200", "--k", "-k", help="Neighbour counts, comma-separated, each at least 1."),
+    temperature: float = typer.Option(0.07, help="Vote weights exp(similarity / T); T above 0."),
     search: str = typer.Option("auto", help="Neighbour search: exact, int8 (candidates re-ranked exactly; "
                                             "about 2x faster on a CPU at k = 20), or auto (int8 for large sets "
                                             "and k up to 100 on a CPU)."),
@@ -366,17 +445,21 @@ def eval_knn(
     model_id: Optional[str] = EVAL_MODEL_OPTION,
     json_out: Optional[Path] = RESULT_JSON_OPTION,
     report: Optional[Path] = REPORT_OPTION,
+    label_column: str = LABEL_COLUMN_OPTION,
 ) -> None:
     """kNN classification, the DINOv2 weighted-vote protocol, on stored vectors."""
-    from embedstore.eval.evaluate import knn_evaluation
+    from embedstore.eval.evaluate import check_knn_arguments, knn_evaluation
     from embedstore.eval.knn import SEARCHES
     from embedstore.store import Store
 
     check_split_by(split_by)
+    check_outputs(json_out, report)
     if search not in SEARCHES:
         raise UsageError(f"--search must be one of {', '.join(SEARCHES)}, not {search!r}")
-    result = knn_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(k, "--k", int),
-                            temperature, split_by, parse_numbers(ratios, "--ratios"), seed, search)
+    ks = parse_numbers(k, "--k", int)
+    check_knn_arguments(ks, temperature)
+    result = knn_evaluation(Store.open(store), labels, feature, level, model_id, ks, temperature, split_by,
+                            parse_numbers(ratios, "--ratios"), seed, search, label_column)
     print_evaluation(result)
     write_result(result, json_out, report)
 
@@ -389,6 +472,8 @@ def print_evaluation(result) -> None:
               + (f" · {search} neighbour search" if search else ""))
     for line in result.notes():
         out.print(line)
+    for warning in result.warnings:
+        warn(warning)
     columns = ["macro_auroc", "macro_f1"] if result.multilabel else \
         ["top1_accuracy", "balanced_accuracy", "macro_auroc", "macro_f1"]
     for split, rows in result.metric_tables().items():
@@ -402,47 +487,64 @@ def print_evaluation(result) -> None:
 
 @eval_app.command("linear")
 def eval_linear(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     labels: Path = LABELS_OPTION,
     feature: str = typer.Option("cls+patch_mean", help=FEATURE_HELP + " grid: choose among cls1, cls4, "
-                                "cls1+patch_mean and cls4+patch_mean on val, as the reference study does."),
+                                "cls1+patch_mean and cls4+patch_mean on val. Default cls+patch_mean, the "
+                                "reference study's linear-probe input."),
     level: str = EVAL_LEVEL_OPTION,
     c_grid: Optional[str] = typer.Option(None, help="Comma-separated C values (default: 10^linspace(-6, 5, 45))."),
     split_by: Optional[str] = SPLIT_BY_OPTION,
     ratios: str = RATIOS_OPTION,
-    seed: int = SPLIT_SEED_OPTION,
+    seed: int = typer.Option(0, help="Seed of --split-by patient, and of the val carved from train when the "
+                             "splits have none."),
     model_id: Optional[str] = EVAL_MODEL_OPTION,
     json_out: Optional[Path] = RESULT_JSON_OPTION,
     report: Optional[Path] = REPORT_OPTION,
+    label_column: str = LABEL_COLUMN_OPTION,
 ) -> None:
     """Linear probe (logistic regression): C chosen on val only, refitted on train + val, tested once."""
     from embedstore.eval.evaluate import linear_evaluation
     from embedstore.store import Store
 
     check_split_by(split_by)
+    check_outputs(json_out, report)
     grid = parse_numbers(c_grid, "--c-grid") if c_grid else None
-    result = linear_evaluation(Store.open(store), labels, feature, level, model_id, grid, split_by,
-                               parse_numbers(ratios, "--ratios"), seed)
+    with fit_progress() as progress:
+        result = linear_evaluation(Store.open(store), labels, feature, level, model_id, grid, split_by,
+                                   parse_numbers(ratios, "--ratios"), seed, label_column, progress=progress)
     print_evaluation(result)
     write_result(result, json_out, report)
 
 
+@contextmanager
+def fit_progress() -> Iterator[Callable[[int, int], None]]:
+    """A bar on stderr over the fits of the C grid (minutes on large sets); none off a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("linear probe: C grid fits"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("fits", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 @eval_app.command("fewshot")
 def eval_fewshot(
-    store: Path = typer.Argument(..., help="Store directory."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     labels: Path = LABELS_OPTION,
-    feature: str = typer.Option("cls", help=FEATURE_HELP),
+    feature: str = typer.Option("cls", help=FEATURE_HELP + " Default cls, as for kNN."),
     level: str = EVAL_LEVEL_OPTION,
     shots: str = typer.Option("1,2,4,8,16", help="Training patients per class."),
     tries: int = typer.Option(10, help="Random draws per shot count."),
     classifiers: str = typer.Option("knn,prototype,linear", help="Any of knn, prototype, linear."),
     split_by: Optional[str] = SPLIT_BY_OPTION,
     ratios: str = RATIOS_OPTION,
-    seed: int = SPLIT_SEED_OPTION,
+    seed: int = typer.Option(0, help="Seed of --split-by patient and of the few-shot draws."),
     model_id: Optional[str] = EVAL_MODEL_OPTION,
     json_out: Optional[Path] = RESULT_JSON_OPTION,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Save the few-shot curve as a PNG here."),
     report: Optional[Path] = REPORT_OPTION,
+    label_column: str = LABEL_COLUMN_OPTION,
 ) -> None:
     """Few-shot curves: mean and 95% interval over random draws of training patients per class."""
     from embedstore.eval.evaluate import fewshot_evaluation
@@ -450,10 +552,13 @@ def eval_fewshot(
     from embedstore.store import Store
 
     check_split_by(split_by)
+    check_outputs(json_out, report)
+    check_output(plot, "--plot")
     if tries < 1:
         raise UsageError("--tries must be at least 1")
     result = fewshot_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(shots, "--shots", int),
-                                tries, tuple(classifiers.split(",")), split_by, parse_numbers(ratios, "--ratios"), seed)
+                                tries, tuple(classifiers.split(",")), split_by, parse_numbers(ratios, "--ratios"), seed,
+                                label_column)
     table = Table(title=f"few-shot {result.score.replace('_', ' ')}, mean [95% interval] over {tries} draws")
     table.add_column("patients per class")
     for name in result.curves:
@@ -462,23 +567,49 @@ def eval_fewshot(
         table.add_row(str(n), *(f"{c[row]['mean']:.3f} [{c[row]['ci95'][0]:.3f}, {c[row]['ci95'][1]:.3f}]"
                                 for c in result.curves.values()))
     out.print(table)
+    for warning in result.warnings:
+        warn(warning)
     write_result(result, json_out, report)
     if plot:
         plot_curves(result, plot)
 
 
 @app.command()
-def vacuum(store: Path = typer.Argument(..., help="Store directory.")) -> None:
-    """Remove patch shards and table files that interrupted runs left behind, and compact the tables."""
+def vacuum(store: Path = typer.Argument(..., metavar="STORE", help="Store directory.")) -> None:
+    """Remove duplicate keys, and the patch shards and table files that interrupted runs left behind;
+    compact the tables."""
     from embedstore.store import Store
 
     report = Store.open(store).vacuum()
-    out.print(f"removed {report['orphan_shards_removed']:,} orphan patch shards "
+    duplicates = report["duplicate_rows_removed"]
+    out.print(f"removed {sum(duplicates.values()):,} duplicate rows"
+              + (f" ({', '.join(f'{name} {n:,}' for name, n in duplicates.items())})" if duplicates else "")
+              + f", {report['orphan_shards_removed']:,} orphan patch shards "
               f"({report['patch_bytes_freed'] / 1e6:,.1f} MB); tables compacted")
 
 
 @app.command()
-def migrate(store: Path = typer.Argument(..., help="A format-2 store directory.")) -> None:
+def check(
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
+    repair: bool = typer.Option(False, "--repair", help="Drop broken rows and duplicates (the next ingest "
+                                "re-embeds them), rewrite unreadable tables from the rows that read."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Verify every row's patch tokens and digest, unique keys and readable tables; exit 1 on damage
+    that is not repaired."""
+    from embedstore.store.check import check_store, report_lines
+
+    report = check_store(store, repair)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report_lines(report):
+            print(line)
+    raise typer.Exit(0 if report.clean or report.repaired else 1)
+
+
+@app.command()
+def migrate(store: Path = typer.Argument(..., metavar="STORE", help="A format-2 store directory.")) -> None:
     """Convert a format-2 store to format 3 in place, without re-embedding (rerun it if it is interrupted)."""
     from embedstore.store.migrate import migrate_store
 
@@ -496,21 +627,29 @@ def migrate(store: Path = typer.Argument(..., help="A format-2 store directory."
 
 @app.command()
 def demo(
-    store: Path = typer.Option(Path("embedstore-demo"), "--store", help="Store directory for the demo."),
+    directory: Path = typer.Option(Path("embedstore-demo"), "--store", metavar="DIR", help="The demo's directory: it "
+                               "writes the sample archive to DIR/archive and the store to DIR/store, nothing else."),
 ) -> None:
     """Build a sample archive, ingest it, show `info` and a nearest-neighbour lookup."""
     from embedstore.demo import run_demo
 
-    summary, store_summary, neighbours, query_key, feature = run_demo(store, say=lambda line: out.print(line))
+    summary, store_summary, neighbours, query_key, feature = run_demo(directory, say=lambda line: out.print(line))
     print_summary(summary)
     print_info(store_summary)
     table = Table(title=f"nearest slices by {feature} cosine similarity to\n{query_key}")
     for column in ("rank", "similarity", "modality", "slice", "path"):
         table.add_column(column, overflow="fold")
+    shown_from = directory.resolve().parent
     for rank, neighbour in enumerate(neighbours, 1):
         table.add_row(str(rank), f"{neighbour.similarity:.4f}", str(neighbour.modality),
-                      str(neighbour.slice_index), Path(neighbour.path).relative_to(store.resolve().parent).as_posix())
+                      str(neighbour.slice_index), Path(neighbour.path).relative_to(shown_from).as_posix())
     out.print(table)
+
+
+def warn(message: str | None) -> None:
+    """One line on stderr about a result that may mislead; the command goes on."""
+    if message:
+        print(f"embedstore: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def fail(message: str) -> None:
@@ -529,6 +668,14 @@ def main() -> None:
         fail(error.format_message())
     except UsageError as error:
         fail(str(error))
+    except (StoreDamagedError, RuntimeError, ValueError) as error:  # Lance's errors on a damaged file
+        from embedstore.store import as_damage  # a store file that cannot be read: one line, exit code 1
+
+        damage = error if isinstance(error, StoreDamagedError) else as_damage(error)
+        if damage is None:
+            raise
+        print(f"embedstore: error: {' '.join(str(damage).split())}", file=sys.stderr)
+        sys.exit(1)
     except ABORTS:
         print("embedstore: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

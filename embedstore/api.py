@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import UsageError
-from embedstore.export import ExportSummary, export_vectors, metadata_columns
+from embedstore.export import ExportSummary, export_vectors
 from embedstore.models.spec import ModelSpec
 from embedstore.search import similar
 from embedstore.search.similar import Hit
@@ -216,7 +216,7 @@ class EmbedStore:
             return None
         if not self.store.has_table(table):
             raise UsageError(f"store {self.path} has no table {table}")
-        return validated_where(where, metadata_columns(self.store.table(table).schema))
+        return validated_where(where, self.store.table(table).schema)
 
 
 def open_store(path: str | Path) -> EmbedStore:

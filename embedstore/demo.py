@@ -10,7 +10,7 @@ from embedstore.pipeline.ingest import IngestOptions, IngestSummary, ingest
 from embedstore.models import LoadedModel, load_model
 from embedstore.search.similar import Hit, nearest_slices
 from embedstore.samples import build_sample_archive
-from embedstore.store import Store
+from embedstore.store import Store, check_store_writable
 from embedstore.store.info import store_info
 
 DEMO_MODEL = "dinov2_vits14"
@@ -26,9 +26,12 @@ def demo_model(say: Callable[[str], None]) -> LoadedModel:
         return load_model(DEMO_MODEL, "random")
 
 
-def run_demo(store_path: Path, say: Callable[[str], None] = print,
+def run_demo(directory: Path, say: Callable[[str], None] = print,
              show_progress: bool = True) -> tuple[IngestSummary, dict, list[Hit], str, str]:
-    archive = store_path.with_name(store_path.name + "-archive")
+    """Everything goes under `directory`: the sample archive to directory/archive, the store to
+    directory/store (a rerun reuses both)."""
+    archive, store_path = directory / "archive", directory / "store"
+    check_store_writable(store_path)
     if not archive.exists():
         say(f"Writing a sample archive to {archive} (pydicom's CT/MR files, a CT series, a multi-frame MR, "
             f"PNG phantoms, a NIfTI volume)")

@@ -87,7 +87,7 @@ def export_vectors(store: Store, out: str | Path, format: str, model_id: str | N
     table_name = slices_table_name(spec.model_id) if level == "slice" else series_table_name(spec.model_id)
     schema = store.table(table_name).schema
     metadata = metadata_columns(schema)
-    condition = validated_where(where, metadata) if where else None
+    condition = validated_where(where, schema) if where else None
     join = read_labels(labels) if labels is not None else None
     if join is not None and join[0] not in metadata:
         raise UsageError(f"labels joined by {join[0]} cannot label {level}-level vectors; use one of "

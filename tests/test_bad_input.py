@@ -170,6 +170,18 @@ WRONG_REQUESTS = {
                           "dinov2_vits14"], "named twice"),
     "info-not-a-store": (["info", "notstore"], "notstore"),
     "unknown-neighbour-search": (["eval", "knn", "notstore", "--labels", "labels.csv", "--search", "faiss"], "faiss"),
+    "knn-k-zero": (["eval", "knn", "notstore", "--labels", "labels.csv", "--k", "0"], "--k"),
+    "knn-k-negative": (["eval", "knn", "notstore", "--labels", "labels.csv", "-k", "10,-1"], "-1"),
+    "knn-temperature-zero": (["eval", "knn", "notstore", "--labels", "labels.csv", "--temperature", "0"],
+                             "--temperature"),
+    "eval-json-into-missing-directory": (["eval", "knn", "notstore", "--labels", "labels.csv", "--json",
+                                          "nodir/knn.json"], "nodir"),
+    "eval-report-under-missing-directory": (["eval", "linear", "notstore", "--labels", "labels.csv", "--report",
+                                             "nodir/report"], "nodir"),
+    "ingest-json-into-missing-directory": (["ingest", "src", "--store", "store", *FAST, "-o", "nodir/run.json"],
+                                           "nodir"),
+    "unknown-precision": (["ingest", "src", "--store", "store", *FAST, "--precision", "fp8"], "fp8"),
+    "store-under-a-file": (["ingest", "src", "--store", "store.txt/store", *FAST], "store.txt"),
 }
 
 

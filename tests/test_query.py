@@ -240,8 +240,9 @@ def test_eval_knn_from_the_command_line_writes_its_json(ingested, tmp_path):
 
     store = Store.open(ingested.path)
     rows = store.rows(slices_table_name(store.resolve_model_id(None)), columns=["key", "series_uid", "modality"]).to_pylist()
-    labels = write_labels(tmp_path / "labels.csv", [
-        {"key": r["key"], "label": r["modality"] or "raster", "patient_id": r["series_uid"]} for r in rows])
+    labels = write_labels(tmp_path / "labels.csv", [  # every class in train: the one MR series would sit in test alone
+        {"key": r["key"], "label": "ct" if r["modality"] == "CT" else "other", "patient_id": r["series_uid"]}
+        for r in rows])
     out, report = tmp_path / "knn.json", tmp_path / "report"
     app(["eval", "knn", str(ingested.path), "--labels", str(labels), "--split-by", "patient", "--ratios", "0.5,0,0.5",
          "--k", "1,3", "--json", str(out), "--report", str(report)], standalone_mode=False)

@@ -2,10 +2,12 @@
 never put one patient on two sides.
 
 Labels CSV: exactly one join column among `key`, `path`, `sop_uid`, `series_uid`, `study_uid`; a
-`label` column (a class name; several joined by `|` make a multi-label task); optional `split`
-(train / val / test) and `patient_id`. A label given for a series or a study applies to all of its
-slices. Patients come from the CSV's `patient_id`, else the store's (hashed) PatientID, else each
-series counts as its own patient.
+`label` column, or another named by `--label-column` (a class name; several joined by `|` make a
+multi-label task); optional `split` (train / val / test) and `patient_id`. Stored paths are
+absolute: a relative `path` is read from the CSV's folder. A label given for a series or a study
+applies to all of its slices. Patients come from the CSV's `patient_id`, else the store's (hashed)
+PatientID, else each series counts as its own patient. Every class must have train rows, and a
+single-label task two classes or more.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class LabelledVectors:
         return {split: int((self.splits == split).sum()) for split in SPLITS}
 
 
-def read_labels(path: str | Path) -> tuple[str, list[dict]]:
-    """(join column, rows) of a labels CSV; UsageError when it does not follow the format."""
+def read_labels(path: str | Path, label_column: str = "label") -> tuple[str, list[dict]]:
+    """(join column, rows) of a labels CSV, each row's class under "label" and a relative `path`
+    (when that is the join) read from the CSV's folder; UsageError when it does not follow the format."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"labels file {path} does not exist")
@@ -53,12 +56,16 @@ def read_labels(path: str | Path) -> tuple[str, list[dict]]:
         columns = reader.fieldnames or []
         rows = [row for row in reader]
     joins = [c for c in JOIN_COLUMNS if c in columns]
-    if len(joins) != 1 or "label" not in columns:
-        raise UsageError(f"labels file {path} needs a 'label' column and exactly one of {', '.join(JOIN_COLUMNS)}; "
-                         f"it has {', '.join(columns) or 'no header'}")
+    if len(joins) != 1 or label_column not in columns:
+        raise UsageError(f"labels file {path} needs a {label_column!r} column and exactly one of "
+                         f"{', '.join(JOIN_COLUMNS)}; it has {', '.join(columns) or 'no header'}")
     bad_splits = {row["split"] for row in rows if "split" in columns and row["split"] not in SPLITS}
     if bad_splits:
         raise UsageError(f"labels file {path}: split must be one of {', '.join(SPLITS)}, not {sorted(bad_splits)}")
+    for row in rows:
+        row["label"] = row[label_column]
+        if joins[0] == "path" and row["path"] and not Path(row["path"]).is_absolute():
+            row["path"] = str((path.parent / row["path"]).resolve())  # resolved, as ingest stores paths
     return joins[0], rows
 
 
@@ -73,7 +80,8 @@ def join_labels(vectors: Vectors, join_column: str, rows: list[dict]) -> Labelle
     series = vectors.rows.column("series_uid").to_pylist()
     keep = np.array([i in by_id for i in ids])
     if not keep.any():
-        raise UsageError(f"no stored {vectors.level} matches the labels' {join_column} values")
+        hint = f" (stored paths are absolute, e.g. {ids[0]})" if join_column == "path" and ids else ""
+        raise UsageError(f"no stored {vectors.level} matches the labels' {join_column} values{hint}")
     labelled = [by_id[i] for i in ids if i in by_id]
     label_sets = [[part for part in row["label"].split(MULTI_LABEL_SEPARATOR) if part] for row in labelled]
     multilabel = any(len(labels) != 1 for labels in label_sets)
@@ -127,3 +135,18 @@ def check_splits(data: LabelledVectors) -> None:
                          "their images would leak between training and testing")
     if not (data.splits == "train").any() or not (data.splits == "test").any():
         raise UsageError(f"the splits need train and test rows; counts: {data.counts()}")
+
+
+def check_classes(data: LabelledVectors) -> None:
+    """UsageError when a classifier could not learn the task: a single-label task of one class
+    (every answer would be right), or a class with no train rows (no answer could be)."""
+    if not data.multilabel and len(data.classes) < 2:
+        raise UsageError(f"the labels name one class only ({', '.join(data.classes)}): a single-label task "
+                         "needs two or more")
+    train = data.targets[data.splits == "train"]
+    in_train = train.any(0) if data.multilabel else np.isin(np.arange(len(data.classes)), train)
+    missing = [name for name, present in zip(data.classes, in_train) if not present]
+    if missing:
+        raise UsageError(f"{len(missing)} of {len(data.classes)} classes have no train rows, only val or test "
+                         f"ones (e.g. {missing[0]!r}): label more of their patients, or leave them out of the "
+                         "labels file")

@@ -10,6 +10,7 @@ TRAIN + VAL and reported on TEST, whose labels are not read before that.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,9 +88,11 @@ class CSelection:
     val_score: float
 
 
-def choose_c(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> CSelection:
+def choose_c(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0,
+             on_fit: Callable[[], None] | None = None) -> CSelection:
     """Fit on train for every C (small C first, each fit warm-started from the last) and pick the
-    C with the best val score; test rows are not looked at."""
+    C with the best val score; test rows are not looked at. `on_fit` is called after each fit (a
+    grid takes minutes on large sets: the CLI shows its progress)."""
     data, carved = with_val_split(data, seed)
     train, val = data.subset(data.splits == "train"), data.subset(data.splits == "val")
     if not len(val.matrix) or not len(train.matrix):
@@ -98,6 +101,8 @@ def choose_c(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> CSe
     for c in sorted(c_grid):
         probe = fit_logistic(train.matrix, train.targets, len(data.classes), c, data.multilabel, probe)
         val_scores.append((selection_score(val, probe.scores(val.matrix)), c))
+        if on_fit:
+            on_fit()
     best_score, best_c = max(val_scores, key=lambda pair: (pair[0], -pair[1]))  # ties: the stronger penalty
     return CSelection(data, carved, sorted(c_grid), [s for s, _ in val_scores], best_c, best_score)
 

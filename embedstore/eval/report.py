@@ -19,6 +19,7 @@ def write_report(result: EvaluationResult, directory: Path) -> Path:
     lines = [f"# {result.task}: {result.model_id}", "",
              f"Feature `{result.feature}`, {result.level} level, {len(result.classes)} classes"
              f"{' (multi-label)' if result.multilabel else ''}; {counts}.", ""]
+    lines += [line for warning in result.warnings for line in (f"**Warning**: {warning}", "")]
     if isinstance(result, FewShotResult):
         from embedstore.eval.fewshot import plot_curves
 

@@ -6,7 +6,7 @@ Each result knows what it reports on test (`reported`) and the tables of metrics
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -18,6 +18,9 @@ class EvaluationResult:
     classes: list[str]
     multilabel: bool
     counts: dict[str, int]  # labelled rows per split
+    # What makes the numbers meaningless, whatever they say (degenerate vectors); keyword-only, so it
+    # may follow the fields of every result.
+    warnings: list[str] = field(default_factory=list, kw_only=True)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -31,13 +31,17 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
 class Embedder:
     """A loaded model on its device, behind the engine that runs it (see models/engines.py)."""
 
     def __init__(self, loaded: LoadedModel, device: str = "auto", precision: str = "fp32",
                  engine: str = "eager", batch_size: int = 32):
-        if precision not in PRECISIONS:
-            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        check_precision(precision)
         self.loaded = loaded
         self.device = pick_device(device)
         self.dtype = PRECISIONS[precision]

@@ -11,11 +11,16 @@ import multiprocessing
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Iterable, Iterator
+from functools import partial
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, InputError
 from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
 from embedstore.sources import Failure, ReadTask
+from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
+from embedstore.sources.dicom import parse_dicom
+
+T = TypeVar("T")
 
 CHUNK_SLICES = 8  # files are grouped until a chunk holds this many slices
 CHUNKS_IN_FLIGHT_PER_WORKER = 4
@@ -30,23 +35,43 @@ def _init_worker() -> None:
 def decode_or_fail(task: ReadTask, settings: DecodeSettings) -> DecodedFile | list[Failure]:
     """The decoded task, or the failures that stopped it. A DICOM instance with alternate copies is
     read from the first copy that decodes; the others are recorded as failures of their own
-    (what was wrong with them) or as duplicates of the copy that was used."""
+    (what was wrong with them) or as duplicates of the copy that was used. What the readers and
+    codecs print is caught per copy: into a failure's message, or the decoded file's codec_output."""
     failures = []
-    for path in [task.path, *task.alternates]:
-        try:
-            decoded = decode_task(task if path == task.path else task.at(path), settings)
-        except InputError as error:
-            failures.append(Failure(path, error.stage, error.reason, error.message))
+    copies = [task.path, *task.alternates]
+    for position, path in enumerate(copies):
+        decoded, output = _attempt(partial(decode_task, task if path == task.path else task.at(path), settings), path)
+        if isinstance(decoded, Failure):
+            failures.append(decoded)
             continue
-        except Exception as error:  # a reader bug or an odd file must not end the run
-            failures.append(Failure(path, "decode", DECODE_ERROR, f"{type(error).__name__}: {error}"))
-            continue
-        decoded.failures = failures + [
-            Failure(other, "read", DUPLICATE_INSTANCE, f"SOP instance {task.items[0].sop_uid} is embedded from {path}")
-            for other in task.alternates if other != path and other not in {f.path for f in failures}
-        ]
+        decoded.codec_output = output.lines
+        sop_uid = task.items[0].sop_uid
+        decoded.failures = failures + [_unused_copy(other, sop_uid, path) for other in copies[position + 1:]]
         return decoded
     return failures
+
+
+def _attempt(read: Callable[[], T], path: str) -> tuple[T | Failure, CodecOutput]:
+    """What `read` returns, or the Failure it raised (its message with the codec output), and
+    what the readers and codecs printed meanwhile: kept off the terminal."""
+    with captured_output() as output:
+        try:
+            result = read()
+        except InputError as error:
+            result = Failure(path, error.stage, error.reason, error.message)
+        except Exception as error:  # a reader bug or an odd file must not end the run
+            result = Failure(path, "decode", DECODE_ERROR, f"{type(error).__name__}: {error}")
+    if isinstance(result, Failure):
+        result.message = with_output(result.message, output)
+    return result, output
+
+
+def _unused_copy(path: str, sop_uid: str, used: str) -> Failure:
+    """A copy of an instance that was embedded from another file: a duplicate if it parses, else
+    what is wrong with it (a copy cut short is `truncated`, never a duplicate)."""
+    parsed, _ = _attempt(partial(parse_dicom, path), path)
+    return parsed if isinstance(parsed, Failure) else \
+        Failure(path, "read", DUPLICATE_INSTANCE, f"SOP instance {sop_uid} is embedded from {used}")
 
 
 def decode_chunk(tasks: list[ReadTask], settings: DecodeSettings) -> list:

@@ -11,26 +11,30 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from embedstore.errors import UsageError
+from embedstore.errors import DUPLICATE_INSTANCE, UsageError
 from embedstore.models import LoadedModel, load_model
-from embedstore.models.embedder import Embedder, pick_device
+from embedstore.models.embedder import Embedder, check_precision, pick_device
 from embedstore.models.engines import candidate_engines
 from embedstore.models.spec import ModelSpec
 from embedstore.pipeline.decode import DecodePool
 from embedstore.pipeline.local import embed_locally
 from embedstore.pipeline.on_ray import RayActors, embed_on_ray
-from embedstore.pipeline.plan import plan_remaining
-from embedstore.pipeline.progress import IngestProgress
+from embedstore.pipeline.plan import Plan, plan_remaining
+from embedstore.pipeline.progress import IngestProgress, count_files, spinner, status
 from embedstore.pipeline.runner import UNIT_SLICES, UnitRunner, plan_units, unit_slices_for
 from embedstore.pipeline.series import refresh_series
 from embedstore.preprocess import DecodeSettings, IntensityConfig
 from embedstore.sources import Failure, ReadTask, build_catalog, check_sources, discover
+from embedstore.sources.catalog import declared_modality
+from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.nifti import AXES
-from embedstore.store import Store, check_store_path
-from embedstore.store.privacy import AS_READ, HASHED, patient_id_key, pseudonymise
+from embedstore.store import Store, check_store_path, check_store_writable
+from embedstore.store.privacy import AS_READ, HASHED, pseudonymise
 
 DEFAULT_COMMIT_ROWS = 4096
 EXECUTORS = ("local", "ray")
+RANDOM_WEIGHTS_NOTE = ("--weights random: the CLS vector of a random ViT is almost the same for every image; "
+                       "search, index and evaluate patch_mean instead")
 
 
 def default_workers(device_type: str) -> int:
@@ -59,6 +63,8 @@ class IngestOptions:
     window: str = "auto"  # auto | header | a CT window preset | multi | multi:W1,W2,W3
     mr_percentiles: tuple[float, float] = (5.0, 95.0)
     axis: str = "axial"  # NIfTI slicing axis
+    modality: str | None = None  # declared for NIfTI and raster sources (DICOM files state their own)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the most values a frame may declare; larger files are too_large
     keep_patient_id: bool = False  # store PatientID as read instead of a keyed hash
     batch_size: int = 32
     workers: int | None = None  # decode processes; None: default_workers() for the device
@@ -86,11 +92,18 @@ class IngestSummary:
     n_embedded: int  # slices embedded by at least one model
     embedded_by_model: dict[str, int]
     n_skipped: int  # slices every model already had
+    n_failed_slices: int  # slices of files that failed: found = embedded + skipped + failed slices
+    # Files that failed, duplicates apart: this run's, and those of earlier runs for files this run
+    # did not read again (their instance is stored), so a rerun reports the same counts.
     n_failed: int
-    failures_by_reason: dict[str, int]
-    seconds: float
+    failures_by_reason: dict[str, int]  # files failed, by reason
+    n_duplicates: int  # files holding another copy of an instance embedded from one file
+    n_warned_files: int  # files embedded whose readers or codecs printed warnings (kept off the terminal)
+    seconds: float  # from the catalog to the end
+    wall_seconds: float  # the whole ingest, model loading included
     slices_per_s: float
     stage_seconds: dict[str, float]
+    notes: list[str]  # what to know about the run's vectors (e.g. random weights)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,26 +137,37 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     All argument checks (sources, store path, models, image size, layers, weights) happen before
     the store is created or touched, so a wrong request writes nothing.
     """
+    wall_started = time.perf_counter()
     source_paths = check_sources(sources)
     store_path = Path(store_path)
     check_store_path(store_path, create=True)
+    check_store_writable(store_path)
     if options.batch_size < 1 or (options.workers is not None and options.workers < 0):
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
     if options.axis not in AXES:
         raise UsageError(f"unknown axis {options.axis!r}: use one of {', '.join(AXES)}")
+    modality = declared_modality(options.modality)
+    if options.max_pixels < 1:
+        raise UsageError("--max-pixels must be at least 1")
     intensity = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
     if options.executor not in EXECUTORS:
         raise UsageError(f"unknown executor {options.executor!r}: use one of {', '.join(EXECUTORS)}")
     device = pick_device(options.device)
+    check_precision(options.precision)
     candidate_engines(options.engine, device)  # an unknown engine is a wrong request: nothing written yet
-    models = loaded or load_models(options, intensity)
+    with spinner(f"loading {', '.join(options.models)} ({options.weights} weights)", options.show_progress):
+        models = loaded or load_models(options, intensity)
+    loading_seconds = time.perf_counter() - wall_started
+    notes = [RANDOM_WEIGHTS_NOTE] if options.weights == "random" else []
     specs = [m.spec for m in models]
     workers = default_workers(device.type) if options.workers is None else options.workers
-    settings = DecodeSettings(intensity, options.image_size, tuple(sorted({s.interpolation for s in specs})))
+    settings = DecodeSettings(intensity, options.image_size, tuple(sorted({s.interpolation for s in specs})),
+                              options.max_pixels)
 
     patient_ids = AS_READ if options.keep_patient_id else HASHED
     store = Store.open(store_path, create=True, patient_ids=patient_ids)
     store.check_patient_ids(patient_ids)
+    key = store.patient_key() if patient_ids == HASHED else None  # a key the store was not made with is refused
     if not options.overwrite:
         for spec in specs:  # every model checked before any is added
             store.check_layers(spec)
@@ -162,20 +186,30 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     with store.ingest_lock(), DecodePool(workers, settings) as pool, \
             (RayActors(job) if options.executor == "ray" else nullcontext()) as actors:
         found, discover_failures = discover(source_paths)
-        catalog = build_catalog(found, pool.map, axis=options.axis)
+        # Every check has passed: from here on, lines on stderr cannot mix with a wrong request's one line.
+        status(f"loaded {', '.join(options.models)} ({options.weights} weights) in {loading_seconds:.1f} s",
+               options.show_progress)
+        for note in notes:
+            status(f"note: {note}", options.show_progress)
+        status(f"reading catalog: {len(found):,} files", options.show_progress)
+        catalog = build_catalog(found, pool.map, options.axis, options.max_pixels, modality)
         if patient_ids == HASHED:
-            pseudonymise_patients(catalog.tasks, patient_id_key(store.path))
+            pseudonymise_patients(catalog.tasks, key)
         plan = plan_remaining(catalog.tasks, [store.committed_keys(m) for m in model_ids])
         units = plan_units(plan.tasks, plan.missing, unit_slices_for(specs, options.unit_slices))
         stage_seconds["catalog"] = time.perf_counter() - started
         failures: list[Failure] = discover_failures + catalog.failures
         store.add_failures(failures, run_id)
-        with IngestProgress(plan.n_todo, enabled=options.show_progress) as progress:
+        earlier = earlier_failures(store, catalog.tasks, plan)
+        status(f"{plan.n_todo:,} slices to embed, {plan.n_skipped:,} already in store", options.show_progress)
+        with IngestProgress(plan.n_todo, options.show_progress, failures + earlier) as progress:
             if actors is not None:
                 outcome = embed_on_ray(job, store, actors, units, progress, stage_seconds)
             else:
+                progress.phase("preparing the model")
                 embedders = [Embedder(m, options.device, options.precision, options.engine, options.batch_size)
                              for m in models]
+                progress.phase("embedding")
                 runner = UnitRunner(models, embedders, store.patches_root, run_id, options.batch_size)
                 outcome = embed_locally(job, store, runner, pool, units, progress, stage_seconds)
         failures.extend(outcome.failures)
@@ -183,20 +217,24 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     tried_paths = sorted({task.path for task in plan.tasks} | {f.path for f in failures})
     store.forget_failures(tried_paths, run_id)
     series_started = time.perf_counter()
-    refresh_series(store, model_ids)
+    with store.commit_lock():  # a concurrent ingest's refresh would upsert the same series rows
+        refresh_series(store, model_ids)
     stage_seconds["series"] = time.perf_counter() - series_started
     seconds = time.perf_counter() - started
     embedded = outcome.n_embedded
+    standing = failures + earlier
+    n_failed, n_duplicates = count_files(standing)
     summary = IngestSummary(
         run_id=run_id, model_ids=model_ids, store=str(store_path), workers=workers, n_found=catalog.n_items,
         engine=outcome.engine, engine_notes=outcome.engine_notes,
         n_embedded=embedded, embedded_by_model={m: outcome.committed.get(m, 0) for m in model_ids},
-        n_skipped=plan.n_skipped, n_failed=len(failures),
-        failures_by_reason=dict(Counter(f.reason for f in failures)), seconds=seconds,
-        slices_per_s=embedded / seconds if seconds > 0 else 0.0,
-        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
+        n_skipped=plan.n_skipped, n_failed_slices=outcome.n_failed_slices, n_failed=n_failed,
+        failures_by_reason=dict(Counter(f.reason for f in standing if f.reason != DUPLICATE_INSTANCE)),
+        n_duplicates=n_duplicates, n_warned_files=outcome.n_warned_files, seconds=seconds,
+        wall_seconds=time.perf_counter() - wall_started, slices_per_s=embedded / seconds if seconds > 0 else 0.0,
+        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()}, notes=notes,
     )
-    store.finish_run(run_id, sum(outcome.committed.values()), plan.n_skipped, len(failures), summary.slices_per_s,
+    store.finish_run(run_id, sum(outcome.committed.values()), plan.n_skipped, n_failed, summary.slices_per_s,
                      stage_seconds)
     return summary
 
@@ -210,6 +248,18 @@ class EmbedJob:
     run_id: str
     patches_root: str
     settings: DecodeSettings
+
+
+def earlier_failures(store: Store, tasks: list[ReadTask], plan: Plan) -> list[Failure]:
+    """The stored failures of files this run does not read again: every slice of their instance is
+    stored (from them, or from another copy). They still count in the run's summary, so that a rerun
+    reports what the first run did."""
+    remaining = {task.path for task in plan.tasks}
+    unread = {path for task in tasks if task.path not in remaining for path in (task.path, *task.alternates)}
+    if not unread:
+        return []
+    rows = store.rows("failures", columns=["path", "stage", "reason", "message"]).to_pylist()
+    return [Failure(**row) for row in rows if row["path"] in unread]
 
 
 def pseudonymise_patients(tasks: list[ReadTask], key: bytes) -> None:

@@ -8,7 +8,7 @@ from itertools import islice
 
 from embedstore.pipeline.decode import DecodePool
 from embedstore.pipeline.progress import IngestProgress
-from embedstore.pipeline.runner import EmbedOutcome, RowCommitter, UnitRunner, WorkUnit
+from embedstore.pipeline.runner import RowCommitter, UnitRunner, WorkUnit
 
 
 def embed_locally(job, store, runner: UnitRunner, pool: DecodePool, units: list[WorkUnit],
@@ -23,4 +23,4 @@ def embed_locally(job, store, runner: UnitRunner, pool: DecodePool, units: list[
     committer.flush()
     stage_seconds.update(pool.stage_seconds)
     engine = runner.embedders[0].engine
-    return EmbedOutcome(committer.committed, committer.failures, engine.name, engine.notes, committer.n_embedded)
+    return committer.outcome(engine.name, engine.notes)

@@ -145,7 +145,7 @@ def embed_on_ray(job, store, actors: RayActors, units: list[WorkUnit], progress:
         committer.take(_result_or_failure(ray, ready[0], unit), progress)
     committer.flush()
     engine, notes = ray.get(actors.handles[0].engine_in_use.remote())
-    return EmbedOutcome(committer.committed, committer.failures, engine, notes, committer.n_embedded)
+    return committer.outcome(engine, notes)
 
 
 def _result_or_failure(ray, ref, unit: WorkUnit) -> UnitOutput:

@@ -85,6 +85,7 @@ class UnitOutput:
     n_failed_items: int
     n_items: int  # slices embedded (by at least one model)
     seconds: dict[str, float]
+    n_warned_files: int = 0  # files embedded whose readers or codecs printed warnings
 
 
 class UnitRunner:
@@ -97,7 +98,7 @@ class UnitRunner:
 
     def run(self, unit: WorkUnit, decoded: list[tuple[ReadTask, DecodedFile | list[Failure]]]) -> UnitOutput:
         failures: list[Failure] = []
-        n_failed_items = 0
+        n_failed_items = n_warned_files = 0
         seconds: Counter = Counter()
         batcher = SliceBatcher(self.batch_size)
         for task, result in decoded:
@@ -108,6 +109,7 @@ class UnitRunner:
                 failures.extend(result.failures)
                 batcher.add(result)
                 seconds.update(result.seconds)
+                n_warned_files += bool(result.codec_output)
         n_items = batcher.pending()
         if not n_items:
             return UnitOutput(unit.unit_id, None, {}, failures, n_failed_items, 0, dict(seconds))
@@ -133,7 +135,7 @@ class UnitRunner:
         vectors = {writer.spec.model_id: writer.close() for writer in writers if writer.n_rows}
         seconds["write_patches"] += time.perf_counter() - started
         return UnitOutput(unit.unit_id, item_rows(items, self.run_id), vectors, failures, n_failed_items,
-                          len(items), dict(seconds))
+                          len(items), dict(seconds), n_warned_files)
 
 
 class ModelRows:
@@ -212,6 +214,8 @@ class EmbedOutcome:
     engine: str
     engine_notes: list[str]
     n_embedded: int  # slices embedded by at least one model (models may lack different slices)
+    n_failed_slices: int  # slices of files that could not be decoded or embedded
+    n_warned_files: int  # files embedded whose readers or codecs printed warnings
 
 
 class RowCommitter:
@@ -227,6 +231,8 @@ class RowCommitter:
         self.n_pending = 0
         self.committed: Counter = Counter()  # model_id → rows added
         self.n_embedded = 0  # slices embedded by at least one model
+        self.n_failed_slices = 0
+        self.n_warned_files = 0
         self.failures: list[Failure] = []
         self._pending_failures: list[Failure] = []
 
@@ -235,8 +241,9 @@ class RowCommitter:
             self.stage_seconds[stage] += seconds
         self.failures.extend(output.failures)
         self._pending_failures.extend(output.failures)
-        if output.n_failed_items:
-            progress.failed(output.n_failed_items)
+        self.n_failed_slices += output.n_failed_items
+        self.n_warned_files += output.n_warned_files
+        progress.failed(output.n_failed_items, output.failures)
         if output.items is not None:
             self.items.append(output.items)
             for model_id, rows in output.vectors.items():
@@ -247,16 +254,21 @@ class RowCommitter:
         if self.n_pending >= self.commit_rows:
             self.flush()
 
+    def outcome(self, engine: str, engine_notes: list[str]) -> EmbedOutcome:
+        return EmbedOutcome(self.committed, self.failures, engine, engine_notes, self.n_embedded,
+                            self.n_failed_slices, self.n_warned_files)
+
     def flush(self) -> None:
         started = time.perf_counter()
-        if self.items:
-            self.store.insert_new("items", pa.concat_tables(self.items))
-            for model_id, tables in self.vectors.items():
-                if tables:
-                    self.committed[model_id] += self.store.insert_new(slices_table_name(model_id),
-                                                                      pa.concat_tables(tables))
-            self.items, self.n_pending = [], 0
-            self.vectors = {m: [] for m in self.model_ids}
-        self.store.add_failures(self._pending_failures, self.run_id)
+        with self.store.commit_lock():  # a concurrent ingest's commit of the same keys waits, then skips them
+            if self.items:
+                self.store.insert_new("items", pa.concat_tables(self.items))
+                for model_id, tables in self.vectors.items():
+                    if tables:
+                        self.committed[model_id] += self.store.insert_new(slices_table_name(model_id),
+                                                                          pa.concat_tables(tables))
+                self.items, self.n_pending = [], 0
+                self.vectors = {m: [] for m in self.model_ids}
+            self.store.add_failures(self._pending_failures, self.run_id)
         self._pending_failures = []
         self.stage_seconds["commit"] += time.perf_counter() - started

@@ -15,19 +15,19 @@ measured recall, and `embedstore search` uses them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from lancedb.index import Bitmap, IvfFlat, IvfHnswSq, IvfPq, IvfSq
 
 from embedstore.errors import UsageError
+from embedstore.search.degenerate import stored_feature_warning
 from embedstore.search.exact import exact_top_k
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import load_vectors
-from embedstore.store import MANIFEST, Store, sql_literal
+from embedstore.store import Store
 
 INDEX_TYPES = ("ivf_flat", "ivf_sq", "ivf_pq", "ivf_hnsw_sq")
 INDEXABLE = ("cls", "patch_mean")
@@ -61,6 +61,7 @@ class IndexReport:
     ann_p50_ms: float  # the index query: keys and distances of the top 10
     ann_rows_p50_ms: float  # the same, fetching the columns a search shows
     exact_p50_ms: float
+    warnings: list[str] = field(default_factory=list)  # why its answers may mean little
 
 
 def choose_parameters(n_rows: int, dim: int, index_type: str) -> IndexParameters:
@@ -106,8 +107,19 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
             table.create_index(name, config=Bitmap(), replace=True)
     build_seconds = time.perf_counter() - started
     report = measure_recall(store, model_id, table_name, column, parameters, n_rows, build_seconds)
+    report.warnings = index_warnings(store, model_id, column, level, report.recall_at_10)
     remember_index(store, report)
     return report
+
+
+def index_warnings(store: Store, model_id: str, column: str, level: str, recall: float) -> list[str]:
+    """Degenerate vectors (an index on them, like exact search, ranks noise), and a recall that
+    missed TARGET_RECALL even with every partition probed."""
+    warnings = [stored_feature_warning(store, model_id, column, level)]
+    if recall < TARGET_RECALL:
+        warnings.append(f"recall@10 {recall:.3f} is below {TARGET_RECALL} with every partition probed: searches "
+                        "through this index miss neighbours that exact search finds")
+    return [warning for warning in warnings if warning]
 
 
 RESULT_COLUMNS = {"slices": ["key", "path", "study_uid", "series_uid", "slice_index", "modality"],
@@ -184,7 +196,7 @@ def measure_recall(store: Store, model_id: str, table_name: str, column: str, pa
 def remember_index(store: Store, report: IndexReport) -> None:
     indexes = store.manifest.setdefault("indexes", {})
     indexes[f"{report.table}.{report.column}"] = {**asdict(report.parameters), "recall_at_10": report.recall_at_10}
-    (store.path / MANIFEST).write_text(json.dumps(store.manifest, indent=2) + "\n")
+    store.write_manifest()
 
 
 def index_for(store: Store, table_name: str, column: str) -> IndexParameters | None:

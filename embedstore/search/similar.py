@@ -59,7 +59,7 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
     if k < 1:
         raise UsageError("--k must be at least 1")
     table = series_table_name(query.model_id) if level == "series" else slices_table_name(query.model_id)
-    condition = validated_where(where, store.table(table).schema.names) if where else None
+    condition = validated_where(where, store.table(table).schema) if where else None
     pooled = query.vectors.mean(0, keepdims=True)
     own = query.own_key if level == "slice" else query.own_series
     index = index_for(store, table, feature) if level != "study" else None
