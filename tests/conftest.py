@@ -100,3 +100,39 @@ def fresh_copy(ingested, tmp_path) -> Path:
     target = tmp_path / "store"
     shutil.copytree(ingested.path, target)
     return target
+
+
+def run_cli_here(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """The `embedstore` command run in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["embedstore", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """A labels CSV with the rows' keys as its header."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_modality_labels(path: Path, store_path: Path) -> Path:
+    """Labels keyed by path: the modality family as the class, a fixed split per file (each file its
+    own patient)."""
+    from embedstore.store import Store
+
+    items = Store.open(store_path).rows("items", columns=["path", "modality"]).to_pylist()
+    paths = sorted({row["path"]: row["modality"] or "XR" for row in items}.items())
+    return write_csv(path, [{"path": file_path, "label": "volume" if modality in ("CT", "MR") else "plain",
+                             "split": "test" if index % 3 == 0 else "train", "patient_id": file_path}
+                            for index, (file_path, modality) in enumerate(paths)])

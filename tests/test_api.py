@@ -7,7 +7,6 @@ CLS vectors are nearly constant.
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 import zarr
 
 import embedstore
-from conftest import ingest_options, make_mixed_archive
+from conftest import ingest_options, make_mixed_archive, run_cli_here, write_csv
 from embedstore.errors import UsageError
 from embedstore.search import similar
 from embedstore.store import Store
@@ -61,22 +60,8 @@ def plain_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
     return np.concatenate([np.stack(table.column(c).to_numpy(zero_copy_only=False)) for c in columns], axis=1)
 
 
-def write_labels(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    from cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["embedstore", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 # ---------------------------------------------------------------------------------- opening, models
@@ -231,7 +216,7 @@ def series_labels(store, tmp_path: Path) -> tuple[Path, dict[str, tuple[str, str
             by_series[item["series_uid"]] = (item["modality"].lower(), "train" if item["modality"] == "CT" else "test")
     rows = [{"series_uid": uid, "label": label, "split": split} for uid, (label, split) in by_series.items()]
     rows.append({"series_uid": "1.2.3.not.stored", "label": "ghost", "split": "val"})
-    return write_labels(tmp_path / "labels.csv", rows), by_series
+    return write_csv(tmp_path / "labels.csv", rows), by_series
 
 
 def test_export_parquet_round_trips_with_labels(two_models, tmp_path):
@@ -279,7 +264,7 @@ def test_export_npy_round_trips_at_series_level(two_models, tmp_path):
 
 def test_export_refuses_wrong_requests_before_writing(two_models, tmp_path):
     store = embedstore.open(two_models[0])
-    labels = write_labels(tmp_path / "by_path.csv", [{"path": "x.dcm", "label": "a"}])
+    labels = write_csv(tmp_path / "by_path.csv", [{"path": "x.dcm", "label": "a"}])
     cases = [
         (dict(out=tmp_path / "a.parquet", format="csv", model="dinov2_vits"), "--format must be one of"),
         (dict(out=tmp_path / "a.parquet", format="parquet", model="dinov2"), "ambiguous"),
@@ -300,7 +285,7 @@ def test_export_refuses_wrong_requests_before_writing(two_models, tmp_path):
 def test_export_from_the_command_line(two_models, tmp_path, monkeypatch, capsys):
     path, archive, ids = two_models
     out = tmp_path / "cli.parquet"
-    code, stdout, stderr = run_cli(["export", str(path), str(out), "--format", "parquet", "--model-id", "dinov2_vits",
+    code, stdout, stderr = run_cli_here(["export", str(path), str(out), "--format", "parquet", "--model-id", "dinov2_vits",
                                     "--feature", "patch_mean"], monkeypatch, capsys)
     assert code == 0 and stderr == ""
     assert f"{archive.n_slices} slice vectors (patch_mean, 384-d) of {ids['dinov2_vits14']}" in stdout
@@ -308,12 +293,12 @@ def test_export_from_the_command_line(two_models, tmp_path, monkeypatch, capsys)
     table = pq.read_table(out)
     np.testing.assert_array_equal(np.stack(table.column("vector").to_numpy(zero_copy_only=False)), expected.matrix)
 
-    code, stdout, stderr = run_cli(["export", str(path), str(tmp_path / "x"), "--format", "npy", "--model-id",
+    code, stdout, stderr = run_cli_here(["export", str(path), str(tmp_path / "x"), "--format", "npy", "--model-id",
                                     "dinov2"], monkeypatch, capsys)
     assert code == 2 and stdout == ""
     assert stderr.count("\n") == 1 and stderr.startswith("embedstore: error: --model-id 'dinov2' is ambiguous")
     assert not (tmp_path / "x").exists()
-    code, _, stderr = run_cli(["export", str(path), str(tmp_path / "y"), "--format", "hdf5", "--model-id",
+    code, _, stderr = run_cli_here(["export", str(path), str(tmp_path / "y"), "--format", "hdf5", "--model-id",
                                "dinov2_vits"], monkeypatch, capsys)
     assert code == 2 and stderr.count("\n") == 1 and "--format must be one of parquet, npy" in stderr
 

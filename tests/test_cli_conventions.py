@@ -9,7 +9,6 @@ method and may re-import modules, so nothing here may run at import time.
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_csv
 from embedstore.errors import UsageError
 
 SUBPROCESS_TIMEOUT_S = 180
@@ -53,12 +53,6 @@ def assert_one_line_error(code: int, err: str, named: str) -> None:
     assert named in lines[0], lines[0]
 
 
-def write_labels(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def slice_rows(store_path: Path) -> list[dict]:
@@ -196,7 +190,7 @@ def test_knn_refuses_k_below_one_and_a_temperature_of_zero(ingested, tmp_path):
     from embedstore.store import Store
 
     rows = slice_rows(ingested.path)
-    labels = write_labels(tmp_path / "labels.csv", [
+    labels = write_csv(tmp_path / "labels.csv", [
         {"key": r["key"], "label": ct_or_other(r), "patient_id": r["series_uid"]} for r in rows])
     store = Store.open(ingested.path)
     for ks, temperature, named in (((0,), 0.07, "--k"), ((10, -1), 0.07, "-1"), ((10,), 0.0, "--temperature")):
@@ -206,9 +200,9 @@ def test_knn_refuses_k_below_one_and_a_temperature_of_zero(ingested, tmp_path):
 
 def test_eval_refuses_one_class_and_classes_missing_from_train(ingested, tmp_path, monkeypatch, capsys):
     rows = slice_rows(ingested.path)
-    one_class = write_labels(tmp_path / "one.csv", [
+    one_class = write_csv(tmp_path / "one.csv", [
         {"key": r["key"], "label": "finding", "patient_id": r["series_uid"]} for r in rows])
-    only_in_test = write_labels(tmp_path / "absent.csv", [  # class "mr" sits in test alone
+    only_in_test = write_csv(tmp_path / "absent.csv", [  # class "mr" sits in test alone
         {"key": r["key"], "label": "mr" if r["modality"] == "MR" else ct_or_other(r),
          "split": "test" if r["modality"] == "MR" else "train"} for r in rows])
     for command in ("knn", "linear", "fewshot"):
@@ -232,7 +226,7 @@ def test_label_column_and_paths_relative_to_the_labels_file(ingested, tmp_path, 
     for r in rows:  # one label per file (a multi-frame file or a volume holds several slices)
         by_path[os.path.relpath(r["path"], folder)] = (ct_or_other(r), r["series_uid"])
     assert all(not Path(p).is_absolute() for p in by_path)
-    labels = write_labels(folder / "diagnoses.csv", [
+    labels = write_csv(folder / "diagnoses.csv", [
         {"path": path, "diagnosis": label, "patient_id": patient} for path, (label, patient) in by_path.items()])
     store = Store.open(ingested.path)
     result = knn_evaluation(store, labels, "patch_mean", ks=(1,), split_by="patient", ratios=(0.5, 0.0, 0.5),
@@ -247,7 +241,7 @@ def test_label_column_and_paths_relative_to_the_labels_file(ingested, tmp_path, 
     code, _, err = run_main(["eval", "knn", ingested.path, "--labels", labels, "--split-by", "patient"],
                             monkeypatch, capsys)
     assert_one_line_error(code, err, "'label' column")
-    elsewhere = write_labels(tmp_path / "elsewhere.csv", [{"path": "x.dcm", "label": "a", "split": "train"}])
+    elsewhere = write_csv(tmp_path / "elsewhere.csv", [{"path": "x.dcm", "label": "a", "split": "train"}])
     with pytest.raises(UsageError, match="stored paths are absolute"):
         knn_evaluation(store, elsewhere)
 

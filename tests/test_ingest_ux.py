@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import ingest_options
+from conftest import ingest_options, run_cli_here
 from embedstore import samples
 
 FAST = ["--weights", "random", "--image-size", "28", "--workers", "0"]
@@ -46,15 +46,6 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           timeout=SUBPROCESS_TIMEOUT_S)
 
 
-def run_cli_here(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """The command in this process (for commands that only read a store)."""
-    from cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["embedstore", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def ct_with_copies(directory: Path, cut_name: str = "Z_cut.dcm") -> None:

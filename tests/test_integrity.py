@@ -3,7 +3,6 @@ row per item, and `embedstore check` finds (and `--repair` mends) damaged shards
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import TEST_IMAGE_SIZE, ingest_options, make_mixed_archive
+from conftest import TEST_IMAGE_SIZE, ingest_options, make_mixed_archive, run_cli_here, write_modality_labels
 from embedstore.errors import StoreDamagedError, UsageError
 from embedstore.store import COMMIT_LOCK, MANIFEST, Store
 from embedstore.store.privacy import KEY_ENV, KEY_FILE, PatientKeyWarning, key_fingerprint, patient_id_key
@@ -27,14 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT_S = 600
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    from cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["embedstore", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def only_model(store: Store) -> str:
@@ -70,7 +61,7 @@ def test_the_key_fingerprint_is_recorded_and_a_deleted_key_file_is_refused(ct_fo
     assert not (store_path / KEY_FILE).exists()  # no new key was made
     command = ["ingest", str(ct_folder), "--store", str(store_path), "--weights", "random", "--image-size",
                str(TEST_IMAGE_SIZE), "--workers", "0", "--no-progress"]
-    code, _, err = run_cli(command, monkeypatch, capsys)
+    code, _, err = run_cli_here(command, monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and KEY_FILE in err and "Traceback" not in err
     assert Store.open(store_path).rows("items").num_rows == before
 
@@ -238,28 +229,17 @@ def test_duplicate_rows_of_older_stores_are_removed(fresh_copy, ingested, mend, 
     for table in ("items", slices_table_name(model_id), "series", series_table_name(model_id)):
         duplicate_rows(store, table, 3)
     refresh_series(store, [model_id])  # doubled n_slices, as the issue saw
-    code, out, _ = run_cli(["check", str(fresh_copy)], monkeypatch, capsys)
+    code, out, _ = run_cli_here(["check", str(fresh_copy)], monkeypatch, capsys)
     assert code == 1 and out.count("duplicate_key") == 4
-    code, out, _ = run_cli(mend.split() + [str(fresh_copy)], monkeypatch, capsys)
+    code, out, _ = run_cli_here(mend.split() + [str(fresh_copy)], monkeypatch, capsys)
     assert code == 0
     assert ("removed 12 duplicate rows" if mend == "vacuum" else "repaired") in out, out
     assert_one_row_per_item(fresh_copy, ingested.archive.n_slices)
-    assert run_cli(["check", str(fresh_copy)], monkeypatch, capsys)[0] == 0
+    assert run_cli_here(["check", str(fresh_copy)], monkeypatch, capsys)[0] == 0
 
 
 # ------------------------------------------------------------------------------------ damage
 
-def write_labels(path: Path, store_path: Path) -> Path:
-    """Labels keyed by path: the modality family as the class, a fixed split per file."""
-    items = Store.open(store_path).rows("items", columns=["path", "modality"]).to_pylist()
-    paths = sorted({row["path"]: row["modality"] or "XR" for row in items}.items())
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split", "patient_id"])
-        for index, (file_path, modality) in enumerate(paths):
-            writer.writerow([file_path, "volume" if modality in ("CT", "MR") else "plain",
-                             "test" if index % 3 == 0 else "train", file_path])
-    return path
 
 
 def knn_metrics(store_path: Path, labels: Path) -> dict:
@@ -292,9 +272,9 @@ def test_check_finds_a_lost_shard_a_lost_chunk_and_flipped_bytes_and_repair_then
     options = ingest_options(batch_size=4, unit_slices=8)
     store_path = tmp_path / "store"
     ingest([archive.root], store_path, options)
-    labels = write_labels(tmp_path / "labels.csv", store_path)
+    labels = write_modality_labels(tmp_path / "labels.csv", store_path)
     before = knn_metrics(store_path, labels)
-    assert run_cli(["check", str(store_path)], monkeypatch, capsys)[0] == 0
+    assert run_cli_here(["check", str(store_path)], monkeypatch, capsys)[0] == 0
 
     store = Store.open(store_path)
     model_id = only_model(store)
@@ -312,19 +292,19 @@ def test_check_finds_a_lost_shard_a_lost_chunk_and_flipped_bytes_and_repair_then
         with pytest.raises(StoreDamagedError, match="embedstore check"):
             patches.read_patches(store.patches_root, shard, [offset], 11)
 
-    code, out, _ = run_cli(["check", str(store_path), "--json"], monkeypatch, capsys)
+    code, out, _ = run_cli_here(["check", str(store_path), "--json"], monkeypatch, capsys)
     report = json.loads(out)
     assert code == 1 and not report["clean"]
     found = {(f["kind"], f["where"]) for f in report["findings"]}
     assert found == {("missing_shard", lost), ("missing_chunk", chunked), ("bad_digest", slices_table_name(model_id))}
 
-    code, out, _ = run_cli(["check", str(store_path), "--repair"], monkeypatch, capsys)
+    code, out, _ = run_cli_here(["check", str(store_path), "--repair"], monkeypatch, capsys)
     assert code == 0 and "repaired" in out, out
     dropped = len(rows) - Store.open(store_path).rows(slices_table_name(model_id)).num_rows
     assert dropped >= sum(row["patch_shard"] == lost for row in rows) + 2 + 1
     summary = ingest([archive.root], store_path, options)
     assert summary.n_embedded == dropped
-    assert run_cli(["check", str(store_path)], monkeypatch, capsys)[0] == 0
+    assert run_cli_here(["check", str(store_path)], monkeypatch, capsys)[0] == 0
     assert knn_metrics(store_path, labels) == before
 
 
@@ -332,22 +312,22 @@ def test_a_truncated_manifest_or_data_file_is_one_line_naming_check(fresh_copy, 
     manifest = fresh_copy / MANIFEST
     text = manifest.read_text()
     manifest.write_text(text[:len(text) // 2])
-    code, out, err = run_cli(["info", str(fresh_copy)], monkeypatch, capsys)
+    code, out, err = run_cli_here(["info", str(fresh_copy)], monkeypatch, capsys)
     assert code == 1 and err.count("\n") == 1 and MANIFEST in err and "embedstore check" in err
-    code, out, _ = run_cli(["check", str(fresh_copy)], monkeypatch, capsys)
+    code, out, _ = run_cli_here(["check", str(fresh_copy)], monkeypatch, capsys)
     assert code == 1 and "damaged_manifest" in out
-    assert run_cli(["check", str(fresh_copy), "--repair"], monkeypatch, capsys)[0] == 0
+    assert run_cli_here(["check", str(fresh_copy), "--repair"], monkeypatch, capsys)[0] == 0
     assert Store.open(fresh_copy).manifest["patient_id_key"] == key_fingerprint(
         (fresh_copy / KEY_FILE).read_text().strip().encode())
 
     data_file = next((fresh_copy / "tables" / "items.lance" / "data").glob("*.lance"))
     data_file.write_bytes(data_file.read_bytes()[:200])
-    code, out, err = run_cli(["info", str(fresh_copy)], monkeypatch, capsys)
+    code, out, err = run_cli_here(["info", str(fresh_copy)], monkeypatch, capsys)
     assert code == 1 and err.count("\n") == 1 and "items.lance" in err and "embedstore check" in err
     assert "Traceback" not in err
-    code, out, _ = run_cli(["check", str(fresh_copy)], monkeypatch, capsys)
+    code, out, _ = run_cli_here(["check", str(fresh_copy)], monkeypatch, capsys)
     assert code == 1 and "unreadable_table: items" in out
-    assert run_cli(["check", str(fresh_copy), "--repair"], monkeypatch, capsys)[0] == 0
+    assert run_cli_here(["check", str(fresh_copy), "--repair"], monkeypatch, capsys)[0] == 0
     assert Store.open(fresh_copy).rows("items").num_rows == 0  # every vector row went with it: a rerun re-embeds
 
 

@@ -7,7 +7,6 @@ Module level defines constants and functions only (decode workers may re-import 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ingest_options, make_mixed_archive
+from conftest import ingest_options, make_mixed_archive, write_modality_labels
 
 TWO_MODELS = ("dinov2_vits14", "dinov2_vitb14")
 
@@ -29,20 +28,6 @@ def model_files(store: Path, model_id: str) -> dict[str, str]:
             for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def write_labels(path: Path, store_path: Path) -> Path:
-    """A labels CSV keyed by path: the modality family as the class, a fixed split per file (each
-    file its own patient)."""
-    from embedstore.store import Store
-
-    items = Store.open(store_path).rows("items", columns=["path", "modality"]).to_pylist()
-    paths = sorted({row["path"]: row["modality"] or "XR" for row in items}.items())
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split", "patient_id"])
-        for index, (file_path, modality) in enumerate(paths):
-            writer.writerow([file_path, "volume" if modality in ("CT", "MR") else "plain",
-                             "test" if index % 3 == 0 else "train", file_path])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +80,7 @@ def test_eval_knn_of_either_model_equals_a_store_holding_it_alone(two_model_stor
     from embedstore.store import Store
 
     path, summary, archive, _ = two_model_store
-    labels = write_labels(tmp_path / "labels.csv", path)
+    labels = write_modality_labels(tmp_path / "labels.csv", path)
     for name, model_id in zip(TWO_MODELS, summary.model_ids):
         alone = tmp_path / name
         single = ingest([archive.root], alone, ingest_options(models=(name,), batch_size=4, patch_layers=(-2, -1)))
@@ -254,7 +239,7 @@ def test_linear_feature_grid_chooses_on_val_and_equals_the_chosen_feature_run_al
     from embedstore.store import Store
 
     path, summary, _, _ = two_model_store
-    labels = write_labels(tmp_path / "labels.csv", path)
+    labels = write_modality_labels(tmp_path / "labels.csv", path)
     store = Store.open(path)
     grid = linear_evaluation(store, labels, "grid", model_id=summary.model_ids[0], c_grid=(0.01, 1.0, 100.0))
     assert set(grid.feature_grid) == set(GRID_FEATURES)
