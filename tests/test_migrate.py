@@ -433,7 +433,7 @@ def test_an_interrupted_migration_is_finished_by_a_rerun(format2, format2_copy, 
     from embedstore.store.schema import slices_table_name
 
     class Crash(Exception):
-        pass
+        """The process dying at that point."""
 
     def crashing(original):
         def wrapper(*args, **kwargs):

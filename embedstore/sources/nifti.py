@@ -62,8 +62,7 @@ def _load(path: str, stage: str = "read"):
     import nibabel  # imported where NIfTI is read: DICOM-only processes never load it
 
     try:
-        with open(path, "rb"):  # nibabel reports a file it may not read as one it cannot recognise
-            pass
+        open(path, "rb").close()  # nibabel reports a file it may not read as one it cannot recognise
         return nibabel.load(path)
     except PermissionError as error:
         raise InputError(UNREADABLE, f"file cannot be read: {error.strerror}", stage) from None
