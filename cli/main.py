@@ -574,6 +574,109 @@ def eval_fewshot(
         plot_curves(result, plot)
 
 
+@eval_app.command("segment")
+def eval_segment(
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
+    labels: Path = typer.Option(..., "--labels", help="Labels CSV with a join column and a mask column (a PNG/TIFF "
+                                "label image, NIfTI label volume or DICOM SEG per row); relative paths are read "
+                                "from its folder."),
+    decoder: str = typer.Option("linear", help="linear (1x1 conv on the last block) or unet (last 5 blocks)."),
+    classes: Optional[str] = typer.Option(None, help="Class names, 1:liver,2:spleen, or an MSD dataset.json "
+                                          "(default: a dataset.json beside the labels CSV, else the mask values)."),
+    epochs: int = typer.Option(10, help="Epochs over the train tokens."),
+    batch_size: int = typer.Option(32, help="Slices per step."),
+    loss: str = typer.Option("dice", help="dice (MONAI DiceLoss) or dicece (Dice + cross-entropy)."),
+    seeds: str = typer.Option("0", help="Training seeds, comma-separated: each repeats the protocol; the "
+                              "report gives mean and std."),
+    split_by: Optional[str] = SPLIT_BY_OPTION,
+    ratios: str = RATIOS_OPTION,
+    seed: int = typer.Option(0, help="Seed of --split-by patient, and of the val carved from train when the "
+                             "splits have none."),
+    score_at: str = typer.Option("native", help="native (each mask's own resolution) or input (the model's input "
+                                 "size, the reference study's setting)."),
+    model_id: Optional[str] = EVAL_MODEL_OPTION,
+    json_out: Optional[Path] = RESULT_JSON_OPTION,
+    report: Optional[Path] = REPORT_OPTION,
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write the test predictions here, one "
+                                               "file per input in its geometry (created; its parent must exist)."),
+    device: str = typer.Option("auto", help="auto (CUDA when there is one), cpu, or cuda."),
+) -> None:
+    """Segmentation probe on stored patch tokens: 7 learning rates trained together, chosen on val
+    Dice, refitted on train + val, tested once."""
+    from embedstore.eval.segment.protocol import check_settings, segment_evaluation
+    from embedstore.eval.segment.report import write_segment_report
+    from embedstore.eval.segment.train import TrainSettings
+    from embedstore.store import Store
+
+    check_split_by(split_by)
+    check_outputs(json_out, report)
+    check_output(predictions, "--predictions", folder=True)
+    settings = TrainSettings(decoder, epochs, batch_size, loss, torch_device(device))
+    seed_list = parse_numbers(seeds, "--seeds", int)
+    check_settings(settings, seed_list, score_at)
+    with rows_progress(f"segment ({decoder} decoder)") as progress:
+        result = segment_evaluation(Store.open(store), labels, model_id, classes, settings, seed_list, split_by,
+                                    parse_numbers(ratios, "--ratios"), seed, score_at, predictions, progress)
+    print_segmentation(result)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if report:
+        out.print(f"report: {write_segment_report(result, report)}")
+    if predictions:
+        out.print(f"predictions: {predictions}")
+
+
+def torch_device(name: str) -> str:
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+@contextmanager
+def rows_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A bar on stderr over the slices trained, with their rate; none off a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                  TextColumn("{task.fields[rate]}"), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task("rows", total=None, rate="")
+        yield lambda done, total: bar.update(task, completed=done, total=total,
+                                             rate=f"{bar.tasks[0].speed or 0:,.0f} slices/s")
+
+
+def print_segmentation(result) -> None:
+    counts = ", ".join(f"{split} {n:,}" for split, n in result.counts.items())
+    out.print(f"[bold]segment[/bold] {result.model_id} · {result.decoder} decoder on blocks "
+              f"{','.join(map(str, result.blocks))} · {len(result.classes)} classes · slices {counts} · "
+              f"scored at {result.score_at} resolution")
+    for line in result.notes():
+        out.print(line)
+    for line in result.mask_problem_lines:
+        warn(line)
+    for warning in result.warnings:
+        warn(warning)
+    table = Table(title="test (mean ± std over seeds)" if len(result.seeds) > 1 else "test")
+    for column in ("metric", "value"):
+        table.add_column(column)
+    for name, summary in result.metrics.items():
+        value = "-" if summary["mean"] is None else f"{summary['mean']:.4f}" + (
+            f" ± {summary['std']:.4f}" if len(result.seeds) > 1 else "")
+        table.add_row(name.replace("_", " "), value)
+    out.print(table)
+    per_class = Table(title="per class (first seed)")
+    for column in ("class", "global Dice", "per-volume Dice", "IoU"):
+        per_class.add_column(column)
+    for row in result.runs[0]["test"]["per_class"]:
+        per_class.add_row(row["class"], *("-" if row[c] is None else f"{row[c]:.4f}"
+                                          for c in ("global_dice", "per_volume_dice", "iou")))
+    out.print(per_class)
+
+
 @app.command()
 def vacuum(store: Path = typer.Argument(..., metavar="STORE", help="Store directory.")) -> None:
     """Remove duplicate keys, and the patch shards and table files that interrupted runs left behind;

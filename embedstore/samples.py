@@ -175,6 +175,60 @@ def write_nifti(path: Path, shape: tuple[int, int, int] = (40, 40, 12), seed: in
     return path
 
 
+# Segmentation phantoms: two classes of ellipse on noise, told apart by their intensity.
+PHANTOM_LEVELS = (0.05, 0.5, 0.95)  # background, class 1, class 2
+PHANTOM_NOISE = 0.06
+# A non-trivial NIfTI affine: voxel axes permuted and flipped against RAS, anisotropic, shifted.
+PHANTOM_AFFINE = np.array([[0.0, 0.0, -2.0, 40.0], [-1.2, 0.0, 0.0, 30.0], [0.0, 1.1, 0.0, -20.0], [0, 0, 0, 1]])
+
+
+def ellipse_labels(shape: tuple[int, ...], rng: np.random.Generator, stretch: tuple[float, ...] | None = None) -> np.ndarray:
+    """A class map (2D or 3D): an ellipse (ellipsoid) of class 1 in one half along the first axis and
+    one of class 2 in the other, each large against a 14 px patch, touching neither the other nor the edge.
+    `stretch` scales the radii per axis (a long slice axis keeps the end slices' sections large)."""
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    labels = np.zeros(shape, dtype=np.uint8)
+    for value, side in ((1, -0.5), (2, 0.5)):
+        centre = np.concatenate([[side + rng.uniform(-0.05, 0.05)], rng.uniform(-0.2, 0.2, len(shape) - 1)])
+        radii = np.concatenate([rng.uniform(0.3, 0.42, 1), rng.uniform(0.4, 0.7, len(shape) - 1)])
+        radii *= np.asarray(stretch or (1.0,) * len(shape))
+        labels[sum(((axis - c) / r) ** 2 for axis, c, r in zip(grid, centre, radii)) <= 1] = value
+    return labels
+
+
+def phantom_intensities(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Values in [0, 1]: each class at its level, plus noise."""
+    image = np.asarray(PHANTOM_LEVELS, dtype=np.float32)[labels] + rng.normal(0, PHANTOM_NOISE, labels.shape)
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+def write_segmentation_phantoms(root: Path, n_images: int = 0, n_volumes: int = 0, size: int = 64,
+                                n_slices: int = 10) -> Path:
+    """A segmentation task under `root` and its labels CSV (returned): `n_images` PNG images with PNG
+    masks (images/, masks/), and `n_volumes` NIfTI volumes with label volumes (imagesTr/, labelsTr/,
+    PHANTOM_AFFINE) whose values are HU-like (declare --modality CT). One patient per image or volume."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    lines = ["path,mask,patient_id"]
+    for number in range(n_images):
+        labels = ellipse_labels((size, size), rng)
+        write_png(root / "images" / f"img{number:03d}.png", phantom_intensities(labels, rng))
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(labels).save(root / "masks" / f"img{number:03d}.png")
+        lines.append(f"images/img{number:03d}.png,masks/img{number:03d}.png,p{number:03d}")
+    for number in range(n_volumes):
+        # file axis 1 is S under PHANTOM_AFFINE (axial slices); every slice cuts the ellipsoids well inside
+        labels = ellipse_labels((size, n_slices, size), rng, stretch=(1.0, 2.5, 1.0))
+        hu = phantom_intensities(labels, rng) * 400.0 - 100.0
+        for folder, data in (("imagesTr", hu.astype(np.int16)), ("labelsTr", labels)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, PHANTOM_AFFINE), str(root / folder / f"vol{number:03d}.nii.gz"))
+        lines.append(f"imagesTr/vol{number:03d}.nii.gz,labelsTr/vol{number:03d}.nii.gz,v{number:03d}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
 def copy_pydicom_bundled(directory: Path) -> list[Path]:
     """pydicom's own small CT and MR test files (shipped inside the pydicom package)."""
     from pydicom.data import get_testdata_file

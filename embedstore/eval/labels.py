@@ -102,39 +102,51 @@ def join_labels(vectors: Vectors, join_column: str, rows: list[dict]) -> Labelle
 
 def split_by_patient(data: LabelledVectors, ratios: tuple[float, float, float], seed: int) -> LabelledVectors:
     """Assign train / val / test by patient, stratified by each patient's most common label."""
+    strata = [int(np.argmax(target)) if data.multilabel else int(target) for target in data.targets]
+    splits = patient_splits(data.patients, strata, ratios, seed)
+    return LabelledVectors(data.matrix, data.targets, data.classes, data.multilabel, data.patients, splits, data.keys)
+
+
+def patient_splits(patients: np.ndarray, strata, ratios: tuple[float, float, float], seed: int) -> np.ndarray:
+    """The split of each row: patients shuffled within the stratum of their most common row stratum
+    (a class), then cut by `ratios`, so a patient never sits on two sides."""
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
         raise UsageError(f"--ratios takes three non-negative train,val,test shares summing to 1, not {ratios}")
     first_label: dict[str, Counter] = defaultdict(Counter)
-    for patient, target in zip(data.patients, data.targets):
-        first_label[patient][int(np.argmax(target)) if data.multilabel else int(target)] += 1
-    strata: dict[int, list[str]] = defaultdict(list)
+    for patient, stratum in zip(patients, strata):
+        first_label[patient][stratum] += 1
+    by_stratum: dict[int, list[str]] = defaultdict(list)
     for patient in sorted(first_label):
-        strata[first_label[patient].most_common(1)[0][0]].append(patient)
+        by_stratum[first_label[patient].most_common(1)[0][0]].append(patient)
     rng = np.random.default_rng(seed)
     assignment = {}
-    for label in sorted(strata):
-        patients = list(strata[label])
-        rng.shuffle(patients)
-        bounds = np.round(np.cumsum(ratios) * len(patients)).astype(int)
-        for position, patient in enumerate(patients):
+    for stratum in sorted(by_stratum):
+        members = list(by_stratum[stratum])
+        rng.shuffle(members)
+        bounds = np.round(np.cumsum(ratios) * len(members)).astype(int)
+        for position, patient in enumerate(members):
             assignment[patient] = SPLITS[int(np.searchsorted(bounds, position, side="right"))]
-    splits = np.array([assignment[p] for p in data.patients], dtype=object)
-    return LabelledVectors(data.matrix, data.targets, data.classes, data.multilabel, data.patients, splits, data.keys)
+    return np.array([assignment[p] for p in patients], dtype=object)
 
 
 def check_splits(data: LabelledVectors) -> None:
     """UsageError when a row has no split, or a patient sits in two splits."""
-    if (data.splits == "").any():
+    check_patient_splits(data.patients, data.splits, data.counts())
+
+
+def check_patient_splits(patients: np.ndarray, splits: np.ndarray, counts: dict[str, int]) -> None:
+    """UsageError when a row has no split, a patient sits in two splits, or train or test is empty."""
+    if (splits == "").any():
         raise UsageError("some labelled rows have no split: give a 'split' column or use --split-by patient")
     sides: dict[str, set] = defaultdict(set)
-    for patient, split in zip(data.patients, data.splits):
+    for patient, split in zip(patients, splits):
         sides[patient].add(split)
     leaking = sorted(p for p, s in sides.items() if len(s) > 1)
     if leaking:
         raise UsageError(f"{len(leaking)} patients appear in more than one split (e.g. {leaking[0]}): "
                          "their images would leak between training and testing")
-    if not (data.splits == "train").any() or not (data.splits == "test").any():
-        raise UsageError(f"the splits need train and test rows; counts: {data.counts()}")
+    if not (splits == "train").any() or not (splits == "test").any():
+        raise UsageError(f"the splits need train and test rows; counts: {counts}")
 
 
 def check_classes(data: LabelledVectors) -> None:

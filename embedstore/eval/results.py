@@ -90,3 +90,57 @@ class FewShotResult(EvaluationResult):
     seed: int
     curves: dict[str, list[dict]]  # classifier → per shot count {shots, mean, ci95, tries}
     train_patients_per_class: dict[str, int]
+
+
+HEADLINE_SEGMENT_METRICS = ("global_dice", "per_volume_dice", "per_volume_dice_present", "mean_iou")
+
+
+@dataclass
+class SegmentResult(EvaluationResult):
+    decoder: str
+    blocks: list[int]  # the stored blocks whose patch tokens the decoder read, oldest first
+    class_values: dict[int, str]  # mask value → class name (background 0 excluded)
+    loss: str
+    epochs: int
+    batch_size: int
+    learning_rates: list[float]
+    seeds: list[int]
+    score_at: str  # native (each mask's own resolution) or input (the model's input size, as the study)
+    split: dict  # where the splits came from, slices and volumes per split
+    mask_problems: dict[str, int]  # reason → labels rows left out
+    mask_problem_lines: list[str]
+    runs: list[dict]  # per seed: val Dice per learning rate, the rate chosen, seconds, test metrics
+    metrics: dict[str, dict]  # headline metric → {mean, std, values} over seeds
+    empty_class_rule: str
+    # Overlay panels for --report (image, truth, prediction at input size); not part of the JSON.
+    overlays: list = field(default_factory=list, kw_only=True, repr=False)
+
+    def to_dict(self) -> dict:
+        result = asdict(self)
+        result.pop("overlays")
+        return result
+
+    def notes(self) -> list[str]:
+        lines = [f"seed {run['seed']}: learning rate {run['chosen_learning_rate']:g} chosen on val (val Dice "
+                 f"{run['val_dice'][lr_key(run['chosen_learning_rate'])]:.4f}); refitted on train + val"
+                 for run in self.runs]
+        lines += [f"{n} labels rows left out: {reason}" for reason, n in self.mask_problems.items()]
+        return lines
+
+    def metric_tables(self) -> dict[str, dict[str, dict]]:
+        return {"test": {run_label(run): {name: run["test"][name] for name in HEADLINE_SEGMENT_METRICS}
+                         for run in self.runs}}
+
+    def reported(self) -> tuple[str, dict]:
+        seeds = f", mean over seeds {', '.join(map(str, self.seeds))}" if len(self.seeds) > 1 else ""
+        return (f"{self.decoder} decoder, learning rate chosen on val{seeds}",
+                {name: summary["mean"] for name, summary in self.metrics.items()})
+
+
+def run_label(run: dict) -> str:
+    return f"seed {run['seed']}, lr {run['chosen_learning_rate']:g}"
+
+
+def lr_key(learning_rate: float) -> str:
+    """A learning rate as the JSON's keys write it: 0.0001, 0.005, 0.1."""
+    return f"{learning_rate:g}"

@@ -182,3 +182,28 @@ def _view(volume: np.ndarray, axis: str) -> np.ndarray:
     else:  # sagittal: [k, r, c] = V[k, Y-1-c, Z-1-r]
         view = volume[:, ::-1, ::-1].transpose(0, 2, 1)
     return np.ascontiguousarray(view)
+
+
+def volume_from_slices(slices: np.ndarray, path: str, axis: str = "axial") -> np.ndarray:
+    """The inverse of read_nifti_slices for the file at `path`: slices (volumes × slices, rows, cols)
+    cut along `axis` → an array in the file's own voxel order and shape, to be saved with its affine
+    (segmentation predictions that overlay the image they were made from)."""
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    image = _load(path)
+    to_file = ornt_transform(np.array([[0, 1], [1, 1], [2, 1]]), io_orientation(image.affine))
+    n_volumes = int(image.shape[3]) if len(image.shape) == 4 else 1
+    per_volume = np.split(slices, n_volumes)
+    volumes = [apply_orientation(_unview(view, axis), to_file) for view in per_volume]
+    return volumes[0] if len(image.shape) == 3 else np.stack(volumes, axis=3)
+
+
+def _unview(view: np.ndarray, axis: str) -> np.ndarray:
+    """(slice, row, col) → canonical (x, y, z) voxels: _view undone."""
+    if axis == "axial":
+        volume = view.transpose(2, 1, 0)[::-1, ::-1, :]
+    elif axis == "coronal":
+        volume = view.transpose(2, 0, 1)[::-1, ::-1, ::-1]
+    else:
+        volume = view.transpose(0, 2, 1)[:, ::-1, ::-1]
+    return np.ascontiguousarray(volume)

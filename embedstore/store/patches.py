@@ -68,18 +68,41 @@ class PatchShardWriter:
 def read_patches(patches_root: Path, patch_shard: str, offsets, block: int) -> np.ndarray:
     """Patch tokens (len(offsets), tokens, dim) of block `block` for rows of one shard, as float16.
     StoreDamagedError when the shard or a chunk the rows need is gone (Zarr would read zeros)."""
-    path = patches_root / patch_shard / patch_array(block)
-    offsets = np.asarray(offsets, dtype=np.int64)
-    if not (path / "zarr.json").exists():
-        raise StoreDamagedError(damaged_shard(patches_root, path, "is missing"))
-    array = zarr.open_array(str(path), mode="r")
-    if len(offsets) and offsets.max() >= array.shape[0]:
-        raise StoreDamagedError(damaged_shard(patches_root, path, f"has no row {offsets.max()}"))
-    rows = array.chunks[0]
-    for chunk in np.unique(offsets // rows):
-        if not (path / array.metadata.encode_chunk_key((int(chunk), 0, 0))).exists():
-            raise StoreDamagedError(damaged_shard(patches_root, path, f"lacks its chunk of rows {chunk * rows}+"))
-    return array.oindex[offsets]
+    return PatchReader(patches_root).read(patch_shard, offsets, block)
+
+
+class PatchReader:
+    """Reads the patch tokens of many rows, keeping each shard's arrays open: opening one reads its
+    metadata, which costs as much as reading a few rows."""
+
+    def __init__(self, patches_root: Path):
+        self.patches_root = patches_root
+        self._arrays: dict[tuple[str, int], zarr.Array] = {}
+
+    def array(self, patch_shard: str, block: int) -> zarr.Array:
+        if (patch_shard, block) not in self._arrays:
+            path = self.patches_root / patch_shard / patch_array(block)
+            if not (path / "zarr.json").exists():
+                raise StoreDamagedError(damaged_shard(self.patches_root, path, "is missing"))
+            self._arrays[patch_shard, block] = zarr.open_array(str(path), mode="r")
+        return self._arrays[patch_shard, block]
+
+    def chunk_rows(self, patch_shard: str, block: int) -> int:
+        """Rows per stored chunk: reading part of a chunk decompresses all of it."""
+        return self.array(patch_shard, block).chunks[0]
+
+    def read(self, patch_shard: str, offsets, block: int) -> np.ndarray:
+        array = self.array(patch_shard, block)
+        path = self.patches_root / patch_shard / patch_array(block)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if len(offsets) and offsets.max() >= array.shape[0]:
+            raise StoreDamagedError(damaged_shard(self.patches_root, path, f"has no row {offsets.max()}"))
+        rows = array.chunks[0]
+        for chunk in np.unique(offsets // rows):
+            if not (path / array.metadata.encode_chunk_key((int(chunk), 0, 0))).exists():
+                raise StoreDamagedError(damaged_shard(self.patches_root, path,
+                                                      f"lacks its chunk of rows {chunk * rows}+"))
+        return array.oindex[offsets]
 
 
 def damaged_shard(patches_root: Path, path: Path, what: str) -> str:

@@ -1,0 +1,205 @@
+"""The segmentation probe protocol, on stored patch tokens without the backbone: per seed, seven
+decoders (one per learning rate) trained together on train, the rate with the best val Dice chosen,
+one decoder refitted on train + val with it, and test scored once, volume by volume, at each
+mask's native resolution (or at the model's input size, the study's setting)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedstore.errors import UsageError
+from embedstore.eval.results import SegmentResult, lr_key
+from embedstore.eval.segment.data import SegmentationSet, native_masks, segmentation_set
+from embedstore.eval.segment.decoders import DECODER_LAYERS
+from embedstore.eval.segment.metrics import SegmentationScorer
+from embedstore.eval.segment.predictions import PredictionWriter
+from embedstore.eval.segment.tokens import StoredTokens, ordered_batches
+from embedstore.eval.segment.train import (
+    LEARNING_RATES, LOSSES, DecoderShape, Progress, TrainSettings, input_size_dice, train_decoders,
+)
+from embedstore.models.spec import ModelSpec
+from embedstore.pipeline.readback import read_back, stored_slice
+from embedstore.store import Store
+
+SCORE_AT = ("native", "input")
+N_OVERLAYS = 6  # test slices drawn in --report: the most labelled slice of each of the first volumes
+
+
+@dataclass
+class Overlay:
+    name: str
+    image: np.ndarray  # (S, S) in [0, 1], the model's input
+    truth: np.ndarray  # (S, S) class values
+    prediction: np.ndarray
+
+
+def required_blocks(spec: ModelSpec, decoder: str) -> tuple[int, ...]:
+    """The stored blocks a decoder reads (the network's last 1 or 5); UsageError naming the
+    --patch-layers to re-ingest with when the store lacks any of them."""
+    if decoder not in DECODER_LAYERS:
+        raise UsageError(f"--decoder must be one of {', '.join(DECODER_LAYERS)}, not {decoder!r}")
+    n = DECODER_LAYERS[decoder]
+    blocks = tuple(range(spec.num_blocks - n, spec.num_blocks))
+    missing = [block for block in blocks if block not in spec.patch_layers]
+    if missing:
+        kept = ", ".join(map(str, spec.patch_layers)) or "none"
+        raise UsageError(f"the {decoder} decoder reads the patch tokens of the last {n} block{'s' * (n > 1)}, but "
+                         f"model {spec.model_id} kept blocks {kept}: re-ingest with --patch-layers "
+                         + ",".join(str(i) for i in range(-n, 0)))
+    return blocks
+
+
+def check_settings(settings: TrainSettings, seeds: tuple[int, ...], score_at: str) -> None:
+    if settings.loss not in LOSSES:
+        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, not {settings.loss!r}")
+    if settings.epochs < 1 or settings.batch_size < 1:
+        raise UsageError(f"--epochs and --batch-size must be at least 1, not {settings.epochs} and "
+                         f"{settings.batch_size}")
+    if not seeds:
+        raise UsageError("--seeds needs at least one seed")
+    if score_at not in SCORE_AT:
+        raise UsageError(f"--score-at must be one of {', '.join(SCORE_AT)}, not {score_at!r}")
+
+
+def segment_evaluation(store: Store, labels: str | Path, model_id: str | None = None, classes: str | None = None,
+                       settings: TrainSettings = TrainSettings(), seeds: tuple[int, ...] = (0,),
+                       split_by: str | None = None, ratios=(0.7, 0.1, 0.2), split_seed: int = 0,
+                       score_at: str = "native", predictions: Path | None = None,
+                       progress: Progress | None = None) -> SegmentResult:
+    """Train, choose, refit and test a segmentation probe on the store's patch tokens; predictions
+    of the first seed go to `predictions` when given."""
+    check_settings(settings, seeds, score_at)
+    spec = store.spec(store.resolve_model_id(model_id))
+    blocks = required_blocks(spec, settings.decoder)
+    data = segmentation_set(store, spec, labels, classes, split_by, ratios, split_seed)
+    shape = DecoderShape(spec.embed_dim, spec.grid, max(data.class_names) + 1, spec.image_size)
+    source = StoredTokens(store.patches_root, data.rows, blocks)
+    runs, overlays = [], []
+    for number, seed in enumerate(seeds):
+        started = time.perf_counter()
+        decoders = train_decoders(source, data.input_masks, data.indices("train"), shape, settings, LEARNING_RATES,
+                                  seed, progress)
+        val_dice = input_size_dice(decoders, source, data.input_masks, data.indices("val"), shape.n_classes,
+                                   settings.batch_size, settings.device)
+        chosen = LEARNING_RATES[int(np.argmax(val_dice))]  # a tie goes to the smaller rate
+        final, = train_decoders(source, data.input_masks, data.indices("train", "val"), shape, settings, (chosen,),
+                                seed, progress)
+        trained = time.perf_counter() - started
+        writer = PredictionWriter(predictions) if predictions and number == 0 else None
+        test, run_overlays = score_test(final, source, data, spec, score_at, settings, writer)
+        overlays = overlays or run_overlays
+        runs.append({"seed": seed, "val_dice": {lr_key(lr): score for lr, score in zip(LEARNING_RATES, val_dice)},
+                     "chosen_learning_rate": chosen, "train_seconds": round(trained, 2), "test": test})
+    split = {"source": f"--split-by patient (seed {split_seed}, ratios {list(ratios)})" if split_by else "labels CSV",
+             "val_carved_from_train": data.val_carved_from_train, "volumes": data.volume_counts()}
+    return SegmentResult(
+        "segment", spec.model_id, "patch tokens of blocks " + ",".join(map(str, blocks)), "slice",
+        list(data.class_names.values()), False, data.counts(), settings.decoder, list(blocks), data.class_names,
+        settings.loss, settings.epochs, settings.batch_size, list(LEARNING_RATES), list(seeds), score_at, split,
+        data.problem_counts(), [problem.line for problem in data.problems], runs, summarise(runs),
+        runs[0]["test"]["empty_class_rule"], overlays=[o for o in overlays if o is not None])
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    """Mean, standard deviation (over seeds; 0 for one) and values of each headline metric."""
+    from embedstore.eval.results import HEADLINE_SEGMENT_METRICS
+
+    summary = {}
+    for name in HEADLINE_SEGMENT_METRICS:
+        values = [run["test"][name] for run in runs if run["test"][name] is not None]
+        summary[name] = {"mean": float(np.mean(values)) if values else None,
+                         "std": float(np.std(values)) if values else None, "values": values}
+    return summary
+
+
+@torch.no_grad()
+def score_test(decoder: torch.nn.Module, source: StoredTokens, data: SegmentationSet, spec: ModelSpec,
+               score_at: str, settings: TrainSettings, writer: PredictionWriter | None) -> tuple[dict, list]:
+    """Test scores, volume by volume (each volume's slices predicted, then scored and written
+    together); the overlays of the most labelled slice of the first volumes."""
+    scorer = SegmentationScorer(data.class_names)
+    volumes = data.volumes
+    test = sorted(data.indices("test"), key=lambda i: (volumes[i], data.rows[i]["slice_index"]))
+    test = np.array(test, dtype=np.int64)
+    current, predicted, overlay_rows = None, [], []
+
+    def finish(volume_rows: list[int]) -> None:
+        rows = [data.rows[i] for i in volume_rows]
+        truth = native_volume(rows) if score_at == "native" else data.input_masks[volume_rows]
+        prediction = np.stack(predicted)
+        scorer.add(volume_name(rows), truth, prediction)
+        if writer:
+            writer.write_volume(rows, prediction if score_at == "native" else native_predictions(decoder, source,
+                                                                                                volume_rows, rows))
+        if len(overlay_rows) < N_OVERLAYS:
+            overlay_rows.append(max(volume_rows, key=lambda i: int(np.count_nonzero(data.input_masks[i]))))
+
+    volume_rows: list[int] = []
+    for batch, tokens in ordered_batches(source, test, settings.batch_size):
+        logits = decoder([t.to(settings.device) for t in tokens]).cpu()
+        for index, slice_logits in zip(batch, logits):
+            if volumes[index] != current and volume_rows:
+                finish(volume_rows)
+                volume_rows, predicted = [], []
+            current = volumes[index]
+            volume_rows.append(int(index))
+            row = data.rows[index]
+            predicted.append(at_native(slice_logits, row) if score_at == "native" else slice_logits.argmax(0).numpy())
+    if volume_rows:
+        finish(volume_rows)
+    return scorer.result(), overlays(decoder, source, data, spec, overlay_rows)
+
+
+def at_native(logits: torch.Tensor, row: dict) -> np.ndarray:
+    """Class map at the image's own size: the logits resized bilinearly, then the argmax."""
+    resized = F.interpolate(logits[None], size=(row["rows"], row["cols"]), mode="bilinear", align_corners=False)
+    return resized[0].argmax(0).numpy().astype(np.uint8)
+
+
+def native_predictions(decoder, source: StoredTokens, indices: list[int], rows: list[dict]) -> np.ndarray:
+    """A volume's predictions at native size (for --predictions when scoring at the input size)."""
+    logits = decoder(source_tensors(source, indices))
+    return np.stack([at_native(slice_logits, row) for slice_logits, row in zip(logits, rows)])
+
+
+def source_tensors(source: StoredTokens, indices: list[int]) -> list[torch.Tensor]:
+    return [torch.from_numpy(t.astype(np.float32)) for t in source.read(np.array(indices))]
+
+
+def native_volume(rows: list[dict]) -> np.ndarray:
+    """The truth of one volume's slices at native size, each mask file read once."""
+    by_mask: dict[str, list[int]] = {}
+    for position, row in enumerate(rows):
+        by_mask.setdefault(row["mask"], []).append(position)
+    truth = [None] * len(rows)
+    for mask, positions in by_mask.items():
+        masks, _ = native_masks(mask, [rows[p] for p in positions])
+        for position, mask_slice in zip(positions, masks):
+            truth[position] = mask_slice
+    return np.stack(truth)
+
+
+def volume_name(rows: list[dict]) -> str:
+    """What a volume is called in the per-volume table: its file for NIfTI and 2D images, its
+    series for DICOM."""
+    first = stored_slice(rows[0])
+    if first.kind == "dicom":
+        return rows[0]["series_uid"]
+    name = Path(first.path).name
+    return name if first.kind == "raster" or first.axis == "axial" else f"{name} ({first.axis})"
+
+
+def overlays(decoder, source: StoredTokens, data: SegmentationSet, spec: ModelSpec, indices: list[int]) -> list[Overlay]:
+    """Image, truth and prediction at the input size for the slices `indices`."""
+    if not indices:
+        return []
+    images = read_back([data.rows[i] for i in indices], spec)
+    predictions = decoder(source_tensors(source, indices)).argmax(1).numpy()
+    return [Overlay(volume_name([data.rows[i]]) + f" slice {data.rows[i]['slice_index']}", image.mean(0),
+                    data.input_masks[i], prediction) for i, image, prediction in zip(indices, images, predictions)]

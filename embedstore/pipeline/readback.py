@@ -1,0 +1,60 @@
+"""Stored rows back to pixels: the exact model input a row's vectors came from, decoded again from
+its file through the ingest's own decode stage and the model's stored spec (intensity settings,
+size, interpolation). Segmentation overlays and fine-tuning read images this way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedstore.models.spec import ModelSpec
+from embedstore.preprocess import DecodeSettings, decode_task
+from embedstore.sources import ReadTask, SliceItem
+
+ITEM_COLUMNS = ["key", "path", "study_uid", "series_uid", "slice_index", "frame", "modality", "body_part"]
+
+
+@dataclass(frozen=True)
+class StoredSlice:
+    """Where a stored row's pixels are: its file, its kind and (NIfTI) axis, its frame."""
+
+    key: str
+    path: str
+    kind: str  # dicom | nifti | raster
+    axis: str
+    frame: int
+
+
+def stored_slice(item: dict) -> StoredSlice:
+    """Parse a row of the items table (ITEM_COLUMNS at least); the key says the file's kind."""
+    key = item["key"]
+    kind = "dicom" if key.startswith("dicom:") else "nifti" if key.startswith("nifti:") else "raster"
+    return StoredSlice(key, item["path"], kind, nifti_axis(key) if kind == "nifti" else "axial", int(item["frame"]))
+
+
+def nifti_axis(key: str) -> str:
+    """The slicing axis in a NIfTI key: nifti:<path>:<axis>[:t<volume>]:<n> (the path may hold ':')."""
+    parts = key.rsplit(":", 3)
+    return parts[-3] if parts[-2].startswith("t") and parts[-2][1:].isdigit() else parts[-2]
+
+
+def read_back(items: list[dict], spec: ModelSpec) -> np.ndarray:
+    """(n, C, S, S) float32 in [0, 1], in the order of `items`: each row's slice decoded from its
+    file as the ingest decoded it for this model. Rows of one file are read with one decode."""
+    settings = DecodeSettings(spec.intensity, spec.image_size, (spec.interpolation,))
+    tasks: dict[tuple[str, str], tuple[ReadTask, list[int]]] = {}
+    for position, item in enumerate(items):
+        where = stored_slice(item)
+        task, positions = tasks.setdefault((where.path, where.axis), (ReadTask(where.kind, where.path, axis=where.axis), []))
+        task.items.append(SliceItem(item_id=where.key, path=where.path, study_uid=item["study_uid"],
+                                    series_uid=item["series_uid"], slice_index=item["slice_index"],
+                                    frame=where.frame, modality=item["modality"], body_part=item["body_part"]))
+        positions.append(position)
+    pixels = None
+    for task, positions in tasks.values():
+        decoded = decode_task(task, settings).pixels[spec.interpolation]
+        if pixels is None:
+            pixels = np.empty((len(items), *decoded.shape[1:]), dtype=np.float32)
+        pixels[positions] = decoded
+    return pixels
