@@ -136,3 +136,36 @@ def write_modality_labels(path: Path, store_path: Path) -> Path:
     return write_csv(path, [{"path": file_path, "label": "volume" if modality in ("CT", "MR") else "plain",
                              "split": "test" if index % 3 == 0 else "train", "patient_id": file_path}
                             for index, (file_path, modality) in enumerate(paths)])
+
+
+def dicom_seg_sources(directory, n_slices: int, size: int, **options) -> list:
+    """A generated CT series in anatomical order, with the patient and study attributes highdicom copies
+    into a SEG (the generator writes only what the ingest needs)."""
+    import pydicom
+
+    sources = [pydicom.dcmread(path) for path in samples.write_ct_series(directory, n_slices=n_slices, size=size, **options)]
+    for source in sources:
+        source.PatientBirthDate = source.PatientSex = source.StudyTime = ""
+        source.ReferringPhysicianName = source.AccessionNumber = source.StudyID = source.Manufacturer = ""
+        source.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=[source.SeriesInstanceUID])
+        source.SeriesNumber = 1
+    return sources
+
+
+def write_dicom_seg(path, sources, pixel_array, segmentation_type="BINARY") -> str:
+    """A highdicom SEG of the sources: segment 1 liver, 2 spleen; `pixel_array` one-hot per segment."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    descriptions = [
+        hd.seg.SegmentDescription(segment_number=number, segment_label=label,
+                                  segmented_property_category=codes.SCT.Organ, segmented_property_type=kind,
+                                  algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for number, (label, kind) in enumerate([("liver", codes.SCT.Liver), ("spleen", codes.SCT.Spleen)], start=1)]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixel_array, segmentation_type=segmentation_type,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=100,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="embedstore tests",
+        manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+    seg.save_as(path)
+    return str(path)

@@ -22,6 +22,7 @@ from embedstore.eval.segment.masks import (
     MaskError, check_class_values, mask_kind, parse_classes, read_dicom_seg, read_mask_image, read_mask_volume)
 from embedstore.samples import write_ct_series
 from embedstore.sources.nifti import AXES, read_nifti_slices
+from conftest import dicom_seg_sources, write_dicom_seg
 
 # ------------------------------------------------------------------------------------------ classes
 
@@ -246,18 +247,6 @@ N_SLICES, SIZE = 6, 32
 EMPTY_SLICE = 3  # no segment here: the SEG stores no frame for it
 
 
-def _ct_sources(directory, **options) -> list[pydicom.Dataset]:
-    """A generated CT series in anatomical order, with the patient and study attributes highdicom copies
-    into a SEG (the generator writes only what the ingest needs)."""
-    sources = [pydicom.dcmread(path) for path in write_ct_series(directory, n_slices=N_SLICES, size=SIZE, **options)]
-    for source in sources:
-        source.PatientBirthDate = source.PatientSex = source.StudyTime = ""
-        source.ReferringPhysicianName = source.AccessionNumber = source.StudyID = source.Manufacturer = ""
-        source.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=[source.SeriesInstanceUID])
-        source.SeriesNumber = 1
-    return sources
-
-
 def _truth() -> np.ndarray:
     """(slices, rows, cols) label maps: 1 liver, 2 spleen, moving from slice to slice, none on EMPTY_SLICE."""
     labels = np.zeros((N_SLICES, SIZE, SIZE), np.int16)
@@ -266,24 +255,6 @@ def _truth() -> np.ndarray:
             labels[index, 2 + index:12 + index, 4:10 + 2 * index] = 1
             labels[index, 20:24 + index, 15 + index:30] = 2 if index % 2 else 0  # spleen on odd slices only
     return labels
-
-
-def _write_seg(path, sources, pixel_array, segmentation_type="BINARY") -> str:
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    descriptions = [
-        hd.seg.SegmentDescription(segment_number=number, segment_label=label,
-                                  segmented_property_category=codes.SCT.Organ, segmented_property_type=kind,
-                                  algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
-        for number, (label, kind) in enumerate([("liver", codes.SCT.Liver), ("spleen", codes.SCT.Spleen)], start=1)]
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixel_array, segmentation_type=segmentation_type,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=100,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="embedstore tests",
-        manufacturer_model_name="test", software_versions="1", device_serial_number="1")
-    seg.save_as(path)
-    return str(path)
 
 
 def _one_hot(labels: np.ndarray) -> np.ndarray:
@@ -302,9 +273,9 @@ def _assert_slices_equal(labels: list[np.ndarray], truth: np.ndarray) -> None:
 
 
 def test_dicom_seg_aligns_with_every_source_slice(tmp_path):
-    sources = _ct_sources(tmp_path / "ct")
+    sources = dicom_seg_sources(tmp_path / "ct", N_SLICES, SIZE)
     truth = _truth()
-    path = _write_seg(tmp_path / "seg.dcm", sources, _one_hot(truth))
+    path = write_dicom_seg(tmp_path / "seg.dcm", sources, _one_hot(truth))
     stored = pydicom.dcmread(path)
     framed = {frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
               for frame in stored.PerFrameFunctionalGroupsSequence}
@@ -318,7 +289,7 @@ def test_dicom_seg_aligns_with_every_source_slice(tmp_path):
 
 @pytest.mark.parametrize("segmentation_type", ["FRACTIONAL", "LABELMAP"])
 def test_fractional_and_labelmap_segs_align(tmp_path, segmentation_type):
-    sources = _ct_sources(tmp_path / "ct")
+    sources = dicom_seg_sources(tmp_path / "ct", N_SLICES, SIZE)
     truth = _truth()
     if segmentation_type == "FRACTIONAL":  # probabilities 0.7 on even rows, 0.3 on odd: in from 0.5 on
         even_rows = (np.arange(SIZE) % 2 == 0)[:, None]
@@ -326,24 +297,24 @@ def test_fractional_and_labelmap_segs_align(tmp_path, segmentation_type):
         truth = np.where(even_rows, truth, 0)
     else:
         pixels = truth.astype(np.uint8)
-    seg = read_dicom_seg(_write_seg(tmp_path / "seg.dcm", sources, pixels, segmentation_type))
+    seg = read_dicom_seg(write_dicom_seg(tmp_path / "seg.dcm", sources, pixels, segmentation_type))
     _assert_slices_equal(_labels_per_slice(seg, sources), truth)
 
 
 def test_overlapping_segments_take_the_higher_segment_number(tmp_path):
-    sources = _ct_sources(tmp_path / "ct")
+    sources = dicom_seg_sources(tmp_path / "ct", N_SLICES, SIZE)
     segments = np.zeros((N_SLICES, SIZE, SIZE, 2), bool)
     segments[1, 5:15, 5:15, 0] = True
     segments[1, 10:20, 10:20, 1] = True
-    seg = read_dicom_seg(_write_seg(tmp_path / "seg.dcm", sources, segments))
+    seg = read_dicom_seg(write_dicom_seg(tmp_path / "seg.dcm", sources, segments))
     labels = seg.labels_for(sources[1].SOPInstanceUID, None, SIZE, SIZE)
     assert labels[12, 12] == 2 and labels[6, 6] == 1 and labels[18, 18] == 2 and labels[0, 0] == 0
 
 
 def test_seg_without_source_references_is_matched_by_position(tmp_path):
-    sources = _ct_sources(tmp_path / "ct")
+    sources = dicom_seg_sources(tmp_path / "ct", N_SLICES, SIZE)
     truth = _truth()
-    stored = pydicom.dcmread(_write_seg(tmp_path / "seg.dcm", sources, _one_hot(truth)))
+    stored = pydicom.dcmread(write_dicom_seg(tmp_path / "seg.dcm", sources, _one_hot(truth)))
     for frame in stored.PerFrameFunctionalGroupsSequence:  # as SEG writers that name no source per frame
         del frame.DerivationImageSequence
     stored.save_as(tmp_path / "unreferenced.dcm")
@@ -365,9 +336,9 @@ def test_seg_without_source_references_is_matched_by_position(tmp_path):
 
 
 def test_slice_of_another_series_is_not_in_seg(tmp_path):
-    sources = _ct_sources(tmp_path / "ct")
-    other = _ct_sources(tmp_path / "other", seed=1, patient_id="PAT-OTHER")  # same positions, other UIDs
-    seg = read_dicom_seg(_write_seg(tmp_path / "seg.dcm", sources, _one_hot(_truth())))
+    sources = dicom_seg_sources(tmp_path / "ct", N_SLICES, SIZE)
+    other = dicom_seg_sources(tmp_path / "other", N_SLICES, SIZE, seed=1, patient_id="PAT-OTHER")  # same positions, other UIDs
+    seg = read_dicom_seg(write_dicom_seg(tmp_path / "seg.dcm", sources, _one_hot(_truth())))
     for source in other:
         with pytest.raises(MaskError) as error:
             seg.labels_for(source.SOPInstanceUID, tuple(map(float, source.ImagePositionPatient)), SIZE, SIZE)
@@ -375,8 +346,8 @@ def test_slice_of_another_series_is_not_in_seg(tmp_path):
 
 
 def test_seg_of_another_size_is_size_mismatch(tmp_path):
-    sources = _ct_sources(tmp_path / "ct")
-    seg = read_dicom_seg(_write_seg(tmp_path / "seg.dcm", sources, _one_hot(_truth())))
+    sources = dicom_seg_sources(tmp_path / "ct", N_SLICES, SIZE)
+    seg = read_dicom_seg(write_dicom_seg(tmp_path / "seg.dcm", sources, _one_hot(_truth())))
     for source in (sources[1], sources[EMPTY_SLICE]):
         with pytest.raises(MaskError) as error:
             seg.labels_for(source.SOPInstanceUID, None, SIZE * 2, SIZE)
