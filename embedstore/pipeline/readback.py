@@ -12,8 +12,6 @@ from embedstore.models.spec import ModelSpec
 from embedstore.preprocess import DecodeSettings, decode_task
 from embedstore.sources import ReadTask, SliceItem
 
-ITEM_COLUMNS = ["key", "path", "study_uid", "series_uid", "slice_index", "frame", "modality", "body_part"]
-
 
 @dataclass(frozen=True)
 class StoredSlice:
@@ -27,7 +25,7 @@ class StoredSlice:
 
 
 def stored_slice(item: dict) -> StoredSlice:
-    """Parse a row of the items table (ITEM_COLUMNS at least); the key says the file's kind."""
+    """Where a stored row (key, path, frame) reads from; the key says the file's kind."""
     key = item["key"]
     kind = "dicom" if key.startswith("dicom:") else "nifti" if key.startswith("nifti:") else "raster"
     return StoredSlice(key, item["path"], kind, nifti_axis(key) if kind == "nifti" else "axial", int(item["frame"]))
@@ -40,8 +38,9 @@ def nifti_axis(key: str) -> str:
 
 
 def read_back(items: list[dict], spec: ModelSpec) -> np.ndarray:
-    """(n, C, S, S) float32 in [0, 1], in the order of `items`: each row's slice decoded from its
-    file as the ingest decoded it for this model. Rows of one file are read with one decode."""
+    """(n, C, S, S) float32 in [0, 1], in the order of `items` (stored rows with key, path, frame,
+    study_uid, series_uid, slice_index, modality, body_part): each slice decoded from its file as the
+    ingest decoded it for this model. Rows of one file are read with one decode."""
     settings = DecodeSettings(spec.intensity, spec.image_size, (spec.interpolation,))
     tasks: dict[tuple[str, str], tuple[ReadTask, list[int]]] = {}
     for position, item in enumerate(items):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from embedstore.errors import UsageError
 from embedstore.eval.labels import check_patient_splits, patient_splits, read_labels
+from embedstore.eval.linear import VAL_SHARE_OF_TRAIN
 from embedstore.eval.segment.masks import (
     MaskError, check_class_values, mask_kind, parse_classes, read_dicom_seg, read_mask_image, read_mask_volume,
 )
@@ -35,7 +36,6 @@ STORED_COLUMNS = ["key", "path", "patient_id", "study_uid", "series_uid", "sop_u
 ITEM_COLUMNS = ["key", "frame", "rows", "cols", "image_position"]
 NO_STORED_ROW = "no_stored_row"
 NOT_ONE_SLICE = "not_one_slice"
-VAL_SHARE_OF_TRAIN = 0.15  # carved by patient when the labels give no val split, as for the linear probe
 
 
 @dataclass

@@ -103,7 +103,7 @@ def segment_evaluation(store: Store, labels: str | Path, model_id: str | None = 
         list(data.class_names.values()), False, data.counts(), settings.decoder, list(blocks), data.class_names,
         settings.loss, settings.epochs, settings.batch_size, list(LEARNING_RATES), list(seeds), score_at, split,
         data.problem_counts(), [problem.line for problem in data.problems], runs, summarise(runs),
-        runs[0]["test"]["empty_class_rule"], overlays=[o for o in overlays if o is not None])
+        runs[0]["test"]["empty_class_rule"], overlays=overlays)
 
 
 def summarise(runs: list[dict]) -> dict[str, dict]:
@@ -153,7 +153,7 @@ def score_test(decoder: torch.nn.Module, source: StoredTokens, data: Segmentatio
             predicted.append(at_native(slice_logits, row) if score_at == "native" else slice_logits.argmax(0).numpy())
     if volume_rows:
         finish(volume_rows)
-    return scorer.result(), overlays(decoder, source, data, spec, overlay_rows)
+    return scorer.result(), overlay_panels(decoder, source, data, spec, overlay_rows)
 
 
 def at_native(logits: torch.Tensor, row: dict) -> np.ndarray:
@@ -195,7 +195,8 @@ def volume_name(rows: list[dict]) -> str:
     return name if first.kind == "raster" or first.axis == "axial" else f"{name} ({first.axis})"
 
 
-def overlays(decoder, source: StoredTokens, data: SegmentationSet, spec: ModelSpec, indices: list[int]) -> list[Overlay]:
+def overlay_panels(decoder, source: StoredTokens, data: SegmentationSet, spec: ModelSpec,
+                   indices: list[int]) -> list[Overlay]:
     """Image, truth and prediction at the input size for the slices `indices`."""
     if not indices:
         return []
