@@ -83,34 +83,36 @@ def shuffled_batches(source: StoredTokens | InMemoryTokens, indices: np.ndarray,
     windows = [np.concatenate([chunks[i] for i in order[start:start + SHUFFLE_CHUNKS]])
                for start in range(0, len(order), SHUFFLE_CHUNKS)]
     carry_rows, carry_tokens = np.empty(0, dtype=np.int64), None
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(source.read, windows[0]) if windows else None
-        for number, window in enumerate(windows):
-            tokens = pending.result()
-            if number + 1 < len(windows):
-                pending = pool.submit(source.read, windows[number + 1])
-            permutation = rng.permutation(len(window))
-            rows, tokens = window[permutation], [t[permutation] for t in tokens]
-            if carry_tokens is not None:  # the last window's remainder leads this window's first batch
-                rows = np.concatenate([carry_rows, rows])
-                tokens = [np.concatenate([c, t]) for c, t in zip(carry_tokens, tokens)]
-            whole = len(rows) - len(rows) % batch_size if number + 1 < len(windows) else len(rows)
-            for start in range(0, whole, batch_size):
-                yield rows[start:start + batch_size], as_tensors([t[start:start + batch_size] for t in tokens])
-            carry_rows, carry_tokens = rows[whole:], [t[whole:] for t in tokens]
+    for number, (window, tokens) in enumerate(read_ahead(source, windows)):
+        permutation = rng.permutation(len(window))
+        rows, tokens = window[permutation], [t[permutation] for t in tokens]
+        if carry_tokens is not None:  # the last window's remainder leads this window's first batch
+            rows = np.concatenate([carry_rows, rows])
+            tokens = [np.concatenate([c, t]) for c, t in zip(carry_tokens, tokens)]
+        whole = len(rows) - len(rows) % batch_size if number + 1 < len(windows) else len(rows)
+        for start in range(0, whole, batch_size):
+            yield rows[start:start + batch_size], as_tensors([t[start:start + batch_size] for t in tokens])
+        carry_rows, carry_tokens = rows[whole:], [t[whole:] for t in tokens]
 
 
 def ordered_batches(source: StoredTokens | InMemoryTokens, indices: np.ndarray,
                     batch_size: int) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
     """Batches in the order of `indices` (prediction, scoring), the next batch read ahead."""
     batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    for batch, tokens in read_ahead(source, batches):
+        yield batch, as_tensors(tokens)
+
+
+def read_ahead(source: StoredTokens | InMemoryTokens,
+               groups: list[np.ndarray]) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """(group, its tokens) in turn, a thread reading the next group while the caller works on this one."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(source.read, batches[0]) if batches else None
-        for number, batch in enumerate(batches):
+        pending = pool.submit(source.read, groups[0]) if groups else None
+        for number, group in enumerate(groups):
             tokens = pending.result()
-            if number + 1 < len(batches):
-                pending = pool.submit(source.read, batches[number + 1])
-            yield batch, as_tensors(tokens)
+            if number + 1 < len(groups):
+                pending = pool.submit(source.read, groups[number + 1])
+            yield group, tokens
 
 
 def as_tensors(tokens: list[np.ndarray]) -> list[torch.Tensor]:
