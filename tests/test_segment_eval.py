@@ -152,14 +152,14 @@ def test_bad_masks_are_counted_listed_and_left_out(png_task, tmp_path, monkeypat
     out = tmp_path / "result.json"
     code, _, stderr = run_cli_here(["eval", "segment", str(store), "--labels", str(csv_path), "--classes",
                                     "1:left,2:right", "--split-by", "patient", "--epochs", "1", "--seeds", "0,1",
-                                    "-o", str(out)],
+                                    "--loss", "dicece", "-o", str(out)],
                                    monkeypatch, capsys)
     assert code == 0
     result = json.loads(out.read_text())
     assert result["mask_problems"] == {"unreadable_mask": 1, "unknown_class": 1, "size_mismatch": 1,
                                        "no_stored_row": 1}
     assert len(result["mask_problem_lines"]) == 4 and sum(result["counts"].values()) == 44
-    assert result["classes"] == ["left", "right"]
+    assert result["classes"] == ["left", "right"] and result["loss"] == "dicece"
     values = [run["test"]["global_dice"] for run in result["runs"]]  # one run per seed, then mean ± std
     assert [run["seed"] for run in result["runs"]] == [0, 1] and result["metrics"]["global_dice"]["values"] == values
     assert result["metrics"]["global_dice"]["mean"] == pytest.approx(np.mean(values))
