@@ -16,7 +16,7 @@ alternating in one run:
 Prints the rates, their ratios (targets: stored / in memory >= 0.8, RSS --n / --small <= 1.5), what the --n
 store's tokens would take held in memory, and one JSON line.
 
-    python benchmarks/segment.py [--n 2000] [--small 200] [--unet-rows 64] [--image-size 224] [--repeats 2]
+    python benchmarks/segment.py [--n 2000] [--small 200] [--unet-rows 64] [--image-size 224] [--repeats 3]
                                  [--workdir /tmp/embedstore-segment-bench] [--skip-memory]
 """
 
@@ -38,6 +38,11 @@ PEAK_RSS_PROBE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:]
                   "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
+def note(text: str) -> None:
+    """Where a long run is, on stderr: stdout keeps the table and the JSON line."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def embedstore_command() -> str:
     return str(Path(sys.executable).parent / "embedstore")
 
@@ -51,14 +56,14 @@ def phantom_store(workdir: Path, n: int, image_size: int) -> tuple[Path, Path]:
     if summary_path.exists() and (archive / "labels.csv").exists():
         return store, archive / "labels.csv"
     labels = write_segmentation_phantoms(archive, n_images=n, size=64)
-    print(f"ingesting {n} phantoms into {store} ...", flush=True)
+    note(f"ingesting {n} phantoms into {store} ...")
     started = time.perf_counter()
     subprocess.run([embedstore_command(), "ingest", str(archive / "images"), "--store", str(store),
                     "--weights", "random", "--image-size", str(image_size), "--patch-layers", PATCH_LAYERS,
                     "--overwrite", "--no-progress", "--json", str(summary_path)], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads(summary_path.read_text())
     assert summary["n_embedded"] == n, summary
-    print(f"  {n / (time.perf_counter() - started):.1f} slices/s", flush=True)
+    note(f"  {n / (time.perf_counter() - started):.1f} slices/s")
     return store, labels
 
 
@@ -102,6 +107,7 @@ def speed(store_path: Path, labels: Path, decoder: str, repeats: int, limit: int
     and the in-memory load time."""
     from embedstore.eval.segment.tokens import InMemoryTokens
 
+    note(f"timing {decoder} epochs on {store_path.name} ...")
     stored, data, shape = training_inputs(store_path, labels, decoder)
     train = train_rows(data, limit)
     started = time.perf_counter()
@@ -113,21 +119,22 @@ def speed(store_path: Path, labels: Path, decoder: str, repeats: int, limit: int
         for name, source in (("stored", stored), ("in_memory", in_memory)):
             rates[name].append(len(train) / epoch_seconds(source, data, train, shape, decoder))
     median = {name: statistics.median(values) for name, values in rates.items()}
-    return {"rows": len(train), "of_rows": len(data.indices("train")), "blocks": len(stored.blocks), "load_seconds": load_seconds, "runs": rates,
-            "stored": median["stored"], "in_memory": median["in_memory"],
+    return {"rows": len(train), "of_rows": len(data.indices("train")), "blocks": len(stored.blocks),
+            "load_seconds": load_seconds, "runs": rates, "stored": median["stored"], "in_memory": median["in_memory"],
             "ratio": median["stored"] / median["in_memory"]}
 
 
 def peak_rss_mib(store: Path, labels: Path) -> float:
     command = [embedstore_command(), "eval", "segment", str(store), "--labels", str(labels), "--split-by", "patient",
                "--epochs", "1", "--batch-size", str(BATCH_SIZE)]
-    probe = subprocess.run([sys.executable, "-c", PEAK_RSS_PROBE, *command], check=True, capture_output=True,
-                           text=True)
+    probe = subprocess.run([sys.executable, "-c", PEAK_RSS_PROBE, *command], check=True, stdout=subprocess.PIPE,
+                           text=True)  # its stderr passes through: a failing command says why
     return int(probe.stdout.strip()) * 1024 / MIB
 
 
 def memory(small: tuple[Path, Path], large: tuple[Path, Path], repeats: int) -> dict:
     """Peak RSS of `eval segment` on each store, alternating small and large."""
+    note("peak RSS of eval segment ...")
     runs = {"small": [], "large": []}
     for _ in range(repeats):
         for name, (store, labels) in (("small", small), ("large", large)):
@@ -155,8 +162,8 @@ def speed_figures(decoder: str, figures: dict) -> dict:
 
 
 def print_speed(label: str, figures: dict) -> None:
-    print(f"{label} ({figures['rows']} of {figures['of_rows']} train slices, {figures['blocks']} block(s); in-memory load "
-          f"{figures['load_seconds']:.1f} s, not counted)")
+    print(f"{label} ({figures['rows']} of {figures['of_rows']} train slices, {figures['blocks']} block(s); "
+          f"in-memory load {figures['load_seconds']:.1f} s, not counted)")
     for name in ("stored", "in_memory"):
         print(f"  {name.replace('_', ' '):40s} {figures[name]:8.1f} slices/s   runs "
               f"{[round(r, 1) for r in figures['runs'][name]]}")
@@ -166,11 +173,12 @@ def print_speed(label: str, figures: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="slices of the large store")
-    parser.add_argument("--small", type=int, default=200, help="slices of the small store (and of the UNet epochs)")
+    parser.add_argument("--small", type=int, default=200, help="slices of the small store")
     parser.add_argument("--unet-rows", type=int, default=64,
                         help="train slices of the --small store in the UNet epochs (seven UNets are slow on a CPU)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating stored / in-memory (small / large) pairs")
+    # 3: on a shared machine one run in a pair is now and then twice as slow, and a median of 2 is their mean
+    parser.add_argument("--repeats", type=int, default=3, help="alternating stored / in-memory (small / large) pairs")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/embedstore-segment-bench"),
                         help="where the phantom archives and stores are cached between runs")
     parser.add_argument("--skip-memory", action="store_true", help="skip the peak RSS runs of `eval segment`")
@@ -192,11 +200,11 @@ def main() -> None:
     print_speed(f"linear decoder, {args.n}-slice store", linear)
     print_speed(f"unet decoder, {args.small}-slice store", unet)
     if rss:
-        print(f"peak RSS of `embedstore eval segment --epochs 1` (linear decoder)")
+        print("peak RSS of `embedstore eval segment --epochs 1` (linear decoder)")
         for name, n in (("small", args.small), ("large", args.n)):
             print(f"  {f'{n} slices':40s} {rss[name]:8.0f} MiB   runs {[round(r) for r in rss['runs'][name]]}")
         print(f"  {'ratio large / small':40s} {rss['ratio']:8.3f}   (target <= 1.5)")
-    print(f"all {args.n} slices' stored tokens held in memory (float16): {tokens_mib:,.0f} MiB")
+    print(f"all {args.n} slices' stored tokens (every kept block, float16) held in memory: {tokens_mib:,.0f} MiB")
     print(json.dumps({
         "benchmark": "segment", "n_small": args.small, "n_large": args.n, "image_size": args.image_size,
         "repeats": args.repeats, "torch_threads": torch.get_num_threads(),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import dicom_seg_sources, ingest_options, run_cli_here, write_csv, write_dicom_seg
 from embedstore import samples
-from embedstore.errors import UsageError
+from embedstore.errors import StoreDamagedError
 from embedstore.store import Store
 
 IMAGE_SIZE = 112  # 8×8 tokens of 14 px: ellipses of 64 px images stay several tokens wide
@@ -224,6 +224,11 @@ def test_an_epoch_streams_the_tokens_a_few_chunks_at_a_time(tmp_path, monkeypatc
                                (0.1,), seed=3)[0]
     for a, b in zip(streamed.parameters(), in_memory.parameters()):
         assert torch.equal(a, b)
+    # A lost chunk is an error naming `embedstore check`, never tokens of zeros (Zarr's fill value).
+    array = store.patches_root / data.rows[0]["patch_shard"] / f"b{spec.num_blocks - 1}"
+    next(f for f in (array / "c").rglob("*") if f.is_file()).unlink()
+    with pytest.raises(StoreDamagedError, match="embedstore check"):
+        StoredTokens(store.patches_root, data.rows, (spec.num_blocks - 1,)).read(np.arange(len(data.rows)))
 
 
 def test_segment_arguments_are_checked_before_any_work(png_task, monkeypatch, capsys):

@@ -98,11 +98,18 @@ class PatchReader:
         if len(offsets) and offsets.max() >= array.shape[0]:
             raise StoreDamagedError(damaged_shard(self.patches_root, path, f"has no row {offsets.max()}"))
         rows = array.chunks[0]
-        for chunk in np.unique(offsets // rows):
+        chunk_of = offsets // rows
+        out = np.empty((len(offsets), *array.shape[1:]), dtype=array.dtype)
+        for chunk in np.unique(chunk_of):
             if not (path / array.metadata.encode_chunk_key((int(chunk), 0, 0))).exists():
                 raise StoreDamagedError(damaged_shard(self.patches_root, path,
                                                       f"lacks its chunk of rows {chunk * rows}+"))
-        return array.oindex[offsets]
+            # each chunk read whole by a slice, its rows picked in memory: oindex on the same rows took twice
+            # as long (zarr 3.1, 42-row chunks of 256x384 float16, 70% of their rows wanted)
+            here = np.flatnonzero(chunk_of == chunk)
+            start = int(chunk) * rows
+            out[here] = array[start:start + rows][offsets[here] - start]
+        return out
 
 
 def damaged_shard(patches_root: Path, path: Path, what: str) -> str:

@@ -40,9 +40,11 @@ class StoredTokens:
             by_shard[self.shards[index]].append(position)
         for shard, positions in by_shard.items():
             offsets = self.offsets[indices[positions]]
-            with self._lock:
-                arrays = [self.reader.array(shard, block) for block in self.blocks]
-            tokens = [array.oindex[offsets] for array in arrays]
+            with self._lock:  # the first read of a shard opens its arrays into the reader's cache
+                for block in self.blocks:
+                    self.reader.array(shard, block)
+            # PatchReader.read raises StoreDamagedError for a missing chunk, which Zarr would read as zeros
+            tokens = [self.reader.read(shard, offsets, block) for block in self.blocks]
             if out is None:
                 out = [np.empty((len(indices), *t.shape[1:]), dtype=np.float16) for t in tokens]
             for target, values in zip(out, tokens):
