@@ -19,7 +19,7 @@ from embedstore.eval.segment.data import SegmentationSet, native_masks, segmenta
 from embedstore.eval.segment.decoders import DECODER_LAYERS
 from embedstore.eval.segment.metrics import SegmentationScorer
 from embedstore.eval.segment.predictions import PredictionWriter
-from embedstore.eval.segment.tokens import StoredTokens, ordered_batches
+from embedstore.eval.segment.tokens import StoredTokens, as_tensors, ordered_batches
 from embedstore.eval.segment.train import (
     LEARNING_RATES, LOSSES, DecoderShape, Progress, TrainSettings, input_size_dice, train_decoders,
 )
@@ -125,51 +125,42 @@ def score_test(decoder: torch.nn.Module, source: StoredTokens, data: Segmentatio
     together); the overlays of the most labelled slice of the first volumes."""
     scorer = SegmentationScorer(data.class_names)
     volumes = data.volumes
-    test = sorted(data.indices("test"), key=lambda i: (volumes[i], data.rows[i]["slice_index"]))
-    test = np.array(test, dtype=np.int64)
-    current, predicted, overlay_rows = None, [], []
+    test = np.array(sorted(data.indices("test"), key=lambda i: (volumes[i], data.rows[i]["slice_index"])),
+                    dtype=np.int64)
+    overlay_rows: list[int] = []
 
-    def finish(volume_rows: list[int]) -> None:
+    def finish(volume_rows: list[int], native: list[np.ndarray], at_input: list[np.ndarray]) -> None:
         rows = [data.rows[i] for i in volume_rows]
-        truth = native_volume(rows) if score_at == "native" else data.input_masks[volume_rows]
-        prediction = np.stack(predicted)
-        scorer.add(volume_name(rows), truth, prediction)
+        if score_at == "native":
+            scorer.add(volume_name(rows), native_volume(rows), np.stack(native))
+        else:
+            scorer.add(volume_name(rows), data.input_masks[volume_rows], np.stack(at_input))
         if writer:
-            writer.write_volume(rows, prediction if score_at == "native" else native_predictions(decoder, source,
-                                                                                                volume_rows, rows))
+            writer.write_volume(rows, np.stack(native))
         if len(overlay_rows) < N_OVERLAYS:
             overlay_rows.append(max(volume_rows, key=lambda i: int(np.count_nonzero(data.input_masks[i]))))
 
-    volume_rows: list[int] = []
+    volume_rows, native, at_input = [], [], []
     for batch, tokens in ordered_batches(source, test, settings.batch_size):
         logits = decoder([t.to(settings.device) for t in tokens]).cpu()
         for index, slice_logits in zip(batch, logits):
-            if volumes[index] != current and volume_rows:
-                finish(volume_rows)
-                volume_rows, predicted = [], []
-            current = volumes[index]
+            if volume_rows and volumes[index] != volumes[volume_rows[0]]:
+                finish(volume_rows, native, at_input)
+                volume_rows, native, at_input = [], [], []
             volume_rows.append(int(index))
-            row = data.rows[index]
-            predicted.append(at_native(slice_logits, row) if score_at == "native" else slice_logits.argmax(0).numpy())
+            if score_at == "native" or writer:  # predictions are written in the input's own geometry
+                native.append(at_native(slice_logits, data.rows[index]))
+            if score_at == "input":
+                at_input.append(slice_logits.argmax(0).numpy())
     if volume_rows:
-        finish(volume_rows)
-    return scorer.result(), overlay_panels(decoder, source, data, spec, overlay_rows)
+        finish(volume_rows, native, at_input)
+    return scorer.result(), overlay_panels(decoder, source, data, spec, overlay_rows, settings.device)
 
 
 def at_native(logits: torch.Tensor, row: dict) -> np.ndarray:
     """Class map at the image's own size: the logits resized bilinearly, then the argmax."""
     resized = F.interpolate(logits[None], size=(row["rows"], row["cols"]), mode="bilinear", align_corners=False)
     return resized[0].argmax(0).numpy().astype(np.uint8)
-
-
-def native_predictions(decoder, source: StoredTokens, indices: list[int], rows: list[dict]) -> np.ndarray:
-    """A volume's predictions at native size (for --predictions when scoring at the input size)."""
-    logits = decoder(source_tensors(source, indices))
-    return np.stack([at_native(slice_logits, row) for slice_logits, row in zip(logits, rows)])
-
-
-def source_tensors(source: StoredTokens, indices: list[int]) -> list[torch.Tensor]:
-    return [torch.from_numpy(t.astype(np.float32)) for t in source.read(np.array(indices))]
 
 
 def native_volume(rows: list[dict]) -> np.ndarray:
@@ -195,12 +186,13 @@ def volume_name(rows: list[dict]) -> str:
     return name if first.kind == "raster" or first.axis == "axial" else f"{name} ({first.axis})"
 
 
-def overlay_panels(decoder, source: StoredTokens, data: SegmentationSet, spec: ModelSpec,
-                   indices: list[int]) -> list[Overlay]:
+def overlay_panels(decoder, source: StoredTokens, data: SegmentationSet, spec: ModelSpec, indices: list[int],
+                   device: str) -> list[Overlay]:
     """Image, truth and prediction at the input size for the slices `indices`."""
     if not indices:
         return []
     images = read_back([data.rows[i] for i in indices], spec)
-    predictions = decoder(source_tensors(source, indices)).argmax(1).numpy()
+    tokens = [t.to(device) for t in as_tensors(source.read(np.array(indices)))]
+    predictions = decoder(tokens).argmax(1).cpu().numpy()
     return [Overlay(volume_name([data.rows[i]]) + f" slice {data.rows[i]['slice_index']}", image.mean(0),
                     data.input_masks[i], prediction) for i, image, prediction in zip(indices, images, predictions)]
