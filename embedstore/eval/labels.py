@@ -25,6 +25,7 @@ from embedstore.store.vectors import Vectors
 JOIN_COLUMNS = ("key", "path", "sop_uid", "series_uid", "study_uid")
 SPLITS = ("train", "val", "test")
 MULTI_LABEL_SEPARATOR = "|"
+VAL_SHARE_OF_TRAIN = 0.15  # carved by patient when the labels give no val split
 
 
 @dataclass
@@ -102,9 +103,24 @@ def join_labels(vectors: Vectors, join_column: str, rows: list[dict]) -> Labelle
 
 def split_by_patient(data: LabelledVectors, ratios: tuple[float, float, float], seed: int) -> LabelledVectors:
     """Assign train / val / test by patient, stratified by each patient's most common label."""
-    strata = [int(np.argmax(target)) if data.multilabel else int(target) for target in data.targets]
-    splits = patient_splits(data.patients, strata, ratios, seed)
+    splits = patient_splits(data.patients, label_strata(data), ratios, seed)
     return LabelledVectors(data.matrix, data.targets, data.classes, data.multilabel, data.patients, splits, data.keys)
+
+
+def label_strata(data: LabelledVectors) -> list[int]:
+    """Each row's class (a multi-label row's first label): what splits are stratified by."""
+    return [int(np.argmax(target)) if data.multilabel else int(target) for target in data.targets]
+
+
+def carve_val(patients: np.ndarray, splits: np.ndarray, strata, seed: int) -> np.ndarray:
+    """The splits with VAL_SHARE_OF_TRAIN of the train patients (per stratum) moved to val: what the
+    probes choose on when the labels give no val split."""
+    train = splits == "train"
+    carved = patient_splits(patients[train], [s for s, is_train in zip(strata, train) if is_train],
+                            (1.0 - VAL_SHARE_OF_TRAIN, VAL_SHARE_OF_TRAIN, 0.0), seed)
+    splits = splits.copy()
+    splits[train] = carved
+    return splits
 
 
 def patient_splits(patients: np.ndarray, strata, ratios: tuple[float, float, float], seed: int) -> np.ndarray:

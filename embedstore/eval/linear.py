@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.eval.labels import LabelledVectors, split_by_patient
+from embedstore.eval.labels import LabelledVectors, carve_val, label_strata
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
-VAL_SHARE_OF_TRAIN = 0.15  # carved by patient when the labels give no val split
 
 
 class LinearProbe:
@@ -68,10 +67,7 @@ def with_val_split(data: LabelledVectors, seed: int) -> tuple[LabelledVectors, b
     """The data unchanged when it has val rows; else train split again, by patient, into train and val."""
     if (data.splits == "val").any():
         return data, False
-    train = data.splits == "train"
-    carved = split_by_patient(data.subset(train), (1.0 - VAL_SHARE_OF_TRAIN, VAL_SHARE_OF_TRAIN, 0.0), seed)
-    splits = data.splits.copy()
-    splits[train] = carved.splits
+    splits = carve_val(data.patients, data.splits, label_strata(data), seed)
     return LabelledVectors(data.matrix, data.targets, data.classes, data.multilabel, data.patients, splits,
                            data.keys), True
 

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from embedstore.errors import UsageError
-from embedstore.eval.labels import check_patient_splits, patient_splits, read_labels
-from embedstore.eval.linear import VAL_SHARE_OF_TRAIN
+from embedstore.eval.labels import carve_val, check_patient_splits, patient_splits, read_labels
 from embedstore.eval.segment.masks import (
     MaskError, check_class_values, mask_kind, parse_classes, read_dicom_seg, read_mask_image, read_mask_volume,
 )
@@ -48,7 +47,7 @@ class MaskProblem:
 class SegmentationSet:
     """The labelled slices, sorted by where their tokens are stored (reads follow the chunks)."""
 
-    rows: list[dict]  # stored and item columns, plus `mask` (path) and `mask_kind`
+    rows: list[dict]  # stored and item columns, plus `mask` (its path)
     input_masks: np.ndarray  # (n, S, S) uint8 class values at the model's input size
     class_names: dict[int, str]  # foreground class value → name
     splits: np.ndarray  # (n,) train | val | test
@@ -101,7 +100,7 @@ def segmentation_set(store: Store, spec: ModelSpec, labels: str | Path, classes:
             continue
         found_names.update(segment_names)
         for row, slice_mask in zip(selected, native):
-            labelled.append({**row, "mask": mask, "mask_kind": mask_kind(mask), "split": csv_row.get("split", ""),
+            labelled.append({**row, "mask": mask, "split": csv_row.get("split", ""),
                              "csv_patient": csv_row.get("patient_id", "")})
             masks.append(resize_mask(slice_mask, spec.image_size))
     if not labelled:
@@ -178,12 +177,9 @@ def with_val_split(data: SegmentationSet, seed: int) -> SegmentationSet:
     """The set unchanged when it has val slices; else val carved from train by patient."""
     if (data.splits == "val").any():
         return data
-    train = data.splits == "train"
-    carved = patient_splits(data.patients[train], [0] * int(train.sum()),
-                            (1.0 - VAL_SHARE_OF_TRAIN, VAL_SHARE_OF_TRAIN, 0.0), seed)
-    if not (carved == "val").any():
+    splits = carve_val(data.patients, data.splits, [0] * len(data.splits), seed)
+    if not (splits == "val").any():
         raise UsageError(f"too few train patients to carve a val split from: {data.counts()}")
-    data.splits = data.splits.copy()
-    data.splits[train] = carved
+    data.splits = splits
     data.val_carved_from_train = True
     return data
