@@ -92,8 +92,10 @@ def segment_evaluation(store: Store, labels: str | Path, model_id: str | None = 
                                 seed, progress)
         trained = time.perf_counter() - started
         writer = PredictionWriter(predictions) if predictions and number == 0 else None
-        test, run_overlays = score_test(final, source, data, spec, score_at, settings, writer)
-        overlays = overlays or run_overlays
+        # the first seed's predictions are written and drawn
+        test, run_overlays = score_test(final, source, data, spec, score_at, settings, writer,
+                                        N_OVERLAYS if number == 0 else 0)
+        overlays += run_overlays
         runs.append({"seed": seed, "val_dice": {lr_key(lr): score for lr, score in zip(LEARNING_RATES, val_dice)},
                      "chosen_learning_rate": chosen, "train_seconds": round(trained, 2), "test": test})
     split = {"source": f"--split-by patient (seed {split_seed}, ratios {list(ratios)})" if split_by else "labels CSV",
@@ -120,9 +122,10 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
 
 @torch.no_grad()
 def score_test(decoder: torch.nn.Module, source: StoredTokens, data: SegmentationSet, spec: ModelSpec,
-               score_at: str, settings: TrainSettings, writer: PredictionWriter | None) -> tuple[dict, list]:
+               score_at: str, settings: TrainSettings, writer: PredictionWriter | None,
+               n_overlays: int) -> tuple[dict, list]:
     """Test scores, volume by volume (each volume's slices predicted, then scored and written
-    together); the overlays of the most labelled slice of the first volumes."""
+    together); the overlays of the most labelled slice of the first `n_overlays` volumes."""
     scorer = SegmentationScorer(data.class_names)
     volumes = data.volumes
     test = np.array(sorted(data.indices("test"), key=lambda i: (volumes[i], data.rows[i]["slice_index"])),
@@ -137,7 +140,7 @@ def score_test(decoder: torch.nn.Module, source: StoredTokens, data: Segmentatio
             scorer.add(volume_name(rows), data.input_masks[volume_rows], np.stack(at_input))
         if writer:
             writer.write_volume(rows, np.stack(native))
-        if len(overlay_rows) < N_OVERLAYS:
+        if len(overlay_rows) < n_overlays:
             overlay_rows.append(max(volume_rows, key=lambda i: int(np.count_nonzero(data.input_masks[i]))))
 
     volume_rows, native, at_input = [], [], []
