@@ -7,6 +7,7 @@ processes (which re-import the entry module) stay light.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -675,6 +676,75 @@ def print_segmentation(result) -> None:
         per_class.add_row(row["class"], *("-" if row[c] is None else f"{row[c]:.4f}"
                                           for c in ("global_dice", "per_volume_dice", "iou")))
     out.print(per_class)
+
+
+@app.command()
+def finetune(
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
+    labels: Path = LABELS_OPTION,
+    mode: str = typer.Option(..., help="full (every weight), lora (peft adapters), bitfit (biases) or linear "
+                             "(frozen backbone: the online twin of eval linear)."),
+    epochs: int = typer.Option(10, help="Epochs of every training."),
+    batch_size: int = typer.Option(32, help="Images per step, all workers together."),
+    backbone_lr: Optional[float] = typer.Option(
+        None, help="Learning rate of the backbone's trainable parameters. Default: 1e-5 for full (the study's), "
+        "the head's rate for lora and bitfit."),
+    head_lrs: str = typer.Option("0.001,0.005,0.01,0.05", help="Head learning rates, chosen on val."),
+    lora_targets: str = typer.Option("qkv,fc1,fc2", help="Linear layers of every block that LoRA adapts."),
+    weights: Optional[str] = typer.Option(None, help="The stored model's checkpoint, when its recorded source "
+                                          "(the hub, a file) cannot be reached from here."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoints, log, result and the fine-tuned backbone "
+                                       "(default ./finetune-MODE-MODEL_ID). Rerun with the same folder to resume."),
+    split_by: Optional[str] = SPLIT_BY_OPTION,
+    ratios: str = RATIOS_OPTION,
+    seed: int = typer.Option(0, help="Seed of --split-by patient, the val carved from train, the heads' start "
+                             "and the augmentation."),
+    workers: int = typer.Option(1, help="Data-parallel training workers on Ray Train (one per GPU); 1 trains in "
+                                "this process."),
+    ray_address: Optional[str] = typer.Option(None, help="Train on this Ray cluster (the store, its images and "
+                                              "--out on shared storage)."),
+    decode_workers: Optional[int] = typer.Option(
+        None, help="Processes decoding and augmenting images; 0 decodes inline. Default: up to 8 with CUDA, 0 on a "
+        "CPU (the model's threads use every core)."),
+    device: str = typer.Option("auto", help="auto (CUDA when there is one), cpu, or cuda."),
+    model_id: Optional[str] = EVAL_MODEL_OPTION,
+    json_out: Optional[Path] = RESULT_JSON_OPTION,
+    report: Optional[Path] = REPORT_OPTION,
+    label_column: str = LABEL_COLUMN_OPTION,
+) -> None:
+    """End-to-end baseline: fine-tune the stored model on the labelled slices (head rate chosen on
+    val, retrained on train + val, tested once) and save the fine-tuned backbone."""
+    from embedstore.finetune.job import finetune as run_finetune
+    from embedstore.finetune.train import TrainSettings, check_settings
+    from embedstore.store import Store
+
+    check_split_by(split_by)
+    check_outputs(json_out, report)
+    check_output(out_dir, "--out", folder=True)
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
+    device = torch_device(device)
+    if decode_workers is None:
+        decode_workers = min(8, (os.cpu_count() or 2) - 1) if device == "cuda" else 0
+    settings = TrainSettings(mode, epochs, batch_size, backbone_lr, parse_numbers(head_lrs, "--head-lrs"), seed,
+                             decode_workers, tuple(lora_targets.split(",")))
+    check_settings(settings, workers)
+    opened = Store.open(store)
+    with rows_progress(f"finetune ({mode})") as progress:
+        trained = [0]
+
+        def on_step(images: int) -> None:
+            trained[0] += images
+            progress(trained[0], None)
+
+        result = run_finetune(opened, labels, settings, model_id, out_dir, weights, split_by,
+                              parse_numbers(ratios, "--ratios"), seed, label_column, workers, ray_address,
+                              device, on_step, log=lambda line: print(line, file=sys.stderr))
+    print_evaluation(result)
+    write_result(result, json_out, report)
+    spec = opened.spec(result.model_id)
+    out.print(f"add the fine-tuned model to the store: embedstore ingest SRC... --store {store} --model {spec.name} "
+              f"--image-size {spec.image_size} --window {spec.window} --weights {result.checkpoint}")
 
 
 @app.command()

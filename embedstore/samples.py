@@ -229,6 +229,30 @@ def write_segmentation_phantoms(root: Path, n_images: int = 0, n_volumes: int = 
     return root / "labels.csv"
 
 
+def write_stripes_task(root: Path, n_images: int, size: int = 56, label_by: str = "orientation",
+                       period: float = 6.0, seed: int = 0) -> Path:
+    """A two-class task under `root` and its labels CSV (returned): PNG images of stripes (random
+    phase) in noise, one patient per image, the classes alternating.
+
+    - `label_by="orientation"`: horizontal or vertical stripes at the same mean intensity. At a 6 px
+      period a mean of frozen random-weight patch features hardly tells them apart; a trained backbone does.
+    - `label_by="brightness"`: mean intensity 0.4 or 0.6, the orientation random: any features do.
+    """
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[0:size, 0:size]
+    lines = ["path,label,patient_id"]
+    for number in range(n_images):
+        vertical, bright = (number % 2, rng.integers(2)) if label_by == "orientation" else (rng.integers(2), number % 2)
+        label = ("horizontal", "vertical")[vertical] if label_by == "orientation" else ("dark", "bright")[bright]
+        mean = 0.5 if label_by == "orientation" else (0.4, 0.6)[bright]
+        stripes = np.sin(2 * np.pi * (columns if vertical else rows) / period + rng.uniform(0, 2 * np.pi))
+        image = mean + 0.2 * stripes + rng.normal(0, 0.1, (size, size))
+        write_png(root / "images" / f"img{number:03d}.png", np.clip(image, 0, 1))
+        lines.append(f"images/img{number:03d}.png,{label},p{number:03d}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
 def copy_pydicom_bundled(directory: Path) -> list[Path]:
     """pydicom's own small CT and MR test files (shipped inside the pydicom package)."""
     from pydicom.data import get_testdata_file

@@ -144,3 +144,42 @@ def run_label(run: dict) -> str:
 def lr_key(learning_rate: float) -> str:
     """A learning rate as the JSON's keys write it: 0.0001, 0.005, 0.1."""
     return f"{learning_rate:g}"
+
+
+@dataclass
+class FinetuneResult(EvaluationResult):
+    """`embedstore finetune`: task `finetune:<mode>`, the head reading `cls+patch_mean` as the linear probe does."""
+
+    mode: str  # full | lora | bitfit | linear
+    epochs: int
+    batch_size: int
+    backbone_lr: float | None  # the rate the backbone's trainable parameters had (None: frozen)
+    head_lr_grid: list[float]
+    val_scores: list[float]  # in the order of head_lr_grid
+    chosen_head_lr: float
+    val_score: float
+    val_carved_from_train: bool
+    backbone_trainable_parameters: int  # the LoRA adapters, the biases, every weight, or none
+    trainable_parameters: int  # the backbone's and the head's
+    workers: int  # data-parallel training processes
+    train_images_per_second: float
+    checkpoint: str  # the fine-tuned backbone, timm format (LoRA merged): `embedstore ingest --weights` reads it
+    metrics: dict[str, dict]  # "test" → metrics
+
+    def notes(self) -> list[str]:
+        carved = " (carved from train by patient)" if self.val_carved_from_train else ""
+        rates = ", ".join(f"{lr:g}: {score:.4f}" for lr, score in zip(self.head_lr_grid, self.val_scores))
+        backbone = "frozen" if self.backbone_lr is None else f"learning rate {self.backbone_lr:g}"
+        return [f"val score per head learning rate{carved}: {rates}",
+                f"head learning rate chosen on val: {self.chosen_head_lr:g}; retrained on train + val",
+                f"backbone {backbone}, {self.backbone_trainable_parameters:,} of its parameters trained "
+                f"({self.trainable_parameters:,} with the head); {self.train_images_per_second:,.1f} training "
+                f"images/s on {self.workers} worker{'s' * (self.workers > 1)}",
+                f"fine-tuned backbone: {self.checkpoint}"]
+
+    def metric_tables(self) -> dict[str, dict[str, dict]]:
+        return {"test": {f"head lr {self.chosen_head_lr:g}": self.metrics["test"]}}
+
+    def reported(self) -> tuple[str, dict]:
+        return (f"{self.mode} fine-tune, head learning rate {self.chosen_head_lr:g} (chosen on val)",
+                self.metrics["test"])

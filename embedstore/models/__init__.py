@@ -65,6 +65,19 @@ def feature_map_nchw(model: torch.nn.Module, features: torch.Tensor) -> torch.Te
     return features
 
 
+def cls_and_patch_mean(model: torch.nn.Module, batch: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The stored `cls+patch_mean` feature, (n, 2D), computed with autograd: the pooled pre-logits
+    features beside the mean of the final-norm patch tokens (of the final feature map for CNNs).
+    What a fine-tuning head reads, so its input is the linear probe's."""
+    features = model.forward_features(batch)
+    pooled = model.forward_head(features, pre_logits=True)
+    if num_prefix_tokens or features.ndim == 3:
+        patch_mean = features[:, num_prefix_tokens:].mean(dim=1)
+    else:
+        patch_mean = feature_map_nchw(model, features).mean(dim=(2, 3))
+    return torch.cat([pooled, patch_mean], dim=1)
+
+
 def patch_size_of(name: ModelName) -> int | None:
     match = re.search(r"patch(\d+)", name.architecture)
     return int(match.group(1)) if match else None
