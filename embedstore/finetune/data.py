@@ -15,20 +15,20 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from embedstore.errors import UsageError
-from embedstore.eval.evaluate import labelled_vectors
-from embedstore.eval.labels import LabelledVectors
-from embedstore.eval.linear import with_val_split
 from embedstore.models.spec import ModelSpec
 from embedstore.pipeline.readback import read_back
 from embedstore.preprocess import normalize
-from embedstore.store import Store
+
+if TYPE_CHECKING:  # the store's libraries stay out of the trainer's imports (GPU workers may lack them)
+    from embedstore.eval.labels import LabelledVectors
+    from embedstore.store import Store
 
 READ_BACK_COLUMNS = ["key", "path", "frame", "study_uid", "series_uid", "slice_index", "modality", "body_part"]
 CROP_SCALE = (0.75, 1.0)
@@ -53,6 +53,9 @@ def finetune_data(store: Store, labels: str | Path, model_id: str | None = None,
                   ratios=(0.7, 0.1, 0.2), seed: int = 0, label_column: str = "label") -> FinetuneData:
     """The labelled slices of one stored model with train / val / test rows; UsageError for labels a
     classifier cannot learn from (one class, a class without train rows, an empty split)."""
+    from embedstore.eval.evaluate import labelled_vectors
+    from embedstore.eval.linear import with_val_split
+
     vectors, labelled = labelled_vectors(store, labels, "cls", "slice", model_id, split_by, ratios, seed, label_column)
     labelled, carved = with_val_split(labelled, seed)
     labelled.matrix = labelled.matrix[:, :0]  # the stored vectors are not trained on: not sent to Ray workers

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from embedstore.errors import UsageError
@@ -128,7 +127,7 @@ def run_training(data: FinetuneData, settings: TrainSettings, folder: RunFolder,
     log(f"{training.name}: trained {settings.epochs} epochs on {len(rows):,} slices, "
         f"{stats.images_per_second:,.1f} images/s{resumed}")
     scored = data.rows(training.scored_on)
-    part = labelled.subset(np.isin(labelled.splits, training.scored_on))
+    part = data.part(training.scored_on)
     probabilities = predict(classifier, SliceImages([data.items[i] for i in scored], labelled.targets[scored],
                                                     data.spec, augment=False),
                             labelled.multilabel, settings.batch_size, workers.device, settings.decode_workers)
