@@ -742,9 +742,10 @@ def finetune(
                               device, on_step, log=lambda line: print(line, file=sys.stderr))
     print_evaluation(result)
     write_result(result, json_out, report)
-    spec = opened.spec(result.model_id)
-    out.print(f"add the fine-tuned model to the store: embedstore ingest SRC... --store {store} --model {spec.name} "
-              f"--image-size {spec.image_size} --window {spec.window} --weights {result.checkpoint}")
+    if result.checkpoint:
+        spec = opened.spec(result.model_id)
+        out.print(f"add the fine-tuned model to the store: embedstore ingest SRC... --store {store} --model {spec.name} "
+                  f"--image-size {spec.image_size} --window {spec.window} --weights {result.checkpoint}")
 
 
 @app.command()

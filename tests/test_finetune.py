@@ -183,3 +183,63 @@ def test_a_run_folder_of_other_settings_is_not_resumed(brightness, tmp_path, mon
                                          "--out", str(tmp_path / "run"), "--mode", "linear", "--epochs", "2",
                                          "--batch-size", "16"], monkeypatch, capsys)
     assert code == 2 and "other settings (settings)" in stderr
+
+
+def test_the_trainer_steps_what_the_mode_trains_with_the_backbone_in_train_mode(brightness, tmp_path):
+    import torch
+
+    from embedstore.finetune.data import SliceImages, finetune_data
+    from embedstore.finetune.train import TrainSettings, Workers, build_classifier, train
+
+    store, labels = brightness
+    data = finetune_data(Store.open(store), labels, split_by="patient")
+    rows = data.rows("train")[:8]
+    images = SliceImages([data.items[i] for i in rows], data.labelled.targets[rows], data.spec, augment=True)
+    for mode in ("bitfit", "lora"):
+        settings = TrainSettings(mode, epochs=2 if mode == "lora" else 1, batch_size=8)  # LoRA's B starts at 0
+        torch.manual_seed(0)
+        classifier = build_classifier(data.spec, None, settings, 2, 1)
+        with torch.no_grad():  # LayerScale at a pretrained model's scale, not random init's 1e-5, which starves
+            for name, parameter in classifier.named_parameters():  # the blocks' adapters of gradient
+                if name.endswith(".gamma"):
+                    parameter.fill_(0.5)
+        before = {name: p.detach().clone() for name, p in classifier.named_parameters()}
+        modes_seen = []
+        first_block = next(module for name, module in classifier.backbone.named_modules() if name.endswith("blocks.0"))
+        first_block.register_forward_pre_hook(lambda module, args: modes_seen.append(module.training))
+        train(classifier, images, [0.05], settings, False, Workers(), tmp_path / f"{mode}.pt")
+        assert modes_seen and all(modes_seen), mode
+        for name, parameter in classifier.named_parameters():
+            if parameter.requires_grad:
+                assert parameter.grad is not None and parameter.grad.abs().sum() > 0, (mode, name)
+                assert not torch.equal(parameter, before[name]), (mode, name)
+            else:
+                assert torch.equal(parameter, before[name]), (mode, name)
+        assert (tmp_path / f"{mode}.pt").is_file()  # a checkpoint after every epoch
+
+
+def test_lora_run_counts_adapters_and_saves_a_merged_backbone(brightness, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    store, labels = brightness
+    result = finetune(store, labels, tmp_path / "lora", "--mode", "lora", "--epochs", "1", "--batch-size", "16",
+                      "--head-lrs", "0.01", monkeypatch=monkeypatch, capsys=capsys)
+    head = 2 * 384 * 2 + 2  # cls+patch_mean → 2 classes
+    assert result["backbone_trainable_parameters"] == 3_096_576
+    assert result["trainable_parameters"] == 3_096_576 + head
+    keys = load_file(result["checkpoint"])
+    assert not any("lora" in key for key in keys) and "blocks.0.attn.qkv.weight" in keys
+
+
+def test_multilabel_tasks_train_one_sigmoid_per_label(brightness, tmp_path, monkeypatch, capsys):
+    store, labels = brightness
+    rows = (labels.parent / "labels.csv").read_text().splitlines()[1:]
+    multi = write_csv(tmp_path / "multi.csv", [
+        {"path": str(labels.parent / path), "label": label + ("|striped" if number % 3 else ""), "patient_id": patient}
+        for number, (path, label, patient) in enumerate(row.split(",") for row in rows)])
+    result = finetune(store, multi, tmp_path / "run", "--mode", "linear", "--epochs", "2", "--batch-size", "16",
+                      monkeypatch=monkeypatch, capsys=capsys)
+    assert result["multilabel"] and result["classes"] == ["bright", "dark", "striped"]
+    per_class = {row["class"]: row for row in result["metrics"]["test"]["per_class"]}
+    assert list(per_class) == ["bright", "dark", "striped"]
+    assert per_class["bright"]["auroc"] > 0.9 and per_class["dark"]["auroc"] > 0.9  # "striped" is noise

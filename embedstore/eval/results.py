@@ -163,7 +163,8 @@ class FinetuneResult(EvaluationResult):
     trainable_parameters: int  # the backbone's and the head's
     workers: int  # data-parallel training processes
     train_images_per_second: float
-    checkpoint: str  # the fine-tuned backbone, timm format (LoRA merged): `embedstore ingest --weights` reads it
+    checkpoint: str | None  # the fine-tuned backbone, timm format (LoRA merged), for `embedstore ingest --weights`
+    # (None in linear mode: the backbone is the stored model's)
     metrics: dict[str, dict]  # "test" → metrics
 
     def notes(self) -> list[str]:
@@ -174,8 +175,8 @@ class FinetuneResult(EvaluationResult):
                 f"head learning rate chosen on val: {self.chosen_head_lr:g}; retrained on train + val",
                 f"backbone {backbone}, {self.backbone_trainable_parameters:,} of its parameters trained "
                 f"({self.trainable_parameters:,} with the head); {self.train_images_per_second:,.1f} training "
-                f"images/s on {self.workers} worker{'s' * (self.workers > 1)}",
-                f"fine-tuned backbone: {self.checkpoint}"]
+                f"images/s on {self.workers} worker{'s' * (self.workers > 1)}"] + \
+            ([f"fine-tuned backbone: {self.checkpoint}"] if self.checkpoint else [])
 
     def metric_tables(self) -> dict[str, dict[str, dict]]:
         return {"test": {f"head lr {self.chosen_head_lr:g}": self.metrics["test"]}}

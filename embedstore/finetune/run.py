@@ -47,7 +47,7 @@ class RunFolder:
     """`--out DIR`: settings, checkpoints, finished trainings' scores, the fine-tuned backbone."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = path.resolve()  # the result names the checkpoint by an absolute path
 
     def start(self, description: dict) -> bool:
         """Record the run's description; True when a previous run with the same one is resumed.
@@ -138,7 +138,8 @@ def run_training(data: FinetuneData, settings: TrainSettings, folder: RunFolder,
         scores["test"] = (multilabel_metrics if labelled.multilabel else multiclass_metrics)(
             part.targets, probabilities[0], part.classes)
         scores["backbone_trainable_parameters"] = trainable_count(classifier.backbone)
-        save_backbone(classifier.backbone, folder.backbone_file(data.spec.name, settings.mode))
+        if settings.mode != "linear":  # a frozen backbone is the stored model's own
+            save_backbone(classifier.backbone, folder.backbone_file(data.spec.name, settings.mode))
     else:
         scores["val_scores"] = [selection_score(part, head) for head in probabilities]
     folder.finish(training, scores)
@@ -167,5 +168,6 @@ def finetune_result(data: FinetuneData, settings: TrainSettings, folder: RunFold
         data.labelled.multilabel, data.labelled.counts(), settings.mode, settings.epochs, settings.batch_size,
         settings.backbone_rate(best) if settings.mode != "linear" else None, list(settings.head_lrs), val_scores,
         best, val_score, data.val_carved, final["backbone_trainable_parameters"], final["trainable_parameters"],
-        workers, images / seconds if seconds else 0.0, str(folder.backbone_file(data.spec.name, settings.mode)),
+        workers, images / seconds if seconds else 0.0,
+        None if settings.mode == "linear" else str(folder.backbone_file(data.spec.name, settings.mode)),
         {"test": final["test"]})
