@@ -188,13 +188,12 @@ def test_a_run_folder_of_other_settings_is_not_resumed(brightness, tmp_path, mon
 def test_the_trainer_steps_what_the_mode_trains_with_the_backbone_in_train_mode(brightness, tmp_path):
     import torch
 
-    from embedstore.finetune.data import SliceImages, finetune_data
+    from embedstore.finetune.data import finetune_data
     from embedstore.finetune.train import TrainSettings, Workers, build_classifier, train
 
     store, labels = brightness
     data = finetune_data(Store.open(store), labels, split_by="patient")
-    rows = data.rows("train")[:8]
-    images = SliceImages([data.items[i] for i in rows], data.labelled.targets[rows], data.spec, augment=True)
+    images = data.images(data.rows("train")[:8], augment=True)
     for mode in ("bitfit", "lora"):
         settings = TrainSettings(mode, epochs=2 if mode == "lora" else 1, batch_size=8)  # LoRA's B starts at 0
         torch.manual_seed(0)

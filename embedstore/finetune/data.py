@@ -48,6 +48,10 @@ class FinetuneData:
     def part(self, *splits: str) -> LabelledVectors:
         return self.labelled.subset(np.isin(self.labelled.splits, splits))
 
+    def images(self, rows: np.ndarray, augment: bool, seed: int = 0) -> "SliceImages":
+        """The pixels and targets of the labelled rows `rows`."""
+        return SliceImages([self.items[i] for i in rows], self.labelled.targets[rows], self.spec, augment, seed)
+
 
 def finetune_data(store: Store, labels: str | Path, model_id: str | None = None, split_by: str | None = None,
                   ratios=(0.7, 0.1, 0.2), seed: int = 0, label_column: str = "label") -> FinetuneData:

@@ -21,7 +21,7 @@ from embedstore.errors import UsageError
 from embedstore.eval.linear import selection_score
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 from embedstore.eval.results import FinetuneResult
-from embedstore.finetune.data import FinetuneData, SliceImages
+from embedstore.finetune.data import FinetuneData
 from embedstore.finetune.modes import save_backbone, trainable_count
 from embedstore.finetune.train import TrainSettings, Workers, build_classifier, predict, train
 
@@ -92,8 +92,9 @@ class RunFolder:
 def run_description(data: FinetuneData, settings: TrainSettings, labels: Path) -> dict:
     """What the results depend on: a rerun with another description must not resume this one. As
     JSON reads it back (tuples as lists), so that it compares equal to the recorded one."""
-    return json.loads(json.dumps({"model_id": data.spec.model_id, "labels": str(Path(labels).resolve()), "classes": data.labelled.classes,
-            "counts": data.labelled.counts(), "settings": {**asdict(settings), "decode_workers": None}}))
+    return json.loads(json.dumps({
+        "model_id": data.spec.model_id, "labels": str(Path(labels).resolve()), "classes": data.labelled.classes,
+        "counts": data.labelled.counts(), "settings": {**asdict(settings), "decode_workers": None}}))
 
 
 def finetune_protocol(data: FinetuneData, settings: TrainSettings, folder: RunFolder, weights: str | None,
@@ -117,23 +118,18 @@ def run_training(data: FinetuneData, settings: TrainSettings, folder: RunFolder,
     torch.manual_seed(settings.seed)  # heads and adapters start the same in every rank and every rerun
     classifier = build_classifier(data.spec, weights, settings, len(labelled.classes), len(training.head_lrs))
     rows = data.rows(*training.splits)
-    images = SliceImages([data.items[i] for i in rows], labelled.targets[rows], data.spec, augment=True,
-                         seed=settings.seed)
-    stats = train(classifier, images, list(training.head_lrs), settings, labelled.multilabel, workers,
+    stats = train(classifier, data.images(rows, augment=True, seed=settings.seed), list(training.head_lrs), settings, labelled.multilabel, workers,
                   folder.checkpoint(training), on_step)
     if not workers.is_main:
         return
     resumed = f", resumed after epoch {stats.resumed_from_epoch}" if stats.resumed_from_epoch else ""
     log(f"{training.name}: trained {settings.epochs} epochs on {len(rows):,} slices, "
         f"{stats.images_per_second:,.1f} images/s{resumed}")
-    scored = data.rows(training.scored_on)
     part = data.part(training.scored_on)
-    probabilities = predict(classifier, SliceImages([data.items[i] for i in scored], labelled.targets[scored],
-                                                    data.spec, augment=False),
+    probabilities = predict(classifier, data.images(data.rows(training.scored_on), augment=False),
                             labelled.multilabel, settings.batch_size, workers.device, settings.decode_workers)
     scores = {"head_lrs": list(training.head_lrs), "images": stats.images, "seconds": stats.seconds,
-              "resumed_from_epoch": stats.resumed_from_epoch,
-              "trainable_parameters": sum(p.numel() for p in classifier.parameters() if p.requires_grad)}
+              "resumed_from_epoch": stats.resumed_from_epoch, "trainable_parameters": trainable_count(classifier)}
     if training.name == FINAL:
         scores["test"] = (multilabel_metrics if labelled.multilabel else multiclass_metrics)(
             part.targets, probabilities[0], part.classes)
