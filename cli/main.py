@@ -484,6 +484,10 @@ def print_evaluation(result) -> None:
         for label, metrics in rows.items():
             table.add_row(label, *("-" if metrics.get(c) is None else f"{metrics[c]:.4f}" for c in columns))
         out.print(table)
+    reported = result.reported()
+    if reported and reported[1].get("ci95"):
+        intervals = ", ".join(f"{name} [{low:.4f}, {high:.4f}]" for name, (low, high) in reported[1]["ci95"].items())
+        out.print(f"95% intervals ({reported[0]}; bootstrap over test patients): {intervals}")
 
 
 @eval_app.command("linear")

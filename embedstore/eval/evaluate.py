@@ -9,9 +9,12 @@ from typing import Callable
 
 import numpy as np
 
+from embedstore.eval.bootstrap import with_interval
+from embedstore.eval.citation import cite
 from embedstore.eval.knn import DEFAULT_KS, TEMPERATURE, choose_search, knn_scores
 from embedstore.eval.labels import (
-    LabelledVectors, check_classes, check_splits, join_labels, read_labels, split_by_patient,
+    LabelledVectors, LabelsRecord, check_classes, check_splits, file_sha256, join_labels, read_labels,
+    split_by_patient,
 )
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 from embedstore.eval.results import FewShotResult, KnnResult, LinearResult
@@ -23,17 +26,23 @@ from embedstore.store import Store
 
 def labelled_vectors(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
                      model_id: str | None = None, split_by: str | None = None,
-                     ratios: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0, label_column: str = "label"):
+                     ratios: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0,
+                     label_column: str = "label") -> tuple[Vectors, LabelledVectors, LabelsRecord]:
     """Stored vectors joined to the labels CSV (its class in `label_column`), with patient-safe
-    splits and every class in train."""
+    splits and every class in train, and the record of what became of the labels."""
     vectors = load_vectors(store, model_id, feature, level)
     join_column, rows = read_labels(labels, label_column)
-    data = join_labels(vectors, join_column, rows)
+    csv_split = any(row.get("split") for row in rows)
+    split_source = f"--split-by patient (seed {seed}, ratios {','.join(map(str, ratios))})" \
+        if split_by == "patient" else "csv"
+    record = LabelsRecord(str(Path(labels).resolve()), file_sha256(Path(labels)), join_column, label_column, len(rows),
+                          0, 0, {}, split_source, csv_split_overridden=csv_split and split_by == "patient")
+    data = join_labels(vectors, join_column, rows, record)
     if split_by == "patient":
         data = split_by_patient(data, ratios, seed)
     check_splits(data)
     check_classes(data)
-    return vectors, data
+    return vectors, data, record.describe(data)
 
 
 def check_knn_arguments(ks, temperature: float) -> None:
@@ -50,25 +59,32 @@ def knn_evaluation(store: Store, labels: str | Path, feature: str = "cls", level
                    split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0, search: str = "auto",
                    label_column: str = "label") -> KnnResult:
     """The DINOv2 weighted kNN: train rows are the neighbours; val and test are classified.
-    Every k is reported on test; the k with the best val score is named (never chosen on test).
-    The neighbour search used (exact or int8 re-ranked, see knn.py) is recorded."""
+    Every k is reported on test; the k with the best val score is named (never chosen on test) and
+    gets the patient-bootstrap intervals (the first k without val). The neighbour search used (exact
+    or int8 re-ranked, see knn.py) is recorded."""
     check_knn_arguments(ks, temperature)
-    vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed, label_column)
+    vectors, data, record = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed,
+                                             label_column)
     train = data.subset(data.splits == "train")
     evaluated = [data.subset(data.splits == split) for split in ("val", "test")]
     search = choose_search(search, sum(len(part.matrix) for part in evaluated), len(train.matrix), max(ks))
-    metrics = {}
+    metrics, scores = {}, {}
     for split, part in zip(("val", "test"), evaluated):
         if not len(part.matrix):
             continue
-        scores = knn_scores(train.matrix, train.targets, part.matrix, len(data.classes), ks, temperature, search)
-        metrics[split] = {str(k): _metrics(part, s) for k, s in scores.items()}
+        scores[split] = knn_scores(train.matrix, train.targets, part.matrix, len(data.classes), ks, temperature, search)
+        metrics[split] = {str(k): _metrics(part, s) for k, s in scores[split].items()}
     best_k = None
+    key = "macro_auroc" if data.multilabel else "balanced_accuracy"
     if "val" in metrics:
-        key = "macro_auroc" if data.multilabel else "balanced_accuracy"
         best_k = int(max(metrics["val"], key=lambda k: _score(metrics["val"][k], key)))
-    return KnnResult("knn", vectors.model_id, feature, level, data.classes, data.multilabel, data.counts(),
-                     temperature, list(ks), search, metrics, best_k, warnings=vector_warnings(vectors))
+    reported_k, test = best_k if best_k is not None else ks[0], evaluated[1]
+    metrics["test"][str(reported_k)] = with_interval(metrics["test"][str(reported_k)], test.targets,
+                                                     scores["test"][reported_k], test.patients, test.multilabel)
+    result = KnnResult("knn", vectors.model_id, feature, level, data.classes, data.multilabel, data.counts(),
+                       temperature, list(ks), search, metrics, best_k, f"{key.replace('_', ' ')} on val",
+                       warnings=vector_warnings(vectors))
+    return cite(result, store.spec(vectors.model_id), record)
 
 
 def vector_warnings(vectors: Vectors) -> list[str]:
@@ -99,7 +115,7 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
     train + val, reported on test. `feature="grid"` also chooses the input as the study does, among
     the CLS of the last 1 or 4 blocks with or without the patch mean, by val score alone.
     `progress(fits done, fits in all)` is called after each fit of the C grid."""
-    from embedstore.eval.linear import DEFAULT_C_GRID, choose_c, refit_and_test
+    from embedstore.eval.linear import DEFAULT_C_GRID, choose_c, refit_and_test, selection_metric
 
     candidates = GRID_FEATURES if feature == "grid" else (feature,)
     c_grid = c_grid or DEFAULT_C_GRID
@@ -107,18 +123,19 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
     on_fit = (lambda: progress(next(fits), n_fits)) if progress else None
     selections, warnings = {}, {}
     for candidate in candidates:
-        vectors, data = labelled_vectors(store, labels, candidate, level, model_id, split_by, ratios, seed,
-                                         label_column)
+        vectors, data, record = labelled_vectors(store, labels, candidate, level, model_id, split_by, ratios, seed,
+                                                 label_column)
         selections[candidate] = choose_c(data, c_grid, seed, on_fit)
         warnings[candidate] = vector_warnings(vectors)
     chosen = max(candidates, key=lambda name: selections[name].val_score)  # first listed wins a tie
     selection = selections[chosen]
     grid = {name: {"chosen_c": s.chosen_c, "val_score": s.val_score} for name, s in selections.items()} \
         if feature == "grid" else None
-    return LinearResult("linear", vectors.model_id, chosen, level, data.classes, data.multilabel,
-                        selection.data.counts(), selection.chosen_c, selection.val_score, selection.carved,
-                        selection.c_grid, selection.val_scores, {"test": refit_and_test(selection)}, grid,
-                        warnings=warnings[chosen])
+    result = LinearResult("linear", vectors.model_id, chosen, level, data.classes, data.multilabel,
+                          selection.data.counts(), selection.chosen_c, selection.val_score,
+                          selection_metric(selection.data), selection.carved, selection.c_grid, selection.val_scores,
+                          {"test": refit_and_test(selection)}, grid, warnings=warnings[chosen])
+    return cite(result, store.spec(vectors.model_id), record)
 
 
 def fewshot_evaluation(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
@@ -128,7 +145,9 @@ def fewshot_evaluation(store: Store, labels: str | Path, feature: str = "cls", l
     """Few-shot curves: `tries` draws of n training patients per class for each n, on a fixed test split."""
     from embedstore.eval.fewshot import CLASSIFIERS, DEFAULT_SHOTS, few_shot
 
-    vectors, data = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed, label_column)
+    vectors, data, record = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed,
+                                             label_column)
     curves = few_shot(data, shots or DEFAULT_SHOTS, tries, classifiers or CLASSIFIERS, seed)
-    return FewShotResult("fewshot", vectors.model_id, feature, level, data.classes, data.multilabel, **curves,
-                         warnings=vector_warnings(vectors))
+    result = FewShotResult("fewshot", vectors.model_id, feature, level, data.classes, data.multilabel, **curves,
+                           warnings=vector_warnings(vectors))
+    return cite(result, store.spec(vectors.model_id), record)

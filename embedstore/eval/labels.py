@@ -13,8 +13,9 @@ single-label task two classes or more.
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +71,83 @@ def read_labels(path: str | Path, label_column: str = "label") -> tuple[str, lis
     return joins[0], rows
 
 
-def join_labels(vectors: Vectors, join_column: str, rows: list[dict]) -> LabelledVectors:
-    """The labelled vectors (unlabelled ones dropped) with classes, patients and any given split."""
+@dataclass
+class LabelsRecord:
+    """Where a task's labels came from and what became of them: what a reader needs to cite its numbers.
+    Written into every evaluation's JSON (`labels`)."""
+
+    path: str
+    sha256: str
+    join_column: str
+    label_column: str
+    csv_rows: int
+    rows_joined: int  # CSV rows that label at least one stored row
+    rows_unmatched: int  # CSV rows whose join value matches no stored row
+    rows_dropped: dict[str, int]  # reason → CSV rows left out before the join
+    split_source: str  # "csv", or how --split-by made the splits
+    patients_per_split: dict[str, int] = field(default_factory=dict)
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split → class → rows
+    mixed_label_patients: int = 0
+    mixed_label_examples: list[str] = field(default_factory=list)
+    mixed_label_rule: str = ("each image keeps its own label; --split-by patient stratifies a patient by its most "
+                             "common class")
+    unmatched_examples: list[str] = field(default_factory=list)
+    csv_split_overridden: bool = False
+
+    def describe(self, data: "LabelledVectors") -> "LabelsRecord":
+        """The record completed with the labelled rows' patients, classes and mixed-label patients."""
+        self.patients_per_split = {split: len(set(data.patients[data.splits == split])) for split in SPLITS}
+        classes_of_row = [tuple(data.classes[i] for i in np.flatnonzero(t)) if data.multilabel else (data.classes[t],)
+                          for t in data.targets]
+        self.class_counts = {split: {name: sum(name in row for row, s in zip(classes_of_row, data.splits) if s == split)
+                                     for name in data.classes} for split in SPLITS}
+        labels_of_patient: dict[str, set] = defaultdict(set)
+        for patient, row in zip(data.patients, classes_of_row):
+            labels_of_patient[patient].add(row)
+        # A multi-label patient's findings change from image to image as a matter of course.
+        mixed = [] if data.multilabel else sorted(p for p, labels in labels_of_patient.items() if len(labels) > 1)
+        self.mixed_label_patients, self.mixed_label_examples = len(mixed), mixed[:5]
+        return self
+
+    def warnings(self) -> list[str]:
+        """One line per thing that changes what the numbers mean without stopping the evaluation."""
+        lines = []
+        if self.rows_unmatched:
+            lines.append(f"{self.rows_unmatched} of {self.csv_rows} labels rows match no stored row by "
+                         f"{self.join_column} (e.g. {self.unmatched_examples[0]}): they are not evaluated")
+        for reason, n in self.rows_dropped.items():
+            lines.append(f"{n} labels rows left out: {reason}")
+        if self.mixed_label_patients:
+            lines.append(f"{self.mixed_label_patients} patients have images of more than one class (e.g. "
+                         f"{self.mixed_label_examples[0]}): {self.mixed_label_rule}")
+        if self.csv_split_overridden:
+            lines.append("the labels file's split column is ignored: --split-by patient made the splits")
+        return lines
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def join_labels(vectors: Vectors, join_column: str, rows: list[dict], record: LabelsRecord | None = None) -> LabelledVectors:
+    """The labelled vectors (unlabelled ones dropped) with classes, patients and any given split. A row
+    with an empty label, or repeating a join value already given, is left out; `record` (when given)
+    counts them, and the rows that matched and did not match stored rows."""
     if join_column not in vectors.rows.column_names:
         raise UsageError(f"labels joined by {join_column} cannot label {vectors.level}-level vectors; "
                          f"use one of {', '.join(c for c in JOIN_COLUMNS if c in vectors.rows.column_names)}")
-    by_id = {row[join_column]: row for row in rows}
+    by_id, dropped = {}, Counter()
+    for row in rows:
+        if not row["label"].strip(MULTI_LABEL_SEPARATOR + " "):
+            dropped["empty label"] += 1
+        elif row[join_column] in by_id:
+            dropped[f"{join_column} given again (the first row is used)"] += 1
+        else:
+            by_id[row[join_column]] = row
     ids = vectors.rows.column(join_column).to_pylist()
     store_patients = vectors.rows.column("patient_id").to_pylist()
     series = vectors.rows.column("series_uid").to_pylist()
@@ -83,6 +155,11 @@ def join_labels(vectors: Vectors, join_column: str, rows: list[dict]) -> Labelle
     if not keep.any():
         hint = f" (stored paths are absolute, e.g. {ids[0]})" if join_column == "path" and ids else ""
         raise UsageError(f"no stored {vectors.level} matches the labels' {join_column} values{hint}")
+    if record is not None:
+        matched = set(ids)
+        unmatched = [value for value in by_id if value not in matched]
+        record.rows_joined, record.rows_unmatched = len(by_id) - len(unmatched), len(unmatched)
+        record.rows_dropped, record.unmatched_examples = dict(dropped), unmatched[:5]
     labelled = [by_id[i] for i in ids if i in by_id]
     label_sets = [[part for part in row["label"].split(MULTI_LABEL_SEPARATOR) if part] for row in labelled]
     multilabel = any(len(labels) != 1 for labels in label_sets)

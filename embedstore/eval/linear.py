@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from embedstore.errors import UsageError
+from embedstore.eval.bootstrap import with_interval
 from embedstore.eval.labels import LabelledVectors, carve_val, label_strata
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 
@@ -61,6 +62,11 @@ def selection_score(part: LabelledVectors, scores: np.ndarray) -> float:
         if metrics["macro_auroc"] is not None:
             return metrics["macro_auroc"]
     return float((scores.argmax(1) == part.targets).mean())
+
+
+def selection_metric(data: LabelledVectors) -> str:
+    """The name of what `selection_score` measures on this task, as the results write it."""
+    return "macro AUROC on val" if data.multilabel or len(data.classes) == 2 else "accuracy on val"
 
 
 def with_val_split(data: LabelledVectors, seed: int) -> tuple[LabelledVectors, bool]:
@@ -110,8 +116,9 @@ def refit_and_test(selection: CSelection) -> dict:
     final = fit_logistic(refit.matrix, refit.targets, len(data.classes), selection.chosen_c, data.multilabel)
     test = data.subset(data.splits == "test")
     scores = final.scores(test.matrix)
-    return multilabel_metrics(test.targets, scores, test.classes) if data.multilabel else \
+    metrics = multilabel_metrics(test.targets, scores, test.classes) if data.multilabel else \
         multiclass_metrics(test.targets, scores, test.classes)
+    return with_interval(metrics, test.targets, scores, test.patients, data.multilabel)
 
 
 def linear_probe(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> tuple[CSelection, dict]:

@@ -34,8 +34,12 @@ def write_report(result: EvaluationResult, directory: Path) -> Path:
         lines += ["", "![few-shot curve](fewshot.png)"]
     else:
         described, metrics = result.reported()
-        lines += [f"Reported on test: {described}.", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {metrics[name]:.4f} |" for name in HEADLINE_METRICS if metrics.get(name) is not None]
+        interval = metrics.get("ci95", {})
+        lines += [f"Reported on test: {described}; 95% intervals by a bootstrap over test patients (1,000 "
+                  "resamples).", "", "| metric | value | 95% interval |", "|---|---|---|"]
+        lines += [f"| {name} | {metrics[name]:.4f} | "
+                  + (f"[{interval[name][0]:.4f}, {interval[name][1]:.4f}]" if name in interval else "-") + " |"
+                  for name in HEADLINE_METRICS if metrics.get(name) is not None]
         if "confusion_matrix" in metrics:
             plot_confusion(metrics["confusion_matrix"], result.classes, directory / "confusion.png")
             lines += ["", "![confusion matrix on test](confusion.png)"]

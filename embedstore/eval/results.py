@@ -21,6 +21,10 @@ class EvaluationResult:
     # What makes the numbers meaningless, whatever they say (degenerate vectors); keyword-only, so it
     # may follow the fields of every result.
     warnings: list[str] = field(default_factory=list, kw_only=True)
+    # Where the labels came from and what became of them (eval/labels.LabelsRecord), and the model
+    # spec, embedstore version and UTC time (eval/citation.py): what a reader needs to cite the numbers.
+    labels: dict | None = field(default=None, kw_only=True)
+    provenance: dict = field(default_factory=dict, kw_only=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,9 +49,11 @@ class KnnResult(EvaluationResult):
     search: str  # the neighbour search that ran: exact or int8 re-ranked
     metrics: dict[str, dict[str, dict]]  # split → k → metrics
     best_k_on_val: int | None  # named on val, never chosen on test
+    selection_metric: str  # what best_k_on_val is best by
 
     def notes(self) -> list[str]:
-        return [f"best k on val: {self.best_k_on_val}"] if self.best_k_on_val is not None else []
+        return [f"best k on val: {self.best_k_on_val} (by {self.selection_metric})"] \
+            if self.best_k_on_val is not None else []
 
     def metric_tables(self) -> dict[str, dict[str, dict]]:
         return {split: {f"k={k}": metrics for k, metrics in by_k.items()} for split, by_k in self.metrics.items()}
@@ -61,6 +67,7 @@ class KnnResult(EvaluationResult):
 class LinearResult(EvaluationResult):
     chosen_c: float
     val_score: float
+    selection_metric: str  # what val_score measures
     val_carved_from_train: bool
     c_grid: list[float]
     val_scores: list[float]  # in the order of c_grid
@@ -72,8 +79,8 @@ class LinearResult(EvaluationResult):
                  + ("  <- chosen on val" if name == self.feature else "")
                  for name, chosen in (self.feature_grid or {}).items()]
         carved = " (carved from train by patient)" if self.val_carved_from_train else ""
-        return lines + [f"C chosen on val{carved}: {self.chosen_c:.3g} (val score {self.val_score:.4f}); "
-                        "refitted on train + val"]
+        return lines + [f"C chosen on val{carved}: {self.chosen_c:.3g} ({self.selection_metric} "
+                        f"{self.val_score:.4f}); refitted on train + val"]
 
     def metric_tables(self) -> dict[str, dict[str, dict]]:
         return {"test": {f"C={self.chosen_c:.3g}": self.metrics["test"]}}
@@ -158,6 +165,7 @@ class FinetuneResult(EvaluationResult):
     val_scores: list[float]  # in the order of head_lr_grid
     chosen_head_lr: float
     val_score: float
+    selection_metric: str  # what the val scores measure
     val_carved_from_train: bool
     backbone_trainable_parameters: int  # the LoRA adapters, the biases, every weight, or none
     trainable_parameters: int  # the backbone's and the head's
@@ -171,7 +179,7 @@ class FinetuneResult(EvaluationResult):
         carved = " (carved from train by patient)" if self.val_carved_from_train else ""
         rates = ", ".join(f"{lr:g}: {score:.4f}" for lr, score in zip(self.head_lr_grid, self.val_scores))
         backbone = "frozen" if self.backbone_lr is None else f"learning rate {self.backbone_lr:g}"
-        return [f"val score per head learning rate{carved}: {rates}",
+        return [f"{self.selection_metric} per head learning rate{carved}: {rates}",
                 f"head learning rate chosen on val: {self.chosen_head_lr:g}; retrained on train + val",
                 f"backbone {backbone}, {self.backbone_trainable_parameters:,} of its parameters trained "
                 f"({self.trainable_parameters:,} with the head); {self.train_images_per_second:,.1f} training "

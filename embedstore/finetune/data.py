@@ -27,7 +27,7 @@ from embedstore.pipeline.readback import read_back
 from embedstore.preprocess import normalize
 
 if TYPE_CHECKING:  # the store's libraries stay out of the trainer's imports (GPU workers may lack them)
-    from embedstore.eval.labels import LabelledVectors
+    from embedstore.eval.labels import LabelledVectors, LabelsRecord
     from embedstore.store import Store
 
 READ_BACK_COLUMNS = ["key", "path", "frame", "study_uid", "series_uid", "slice_index", "modality", "body_part"]
@@ -40,6 +40,7 @@ class FinetuneData:
     labelled: LabelledVectors  # targets, classes, patients and train / val / test splits (val never empty)
     items: list[dict]  # per labelled row, where its pixels are (READ_BACK_COLUMNS)
     val_carved: bool  # val was carved from train by patient
+    record: LabelsRecord  # where the labels came from and what became of them
 
     def rows(self, *splits: str) -> np.ndarray:
         """Indices of the labelled rows in `splits`."""
@@ -60,7 +61,8 @@ def finetune_data(store: Store, labels: str | Path, model_id: str | None = None,
     from embedstore.eval.evaluate import labelled_vectors
     from embedstore.eval.linear import with_val_split
 
-    vectors, labelled = labelled_vectors(store, labels, "cls", "slice", model_id, split_by, ratios, seed, label_column)
+    vectors, labelled, record = labelled_vectors(store, labels, "cls", "slice", model_id, split_by, ratios, seed,
+                                                 label_column)
     labelled, carved = with_val_split(labelled, seed)
     labelled.matrix = labelled.matrix[:, :0]  # the stored vectors are not trained on: not sent to Ray workers
     empty = [split for split, n in labelled.counts().items() if n == 0]
@@ -69,7 +71,7 @@ def finetune_data(store: Store, labels: str | Path, model_id: str | None = None,
                          f"({labelled.counts()}): fine-tuning chooses on val and reports on test")
     keys = set(labelled.keys)
     by_key = {row["key"]: row for row in store.rows("items", None, READ_BACK_COLUMNS).to_pylist() if row["key"] in keys}
-    return FinetuneData(store.spec(vectors.model_id), labelled, [by_key[key] for key in labelled.keys], carved)
+    return FinetuneData(store.spec(vectors.model_id), labelled, [by_key[key] for key in labelled.keys], carved, record)
 
 
 class SliceImages(Dataset):

@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.eval.linear import selection_score
+from embedstore.eval.bootstrap import with_interval
+from embedstore.eval.citation import cite
+from embedstore.eval.linear import selection_metric, selection_score
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 from embedstore.eval.results import FinetuneResult
 from embedstore.finetune.data import FinetuneData
@@ -131,8 +133,9 @@ def run_training(data: FinetuneData, settings: TrainSettings, folder: RunFolder,
     scores = {"head_lrs": list(training.head_lrs), "images": stats.images, "seconds": stats.seconds,
               "resumed_from_epoch": stats.resumed_from_epoch, "trainable_parameters": trainable_count(classifier)}
     if training.name == FINAL:
-        scores["test"] = (multilabel_metrics if labelled.multilabel else multiclass_metrics)(
+        metrics = (multilabel_metrics if labelled.multilabel else multiclass_metrics)(
             part.targets, probabilities[0], part.classes)
+        scores["test"] = with_interval(metrics, part.targets, probabilities[0], part.patients, labelled.multilabel)
         scores["backbone_trainable_parameters"] = trainable_count(classifier.backbone)
         if settings.mode != "linear":  # a frozen backbone is the stored model's own
             save_backbone(classifier.backbone, folder.backbone_file(data.spec.name, settings.mode))
@@ -154,16 +157,17 @@ def chosen_rate(data: FinetuneData, settings: TrainSettings, folder: RunFolder) 
 
 
 def finetune_result(data: FinetuneData, settings: TrainSettings, folder: RunFolder, workers: int) -> FinetuneResult:
-    """The finished run's result, read from its folder."""
+    """The finished run's result, read from its folder, with its provenance."""
     best, val_score, val_scores = chosen_rate(data, settings, folder)
     final = folder.finished(Training(FINAL, (best,), ("train", "val"), "test"))
     finished = [folder.finished(t) for t in trainings(settings)] + [final]
     images, seconds = sum(f["images"] for f in finished), sum(f["seconds"] for f in finished)
-    return FinetuneResult(
+    result = FinetuneResult(
         f"finetune:{settings.mode}", data.spec.model_id, "cls+patch_mean", "slice", data.labelled.classes,
         data.labelled.multilabel, data.labelled.counts(), settings.mode, settings.epochs, settings.batch_size,
         settings.backbone_rate(best) if settings.mode != "linear" else None, list(settings.head_lrs), val_scores,
-        best, val_score, data.val_carved, final["backbone_trainable_parameters"], final["trainable_parameters"],
-        workers, images / seconds if seconds else 0.0,
+        best, val_score, selection_metric(data.labelled), data.val_carved, final["backbone_trainable_parameters"],
+        final["trainable_parameters"], workers, images / seconds if seconds else 0.0,
         None if settings.mode == "linear" else str(folder.backbone_file(data.spec.name, settings.mode)),
         {"test": final["test"]})
+    return cite(result, data.spec, data.record)

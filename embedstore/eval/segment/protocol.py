@@ -24,6 +24,7 @@ from embedstore.eval.segment.train import (
     LEARNING_RATES, LOSSES, DecoderShape, Progress, TrainSettings, input_size_dice, train_decoders,
 )
 from embedstore.models.spec import ModelSpec
+from embedstore.eval.citation import cite
 from embedstore.pipeline.readback import read_back, stored_slice
 from embedstore.store import Store
 
@@ -100,12 +101,13 @@ def segment_evaluation(store: Store, labels: str | Path, model_id: str | None = 
                      "chosen_learning_rate": chosen, "train_seconds": round(trained, 2), "test": test})
     split = {"source": f"--split-by patient (seed {split_seed}, ratios {list(ratios)})" if split_by else "labels CSV",
              "val_carved_from_train": data.val_carved_from_train, "volumes": data.volume_counts()}
-    return SegmentResult(
+    result = SegmentResult(
         "segment", spec.model_id, "patch tokens of blocks " + ",".join(map(str, blocks)), "slice",
         list(data.class_names.values()), False, data.counts(), settings.decoder, list(blocks), data.class_names,
         settings.loss, settings.epochs, settings.batch_size, list(LEARNING_RATES), list(seeds), score_at, split,
         data.problem_counts(), [problem.line for problem in data.problems], runs, summarise(runs),
         runs[0]["test"]["empty_class_rule"], overlays=overlays)
+    return cite(result, spec)  # the masks' own accounting is in split and mask_problems
 
 
 def summarise(runs: list[dict]) -> dict[str, dict]:
