@@ -84,3 +84,27 @@ def test_labels_record_and_its_three_warnings(ingested, tmp_path, monkeypatch, c
     assert result["provenance"]["model_spec"]["model_id"] == result["model_id"]
     assert "ci95" in result["metrics"]["test"][str(result["best_k_on_val"] or 1)]
     assert result["warnings"][:3] == [line.removeprefix("embedstore: warning: ") for line in warnings[:3]]
+
+
+def test_report_plots_say_what_they_show(ingested, tmp_path, monkeypatch, capsys):
+    from conftest import write_modality_labels
+
+    labels = write_modality_labels(tmp_path / "modality.csv", ingested.path)
+    code, _, stderr = run_cli_here(["eval", "linear", str(ingested.path), "--labels", str(labels), "--feature",
+                                    "patch_mean", "--report", str(tmp_path / "linear")], monkeypatch, capsys)
+    assert code == 0, stderr
+    model_id = json.loads((tmp_path / "linear" / "linear.json").read_text())["model_id"]
+    confusion = (tmp_path / "linear" / "confusion.svg").read_text()
+    assert (tmp_path / "linear" / "confusion.png").stat().st_size > 0
+    for text in (model_id, f"{tmp_path.name}/modality.csv", "feature patch_mean", "predicted", "share of the true class"):
+        assert text in confusion, text
+    assert "%" in confusion  # row-normalised rates beside the counts
+
+    code, _, stderr = run_cli_here(["eval", "fewshot", str(ingested.path), "--labels", str(labels), "--feature",
+                                    "patch_mean", "--shots", "1,2", "--tries", "3", "--report", str(tmp_path / "fewshot")],
+                                   monkeypatch, capsys)
+    assert code == 0, stderr
+    curve = (tmp_path / "fewshot" / "fewshot.svg").read_text()
+    for text in (model_id, "chance", ">1<", ">2<", "training patients per class"):
+        assert text in curve, text
+    assert "2^" not in curve and "$2" not in curve  # plain shot ticks, not powers of two

@@ -103,23 +103,28 @@ def few_shot(data: LabelledVectors, shots=DEFAULT_SHOTS, tries: int = DEFAULT_TR
 
 
 def plot_curves(result, path) -> None:
-    """The few-shot curve (mean and 95% band per classifier) as a PNG."""
+    """The few-shot curve (mean and 95% band per classifier) with the chance level, as a PNG and an SVG
+    beside it, titled with the model, dataset and feature."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    from embedstore.eval.report import chance_level, save_figure, title_lines
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for name, points in result.curves.items():
         shots = [p["shots"] for p in points]
         axes.plot(shots, [p["mean"] for p in points], marker="o", label=name)
         axes.fill_between(shots, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points], alpha=0.2)
+    axes.axhline(chance_level(result.score, len(result.classes)), color="grey", linestyle="--", linewidth=1,
+                 label="chance")
     axes.set_xscale("log", base=2)
+    axes.set_xticks(result.shots, [str(n) for n in result.shots])
+    axes.minorticks_off()
     axes.set_xlabel("training patients per class")
     axes.set_ylabel(result.score.replace("_", " "))
-    axes.set_title(f"few-shot, {result.tries} draws per point, 95% intervals")
+    axes.set_title(title_lines(result, f"few-shot, {result.tries} draws per point, 95% intervals"), fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)

@@ -41,30 +41,68 @@ def write_report(result: EvaluationResult, directory: Path) -> Path:
                   + (f"[{interval[name][0]:.4f}, {interval[name][1]:.4f}]" if name in interval else "-") + " |"
                   for name in HEADLINE_METRICS if metrics.get(name) is not None]
         if "confusion_matrix" in metrics:
-            plot_confusion(metrics["confusion_matrix"], result.classes, directory / "confusion.png")
+            plot_confusion(metrics["confusion_matrix"], result.classes, directory / "confusion.png",
+                           title_lines(result, f"{result.task}: confusion on test\n{described}"))
             lines += ["", "![confusion matrix on test](confusion.png)"]
     path = directory / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> None:
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, title: str = "") -> None:
+    """Counts and row-normalised rates (the recall of each true class) per cell, coloured by the rate,
+    the text dark or light by the cell's shade; a PNG and an SVG beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    size = max(4, 0.5 * len(classes) + 2)
+    counts = np.asarray(matrix, dtype=float)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(6.0, 0.6 * len(classes) + 2.5)
     figure, axes = plt.subplots(figsize=(size, size), dpi=120)
-    image = axes.imshow(matrix, cmap="Blues")
+    colours = plt.get_cmap("Blues")
+    image = axes.imshow(rates, cmap=colours, vmin=0, vmax=1)
     axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     axes.set_yticks(range(len(classes)), classes)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    for row, values in enumerate(matrix):
-        for column, value in enumerate(values):
-            axes.text(column, row, str(value), ha="center", va="center", fontsize=8)
-    figure.colorbar(image, ax=axes, fraction=0.046)
+    for row in range(len(classes)):
+        for column in range(len(classes)):
+            red, green, blue, _ = colours(rates[row, column])
+            text = "white" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.55 else "black"
+            axes.text(column, row, f"{int(counts[row, column])}\n{rates[row, column]:.0%}", ha="center",
+                      va="center", fontsize=8, color=text)
+    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
+    axes.set_title(title, fontsize=8)
+    save_figure(figure, path)
+
+
+def title_lines(result: EvaluationResult, what: str) -> str:
+    """A plot's title: what it shows, the dataset (the labels file), the model and the feature."""
+    return f"{what}\n{dataset_name(result)}\n{result.model_id}\nfeature {result.feature}, {result.level} level"
+
+
+def dataset_name(result: EvaluationResult) -> str:
+    """The labels file, as its folder and name say it (data/nih/labels.csv → nih/labels.csv)."""
+    if not result.labels:
+        return "labels"
+    path = Path(result.labels["path"])
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def chance_level(metric: str, n_classes: int) -> float:
+    """What guessing scores: 0.5 for AUROC, one over the classes for (balanced) accuracy."""
+    return 0.5 if "auroc" in metric else 1.0 / n_classes
+
+
+def save_figure(figure, path: Path) -> None:
+    """The figure as the PNG asked for and an SVG beside it (for a paper: its text stays text)."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path)
+    with plt.rc_context({"svg.fonttype": "none"}):
+        figure.savefig(Path(path).with_suffix(".svg"))
     plt.close(figure)
