@@ -753,6 +753,35 @@ def finetune(
 
 
 @app.command()
+def bench(
+    suite: Path = typer.Argument(..., metavar="SUITE", help="Suite file (TOML): datasets, models, protocols, seeds."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Output folder: cached cells, results.parquet, "
+                                 "leaderboard.md/.csv, plots (created; rerun to resume)."),
+    jobs: int = typer.Option(1, help="Cells run at once in local processes."),
+    ray_address: Optional[str] = typer.Option(None, help="Run the cells as Ray tasks on this cluster."),
+) -> None:
+    """Run a benchmark suite from the stored vectors: every cell not cached yet, then the leaderboard."""
+    from embedstore.bench.run import run_suite
+    from embedstore.bench.suite import read_suite
+
+    check_output(out_dir, "--out", folder=True)
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, not {jobs}")
+    read = read_suite(suite)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("bench: cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[cell]}"), console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("cells", total=None, cell="")
+        result = run_suite(read, out_dir, jobs, ray_address,
+                           lambda done, total, label: bar.update(task, completed=done, total=total, cell=label))
+    for line in result.failed:
+        warn(f"cell left out: {line}")
+    out.print(f"{read.name}: {result.cells} cells, {result.cached} cached, {result.computed} computed"
+              + (f", {len(result.failed)} failed" if result.failed else "") + f"; leaderboard: {result.leaderboard}")
+
+
+@app.command()
 def vacuum(store: Path = typer.Argument(..., metavar="STORE", help="Store directory.")) -> None:
     """Remove duplicate keys, and the patch shards and table files that interrupted runs left behind;
     compact the tables."""

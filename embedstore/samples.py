@@ -253,6 +253,16 @@ def write_stripes_task(root: Path, n_images: int, size: int = 56, label_by: str 
     return root / "labels.csv"
 
 
+def write_suite_data(root: Path, n_images: int = 96, size: int = 56) -> list[Path]:
+    """The data of benchmarks/suites/demo.toml under `root`: the orientation and brightness stripes tasks
+    (orientation/, brightness/, each with labels.csv) and segmentation phantoms with masks (phantoms/,
+    labels.csv). Returns the image folders to ingest."""
+    write_stripes_task(root / "orientation", n_images, size, "orientation")
+    write_stripes_task(root / "brightness", n_images, size, "brightness", seed=1)
+    write_segmentation_phantoms(root / "phantoms", n_images=n_images // 2, size=size)
+    return [root / "orientation" / "images", root / "brightness" / "images", root / "phantoms" / "images"]
+
+
 def copy_pydicom_bundled(directory: Path) -> list[Path]:
     """pydicom's own small CT and MR test files (shipped inside the pydicom package)."""
     from pydicom.data import get_testdata_file

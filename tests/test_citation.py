@@ -108,3 +108,23 @@ def test_report_plots_say_what_they_show(ingested, tmp_path, monkeypatch, capsys
     for text in (model_id, "chance", ">1<", ">2<", "training patients per class"):
         assert text in curve, text
     assert "2^" not in curve and "$2" not in curve  # plain shot ticks, not powers of two
+
+
+def test_weighted_metrics_equal_the_eval_metrics_on_repeated_rows():
+    from embedstore.eval.bootstrap import weighted_headline
+    from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
+
+    rng = np.random.default_rng(2)
+    weights = rng.integers(1, 4, 60)
+    targets = rng.integers(0, 3, 60)
+    scores = rng.dirichlet(np.ones(3), 60).round(1)  # rounded: ties, which AUROC counts one half
+    repeated = np.repeat(np.arange(60), weights)
+    weighted = weighted_headline(targets, scores, weights, multilabel=False)
+    plain = multiclass_metrics(targets[repeated], scores[repeated], ["a", "b", "c"])
+    for name, value in weighted.items():
+        assert abs(value - plain[name]) < 1e-12, name
+    labels = rng.integers(0, 2, (60, 3))
+    weighted = weighted_headline(labels, scores, weights, multilabel=True)
+    plain = multilabel_metrics(labels[repeated], scores[repeated], ["a", "b", "c"])
+    for name, value in weighted.items():
+        assert abs(value - plain[name]) < 1e-12, name

@@ -13,8 +13,8 @@ from embedstore.eval.bootstrap import with_interval
 from embedstore.eval.citation import cite
 from embedstore.eval.knn import DEFAULT_KS, TEMPERATURE, choose_search, knn_scores
 from embedstore.eval.labels import (
-    LabelledVectors, LabelsRecord, check_classes, check_splits, file_sha256, join_labels, read_labels,
-    split_by_patient,
+    LabelledVectors, LabelsRecord, check_classes, check_splits, file_sha256, join_labels, predictions_of,
+    read_labels, split_by_patient,
 )
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 from embedstore.eval.results import FewShotResult, KnnResult, LinearResult
@@ -83,7 +83,8 @@ def knn_evaluation(store: Store, labels: str | Path, feature: str = "cls", level
                                                      scores["test"][reported_k], test.patients, test.multilabel)
     result = KnnResult("knn", vectors.model_id, feature, level, data.classes, data.multilabel, data.counts(),
                        temperature, list(ks), search, metrics, best_k, f"{key.replace('_', ' ')} on val",
-                       warnings=vector_warnings(vectors))
+                       warnings=vector_warnings(vectors),
+                       test_predictions=predictions_of(test, scores["test"][reported_k]))
     return cite(result, store.spec(vectors.model_id), record)
 
 
@@ -131,10 +132,11 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
     selection = selections[chosen]
     grid = {name: {"chosen_c": s.chosen_c, "val_score": s.val_score} for name, s in selections.items()} \
         if feature == "grid" else None
+    test_metrics, predictions = refit_and_test(selection)
     result = LinearResult("linear", vectors.model_id, chosen, level, data.classes, data.multilabel,
                           selection.data.counts(), selection.chosen_c, selection.val_score,
                           selection_metric(selection.data), selection.carved, selection.c_grid, selection.val_scores,
-                          {"test": refit_and_test(selection)}, grid, warnings=warnings[chosen])
+                          {"test": test_metrics}, grid, warnings=warnings[chosen], test_predictions=predictions)
     return cite(result, store.spec(vectors.model_id), record)
 
 

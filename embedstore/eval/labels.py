@@ -47,6 +47,11 @@ class LabelledVectors:
         return {split: int((self.splits == split).sum()) for split in SPLITS}
 
 
+def predictions_of(part: LabelledVectors, scores: np.ndarray) -> dict:
+    """What a paired comparison of two models on the same rows needs (EvaluationResult.test_predictions)."""
+    return {"keys": list(part.keys), "patients": part.patients, "targets": part.targets, "scores": scores}
+
+
 def read_labels(path: str | Path, label_column: str = "label") -> tuple[str, list[dict]]:
     """(join column, rows) of a labels CSV, each row's class under "label" and a relative `path`
     (when that is the join) read from the CSV's folder; UsageError when it does not follow the format."""

@@ -17,7 +17,7 @@ import torch
 
 from embedstore.errors import UsageError
 from embedstore.eval.bootstrap import with_interval
-from embedstore.eval.labels import LabelledVectors, carve_val, label_strata
+from embedstore.eval.labels import LabelledVectors, carve_val, label_strata, predictions_of
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
@@ -109,8 +109,9 @@ def choose_c(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0,
     return CSelection(data, carved, sorted(c_grid), [s for s, _ in val_scores], best_c, best_score)
 
 
-def refit_and_test(selection: CSelection) -> dict:
-    """The chosen C refitted on train + val; the test metrics (test labels are read only here)."""
+def refit_and_test(selection: CSelection) -> tuple[dict, dict]:
+    """The chosen C refitted on train + val; the test metrics (test labels are read only here) and the
+    test predictions (keys, patients, targets, scores)."""
     data = selection.data
     refit = data.subset(data.splits != "test")
     final = fit_logistic(refit.matrix, refit.targets, len(data.classes), selection.chosen_c, data.multilabel)
@@ -118,10 +119,10 @@ def refit_and_test(selection: CSelection) -> dict:
     scores = final.scores(test.matrix)
     metrics = multilabel_metrics(test.targets, scores, test.classes) if data.multilabel else \
         multiclass_metrics(test.targets, scores, test.classes)
-    return with_interval(metrics, test.targets, scores, test.patients, data.multilabel)
+    return with_interval(metrics, test.targets, scores, test.patients, data.multilabel), predictions_of(test, scores)
 
 
 def linear_probe(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0) -> tuple[CSelection, dict]:
     """Choose C on val, refit on train + val, report on test: the selection and the test metrics."""
     selection = choose_c(data, c_grid, seed)
-    return selection, refit_and_test(selection)
+    return selection, refit_and_test(selection)[0]

@@ -103,6 +103,6 @@ def save_figure(figure, path: Path) -> None:
 
     figure.tight_layout()
     figure.savefig(path)
-    with plt.rc_context({"svg.fonttype": "none"}):
-        figure.savefig(Path(path).with_suffix(".svg"))
+    with plt.rc_context({"svg.fonttype": "none"}):  # no date inside: a rerun writes the same file
+        figure.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
     plt.close(figure)

@@ -6,7 +6,9 @@ Each result knows what it reports on test (`reported`) and the tables of metrics
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+NOT_IN_JSON = ("test_predictions", "overlays")  # arrays and images kept beside a result, not in it
 
 
 @dataclass
@@ -25,9 +27,15 @@ class EvaluationResult:
     # spec, embedstore version and UTC time (eval/citation.py): what a reader needs to cite the numbers.
     labels: dict | None = field(default=None, kw_only=True)
     provenance: dict = field(default_factory=dict, kw_only=True)
+    # The reported classifier's test scores, for paired comparisons between models (bench/): keys,
+    # patients, targets and scores of the test rows. Not part of the JSON.
+    test_predictions: dict | None = field(default=None, kw_only=True, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        result = asdict(replace(self, test_predictions=None))
+        for name in NOT_IN_JSON:
+            result.pop(name, None)
+        return result
 
     def notes(self) -> list[str]:
         """Lines that say how the reported numbers were chosen."""
@@ -121,11 +129,6 @@ class SegmentResult(EvaluationResult):
     empty_class_rule: str
     # Overlay panels for --report (image, truth, prediction at input size); not part of the JSON.
     overlays: list = field(default_factory=list, kw_only=True, repr=False)
-
-    def to_dict(self) -> dict:
-        result = asdict(self)
-        result.pop("overlays")
-        return result
 
     def notes(self) -> list[str]:
         lines = [f"seed {run['seed']}: learning rate {run['chosen_learning_rate']:g} chosen on val (val Dice "

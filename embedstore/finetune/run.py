@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from embedstore.errors import UsageError
 from embedstore.eval.bootstrap import with_interval
 from embedstore.eval.citation import cite
+from embedstore.eval.labels import predictions_of
 from embedstore.eval.linear import selection_metric, selection_score
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
 from embedstore.eval.results import FinetuneResult
@@ -85,6 +87,9 @@ class RunFolder:
     def backbone_file(self, spec_name: str, mode: str) -> Path:
         return self.path / f"{spec_name}-{mode}.safetensors"
 
+    def test_scores_file(self) -> Path:
+        return self.path / "scores" / "test_scores.npy"
+
     def log(self, line: str) -> None:
         """A line of the run's log, `train.log` (Ray workers' only channel to the user)."""
         with open(self.path / "train.log", "a") as handle:
@@ -136,6 +141,8 @@ def run_training(data: FinetuneData, settings: TrainSettings, folder: RunFolder,
         metrics = (multilabel_metrics if labelled.multilabel else multiclass_metrics)(
             part.targets, probabilities[0], part.classes)
         scores["test"] = with_interval(metrics, part.targets, probabilities[0], part.patients, labelled.multilabel)
+        folder.test_scores_file().parent.mkdir(parents=True, exist_ok=True)
+        np.save(folder.test_scores_file(), probabilities[0])
         scores["backbone_trainable_parameters"] = trainable_count(classifier.backbone)
         if settings.mode != "linear":  # a frozen backbone is the stored model's own
             save_backbone(classifier.backbone, folder.backbone_file(data.spec.name, settings.mode))
@@ -169,5 +176,6 @@ def finetune_result(data: FinetuneData, settings: TrainSettings, folder: RunFold
         best, val_score, selection_metric(data.labelled), data.val_carved, final["backbone_trainable_parameters"],
         final["trainable_parameters"], workers, images / seconds if seconds else 0.0,
         None if settings.mode == "linear" else str(folder.backbone_file(data.spec.name, settings.mode)),
-        {"test": final["test"]})
+        {"test": final["test"]},
+        test_predictions=predictions_of(data.part("test"), np.load(folder.test_scores_file())))
     return cite(result, data.spec, data.record)

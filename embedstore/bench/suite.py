@@ -1,0 +1,135 @@
+"""A benchmark suite: datasets x models x protocols x seeds, read from TOML with the standard library.
+
+    name = "demo"
+    baseline = "vits14"                  # a key of [models]: every other model is compared with it
+    seeds = [0, 1]                       # each repeats every protocol (and the patient split)
+
+    [datasets.orientation]
+    store = "demo/store"                 # paths are read from the suite file's folder
+    labels = "demo/orientation.csv"      # classification labels (knn, linear, fewshot, finetune)
+    masks = "demo/masks.csv"             # segmentation labels (segment); either or both
+    split_by = "patient"                 # or "csv" (the labels' split column)
+    ratios = [0.7, 0.1, 0.2]
+    level = "slice"
+
+    [models]
+    vits14 = "dinov2_vits14-random"      # a model id or unique prefix in every dataset's store
+    resnet = "resnet18-random"
+
+    [protocols.knn]                      # each protocol's options, as the eval commands take them
+    k = [10, 20]
+    [protocols.linear]
+    [protocols.fewshot]
+    tries = 10
+    [protocols.segment]
+    epochs = 5
+    [protocols.finetune]
+    mode = "linear"
+    epochs = 3
+
+Every problem is a UsageError naming the key, before any cell runs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedstore.errors import UsageError
+
+PROTOCOLS = ("knn", "linear", "fewshot", "segment", "finetune")
+# The options each protocol takes from the suite (the eval commands' names, underscores for dashes).
+PROTOCOL_OPTIONS = {
+    "knn": {"feature", "k", "temperature", "search"},
+    "linear": {"feature", "c_grid"},
+    "fewshot": {"feature", "shots", "tries", "classifiers"},
+    "segment": {"decoder", "epochs", "batch_size", "loss", "score_at", "classes"},
+    "finetune": {"mode", "epochs", "batch_size", "backbone_lr", "head_lrs", "weights"},
+}
+CLASSIFICATION = ("knn", "linear", "fewshot", "finetune")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    store: Path
+    labels: Path | None  # classification labels CSV
+    masks: Path | None  # segmentation labels CSV
+    split_by: str | None  # "patient", or None for the CSV's split column
+    ratios: tuple[float, float, float]
+    level: str
+
+    def labels_for(self, protocol: str) -> Path | None:
+        return self.masks if protocol == "segment" else self.labels
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    datasets: dict[str, Dataset]
+    models: dict[str, str]  # name → model id or prefix
+    protocols: dict[str, dict]  # protocol → its options
+    seeds: tuple[int, ...]
+    baseline: str | None
+
+
+def read_suite(path: Path) -> Suite:
+    """The suite in `path`; UsageError naming what is wrong."""
+    if not path.is_file():
+        raise UsageError(f"suite file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"suite file {path} is not TOML: {error}") from None
+    unknown = set(raw) - {"name", "baseline", "seeds", "datasets", "models", "protocols"}
+    if unknown:
+        raise UsageError(f"suite {path}: unknown key {sorted(unknown)[0]!r}")
+    folder = path.resolve().parent
+    datasets = {name: read_dataset(name, table, folder) for name, table in table_of(raw, "datasets", path).items()}
+    models = table_of(raw, "models", path)
+    if not all(isinstance(prefix, str) and prefix for prefix in models.values()):
+        raise UsageError(f"suite {path}: [models] maps a name to a model id or prefix (a string)")
+    protocols = table_of(raw, "protocols", path)
+    for protocol, options in protocols.items():
+        if protocol not in PROTOCOLS:
+            raise UsageError(f"suite {path}: unknown protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
+        extra = set(options) - PROTOCOL_OPTIONS[protocol]
+        if extra:
+            raise UsageError(f"suite {path}: [protocols.{protocol}] has no option {sorted(extra)[0]!r}; it takes "
+                             f"{', '.join(sorted(PROTOCOL_OPTIONS[protocol]))}")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) for seed in seeds):
+        raise UsageError(f"suite {path}: seeds is a list of integers, not {seeds!r}")
+    baseline = raw.get("baseline")
+    if baseline is not None and baseline not in models:
+        raise UsageError(f"suite {path}: baseline {baseline!r} is not one of [models] ({', '.join(models)})")
+    return Suite(str(raw.get("name", path.stem)), path.resolve(), datasets, dict(models), protocols, tuple(seeds),
+                 baseline)
+
+
+def table_of(raw: dict, key: str, path: Path) -> dict:
+    table = raw.get(key)
+    if not isinstance(table, dict) or not table:
+        raise UsageError(f"suite {path}: needs a non-empty [{key}] table")
+    return table
+
+
+def read_dataset(name: str, table: dict, folder: Path) -> Dataset:
+    where = f"[datasets.{name}]"
+    unknown = set(table) - {"store", "labels", "masks", "split_by", "ratios", "level"}
+    if unknown:
+        raise UsageError(f"suite: {where} has no key {sorted(unknown)[0]!r}")
+    if "store" not in table or not ("labels" in table or "masks" in table):
+        raise UsageError(f"suite: {where} needs a store and labels (classification) or masks (segmentation)")
+    split_by = table.get("split_by", "csv")
+    if split_by not in ("csv", "patient"):
+        raise UsageError(f"suite: {where} split_by is csv or patient, not {split_by!r}")
+    ratios = tuple(table.get("ratios", (0.7, 0.1, 0.2)))
+    level = table.get("level", "slice")
+    if level not in ("slice", "series"):
+        raise UsageError(f"suite: {where} level is slice or series, not {level!r}")
+    resolve = lambda key: (folder / table[key]).resolve() if key in table else None  # noqa: E731
+    return Dataset(name, resolve("store"), resolve("labels"), resolve("masks"),
+                   None if split_by == "csv" else "patient", ratios, level)
