@@ -1,7 +1,7 @@
 """One cell of a suite: a model on a dataset under a protocol with a seed, run through the eval code
 the commands use, and cached under a key of everything its numbers depend on.
 
-The key hashes the model spec, the labels file's SHA-256, the dataset's split rule and level, the
+The key hashes the dataset's name, the model spec, the labels file's SHA-256, the dataset's split rule and level, the
 protocol and its options, the seed and the embedstore version: change one byte of a labels file and
 only that dataset's cells run again; a new embedstore version runs every cell again. A cell's result
 is its eval's JSON (`OUT/cells/<key>.json`) and, for classification, its test predictions
@@ -64,7 +64,8 @@ def cells_of(suite: Suite) -> list[Cell]:
 def cell_key(cell: Cell, spec_row: dict) -> str:
     """24 hex digits of SHA-256 over what the cell's numbers depend on."""
     labels = cell.dataset.labels_for(cell.protocol)
-    identity = {"model_spec": spec_row, "labels_sha256": file_sha256(labels), "split_by": cell.dataset.split_by,
+    identity = {"dataset": cell.dataset.name, "model_spec": spec_row, "labels_sha256": file_sha256(labels),
+                "split_by": cell.dataset.split_by,
                 "ratios": list(cell.dataset.ratios), "level": cell.dataset.level, "protocol": cell.protocol,
                 "options": cell.options, "seed": cell.seed, "embedstore_version": __version__}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
