@@ -782,6 +782,25 @@ def bench(
 
 
 @app.command()
+def report(
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="An `embedstore bench --out` folder: its leaderboard "
+                                         "and plots go into the report."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for report.html (self-contained) and report.md."),
+) -> None:
+    """One document: the store's content, ingest throughput per stage, search index recall and latency,
+    and a benchmark suite's leaderboard and plots."""
+    from embedstore.bench.report import write_store_report
+    from embedstore.store import Store
+
+    check_output(out_dir, "--out", folder=True)
+    if suite is not None and not suite.is_dir():
+        raise UsageError(f"--suite {suite} is not a folder `embedstore bench` wrote")
+    page, markdown = write_store_report(Store.open(store), out_dir, suite)
+    out.print(f"report: {page} (and {markdown.name})")
+
+
+@app.command()
 def vacuum(store: Path = typer.Argument(..., metavar="STORE", help="Store directory.")) -> None:
     """Remove duplicate keys, and the patch shards and table files that interrupted runs left behind;
     compact the tables."""

@@ -98,6 +98,19 @@ def test_rerun_computes_nothing_and_writes_the_same_numbers(suite_folder, tmp_pa
     for name in ("heatmap", "fewshot-bright", "fewshot-copy"):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").is_file()
 
+    # One report: the store, its ingest runs, and the suite's leaderboard and plots.
+    code, stdout, stderr = run_cli_here(["report", str(suite_folder / "store"), "--suite", str(out), "--out",
+                                         str(tmp_path / "report")], monkeypatch, capsys)
+    assert code == 0, stderr
+    page = (tmp_path / "report" / "report.html").read_text()
+    for text in ("Ingest throughput", "slices/s", "No ANN index built", "Benchmark suite", "vits14_reg-random-s1",
+                 "Against the baseline (first)", "<td class=best>"):
+        assert text in page, text
+    assert page.count("data:image/png;base64,") == 4  # stages, heatmap, two few-shot plots: inline
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for name in ("ingest-stages.png", "heatmap.png", "fewshot-bright.png", "fewshot-copy.png"):
+        assert f"]({name})" in markdown and (tmp_path / "report" / name).is_file()
+
 
 def test_a_changed_labels_file_or_version_invalidates_exactly_its_cells(suite_folder, tmp_path, monkeypatch):
     import embedstore.bench.cells as cells_module

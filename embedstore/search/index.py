@@ -195,7 +195,9 @@ def measure_recall(store: Store, model_id: str, table_name: str, column: str, pa
 
 def remember_index(store: Store, report: IndexReport) -> None:
     indexes = store.manifest.setdefault("indexes", {})
-    indexes[f"{report.table}.{report.column}"] = {**asdict(report.parameters), "recall_at_10": report.recall_at_10}
+    indexes[f"{report.table}.{report.column}"] = {**asdict(report.parameters), "recall_at_10": report.recall_at_10,
+                                                  "ann_p50_ms": report.ann_p50_ms, "exact_p50_ms": report.exact_p50_ms,
+                                                  "rows": report.rows}
     store.write_manifest()
 
 
