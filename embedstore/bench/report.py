@@ -111,7 +111,7 @@ def run_sections(store: Store, out: Path) -> list[Block]:
                       run["n_embedded"], run["n_failed"], run["slices_per_s"], *(stage.get(n) for n in names)]
                      for run, stage in zip(runs, stages)])]
     if names:
-        plot_stages([run["started_at"].strftime("%m-%d %H:%M:%S") for run in runs], stages, names, out / "ingest-stages.png")
+        plot_stages([f"{n}. {run['started_at'].strftime('%m-%d %H:%M:%S')}" for n, run in enumerate(runs, 1)], stages, names, out / "ingest-stages.png")
         blocks.append(image(out / "ingest-stages.png", "seconds per ingest stage, per run"))
     return blocks
 
@@ -125,7 +125,7 @@ def plot_stages(labels: list[str], stages: list[dict], names: list[str], path: P
 
     from embedstore.eval.report import save_figure
 
-    figure, axes = plt.subplots(figsize=(7, max(2.5, 0.45 * len(labels) + 1.5)), dpi=120)
+    figure, axes = plt.subplots(figsize=(7, max(2.8, 0.45 * len(labels) + 2.0)), dpi=120)
     left = np.zeros(len(labels))
     for name in names:
         values = np.array([stage.get(name, 0.0) for stage in stages])
@@ -133,7 +133,8 @@ def plot_stages(labels: list[str], stages: list[dict], names: list[str], path: P
         left += values
     axes.set_xlabel("seconds")
     axes.set_title("where ingest time went, per run", fontsize=9)
-    axes.legend(fontsize=7, ncols=2)
+    axes.invert_yaxis()  # the first run on top
+    axes.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     save_figure(figure, path)
 
 
