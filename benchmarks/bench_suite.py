@@ -11,7 +11,7 @@
    the objective C * sum(loss) + 0.5 * |W|^2 each reaches per C (lower is better).
 
     python benchmarks/bench_suite.py [--rows 100000] [--c-grid 1e-4,1e-3,1e-2,1e-1,1,10,100]
-                                     [--workdir /tmp/embedstore-bench-suite]
+                                     [--workdir /tmp/embedstore-bench-suite] [--skip-suite]
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--c-grid", default="1e-4,1e-3,1e-2,1e-1,1,10,100")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/embedstore-bench-suite"))
+    parser.add_argument("--skip-suite", action="store_true", help="only the linear probe against scikit-learn")
     args = parser.parse_args()
     grid = [float(c) for c in args.c_grid.split(",")]
     root = args.workdir / f"rows-{args.rows}"
@@ -144,9 +145,10 @@ def main() -> None:
         (root / "models.json").write_text(json.dumps(model_ids))
         (root / "ready").touch()
     model_ids = json.loads((root / "models.json").read_text())
-    suite = run_suite(root, model_ids, grid)
-    print(f"suite: 3 models x 2 datasets x (knn, linear, fewshot 10 tries), {args.rows:,} rows x {DIM}-d per model: "
-          f"{suite['wall_s']} s; cell seconds by protocol {suite['cell_seconds_by_protocol']}")
+    suite = None if args.skip_suite else run_suite(root, model_ids, grid)
+    if suite:
+        print(f"suite: 3 models x 2 datasets x (knn, linear, fewshot 10 tries), {args.rows:,} rows x {DIM}-d per model: "
+              f"{suite['wall_s']} s; cell seconds by protocol {suite['cell_seconds_by_protocol']}")
     linear = linear_against_sklearn(root, model_ids[0], grid)
     worse = [row["C"] for row in linear["per_c"] if row["embedstore_objective"] > row["sklearn_objective"] * (1 + 1e-6)]
     print(f"linear probe, {linear['train_rows']:,} train rows x {linear['dim']}-d, {len(grid)} C values: embedstore "
