@@ -87,7 +87,7 @@ def write_leaderboard(suite: Suite, keyed: list[tuple[str, Cell]], cache: CellCa
     columns = ["dataset", "model", "model_id", "protocol", "seed", "setting", "metric", "value", "ci_low", "ci_high"]
     pq.write_table(pa.table({name: [row[name] for row in rows] for name in columns}), out / "results.parquet")
 
-    table = leaderboard_table(suite, records, rows)
+    table = leaderboard_table(suite, records)
     write_csv(out / "leaderboard.csv", table)
     paired = paired_comparisons(suite, records, cache)
     write_csv(out / "paired.csv", paired)
@@ -98,31 +98,29 @@ def write_leaderboard(suite: Suite, keyed: list[tuple[str, Cell]], cache: CellCa
     return path
 
 
-def leaderboard_table(suite: Suite, records: list[tuple[str, dict]], rows: list[dict]) -> list[dict]:
+def leaderboard_table(suite: Suite, records: list[tuple[str, dict]]) -> list[dict]:
     """One row per (dataset, protocol, model): the headline metric over seeds, best per column marked."""
-    shown = {}
+    metric_of_column, headline = {}, defaultdict(list)
     for _, record in records:
         cell, result = record["cell"], record["result"]
-        shown[cell["dataset"], cell["protocol"]] = headline_metric(cell["protocol"], result)
-        shown[cell["dataset"], cell["protocol"], cell["model"], cell["seed"]] = headline_setting(cell["protocol"], result)
-    values = defaultdict(list)
-    for row in rows:
-        key = (row["dataset"], row["protocol"])
-        if key in shown and row["metric"] == shown[key] and \
-                row["setting"] == shown[row["dataset"], row["protocol"], row["model"], row["seed"]]:
-            values[row["dataset"], row["protocol"], row["model"]].append(row)
+        metric, setting = headline_metric(cell["protocol"], result), headline_setting(cell["protocol"], result)
+        metric_of_column[cell["dataset"], cell["protocol"]] = metric
+        row = next((row for row in metric_rows(cell, result) if (row["metric"], row["setting"]) == (metric, setting)),
+                   None)  # None: the metric is undefined on this cell's test rows
+        if row is not None:
+            headline[cell["dataset"], cell["protocol"], cell["model"]].append(row)
     table = []
     for dataset in suite.datasets:
         for protocol in suite.protocols:
-            if (dataset, protocol) not in shown:
+            if (dataset, protocol) not in metric_of_column:
                 continue
             entries = []
             for model in suite.models:
-                found = sorted(values.get((dataset, protocol, model), []), key=lambda row: row["seed"])
+                found = sorted(headline.get((dataset, protocol, model), []), key=lambda row: row["seed"])
                 if not found:
                     continue
                 means = [row["value"] for row in found]
-                entries.append({"dataset": dataset, "protocol": protocol, "metric": shown[dataset, protocol],
+                entries.append({"dataset": dataset, "protocol": protocol, "metric": metric_of_column[dataset, protocol],
                                 "model": model, "mean": float(np.mean(means)),
                                 "std": float(np.std(means)) if len(means) > 1 else 0.0, "seeds": len(means),
                                 "ci_low": found[0]["ci_low"], "ci_high": found[0]["ci_high"]})
