@@ -114,7 +114,9 @@ def linear_against_sklearn(root: Path, model_id: str, grid: list[float]) -> dict
     _, data, _ = labelled_vectors(Store.open(root / "store"), root / "ten.csv", "cls+patch_mean", "slice", model_id,
                                   "patient")
     train = data.subset(data.splits == "train")
-    x, y = train.matrix.astype(np.float64), train.targets
+    # both fitted on the stored float32 vectors, as a user would; objectives computed in float64
+    x, y = train.matrix, train.targets
+    x64 = x.astype(np.float64)
     ours, theirs, rows = 0.0, 0.0, []
     probe, model = None, LogisticRegression(max_iter=500, warm_start=True)
     for c in sorted(grid):
@@ -124,8 +126,8 @@ def linear_against_sklearn(root: Path, model_id: str, grid: list[float]) -> dict
         started = time.perf_counter()
         model.set_params(C=c).fit(x, y)
         theirs += time.perf_counter() - started
-        rows.append({"C": c, "embedstore_objective": objective(probe.weights.numpy(), probe.bias.numpy(), x, y, c),
-                     "sklearn_objective": objective(model.coef_.T, model.intercept_, x, y, c)})
+        rows.append({"C": c, "embedstore_objective": objective(probe.weights, probe.bias, x64, y, c),
+                     "sklearn_objective": objective(model.coef_.T, model.intercept_, x64, y, c)})
     return {"train_rows": len(x), "dim": x.shape[1], "embedstore_s": round(ours, 1), "sklearn_s": round(theirs, 1),
             "ratio_embedstore_over_sklearn": round(ours / theirs, 3), "per_c": rows}
 
