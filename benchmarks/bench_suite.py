@@ -26,37 +26,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # embedstore from this checkout
+from synthetic import DIM, write_synthetic_store  # noqa: E402  (this folder is on the path: the script's own)
 
-DIM, CLUSTERS, NOISE = 768, 1000, (1.5, 2.0, 2.5)
+NOISE = (1.5, 2.0, 2.5)  # one model per noise level
 
 
 def build_store(root: Path, n_rows: int) -> list[str]:
     """The store under root/store with three models' vectors, and the two labels files; the model ids."""
-    from embedstore.models import load_model
-    from embedstore.models.embedder import Embeddings
-    from embedstore.pipeline.runner import item_rows, vector_rows
-    from embedstore.sources import SliceItem
-    from embedstore.store import Store
-    from embedstore.store.schema import slices_table_name
-
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(CLUSTERS, DIM)).astype(np.float32)
-    clusters = rng.integers(0, CLUSTERS, n_rows)
-    store = Store.open(root / "store", create=True)
-    items = [SliceItem(f"synthetic:{i}", f"/archive/{i}.dcm", f"study{i // 4}", f"series{i // 4}", i % 4,
-                       modality="CT", rows=512, cols=512, intensity="ct:study") for i in range(n_rows)]
-    store.insert_new("items", item_rows(items, "run"))
-    model_ids = []
-    for seed, noise in enumerate(NOISE):
-        spec = load_model("dinov2_vitb14", "random", 28, seed=seed, layers=1, patch_layers=()).spec
-        store.add_model(spec)
-        for start in range(0, n_rows, 50_000):
-            part = slice(start, min(n_rows, start + 50_000))
-            cls = centres[clusters[part]] + noise * rng.normal(size=(len(clusters[part]), DIM)).astype(np.float32)
-            mean = centres[clusters[part]] + noise * rng.normal(size=cls.shape).astype(np.float32)
-            store.insert_new(slices_table_name(spec.model_id), vector_rows(
-                spec, items[part], [Embeddings(cls, mean, cls[:, None], None)], None, [None] * len(cls), "run"))
-        model_ids.append(spec.model_id)
+    model_ids, clusters = write_synthetic_store(root / "store", n_rows, NOISE)
     for name, label in (("ten", lambda c: f"c{c % 10}"), ("two", lambda c: "high" if c >= 500 else "low")):
         lines = ["key,label,patient_id"] + [f"synthetic:{i},{label(c)},p{i // 4}" for i, c in enumerate(clusters)]
         (root / f"{name}.csv").write_text("\n".join(lines) + "\n")

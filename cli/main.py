@@ -283,6 +283,7 @@ def search(
     image: Optional[Path] = typer.Option(None, "--image", help="Query by an image file (embedded with the store's model)."),
     key: Optional[str] = typer.Option(None, "--key", help="Query by a stored slice's key."),
     series_uid: Optional[str] = typer.Option(None, "--series-uid", help="Query by a stored series."),
+    study_uid: Optional[str] = typer.Option(None, "--study-uid", help="Query by a stored study."),
     k: int = typer.Option(10, "--k", "-k", help="Results to return."),
     level: str = typer.Option("slice", help="slice, series or study (best match per query slice, averaged)."),
     where: Optional[str] = typer.Option(None, help="Filter on metadata columns, e.g. \"modality = 'CT' AND body_part = 'CHEST'\"."),
@@ -295,14 +296,17 @@ def search(
     from embedstore.search.degenerate import stored_feature_warning
     from embedstore.store import Store
 
-    given = [name for name, value in (("--image", image), ("--key", key), ("--series-uid", series_uid)) if value]
+    given = [name for name, value in (("--image", image), ("--key", key), ("--series-uid", series_uid),
+                                      ("--study-uid", study_uid)) if value]
     if len(given) != 1:
-        raise UsageError("give exactly one of --image, --key, --series-uid")
+        raise UsageError("give exactly one of --image, --key, --series-uid, --study-uid")
     opened = Store.open(store)
     if key:
         query = searching.query_by_key(opened, key, feature, model_id)
     elif series_uid:
         query = searching.query_by_series(opened, series_uid, feature, model_id)
+    elif study_uid:
+        query = searching.query_by_study(opened, study_uid, feature, model_id)
     else:
         from embedstore.pipeline.embed_file import embed_file
 
@@ -317,12 +321,21 @@ def search(
                           "feature": feature, "where": where, "hits": searching.hits_as_dicts(hits)}, indent=2))
         return
     table = Table(title=f"{LEVEL_PLURALS[level]} most similar to {query.description}")
-    for column in ("rank", "similarity", "modality", level if level != "slice" else "slice", "path"):
+    identity = {"slice": "key (for --key)", "series": "series UID (for --series-uid)", "study": "study UID (for --study-uid)"}
+    extra = {"slice": ["slice", "path"], "series": ["slices"], "study": ["series", "slices"]}[level]
+    table.add_column("rank")
+    table.add_column("similarity")
+    # whole on one line, however narrow the terminal: the key is there to be copied into --key
+    table.add_column(identity[level], no_wrap=True, min_width=max((len(hit.key) for hit in hits), default=0))
+    for column in ["modality", "date", "series description", *extra]:
         table.add_column(column, overflow="fold")
     for hit in hits:
-        identity = hit.key if level != "series" else hit.series_uid
-        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", str(hit.modality),
-                      f"{identity}" if level != "slice" else f"{hit.series_uid} #{hit.slice_index}", hit.path or "")
+        if level == "slice":
+            tail = [str(hit.slice_index), hit.path or ""]
+        else:
+            tail = [str(hit.n_slices)] if level == "series" else [str(hit.n_series), str(hit.n_slices)]
+        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", hit.key, hit.modality or "", hit.study_date or "",
+                      hit.series_description or "", *tail)
     out.print(table)
 
 
@@ -849,6 +862,32 @@ def migrate(store: Path = typer.Argument(..., metavar="STORE", help="A format-2 
           f"{report.runs:,} runs, {report.patch_shards:,} patch shards{indexes}")
     for note in report.notes:
         print(f"embedstore: note: {note}", file=sys.stderr)
+
+
+@app.command()
+def serve(
+    store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; any but loopback needs --token."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    token: Optional[str] = typer.Option(None, envvar="EMBEDSTORE_TOKEN",
+                                        help="Bearer token every API and thumbnail request must carry "
+                                             "(or EMBEDSTORE_TOKEN); open the page as http://HOST:PORT/#token=..."),
+    show_paths: bool = typer.Option(False, "--show-paths", help="Serve file paths and path-made ids as stored "
+                                                                "(folder names can carry patient names)."),
+    max_upload_mb: float = typer.Option(50.0, help="Largest query image accepted, in MB."),
+) -> None:
+    """A search service and web page over the store: upload an image or paste a key, see similar slices,
+    series or studies as thumbnails."""
+    from embedstore.serve.app import ServeSettings, check_exposure, run_server
+    from embedstore.store import Store
+
+    check_exposure(host, token)
+    if max_upload_mb <= 0:
+        raise UsageError("--max-upload-mb must be positive")
+    Store.open(store)  # a wrong path is a usage error before the server starts
+    out.print(f"serving {store} on http://{'[' + host + ']' if ':' in host else host}:{port}/"
+              + (" (token required)" if token else ""))
+    run_server(ServeSettings(store, token, show_paths, max_upload_mb), host, port)
 
 
 @app.command()

@@ -169,3 +169,39 @@ def write_dicom_seg(path, sources, pixel_array, segmentation_type="BINARY") -> s
         manufacturer_model_name="test", software_versions="1", device_serial_number="1")
     seg.save_as(path)
     return str(path)
+
+
+PATIENT_NAME, PATIENT_ID = "Smith^John", "MRN778812"
+
+
+@dataclass
+class PatientArchive:
+    root: Path  # its folder name carries the patient's name and ID, as real exports' often do
+    ct: list[Path]  # 256 px: thumbnails need no resize
+    xray_monochrome1: Path
+    xray_monochrome2: Path  # the same image stored the other way round
+    pngs: list[Path]
+
+
+def make_patient_archive(root: Path) -> PatientArchive:
+    folder = root / "Smith John MRN778812"
+    ct = samples.write_ct_series(folder / "chest ct", n_slices=4, size=256, seed=21, patient_id=PATIENT_ID,
+                                 patient_name=PATIENT_NAME, body_part="CHEST")
+    samples.write_ct_series(folder / "head ct", n_slices=3, size=64, seed=22, patient_id=PATIENT_ID,
+                            patient_name=PATIENT_NAME, body_part="HEAD")
+    radiograph = samples.phantom(256, 5)
+    inverted = samples.write_xray(folder / "dx" / "m1.dcm", radiograph, monochrome1=True, patient_id=PATIENT_ID)
+    plain = samples.write_xray(folder / "dx" / "m2.dcm", radiograph, monochrome1=False, patient_id=PATIENT_ID)
+    pngs = [samples.write_png(folder / "photos" / f"p{i}.png", samples.phantom(64, 30 + i)) for i in range(4)]
+    return PatientArchive(folder, ct, inverted, plain, pngs)
+
+
+@pytest.fixture(scope="session")
+def patient_store(tmp_path_factory) -> tuple[Path, PatientArchive]:
+    """A store of one patient's CT, radiographs and photos, ingested with random weights."""
+    from embedstore.pipeline.ingest import ingest
+
+    archive = make_patient_archive(tmp_path_factory.mktemp("patient"))
+    path = tmp_path_factory.mktemp("served") / "store"
+    ingest([archive.root], path, ingest_options())
+    return path, archive

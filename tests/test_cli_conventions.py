@@ -90,7 +90,7 @@ def help_text(args: list[str]) -> str:
 
 
 COMMANDS = (["ingest"], ["info"], ["models"], ["failures"], ["search"], ["index"], ["export"], ["vacuum"],
-            ["migrate"], ["demo"], ["eval", "knn"], ["eval", "linear"], ["eval", "fewshot"])
+            ["migrate"], ["demo"], ["serve"], ["eval", "knn"], ["eval", "linear"], ["eval", "fewshot"])
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

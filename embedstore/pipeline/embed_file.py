@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.errors import UsageError
-from embedstore.models import rebuild_model
+from embedstore.models import LoadedModel, rebuild_model
 from embedstore.models.embedder import Embedder
-from embedstore.models.spec import cls_column
+from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.pipeline.batching import SliceBatcher
 from embedstore.preprocess import DecodeSettings, decode_task
 from embedstore.sources import build_catalog, check_sources, discover
@@ -22,7 +22,11 @@ def embed_file(store: Store, path: str | Path, model_id: str, axis: str = "axial
     """Every slice of `path` embedded by the store's model `model_id`: stored-column name
     (cls, patch_mean, cls_b<i>) → (n slices, D)."""
     spec = store.spec(model_id)
-    loaded = rebuild_model(spec, weights)
+    return embed_with(rebuild_model(spec, weights), spec, path, axis)
+
+
+def embed_with(loaded: LoadedModel, spec: ModelSpec, path: str | Path, axis: str = "axial") -> dict[str, np.ndarray]:
+    """`embed_file` with a model already rebuilt from `spec` (a service keeps it between queries)."""
     found, failures = discover(check_sources([path]))
     catalog = build_catalog(found, axis=axis)
     if failures or catalog.failures or not catalog.tasks:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedstore.models.spec import ModelSpec
-from embedstore.preprocess import DecodeSettings, decode_task
-from embedstore.sources import ReadTask, SliceItem
+from embedstore.preprocess import DecodeSettings, IntensityConfig, decode_task, unit_channels
+from embedstore.sources import ReadTask, SliceItem, read_native
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,22 @@ def nifti_axis(key: str) -> str:
     return parts[-3] if parts[-2].startswith("t") and parts[-2][1:].isdigit() else parts[-2]
 
 
+def slice_item(item: dict, where: StoredSlice) -> SliceItem:
+    """The catalog's item for a stored row: what the readers need to decode it as the ingest did."""
+    return SliceItem(item_id=where.key, path=where.path, study_uid=item["study_uid"], series_uid=item["series_uid"],
+                     slice_index=item["slice_index"], frame=where.frame, modality=item["modality"],
+                     body_part=item["body_part"])
+
+
+def read_unit_slice(item: dict, intensity: IntensityConfig) -> np.ndarray:
+    """One stored row's slice at its native size, (C, H, W) float32 in [0, 1]: the ingest's intensity
+    mapping (window, percentiles or VOI, MONOCHROME1 inverted) before the resize to the model's input."""
+    where = stored_slice(item)
+    task = ReadTask(where.kind, where.path, [slice_item(item, where)], axis=where.axis)
+    native = read_native(task, intensity.uses_header_voi(item["modality"]))
+    return unit_channels(native, intensity)[0][0]
+
+
 def read_back(items: list[dict], spec: ModelSpec) -> np.ndarray:
     """(n, C, S, S) float32 in [0, 1], in the order of `items` (stored rows with key, path, frame,
     study_uid, series_uid, slice_index, modality, body_part): each slice decoded from its file as the
@@ -46,9 +62,7 @@ def read_back(items: list[dict], spec: ModelSpec) -> np.ndarray:
     for position, item in enumerate(items):
         where = stored_slice(item)
         task, positions = tasks.setdefault((where.path, where.axis), (ReadTask(where.kind, where.path, axis=where.axis), []))
-        task.items.append(SliceItem(item_id=where.key, path=where.path, study_uid=item["study_uid"],
-                                    series_uid=item["series_uid"], slice_index=item["slice_index"],
-                                    frame=where.frame, modality=item["modality"], body_part=item["body_part"]))
+        task.items.append(slice_item(item, where))
         positions.append(position)
     pixels = None
     for task, positions in tasks.values():

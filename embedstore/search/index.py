@@ -122,8 +122,10 @@ def index_warnings(store: Store, model_id: str, column: str, level: str, recall:
     return [warning for warning in warnings if warning]
 
 
-RESULT_COLUMNS = {"slices": ["key", "path", "study_uid", "series_uid", "slice_index", "modality"],
-                  "series": ["key", "study_uid", "series_uid", "modality"]}  # by table kind (its name's prefix)
+RESULT_COLUMNS = {"slices": ["key", "path", "study_uid", "series_uid", "slice_index", "modality", "body_part",
+                             "series_description", "study_date"],
+                  "series": ["key", "study_uid", "series_uid", "modality", "body_part", "series_description",
+                             "study_date", "n_slices"]}  # by table kind (its name's prefix)
 
 
 def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k: int, parameters: IndexParameters,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from embedstore.errors import UsageError
 from embedstore.search.exact import exact_top_k
@@ -34,12 +35,21 @@ class Hit:
     rank: int
     similarity: float
     level: str
-    key: str  # slice key, series key, or the study UID
+    key: str  # slice key, series key, or the study UID: what --key, --series-uid or --study-uid accepts
     study_uid: str
     series_uid: str | None
     path: str | None
     slice_index: int | None
-    modality: str | None
+    modality: str | None  # a study's modalities joined by "/"
+    body_part: str | None = None
+    series_description: str | None = None  # a study's distinct descriptions joined by "; "
+    study_date: str | None = None
+    n_slices: int | None = None  # series and study: slices stored (of those the filter kept)
+    n_series: int | None = None  # study
+
+
+# the metadata a result shows, beside its identity
+DESCRIPTION_COLUMNS = ("body_part", "series_description", "study_date")
 
 
 @dataclass
@@ -65,7 +75,8 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
     index = index_for(store, table, feature) if level != "study" else None
     if index is not None:
         return _search_index(store, table, feature, pooled[0], k, index, level, condition, own)
-    candidates = load_vectors(store, query.model_id, feature, "series" if level == "series" else "slice", condition)
+    candidates = load_vectors(store, query.model_id, feature, "series" if level == "series" else "slice", condition,
+                              DESCRIPTION_COLUMNS)
     if level == "study":
         return _rank_studies(query, candidates, k)
     keep = np.array([_identity(candidates, level, i) != own for i in range(len(candidates))]) if own else None
@@ -95,7 +106,8 @@ def _identity(vectors: Vectors, level: str, row: int) -> str:
 
 def _hit(rank: int, similarity: float, level: str, row: dict) -> Hit:
     return Hit(rank, similarity, level, row["key"], row["study_uid"], row.get("series_uid"), row.get("path"),
-               row.get("slice_index"), row.get("modality"))
+               row.get("slice_index"), row.get("modality"), row.get("body_part"), row.get("series_description"),
+               row.get("study_date"), row.get("n_slices"))
 
 
 def _rank_studies(query: Query, slices: Vectors, k: int) -> list[Hit]:
@@ -110,9 +122,20 @@ def _rank_studies(query: Query, slices: Vectors, k: int) -> list[Hit]:
     best_per_query_slice = np.maximum.reduceat(similarity, starts, axis=1)  # (query slices, studies)
     scores = best_per_query_slice.mean(0)
     top = np.argsort(-scores, kind="stable")[:k]
-    modality = slices.rows.column("modality").to_numpy(zero_copy_only=False)[keep][order][starts]
-    return [Hit(rank, float(scores[i]), "study", str(names[i]), str(names[i]), None, None, None, modality[i])
-            for rank, i in enumerate(top, 1)]
+    rows = slices.rows.filter(pa.array(keep)).take(pa.array(order)).to_pylist()
+    ends = list(starts[1:]) + [len(rows)]
+    return [_study_hit(rank, float(scores[i]), str(names[i]), rows[starts[i]:ends[i]]) for rank, i in enumerate(top, 1)]
+
+
+def _study_hit(rank: int, similarity: float, study_uid: str, rows: list[dict]) -> Hit:
+    """A study's hit, described from its slices' rows."""
+    def distinct(column: str, separator: str) -> str | None:
+        values = sorted({row[column] for row in rows if row.get(column)})
+        return separator.join(values) if values else None
+
+    return Hit(rank, similarity, "study", study_uid, study_uid, None, None, None, distinct("modality", "/"),
+               distinct("body_part", "/"), distinct("series_description", "; "), distinct("study_date", ", "),
+               len(rows), len({row["series_uid"] for row in rows}))
 
 
 # ------------------------------------------------------------------------------------- queries
@@ -131,9 +154,16 @@ def query_by_series(store: Store, series_uid: str, feature: str = "cls", model_i
     return Query(f"series {series_uid} ({len(vectors)} slices)", model_id, vectors.matrix, None, series_uid, study)
 
 
+def query_by_study(store: Store, study_uid: str, feature: str = "cls", model_id: str | None = None) -> Query:
+    """A stored study's slices as the query (pooled to their mean at slice and series level)."""
+    model_id, vectors = _stored(store, model_id, feature, "study_uid", study_uid, "study")
+    return Query(f"study {study_uid} ({len(vectors)} slices)", model_id, vectors.matrix, None, None, study_uid)
+
+
 def _stored(store: Store, model_id: str | None, feature: str, column: str, value: str, what: str):
     """(model id, the model's slice vectors whose `column` is `value`); UsageError naming them when none is."""
     model_id = store.resolve_model_id(model_id)
+    feature_columns(store.spec(model_id), feature)  # a wrong feature says so, not "no such slice"
     try:
         return model_id, load_vectors(store, model_id, feature, where=f"{column} = {sql_literal(value)}")
     except UsageError:

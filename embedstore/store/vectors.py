@@ -62,15 +62,17 @@ def feature_columns(spec: ModelSpec, feature: str) -> list[str]:
 
 
 def load_vectors(store: Store, model_id: str | None = None, feature: str = "cls", level: str = "slice",
-                 where: str | None = None) -> Vectors:
+                 where: str | None = None, extra_columns: tuple[str, ...] = ()) -> Vectors:
     """One model's vectors at slice level, or series level (the mean of each series' slice
-    vectors, as the model's series table stores them). `where` is an already validated filter."""
+    vectors, as the model's series table stores them). `where` is an already validated filter;
+    `extra_columns` are metadata columns wanted in `.rows` beside the identity columns."""
     if level not in LEVELS:
         raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     spec = store.spec(store.resolve_model_id(model_id))
     parts = feature_columns(spec, feature)
     table, identity = (slices_table_name(spec.model_id), SLICE_COLUMNS) if level == "slice" else \
         (series_table_name(spec.model_id), SERIES_COLUMNS)
+    identity = identity + [name for name in extra_columns if name not in identity]
     rows = store.rows(table, where, identity + parts)
     if not rows.num_rows:
         raise UsageError(f"no {level} vectors of model {spec.model_id} match" + (f" {where}" if where else ""))

@@ -1,0 +1,400 @@
+"""`embedstore serve`: a FastAPI application over one store, and the web page that shows its results.
+
+Routes (OpenAPI at /docs and /openapi.json):
+  GET  /api/models                 the store's models (the first is the default)
+  GET  /api/facets                 modalities, body parts and the date range, for the page's filters
+  POST /api/uploads?filename=F     an image file as the request body: embedded once per model, kept
+                                   for the searches that name its upload_id
+  POST /api/search                 by key, series_uid, study_uid or upload_id; k, level, model, feature, where
+  GET  /api/items/{key}            GET /api/series/{uid}            GET /api/studies/{uid}
+  GET  /thumbnails/{key}.png       the slice as its model saw it, 256 px on the long side
+  GET  /                           the page (static/), which calls the routes above
+
+Everything is read through the store's own code (search.similar, the ingest's readers and decode).
+Only the fields in `public.ITEM_FIELDS` and ids from `public.PublicIds` leave the service. With a
+token every /api and /thumbnails request must carry `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from embedstore import __version__
+from embedstore.errors import UsageError
+from embedstore.search import similar
+from embedstore.search.where import validated_where
+from embedstore.serve.public import FILTER_COLUMNS, ITEM_FIELDS, PublicIds
+from embedstore.serve.thumbnails import ThumbnailCache
+from embedstore.store import Store, sql_literal
+from embedstore.store.schema import series_table_name, slices_table_name
+from embedstore.store.vectors import feature_columns
+
+STATIC = Path(__file__).parent / "static"
+STRIP_LENGTH = 6  # slices shown for a series or study result
+UPLOADS_KEPT = 8  # embedded uploads kept for further searches (each up to --max-upload-mb)
+READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    store: Path
+    token: str | None = None
+    show_paths: bool = False
+    max_upload_mb: float = 50.0
+    cache_folder: Path | None = None  # default: <store>.serve-cache beside the store
+
+
+def cache_folder_for(store: Path) -> Path:
+    store = Path(store).resolve()
+    return store.parent / f"{store.name}.serve-cache"
+
+
+class SearchRequest(BaseModel):
+    key: str | None = Field(None, description="a slice's key, as a result shows it")
+    series_uid: str | None = None
+    study_uid: str | None = None
+    upload_id: str | None = Field(None, description="from POST /api/uploads")
+    k: int = Field(10, ge=1, le=1000)
+    level: Literal["slice", "series", "study"] = "slice"
+    model: str | None = Field(None, description="a model id or unique prefix; the first model when absent")
+    feature: str = "cls"
+    where: str | None = Field(None, description="filter on " + ", ".join(FILTER_COLUMNS)
+                              + ", e.g. \"modality = 'CT' AND study_date >= '2020-01-01'\"")
+
+
+@dataclass
+class Upload:
+    data: bytes
+    suffix: str
+    name: str
+    vectors: dict[str, dict[str, np.ndarray]]  # model id → stored-column name → (slices, D)
+
+
+class Service:
+    """The store, its public ids, thumbnails, loaded models and recent uploads, shared by the routes."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.store = Store.open(settings.store)
+        cache = settings.cache_folder or cache_folder_for(settings.store)
+        self.ids = PublicIds(self.store, cache, settings.show_paths)
+        self.thumbnails = ThumbnailCache(cache / "thumbnails")
+        self.uploads: OrderedDict[str, Upload] = OrderedDict()
+        self.models: dict[str, object] = {}
+        self.lock = threading.Lock()  # uploads and models; one embedding at a time keeps memory bounded
+
+    # ------------------------------------------------------------------ identifiers and messages
+    def stored_or_404(self, public_id: str, what: str) -> str:
+        stored = self.ids.stored(public_id)
+        if stored is None:
+            raise HTTPException(404, f"no {what} {public_id!r} in this store")
+        return stored
+
+    def message(self, error: Exception) -> str:
+        """An error's text without the store's location (its folder names are not the client's business)."""
+        text = str(error)
+        for location in (str(self.store.path.resolve()), str(self.store.path)):
+            text = text.replace(f" in store {location}", "").replace(location, "the store")
+        return text
+
+    def thumbnail_url(self, key: str, model_id: str) -> str:
+        return f"/thumbnails/{quote(self.ids.public(key), safe='')}.png?model={quote(model_id, safe='')}"
+
+    def model_id(self, prefix: str | None) -> str:
+        """The model a prefix names; the store's first model when none is named (the page's default)."""
+        try:
+            return self.store.resolve_model_id(prefix) if prefix else next(iter(self.store.specs()))
+        except StopIteration:
+            raise HTTPException(404, "this store holds no embeddings yet") from None
+        except UsageError as error:
+            raise HTTPException(400, self.message(error)) from None
+
+    # ------------------------------------------------------------------ search
+    def query(self, request: SearchRequest, model_id: str) -> similar.Query:
+        given = [name for name in ("key", "series_uid", "study_uid", "upload_id") if getattr(request, name)]
+        if len(given) != 1:
+            raise HTTPException(400, "give exactly one of key, series_uid, study_uid, upload_id")
+        try:
+            feature_columns(self.store.spec(model_id), request.feature)
+        except UsageError as error:
+            raise HTTPException(400, self.message(error)) from None
+        if request.upload_id:
+            return similar.query_by_vectors(self.store, "an upload", model_id,
+                                            self.upload_vectors(request.upload_id, model_id), request.feature)
+        name = given[0]
+        stored = self.stored_or_404(getattr(request, name), name.replace("_", " "))
+        build = {"key": similar.query_by_key, "series_uid": similar.query_by_series,
+                 "study_uid": similar.query_by_study}[name]
+        try:
+            return build(self.store, stored, request.feature, model_id)
+        except UsageError as error:
+            raise HTTPException(404, self.message(error).replace(stored, getattr(request, name))) from None
+
+    def search(self, request: SearchRequest) -> dict:
+        model_id = self.model_id(request.model)
+        query = self.query(request, model_id)
+        table = series_table_name(model_id) if request.level == "series" else slices_table_name(model_id)
+        try:
+            where = validated_where(request.where, self.filter_schema(table)) if request.where else None
+            hits = similar.search(self.store, query, request.k, request.level, request.feature, where)
+        except UsageError as error:
+            raise HTTPException(400, self.message(error)) from None
+        strips = self.strips(hits, request.level)
+        return {"model_id": model_id, "level": request.level, "feature": request.feature, "where": where,
+                "results": [self.result(hit, model_id, strips.get(hit.key)) for hit in hits]}
+
+    def filter_schema(self, table: str) -> pa.Schema:
+        schema = self.store.table(table).schema
+        return pa.schema([field for field in schema if field.name in FILTER_COLUMNS])
+
+    def result(self, hit: similar.Hit, model_id: str, strip: list[str] | None) -> dict:
+        item = {"rank": hit.rank, "score": hit.similarity, "level": hit.level, "key": self.ids.public(hit.key),
+                "series_uid": self.ids.public(hit.series_uid), "study_uid": self.ids.public(hit.study_uid),
+                **{name: getattr(hit, name) for name in ITEM_FIELDS}, "n_slices": hit.n_slices,
+                "n_series": hit.n_series}
+        keys = [hit.key] if hit.level == "slice" else strip or []
+        item["thumbnail"] = self.thumbnail_url(keys[len(keys) // 2], model_id) if keys else None
+        item["strip"] = [self.thumbnail_url(key, model_id) for key in keys] if hit.level != "slice" else []
+        if self.settings.show_paths:
+            item["path"] = hit.path
+        return item
+
+    def strips(self, hits: list[similar.Hit], level: str) -> dict[str, list[str]]:
+        """For series and study results: up to STRIP_LENGTH slice keys each, evenly spread in slice order."""
+        if level == "slice" or not hits:
+            return {}
+        column = "series_uid" if level == "series" else "study_uid"
+        members = self.store.rows("items", f"{column} IN ({', '.join(sql_literal(hit.key) for hit in hits)})",
+                                  ["key", "study_uid", "series_uid", "slice_index"]).to_pylist()
+        grouped: dict[str, list[dict]] = {}
+        for row in members:
+            grouped.setdefault(row[column], []).append(row)
+        strips = {}
+        for owner, rows in grouped.items():
+            rows.sort(key=lambda row: (row["series_uid"], row["slice_index"]))
+            picks = np.unique(np.linspace(0, len(rows) - 1, min(STRIP_LENGTH, len(rows))).round().astype(int))
+            strips[owner] = [rows[i]["key"] for i in picks]
+        return strips
+
+    # ------------------------------------------------------------------ uploads
+    def add_upload(self, data: bytes, filename: str, model_id: str) -> dict:
+        upload_id = "upload:" + hashlib.sha256(data).hexdigest()[:32]
+        suffix = "".join(Path(filename).suffixes[-2:]).lower()
+        if not suffix.replace(".", "").isalnum() or len(suffix) > 12:
+            suffix = ""
+        with self.lock:
+            upload = self.uploads.get(upload_id) or Upload(data, suffix, Path(filename).name, {})
+            self.uploads[upload_id] = upload
+            self.uploads.move_to_end(upload_id)
+            while len(self.uploads) > UPLOADS_KEPT:
+                self.uploads.popitem(last=False)
+        vectors = self.upload_vectors(upload_id, model_id)
+        return {"upload_id": upload_id, "model_id": model_id, "slices": int(len(vectors["cls"]))}
+
+    def upload_vectors(self, upload_id: str, model_id: str) -> dict[str, np.ndarray]:
+        """An upload's slices embedded by the model (once per model), read by the ingest's readers."""
+        from embedstore.models import rebuild_model  # torch and timm: only once an upload comes
+        from embedstore.pipeline.embed_file import embed_with
+
+        with self.lock:
+            upload = self.uploads.get(upload_id)
+            if upload is None:
+                raise HTTPException(404, f"no upload {upload_id!r}: send the file to /api/uploads again")
+            if model_id not in upload.vectors:
+                spec = self.store.spec(model_id)
+                if model_id not in self.models:
+                    self.models[model_id] = rebuild_model(spec)
+                with tempfile.TemporaryDirectory(prefix="embedstore-upload-") as folder:
+                    path = Path(folder) / f"upload{upload.suffix}"
+                    path.write_bytes(upload.data)
+                    try:
+                        upload.vectors[model_id] = embed_with(self.models[model_id], spec, path)
+                    except UsageError as error:
+                        raise HTTPException(400, str(error).replace(str(path), upload.name or "the upload")) from None
+            return upload.vectors[model_id]
+
+    # ------------------------------------------------------------------ items, series, studies
+    def item(self, public_key: str) -> dict:
+        key = self.stored_or_404(public_key, "slice with key")
+        rows = self.store.rows("items", f"key = {sql_literal(key)}").to_pylist()
+        if not rows:
+            raise HTTPException(404, f"no slice with key {public_key!r} in this store")
+        row = rows[0]
+        item = {"key": public_key, "series_uid": self.ids.public(row["series_uid"]),
+                "study_uid": self.ids.public(row["study_uid"]), **{name: row[name] for name in ITEM_FIELDS},
+                "rows": row["rows"], "cols": row["cols"], "pixel_spacing": row["pixel_spacing"],
+                "slice_thickness": row["slice_thickness"], "thumbnail": self.thumbnail_url(key, self.model_id(None))}
+        if self.settings.show_paths:
+            item["path"] = row["path"]
+        return item
+
+    def series(self, public_uid: str) -> dict:
+        uid = self.stored_or_404(public_uid, "series")
+        rows = self.store.rows("series", f"series_uid = {sql_literal(uid)}").to_pylist()
+        if not rows:
+            raise HTTPException(404, f"no series {public_uid!r} in this store")
+        return {**self.series_summary(rows[0]), "members": self.members("series_uid", uid)}
+
+    def study(self, public_uid: str) -> dict:
+        uid = self.stored_or_404(public_uid, "study")
+        rows = self.store.rows("series", f"study_uid = {sql_literal(uid)}").to_pylist()
+        if not rows:
+            raise HTTPException(404, f"no study {public_uid!r} in this store")
+        rows.sort(key=lambda row: (row["series_description"] or "", row["series_uid"]))
+        members = self.members("study_uid", uid)
+        series = []
+        for row in rows:
+            own = [member for member in members if member["series_uid"] == self.ids.public(row["series_uid"])]
+            series.append({**self.series_summary(row), "thumbnail": own[len(own) // 2]["thumbnail"] if own else None})
+        return {"study_uid": public_uid, "study_date": rows[0]["study_date"],
+                "modality": "/".join(sorted({row["modality"] for row in rows if row["modality"]})) or None,
+                "n_series": len(rows), "n_slices": sum(row["n_slices"] for row in rows), "series": series}
+
+    def series_summary(self, row: dict) -> dict:
+        return {"series_uid": self.ids.public(row["series_uid"]), "study_uid": self.ids.public(row["study_uid"]),
+                **{name: row[name] for name in ITEM_FIELDS if name in row}, "n_slices": row["n_slices"],
+                "slice_spacing": row["slice_spacing"]}
+
+    def members(self, column: str, uid: str) -> list[dict]:
+        model_id = self.model_id(None)
+        rows = self.store.rows("items", f"{column} = {sql_literal(uid)}", ["key", "series_uid", "slice_index"])
+        return [{"key": self.ids.public(row["key"]), "series_uid": self.ids.public(row["series_uid"]),
+                 "slice_index": row["slice_index"], "thumbnail": self.thumbnail_url(row["key"], model_id)}
+                for row in sorted(rows.to_pylist(), key=lambda row: (row["series_uid"], row["slice_index"]))]
+
+    # ------------------------------------------------------------------ thumbnails and facets
+    def thumbnail(self, public_key: str, model: str | None) -> bytes:
+        key = self.stored_or_404(public_key, "slice with key")
+        rows = self.store.rows("items", f"key = {sql_literal(key)}").to_pylist()
+        if not rows:
+            raise HTTPException(404, f"no slice with key {public_key!r} in this store")
+        intensity = self.store.spec(self.model_id(model)).intensity
+        try:
+            return self.thumbnails.get(rows[0], intensity)
+        except Exception as error:  # the file moved or changed since the ingest: the row stays, the picture cannot
+            raise HTTPException(404, f"slice {public_key!r} cannot be read again from its file "
+                                     f"({type(error).__name__})") from None
+
+    def facets(self) -> dict:
+        rows = self.store.rows("series", None, ["modality", "body_part", "study_date"])
+
+        def values(name: str) -> list[str]:
+            return sorted({value for value in rows.column(name).to_pylist() if value}) if rows.num_rows else []
+
+        dates = values("study_date")
+        return {"modality": values("modality"), "body_part": values("body_part"),
+                "study_date": [dates[0], dates[-1]] if dates else None}
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    service = Service(settings)
+    app = FastAPI(title="embedstore", version=__version__,
+                  description="Similarity search over an embedstore store, and thumbnails of its slices.")
+    app.state.service = service
+
+    def authorised(request: Request) -> None:
+        if settings.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), settings.token.encode()):
+            raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
+
+    @api.get("/models")
+    def models() -> dict:
+        specs = service.store.specs().values()
+        return {"models": [{"model_id": spec.model_id, "name": spec.name, "architecture": spec.timm_name,
+                            "weights": spec.weights_source, "image_size": spec.image_size,
+                            "embed_dim": spec.embed_dim, "window": spec.window} for spec in specs]}
+
+    @api.get("/facets")
+    def facets() -> dict:
+        return service.facets()
+
+    @api.post("/search")
+    def search(request: SearchRequest) -> dict:
+        return service.search(request)
+
+    @api.post("/uploads", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload(request: Request, filename: str = "upload", model: str | None = None) -> dict:
+        """The file is the request body (DICOM, NIfTI, PNG, JPEG, TIFF); `filename` gives its suffix."""
+        limit = int(settings.max_upload_mb * (1 << 20))
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"the upload is larger than {settings.max_upload_mb:g} MB")
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise HTTPException(413, f"the upload is larger than {settings.max_upload_mb:g} MB")
+        if not body:
+            raise HTTPException(400, "the upload is empty: send the file as the request body")
+        model_id = service.model_id(model)
+        return await run_in_threadpool(service.add_upload, bytes(body), filename, model_id)
+
+    @api.get("/items/{key:path}")
+    def item(key: str) -> dict:
+        return service.item(key)
+
+    @api.get("/series/{uid:path}")
+    def series(uid: str) -> dict:
+        return service.series(uid)
+
+    @api.get("/studies/{uid:path}")
+    def study(uid: str) -> dict:
+        return service.study(uid)
+
+    app.include_router(api)
+
+    @app.get("/thumbnails/{name:path}", dependencies=[Depends(authorised)],
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def thumbnail(name: str, model: str | None = None) -> Response:
+        if not name.endswith(".png"):
+            raise HTTPException(404, "thumbnails are /thumbnails/<key>.png")
+        return Response(service.thumbnail(name.removesuffix(".png"), model), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def check_exposure(host: str, token: str | None) -> None:
+    """Any address but loopback lets other machines in: then a token is required."""
+    if host not in LOOPBACK_HOSTS and not token:
+        raise UsageError(f"--host {host} lets other machines reach the store: give --token (a long random string "
+                         f"every request must carry as 'Authorization: Bearer <token>'), or keep --host 127.0.0.1")
+    if token is not None and len(token) < 16:
+        raise UsageError("--token must be at least 16 characters (e.g. python -c 'import secrets; "
+                         "print(secrets.token_urlsafe(24))')")
+
+
+def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    check_exposure(host, settings.token)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
