@@ -407,6 +407,40 @@ def test_linear_probe_matches_sklearn_with_the_same_c():
     assert ours > 0.5  # above chance (0.25): the probe learns the structure
 
 
+def logistic_objective(weights, bias, x, y, c, multilabel):
+    """C · Σ loss + ½‖W‖², scikit-learn's objective, in float64."""
+    logits = x.astype(np.float64) @ weights + bias
+    if multilabel:
+        loss = (np.logaddexp(0, logits) - y * logits).sum()
+    else:
+        top = logits.max(1, keepdims=True)
+        loss = (np.log(np.exp(logits - top).sum(1)) + top[:, 0] - logits[np.arange(len(y)), y]).sum()
+    return c * loss + 0.5 * (weights ** 2).sum()
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_fit_logistic_reaches_scikit_learns_objective(multilabel):
+    from sklearn.linear_model import LogisticRegression
+
+    from embedstore.eval.linear import ROW_BLOCK, fit_logistic
+
+    data = labelled_clusters(300, 4, 3, 24, seed=5)  # 1,200 rows: several row blocks
+    assert len(data.matrix) > 2 * ROW_BLOCK
+    x = data.matrix
+    y = np.eye(3)[data.targets] if multilabel else data.targets
+    for c in (0.01, 1.0, 100.0):
+        probe = fit_logistic(x, y, 3, c, multilabel)
+        if multilabel:  # one independent sigmoid per label: scikit-learn's binary fit, label by label
+            fits = [LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, y[:, j]) for j in range(3)]
+            weights, bias = np.stack([f.coef_[0] for f in fits], 1), np.array([f.intercept_[0] for f in fits])
+        else:
+            fit = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, y)
+            weights, bias = fit.coef_.T, fit.intercept_
+        ours = logistic_objective(probe.weights, probe.bias, x, y, c, multilabel)
+        theirs = logistic_objective(weights, bias, x, y, c, multilabel)
+        assert ours <= theirs * (1 + 1e-5), (c, ours, theirs)
+
+
 def test_linear_probe_carves_val_from_train_by_patient_and_never_peeks_at_test():
     from embedstore.eval.linear import linear_probe, with_val_split
 

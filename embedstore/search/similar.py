@@ -122,9 +122,9 @@ def _rank_studies(query: Query, slices: Vectors, k: int) -> list[Hit]:
     best_per_query_slice = np.maximum.reduceat(similarity, starts, axis=1)  # (query slices, studies)
     scores = best_per_query_slice.mean(0)
     top = np.argsort(-scores, kind="stable")[:k]
-    rows = slices.rows.filter(pa.array(keep)).take(pa.array(order)).to_pylist()
-    ends = list(starts[1:]) + [len(rows)]
-    return [_study_hit(rank, float(scores[i]), str(names[i]), rows[starts[i]:ends[i]]) for rank, i in enumerate(top, 1)]
+    kept, ends = slices.rows.filter(pa.array(keep)), np.append(starts[1:], len(order))
+    return [_study_hit(rank, float(scores[i]), str(names[i]), kept.take(pa.array(order[starts[i]:ends[i]])).to_pylist())
+            for rank, i in enumerate(top, 1)]
 
 
 def _study_hit(rank: int, similarity: float, study_uid: str, rows: list[dict]) -> Hit:

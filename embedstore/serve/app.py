@@ -36,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from embedstore import __version__
-from embedstore.errors import UsageError
+from embedstore.errors import InputError, UsageError
 from embedstore.search import similar
 from embedstore.search.where import validated_where
 from embedstore.serve.public import FILTER_COLUMNS, ITEM_FIELDS, PublicIds
@@ -287,7 +287,7 @@ class Service:
         intensity = self.store.spec(self.model_id(model)).intensity
         try:
             return self.thumbnails.get(rows[0], intensity)
-        except Exception as error:  # the file moved or changed since the ingest: the row stays, the picture cannot
+        except (OSError, InputError) as error:  # the file moved or changed since the ingest
             raise HTTPException(404, f"slice {public_key!r} cannot be read again from its file "
                                      f"({type(error).__name__})") from None
 
