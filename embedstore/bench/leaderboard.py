@@ -266,8 +266,8 @@ def plot_fewshot(suite: Suite, records: list[tuple[str, dict]], out: Path) -> li
         axes.minorticks_off()
         axes.set_xlabel("training patients per class")
         axes.set_ylabel(first["score"].replace("_", " "))
-        axes.set_title(f"{suite.name} · {dataset}: few-shot, {first['tries']} draws per point, 95% intervals",
-                       fontsize=9)
+        axes.set_title(f"{suite.name} · {dataset} · {first['feature']}: few-shot, {first['tries']} draws per point, "
+                       f"95% intervals", fontsize=9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
         name = f"fewshot-{dataset}.png"
