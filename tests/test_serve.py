@@ -248,3 +248,18 @@ def test_search_cli_prints_the_key_it_accepts_and_describes_series_and_studies(p
     code, out, err = run_cli_here(["search", path, "--key", key, "--level", "series", "--feature", "patch_mean"],
                                   monkeypatch, capsys)
     assert code == 0 and "series most similar to" in out and "seriess" not in out and "slices" in out
+
+
+def test_a_slice_whose_file_is_gone_keeps_its_result_and_its_thumbnail_is_a_404(tmp_path):
+    from embedstore.pipeline.ingest import ingest
+    from tests.conftest import ingest_options
+
+    pngs = [samples.write_png(tmp_path / "archive" / f"p{i}.png", samples.phantom(48, 40 + i)) for i in range(3)]
+    ingest([tmp_path / "archive"], tmp_path / "store", ingest_options())
+    client = client_for(tmp_path / "store", tmp_path)
+    upload = client.post("/api/uploads", params={"filename": "q.png"}, content=pngs[0].read_bytes()).json()
+    results = search(client, upload_id=upload["upload_id"], k=3)["results"]
+    assert client.get(results[0]["thumbnail"]).status_code == 200
+    pngs[1].unlink()
+    statuses = sorted(client.get(result["thumbnail"]).status_code for result in results)
+    assert statuses == [200, 200, 404]  # the cached one still served, the gone one a 404, not a 500
