@@ -10,6 +10,7 @@ digits and dots are served as they are. With `--show-paths` everything is served
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -68,9 +69,8 @@ def _secret(cache_folder: Path) -> bytes:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(secrets.token_bytes(32))
         try:
-            os.link(temporary, path)  # never replaces: two services starting at once share the first secret
-        except FileExistsError:
-            pass
+            with contextlib.suppress(FileExistsError):  # link never replaces: two services share the first secret
+                os.link(temporary, path)
         finally:
             temporary.unlink()
     return path.read_bytes()
