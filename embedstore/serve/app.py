@@ -230,12 +230,17 @@ class Service:
             return upload.vectors[model_id]
 
     # ------------------------------------------------------------------ items, series, studies
-    def item(self, public_key: str) -> dict:
+    def item_row(self, public_key: str) -> dict:
+        """The `items` row behind a public key; 404 when there is none."""
         key = self.stored_or_404(public_key, "slice with key")
         rows = self.store.rows("items", f"key = {sql_literal(key)}").to_pylist()
         if not rows:
             raise HTTPException(404, f"no slice with key {public_key!r} in this store")
-        row = rows[0]
+        return rows[0]
+
+    def item(self, public_key: str) -> dict:
+        row = self.item_row(public_key)
+        key = row["key"]
         item = {"key": public_key, "series_uid": self.ids.public(row["series_uid"]),
                 "study_uid": self.ids.public(row["study_uid"]), **{name: row[name] for name in ITEM_FIELDS},
                 "rows": row["rows"], "cols": row["cols"], "pixel_spacing": row["pixel_spacing"],
@@ -257,10 +262,12 @@ class Service:
         if not rows:
             raise HTTPException(404, f"no study {public_uid!r} in this store")
         rows.sort(key=lambda row: (row["series_description"] or "", row["series_uid"]))
-        members = self.members("study_uid", uid)
+        by_series: dict[str, list[dict]] = {}
+        for member in self.members("study_uid", uid):
+            by_series.setdefault(member["series_uid"], []).append(member)
         series = []
         for row in rows:
-            own = [member for member in members if member["series_uid"] == self.ids.public(row["series_uid"])]
+            own = by_series.get(self.ids.public(row["series_uid"]), [])
             series.append({**self.series_summary(row), "thumbnail": own[len(own) // 2]["thumbnail"] if own else None})
         return {"study_uid": public_uid, "study_date": rows[0]["study_date"],
                 "modality": "/".join(sorted({row["modality"] for row in rows if row["modality"]})) or None,
@@ -280,13 +287,10 @@ class Service:
 
     # ------------------------------------------------------------------ thumbnails and facets
     def thumbnail(self, public_key: str, model: str | None) -> bytes:
-        key = self.stored_or_404(public_key, "slice with key")
-        rows = self.store.rows("items", f"key = {sql_literal(key)}").to_pylist()
-        if not rows:
-            raise HTTPException(404, f"no slice with key {public_key!r} in this store")
+        row = self.item_row(public_key)
         intensity = self.store.spec(self.model_id(model)).intensity
         try:
-            return self.thumbnails.get(rows[0], intensity)
+            return self.thumbnails.get(row, intensity)
         except (OSError, InputError) as error:  # the file moved or changed since the ingest
             raise HTTPException(404, f"slice {public_key!r} cannot be read again from its file "
                                      f"({type(error).__name__})") from None
