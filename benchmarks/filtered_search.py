@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
 
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
     from embedstore.search.exact import exact_top_k
     from embedstore.search.index import ann_search, build_index, index_for
     from embedstore.store import Store

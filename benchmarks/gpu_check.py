@@ -77,7 +77,7 @@ def images_per_second(forward, batch, iterations: int) -> float:
 def model_only(name: str, batch_size: int, image_size: int, device, iterations: int, results: list) -> None:
     import torch
 
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
     from embedstore.models.engines import EmbeddingForward
 
     loaded = load_model(name, "random", image_size)
@@ -138,10 +138,10 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
     import torch
 
     from embedstore import samples
-    from embedstore.pipeline.decode import DecodePool
-    from embedstore.pipeline.batching import SliceBatcher
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
     from embedstore.models.embedder import Embedder
+    from embedstore.pipeline.batching import SliceBatcher
+    from embedstore.pipeline.decode import DecodePool
     from embedstore.preprocess import DecodeSettings
     from embedstore.sources import ReadTask, SliceItem
 
@@ -236,14 +236,14 @@ def finetune_throughput(name: str, n_slices: int, image_size: int, batch_size: i
     """`embedstore finetune`'s training loop (read back from generated DICOM in decode workers, augmented,
     full fine-tune in bf16, a checkpoint per epoch) against a bare timm loop on tensors already on the
     GPU, same model, batch and image size. The store is not needed: the rows are given directly."""
-    import torch
     import timm
+    import torch
 
     from embedstore import samples
     from embedstore.finetune.data import SliceImages
     from embedstore.finetune.modes import prepare_backbone
     from embedstore.finetune.train import Classifier, TrainSettings, Workers, train
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
 
     with tempfile.TemporaryDirectory() as scratch:
         paths = samples.write_ct_series(Path(scratch) / "ct", n_slices=n_slices, size=512, shuffle_names=False)

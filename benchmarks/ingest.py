@@ -88,7 +88,7 @@ def main() -> None:
 
     import torch
 
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

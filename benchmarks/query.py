@@ -35,8 +35,8 @@ def clustered(n: int, dim: int, n_classes: int, seed: int, centres=None):
 def knn_benchmark(n_queries: int, n_database: int) -> dict:
     from sklearn.neighbors import KNeighborsClassifier
 
-    from embedstore.search.exact import int8_rerank_top_k
     from embedstore.eval.knn import choose_search, knn_scores
+    from embedstore.search.exact import int8_rerank_top_k
 
     database, database_labels, centres = clustered(n_database, 768, 50, seed=0)
     queries, query_labels, _ = clustered(n_queries, 768, 50, seed=1, centres=centres)
@@ -64,7 +64,7 @@ def knn_benchmark(n_queries: int, n_database: int) -> dict:
 
 
 def search_benchmark(n_rows: int) -> dict:
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
     from embedstore.models.embedder import Embeddings
     from embedstore.pipeline.runner import item_rows, vector_rows
     from embedstore.search.index import build_index

@@ -15,7 +15,7 @@ DIM, CLUSTERS = 768, 1000
 def write_synthetic_store(path: Path, n_rows: int, noises: tuple[float, ...],
                           key: Callable[[int], str] = lambda i: f"synthetic:{i}") -> tuple[list[str], np.ndarray]:
     """The model ids, and each row's cluster."""
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
     from embedstore.models.embedder import Embeddings
     from embedstore.pipeline.runner import item_rows, vector_rows
     from embedstore.sources import SliceItem

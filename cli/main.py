@@ -21,6 +21,7 @@ from typer.core import TyperArgument
 
 from embedstore import __version__
 from embedstore.errors import StoreDamagedError, UsageError
+from embedstore.sources.limits import UPLOAD_MAX_PIXELS
 
 try:  # typer >= 0.2x bundles its own click, whose exceptions are not the click package's
     from typer._click import exceptions as typer_click_exceptions
@@ -163,7 +164,9 @@ def print_summary(summary) -> None:
     table.add_column(overflow="fold")
     table.add_column(overflow="fold")
     for model_id in summary.model_ids:
-        table.add_row("model", f"{model_id}: {summary.embedded_by_model[model_id]:,} slices embedded")
+        embedded, committed = summary.embedded_by_model[model_id], summary.committed_by_model[model_id]
+        first = f"; {embedded - committed:,} were committed first by another ingest" if committed < embedded else ""
+        table.add_row("model", f"{model_id}: {embedded:,} slices embedded, {committed:,} rows committed{first}")
     table.add_row("store", summary.store)
     # Slices and files are counted apart, each named: a file may hold many slices, or none found.
     table.add_row("slices found", f"{summary.n_found:,}")
@@ -206,8 +209,11 @@ def print_info(summary: dict) -> None:
     out.print(f"[bold]{summary['store']}[/bold]  format v{summary['format_version']}, "
               f"{len(summary['models'])} models, {summary['slices']:,} slices, {summary['series']:,} series, "
               f"{summary['studies']:,} studies, patches {summary['patch_bytes'] / 1e6:,.1f} MB")
-    if summary["orphan_shards"]:
-        out.print(f"orphan patch shards (from interrupted runs): {summary['orphan_shards']:,}; "
+    if summary["orphan_shards"] and summary["ingest_running"]:
+        out.print(f"patch shards no row points at yet: {summary['orphan_shards']:,} (an ingest is running: most are "
+                  "its shards, not committed yet)")
+    elif summary["orphan_shards"]:
+        out.print(f"orphan patch shards (of interrupted ingests): {summary['orphan_shards']:,}; "
                   "`embedstore vacuum` removes them")
     if summary["series_with_missing_slices"] or summary["series_with_uneven_spacing"]:
         out.print(f"series rows with missing slices: {summary['series_with_missing_slices']:,}, "
@@ -312,7 +318,7 @@ def search(
 
         resolved = opened.resolve_model_id(model_id)
         columns = embed_file(opened, image, resolved)
-        query = searching.query_by_vectors(opened, f"image {image} ({len(columns['cls'])} slices)", resolved,
+        query = searching.query_by_vectors(opened, searching.image_description(image, columns), resolved,
                                            columns, feature)
     hits = searching.search(opened, query, k, level, feature, where)
     warn(stored_feature_warning(opened, query.model_id, feature, "series" if level == "series" else "slice"))
@@ -344,15 +350,19 @@ def index(
     store: Path = typer.Argument(..., metavar="STORE", help="Store directory."),
     index_type: str = typer.Option("ivf_flat", "--type", help="ivf_flat, or for a smaller index ivf_sq, ivf_pq or "
                                                              "ivf_hnsw_sq."),
-    column: str = typer.Option("cls", help="The vector column: cls or patch_mean."),
+    feature: str = typer.Option("cls", "--feature", "--column", help="The feature to index: cls or patch_mean "
+                                "(--column is its former name)."),
     level: str = typer.Option("slice", help="slice or series."),
     model_id: Optional[str] = typer.Option(None, help="The model whose vectors measure the recall."),
 ) -> None:
     """Build an ANN index with parameters chosen from the table size, and measure its recall@10."""
-    from embedstore.search.index import build_index
+    from embedstore.search.index import NoIndex, build_index
     from embedstore.store import Store
 
-    report = build_index(Store.open(store), model_id, column, level, index_type)
+    report = build_index(Store.open(store), model_id, feature, level, index_type)
+    if isinstance(report, NoIndex):
+        out.print(report.reason)
+        return
     parameters = report.parameters
     out.print(f"{parameters.index_type} on {report.table}.{report.column} ({report.rows:,} rows): "
               f"{parameters.num_partitions} partitions"
@@ -382,12 +392,15 @@ def export(
     where: Optional[str] = typer.Option(None, help="Filter on metadata columns, e.g. \"modality = 'CT'\"."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels CSV (as for eval): adds label and split "
                                           "columns; rows it does not name keep null."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (never one inside the store "
+                                   "or an input file)."),
 ) -> None:
     """Write one model's vectors with their metadata as Parquet or NumPy, for other tools."""
     from embedstore.export import export_vectors
     from embedstore.store import Store
 
-    summary = export_vectors(Store.open(store), destination, export_format, model_id, feature, level, where, labels)
+    summary = export_vectors(Store.open(store), destination, export_format, model_id, feature, level, where, labels,
+                             overwrite)
     print(f"{summary.n_rows:,} {summary.level} vectors ({summary.feature}, {summary.dim}-d) of "
           f"{summary.model_id} written to {summary.out}"
           + (f"; {summary.n_labelled:,} labelled" if summary.n_labelled is not None else ""))
@@ -572,8 +585,6 @@ def eval_fewshot(
     check_split_by(split_by)
     check_outputs(json_out, report)
     check_output(plot, "--plot")
-    if tries < 1:
-        raise UsageError("--tries must be at least 1")
     result = fewshot_evaluation(Store.open(store), labels, feature, level, model_id, parse_numbers(shots, "--shots", int),
                                 tries, tuple(classifiers.split(",")), split_by, parse_numbers(ratios, "--ratios"), seed,
                                 label_column)
@@ -871,23 +882,33 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on."),
     token: Optional[str] = typer.Option(None, envvar="EMBEDSTORE_TOKEN",
                                         help="Bearer token every API and thumbnail request must carry "
-                                             "(or EMBEDSTORE_TOKEN); open the page as http://HOST:PORT/#token=..."),
+                                             "(or EMBEDSTORE_TOKEN, or --token-file: a token on the command line "
+                                             "shows in `ps`); open the page as http://HOST:PORT/#token=..."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Read the token from this file (its first "
+                                              "line)."),
     show_paths: bool = typer.Option(False, "--show-paths", help="Serve file paths and path-made ids as stored "
                                                                 "(folder names can carry patient names)."),
     max_upload_mb: float = typer.Option(50.0, help="Largest query image accepted, in MB."),
+    max_pixels: int = typer.Option(UPLOAD_MAX_PIXELS, help="Most values an uploaded frame may declare (refused from "
+                                   "its header before decoding; ingest's --max-pixels, lower: a 16000² PNG would take "
+                                   "4 GB to embed)."),
 ) -> None:
     """A search service and web page over the store: upload an image or paste a key, see similar slices,
     series or studies as thumbnails."""
-    from embedstore.serve.app import ServeSettings, check_exposure, run_server
+    from embedstore.serve.app import ServeSettings, check_exposure, read_token_file, run_server
     from embedstore.store import Store
 
+    if token_file is not None:
+        if token is not None:
+            raise UsageError("give the token once: --token (or EMBEDSTORE_TOKEN) or --token-file")
+        token = read_token_file(token_file)
     check_exposure(host, token)
-    if max_upload_mb <= 0:
-        raise UsageError("--max-upload-mb must be positive")
+    if max_upload_mb <= 0 or max_pixels < 1:
+        raise UsageError("--max-upload-mb and --max-pixels must be positive")
     Store.open(store)  # a wrong path is a usage error before the server starts
     out.print(f"serving {store} on http://{'[' + host + ']' if ':' in host else host}:{port}/"
               + (" (token required)" if token else ""))
-    run_server(ServeSettings(store, token, show_paths, max_upload_mb), host, port)
+    run_server(ServeSettings(store, token, show_paths, max_upload_mb, max_pixels), host, port)
 
 
 @app.command()

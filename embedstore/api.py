@@ -41,7 +41,8 @@ __all__ = ["EmbedStore", "Hit", "Vectors", "open_store"]
 class EmbedStore:
     """An embedstore store, read through a small API. Make one with `embedstore.open(path)`.
 
-    The underlying `embedstore.store.Store` is `.store` (LanceDB connection: `.store.db`)."""
+    The underlying `embedstore.store.Store` is `.store` (Lance datasets: `.store.dataset(name)`; the LanceDB
+    connection: `.store.db`)."""
 
     def __init__(self, path: str | Path):
         self.store = Store.open(path)
@@ -106,7 +107,7 @@ class EmbedStore:
             store.items("modality = 'CT'", columns=["key", "slice_position"]).to_pylist()[:2]
         """
         if columns is not None:
-            unknown = sorted(set(columns) - set(self.store.table("items").schema.names))
+            unknown = sorted(set(columns) - set(self.store.schema("items").names))
             if unknown:
                 raise UsageError(f"the items table has no column {', '.join(unknown)}")
         return self.store.rows("items", self._where("items", where), columns)
@@ -168,7 +169,7 @@ class EmbedStore:
             from embedstore.pipeline.embed_file import embed_file  # torch and timm: only when needed
 
             columns = embed_file(self.store, image, model_id)
-            query = similar.query_by_vectors(self.store, f"image {image} ({len(columns['cls'])} slices)", model_id,
+            query = similar.query_by_vectors(self.store, similar.image_description(image, columns), model_id,
                                              columns, feature)
         else:
             query = similar.Query("a given vector", model_id, self._query_vectors(vector, model_id, feature))
@@ -186,16 +187,18 @@ class EmbedStore:
 
     # ------------------------------------------------------------------ export and the rest
     def export(self, out: str | Path, format: str = "parquet", model: str | None = None, feature: str = "cls",
-               level: str = "slice", where: str | None = None, labels: str | Path | None = None) -> ExportSummary:
+               level: str = "slice", where: str | None = None, labels: str | Path | None = None,
+               overwrite: bool = False) -> ExportSummary:
         """Write vectors with their metadata: `parquet` (one file, metadata columns and a `vector`
         column) or `npy` (a directory with vectors.npy and rows.parquet); see `embedstore.export`.
         `labels`: a labels CSV whose label (and split) are joined in; unlabelled rows keep null.
+        An existing export is replaced only with `overwrite`; `out` is never inside the store.
 
         Example::
 
             store.export("vectors.parquet", "parquet", feature="cls+patch_mean").n_rows
         """
-        return export_vectors(self.store, out, format, model, feature, level, where, labels)
+        return export_vectors(self.store, out, format, model, feature, level, where, labels, overwrite)
 
     def failures(self, reason: str | None = None) -> list[dict]:
         """The inputs that could not be embedded (path, stage, reason, message, run_id, time), oldest
@@ -216,7 +219,7 @@ class EmbedStore:
             return None
         if not self.store.has_table(table):
             raise UsageError(f"store {self.path} has no table {table}")
-        return validated_where(where, self.store.table(table).schema)
+        return validated_where(where, self.store.schema(table))
 
 
 def open_store(path: str | Path) -> EmbedStore:

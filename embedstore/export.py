@@ -9,8 +9,9 @@ Two formats, both one model, one feature and one level (slice or series):
 Rows are sorted by `key`, as `load_vectors` sorts them. With a labels CSV (eval/labels.py's format),
 `label` (and `split`, when the CSV has one) columns are added; rows the CSV does not name keep null.
 Both files carry the model spec, feature, level and concatenated columns as JSON under the Parquet
-schema metadata key `embedstore`. Everything is checked before anything is written; an existing
-parquet file is replaced (atomically), an npy directory must be new or empty.
+schema metadata key `embedstore`. Everything is checked before anything is written: an existing
+parquet file, or a non-empty npy directory, is refused unless `overwrite` (then replaced atomically,
+file by file); an OUT inside the store, or one that would replace the labels CSV, is always refused.
 """
 
 from __future__ import annotations
@@ -59,33 +60,50 @@ def metadata_columns(schema: pa.Schema) -> list[str]:
             and not pa.types.is_fixed_size_list(field.type)]
 
 
-def check_out(out: Path, format: str) -> None:
+def written_files(out: Path, format: str) -> list[Path]:
+    return [out] if format == "parquet" else [out / NPY_VECTORS, out / NPY_ROWS]
+
+
+def check_out(out: Path, format: str, store: Path, inputs: list[Path], overwrite: bool = False) -> None:
+    """UsageError unless `out` may be written: never inside the store or onto an input file; an
+    existing file, or a non-empty directory, only with `overwrite`."""
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: its directory {out.parent} does not exist")
+    resolved, store = out.resolve(), store.resolve()
+    if resolved == store or resolved.is_relative_to(store):
+        raise UsageError(f"{out} is inside the store {store}: export writes outside it")
+    for file in written_files(resolved, format):
+        if any(file == source.resolve() for source in inputs):
+            raise UsageError(f"export would replace {file}, an input of this export; write elsewhere")
     if format == "parquet" and out.is_dir():
         raise UsageError(f"{out} is a directory; parquet export writes one file (give a file name)")
+    if format == "parquet" and out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; give --overwrite to replace it")
     if format == "npy" and out.exists():
         if not out.is_dir():
             raise UsageError(f"{out} is a file; npy export writes a directory ({NPY_VECTORS}, {NPY_ROWS})")
-        if any(out.iterdir()):
-            raise UsageError(f"{out} is a non-empty directory; npy export needs a new or empty one")
+        if any(out.iterdir()) and not overwrite:
+            raise UsageError(f"{out} is a non-empty directory; npy export needs a new or empty one "
+                             f"(--overwrite replaces its {NPY_VECTORS} and {NPY_ROWS})")
 
 
 def export_vectors(store: Store, out: str | Path, format: str, model_id: str | None = None, feature: str = "cls",
-                   level: str = "slice", where: str | None = None, labels: str | Path | None = None) -> ExportSummary:
+                   level: str = "slice", where: str | None = None, labels: str | Path | None = None,
+                   overwrite: bool = False) -> ExportSummary:
     """Write one model's `feature` vectors at `level` (slice or series) with their metadata to `out`,
     as `format` (parquet or npy; see the module docstring). `model_id` is any unique prefix; `where`
-    filters on metadata columns (the `--where` language); `labels` is a labels CSV to join."""
+    filters on metadata columns (the `--where` language); `labels` is a labels CSV to join;
+    `overwrite` replaces an existing export."""
     out = Path(out)
-    check_out(out, format)
+    check_out(out, format, store.path, [Path(labels)] if labels is not None else [], overwrite)
     if level not in LEVELS:
         raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     spec = store.spec(store.resolve_model_id(model_id))
     parts = feature_columns(spec, feature)
     table_name = slices_table_name(spec.model_id) if level == "slice" else series_table_name(spec.model_id)
-    schema = store.table(table_name).schema
+    schema = store.schema(table_name)
     metadata = metadata_columns(schema)
     condition = validated_where(where, schema) if where else None
     join = read_labels(labels) if labels is not None else None

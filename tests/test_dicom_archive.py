@@ -11,14 +11,15 @@ import numpy as np
 import pyarrow as pa
 import pydicom
 import pytest
+from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows
 from embedstore import samples
 from embedstore.errors import UsageError
+from embedstore.intensity import CT_WINDOWS, IntensityConfig
 from embedstore.pipeline.ingest import ingest
-from embedstore.preprocess import CT_WINDOWS, DecodedFile, DecodeSettings, IntensityConfig, decode_task
+from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
 from embedstore.sources import ReadTask, SliceItem
 from embedstore.sources.dicom import read_header
 from embedstore.sources.dicom_pixels import read_dicom_pixels

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import TEST_IMAGE_SIZE
+
 from embedstore.errors import UsageError
-from embedstore.models import load_model
+from embedstore.models.build import load_model
 from embedstore.models.embedder import Embedder
 from embedstore.models.engines import candidate_engines
 from embedstore.samples import phantom

@@ -9,9 +9,13 @@ import torch
 
 from embedstore.errors import UsageError
 from embedstore.finetune.modes import (
-    lora_weight_count, plain_backbone, prepare_backbone, save_backbone, trainable_count,
+    lora_weight_count,
+    plain_backbone,
+    prepare_backbone,
+    save_backbone,
+    trainable_count,
 )
-from embedstore.models import load_model
+from embedstore.models.build import load_model
 
 IMAGE_SIZE = 56
 VIT_S_LORA_WEIGHTS = 3_096_576  # PROTOCOL.md: r 48 on qkv, fc1, fc2 of the 12 ViT-S blocks

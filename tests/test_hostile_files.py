@@ -23,14 +23,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import ingest_options, slice_rows
 from PIL import Image
 
 from embedstore import samples
 from embedstore.errors import InputError
 from embedstore.sources import build_catalog, discover
 from embedstore.sources.discover import FoundFile
-
-from conftest import ingest_options, slice_rows
 
 AS_ROOT = os.geteuid() == 0
 HANG_GUARD_S = 20  # a FIFO opened for reading blocks forever: fail instead of hanging the suite
@@ -212,7 +211,8 @@ def test_unreadable_file_without_suffix_is_a_failure(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["dicom", "nifti", "raster"])
 def test_permission_error_reading_a_file_is_unreadable(tmp_path, monkeypatch, kind):
-    from embedstore.preprocess import DecodeSettings, IntensityConfig, decode_task
+    from embedstore.intensity import IntensityConfig
+    from embedstore.preprocess import DecodeSettings, decode_task
 
     path = {
         "dicom": lambda: samples.write_ct_series(tmp_path, n_slices=1, size=16)[0],
@@ -238,7 +238,8 @@ def test_nifti_with_a_zero_length_dimension_is_a_failure(tmp_path, shape):
 
 
 def test_multipage_tiff_gives_one_slice_per_page(tmp_path):
-    from embedstore.preprocess import DecodeSettings, IntensityConfig, decode_task
+    from embedstore.intensity import IntensityConfig
+    from embedstore.preprocess import DecodeSettings, decode_task
 
     path = write_tiff_pages(tmp_path / "stack.tif", [40, 40, 40])
     catalog = catalog_of(path, "raster")
@@ -261,7 +262,8 @@ def test_single_page_image_keeps_its_id(tmp_path):
 
 
 def test_pages_of_different_sizes_are_read_apart(tmp_path):
-    from embedstore.preprocess import DecodeSettings, IntensityConfig, decode_task
+    from embedstore.intensity import IntensityConfig
+    from embedstore.preprocess import DecodeSettings, decode_task
 
     path = write_tiff_pages(tmp_path / "pyramid.tif", [48, 48, 24])
     tasks = catalog_of(path, "raster").tasks
@@ -440,7 +442,8 @@ def test_header_description_names_ct(tmp_path):
 
 
 def test_declared_modality_wins_for_nifti_and_raster(tmp_path):
-    from embedstore.preprocess import DecodeSettings, IntensityConfig, decode_task
+    from embedstore.intensity import IntensityConfig
+    from embedstore.preprocess import DecodeSettings, decode_task
 
     nifti = samples.write_nifti(tmp_path / "ct.nii.gz", shape=(16, 16, 3))
     png = samples.write_png(tmp_path / "x.png", samples.phantom(32, 0))

@@ -5,19 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows
-from embedstore.pipeline.ingest import ingest
-from embedstore.models import load_model
+
+from embedstore import samples
+from embedstore.intensity import IntensityConfig
+from embedstore.models.build import load_model
 from embedstore.models.embedder import Embedder
 from embedstore.models.spec import cls_column
-from embedstore.preprocess import DecodeSettings, IntensityConfig, decode_task
+from embedstore.pipeline.ingest import ingest
+from embedstore.preprocess import DecodeSettings, decode_task
 from embedstore.sources import ReadTask, SliceItem
 from embedstore.sources.dicom_pixels import read_dicom_pixels
 from embedstore.store import Store, sql_literal
 from embedstore.store.patches import read_patches
 from embedstore.store.schema import STORE_FORMAT_VERSION, series_table_name, slices_table_name
-from embedstore import samples
 
 
 def slices_of(store_path, where=None, model_id=None):

@@ -155,8 +155,10 @@ def test_cli_names_each_phase_its_bar_and_summary_agree_and_a_quiet_rerun_counts
     summary = json.loads((tmp_path / "first.json").read_text())
     assert (summary["n_failed"], summary["n_duplicates"]) == (2, 1)  # the cut copy and notes.dcm; the intact copy
     assert summary["failures_by_reason"] == {"not_dicom": 1, "truncated": 1}
-    bar = re.findall(r"(\d+) files failed (\d+) duplicate files", first.stderr)
+    bar = re.findall(r"embedding .* 4/4 [\d.]+ slices/s (\d+) failed, (\d+) dup ", first.stderr)
     assert bar and bar[-1] == ("2", "1"), first.stderr
+    bar_lines = [line for line in first.stderr.splitlines() if line.startswith("embedding")]
+    assert bar_lines and max(map(len, bar_lines)) <= 80, first.stderr  # the bar fits one 80-column line
     table = " ".join(first.stdout.replace("│", " ").split())
     for said in ("slices found 4", "slices embedded 4", "slices failed 0", "files failed 2", "duplicate files 1",
                  "in all, model loading included"):
@@ -254,7 +256,7 @@ def test_index_warns_on_degenerate_vectors_and_on_missed_recall(index_store, mon
     code, out, err = run_cli_here(["index", str(index_store), "--column", "cls"], monkeypatch, capsys)
     assert code == 0, err
     assert "embedstore: warning: cls vectors are degenerate" in err
-    code, out, err = run_cli_here(["index", str(index_store), "--column", "patch_mean"], monkeypatch, capsys)
+    code, out, err = run_cli_here(["index", str(index_store), "--feature", "patch_mean"], monkeypatch, capsys)
     assert code == 0 and err == "", err  # spread vectors, every partition probed: recall 1.0
 
     store = Store.open(index_store)

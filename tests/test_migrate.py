@@ -92,7 +92,7 @@ F2_SERIES_IDENTITY = ("patient_id", "study_uid", "series_uid", "modality", "body
 
 def f2_model_id(spec) -> str:
     """`<name>-<weights>-<size>px-<pp tag>` as format 2 made it."""
-    from embedstore.preprocess import IntensityConfig
+    from embedstore.intensity import IntensityConfig
     from embedstore.store.migrate import format2_tag
 
     tag = format2_tag(IntensityConfig(spec.window, spec.mr_percentiles))
@@ -173,8 +173,9 @@ def write_format2(source: Path, target: Path, sources: list[Path]) -> dict:
 
 def format2_loaded(seed: int, keep_patches: bool):
     """dinov2_vits14, random weights of `seed`, preprocessed as format 2 did: bilinear, ImageNet."""
-    from embedstore.models import load_model
-    from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD, IntensityConfig
+    from embedstore.intensity import IntensityConfig
+    from embedstore.models.build import load_model
+    from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     loaded = load_model("dinov2_vits14", "random", TEST_IMAGE_SIZE, seed, IntensityConfig(), layers=1,
                         patch_layers=(-1,) if keep_patches else (), mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -488,8 +489,8 @@ def test_an_interrupted_migration_is_finished_by_a_rerun(format2, format2_copy, 
 
 
 def test_specs_of_hub_and_file_models_are_rebuilt_without_their_weights(monkeypatch):
-    import embedstore.models as models
-    from embedstore.preprocess import IntensityConfig
+    import embedstore.models.build as models
+    from embedstore.intensity import IntensityConfig
     from embedstore.store.migrate import format2_tag, rebuild_spec
 
     def no_download(*args, **kwargs):

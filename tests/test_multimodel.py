@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ingest_options, make_mixed_archive, write_modality_labels
 
 TWO_MODELS = ("dinov2_vits14", "dinov2_vitb14")
@@ -118,7 +117,7 @@ def test_a_model_added_later_leaves_the_others_files_untouched_and_one_can_be_dr
 
 
 def test_stored_layers_equal_timms_forward_intermediates(two_model_store):
-    from embedstore.models import rebuild_model
+    from embedstore.models.build import rebuild_model
     from embedstore.models.spec import cls_column
     from embedstore.preprocess import DecodeSettings, decode_task, normalize
     from embedstore.sources import build_catalog, discover
@@ -151,7 +150,7 @@ def test_stored_layers_equal_timms_forward_intermediates(two_model_store):
 
 
 def test_input_statistics_come_from_the_models_pretrained_cfg():
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
 
     augreg = load_model("vit_tiny_patch16_224.augreg_in21k", "random", 32)
     assert augreg.spec.mean == augreg.spec.std == (0.5, 0.5, 0.5)
@@ -164,7 +163,7 @@ def test_input_statistics_come_from_the_models_pretrained_cfg():
 
 
 def test_the_embedder_feeds_the_model_its_own_statistics():
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
     from embedstore.models.embedder import Embedder
 
     pixels = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
@@ -200,7 +199,7 @@ def test_features_of_the_study_are_read_from_the_stored_blocks(two_model_store):
 
 
 def test_model_specs_rebuild_the_model(two_model_store):
-    from embedstore.models import rebuild_model
+    from embedstore.models.build import rebuild_model
     from embedstore.store import Store
 
     path, summary, _, _ = two_model_store
@@ -221,8 +220,9 @@ WRONG_MULTI_MODEL_REQUESTS = {
 
 @pytest.mark.parametrize("case", list(WRONG_MULTI_MODEL_REQUESTS))
 def test_wrong_model_requests_are_one_line_exit_2_before_anything_is_written(case, tmp_path):
-    from embedstore import samples
     from test_bad_input import FAST, run_cli
+
+    from embedstore import samples
 
     samples.write_png(tmp_path / "src" / "one.png", samples.phantom(32, 0))
     arguments, named = WRONG_MULTI_MODEL_REQUESTS[case]

@@ -7,16 +7,9 @@ import pytest
 import torch
 
 from embedstore.errors import UsageError
+from embedstore.intensity import CT_WINDOWS, IntensityConfig
+from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, prepare_slices, to_unit_range
 from embedstore.sources import NativeSlices
-from embedstore.preprocess import (
-    CT_WINDOWS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    IntensityConfig,
-    normalize,
-    prepare_slices,
-    to_unit_range,
-)
 
 MODALITIES = ["CT", "MR", None]
 
@@ -190,8 +183,8 @@ def model_spec(**changes):
     """A DINOv2 ViT-S/14 spec at 56 px, built without a model, with `changes` applied."""
     from dataclasses import replace
 
+    from embedstore.intensity import PREPROCESS_VERSION
     from embedstore.models.spec import ModelSpec
-    from embedstore.preprocess import PREPROCESS_VERSION
 
     spec = ModelSpec(name="dinov2_vits14", timm_name="vit_small_patch14_dinov2.lvd142m", weights_source="random",
                      weights_digest="0123456789ab", weights_file=None, seed=0, image_size=56, patch_size=14,

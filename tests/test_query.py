@@ -13,13 +13,14 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from conftest import run_cli_here
 from embedstore.errors import UsageError
-from embedstore.search.exact import DEFAULT_BUDGET_BYTES, block_top_k, exact_top_k, int8_rerank_top_k, search_device
 from embedstore.eval.knn import choose_search, knn_scores
 from embedstore.eval.labels import LabelledVectors, check_splits, split_by_patient
-from embedstore.store.vectors import load_vectors
+from embedstore.search.exact import DEFAULT_BUDGET_BYTES, block_top_k, exact_top_k, int8_rerank_top_k, search_device
 from embedstore.store import Store
 from embedstore.store.schema import slices_table_name
+from embedstore.store.vectors import load_vectors
 
 
 def clustered(n_per_class: int, n_classes: int, dim: int, seed: int, spread: float = 0.6):
@@ -208,6 +209,7 @@ def test_cls_n_features_are_the_last_blocks_cls_tokens_in_block_order(ingested):
 
 def test_vectors_of_two_models_are_never_mixed(ingested, fresh_copy):
     from conftest import ingest_options
+
     from embedstore.pipeline.ingest import ingest
 
     second = ingest([ingested.archive.pngs[0]], fresh_copy, ingest_options(seed=1))  # another model id
@@ -549,8 +551,9 @@ def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp
 
 def synthetic_spec(dim: int, name: str = "synthetic"):
     """The spec of a model of width `dim` that keeps no per-block CLS and no patch tokens."""
+    from embedstore.intensity import PREPROCESS_VERSION
     from embedstore.models.spec import ModelSpec
-    from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_VERSION
+    from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     return ModelSpec(name=name, timm_name=name, weights_source="random", weights_digest="0" * 12,
                      weights_file=None, seed=0, image_size=224, patch_size=14, grid_h=16, grid_w=16,
@@ -649,8 +652,12 @@ def test_smaller_index_types_reach_the_recall_target_too(tmp_path, index_type):
         report.parameters
 
 
-def test_index_refuses_a_tiny_table(ingested, fresh_copy):
-    from embedstore.search.index import build_index
+def test_a_tiny_table_gets_no_index_and_says_why(ingested, fresh_copy, monkeypatch, capsys):
+    from embedstore.search.index import NoIndex, build_index, index_for
 
-    with pytest.raises(UsageError, match="no index built"):
-        build_index(Store.open(fresh_copy))
+    store = Store.open(fresh_copy)
+    report = build_index(store)
+    assert isinstance(report, NoIndex) and "no index was built" in report.reason
+    assert index_for(store, report.table, "cls") is None
+    code, out, err = run_cli_here(["index", str(fresh_copy)], monkeypatch, capsys)
+    assert code == 0 and "exact search is as fast" in out and err == ""

@@ -5,9 +5,9 @@ for every kind of file in the mixed archive (DICOM CT series, multi-frame MR, NI
 from __future__ import annotations
 
 import numpy as np
-
 from conftest import slice_rows
-from embedstore.models import rebuild_model
+
+from embedstore.models.build import rebuild_model
 from embedstore.models.embedder import Embedder
 from embedstore.pipeline.readback import nifti_axis, read_back, stored_slice
 from embedstore.store import Store

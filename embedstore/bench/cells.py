@@ -122,8 +122,7 @@ class CellCache:
     """`OUT/cells`: each finished cell's JSON and predictions under its key."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder  # made by the first cell stored: a refused suite leaves no empty folder
 
     def result(self, key: str) -> dict | None:
         path = self.folder / f"{key}.json"
@@ -138,6 +137,7 @@ class CellCache:
 
     def store(self, key: str, cell: Cell, result: dict, predictions: dict | None, seconds: float) -> None:
         """The predictions first, then the JSON: a cell counts as done only when its JSON is there."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         if predictions is not None:
             arrays = {"keys": np.asarray(predictions["keys"], dtype=str),
                       "patients": np.asarray(predictions["patients"], dtype=str),

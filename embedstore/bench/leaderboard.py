@@ -3,7 +3,8 @@
 - `results.parquet`: one row per cell and metric (dataset, model, model_id, protocol, seed, setting,
   metric, value, ci_low, ci_high);
 - `leaderboard.md` / `.csv`: per dataset and protocol, each model's headline metric as mean ± std over
-  seeds with the first seed's 95% patient-bootstrap interval, the best per column marked;
+  seeds (no spread when one seed ran: std is left empty, not 0) with the first seed's 95%
+  patient-bootstrap interval, the best per column marked;
 - `heatmap.png`: models x (dataset, protocol) of the headline means;
 - `fewshot-<dataset>.png`: every model's few-shot curve on one plot;
 - `paired.csv` and a table in the Markdown: each model against the suite's baseline on the same test
@@ -122,7 +123,7 @@ def leaderboard_table(suite: Suite, records: list[tuple[str, dict]]) -> list[dic
                 means = [row["value"] for row in found]
                 entries.append({"dataset": dataset, "protocol": protocol, "metric": metric_of_column[dataset, protocol],
                                 "model": model, "mean": float(np.mean(means)),
-                                "std": float(np.std(means)) if len(means) > 1 else 0.0, "seeds": len(means),
+                                "std": float(np.std(means)) if len(means) > 1 else None, "seeds": len(means),
                                 "ci_low": found[0]["ci_low"], "ci_high": found[0]["ci_high"]})
             best = max((entry["mean"] for entry in entries), default=None)
             for entry in entries:
@@ -171,10 +172,16 @@ def interval_text(low, high) -> str:
     return "" if low is None else f" [{low:.3f}, {high:.3f}]"
 
 
+def spread_text(entry: dict) -> str:
+    """The mean, and ± the std over seeds when more than one ran."""
+    return f"{entry['mean']:.3f}" + (f" ± {entry['std']:.3f}" if entry["seeds"] > 1 else "")
+
+
 def markdown(suite: Suite, table: list[dict], paired: list[dict], curves: list[str]) -> str:
     seeds = ", ".join(map(str, suite.seeds))
+    over = f"Mean ± std over seeds {seeds}" if len(suite.seeds) > 1 else f"One seed ({seeds})"
     lines = [f"# {suite.name}", "",
-             f"Mean ± std over seeds {seeds}; in brackets the first seed's 95% interval by a bootstrap over test "
+             f"{over}; in brackets the first seed's 95% interval by a bootstrap over test "
              "patients (1,000 resamples). **Bold**: the best of its column.", ""]
     columns = sorted({(entry["dataset"], entry["protocol"]) for entry in table},
                      key=lambda pair: (list(suite.datasets).index(pair[0]), list(suite.protocols).index(pair[1])))
@@ -187,7 +194,7 @@ def markdown(suite: Suite, table: list[dict], paired: list[dict], curves: list[s
             if entry is None:
                 cells.append("-")
                 continue
-            text = f"{entry['mean']:.3f} ± {entry['std']:.3f}{interval_text(entry['ci_low'], entry['ci_high'])}"
+            text = spread_text(entry) + interval_text(entry["ci_low"], entry["ci_high"])
             cells.append(f"**{text}**" if entry["best"] else text)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "![headline metric per model and task](heatmap.png)", ""]

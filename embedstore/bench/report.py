@@ -156,10 +156,12 @@ def suite_sections(suite: Path, out: Path) -> list[Block]:
         return [heading("Benchmark suite"), paragraph(f"No leaderboard in {suite} (run `embedstore bench`).")]
     rows = list(csv.DictReader(open(leaderboard)))
     blocks = [heading("Benchmark suite"), paragraph(
-        "Headline metric per dataset and protocol: mean ± std over seeds, the first seed's 95% interval by a "
+        "Headline metric per dataset and protocol: mean (± std over seeds where more than one ran), the first "
+        "seed's 95% interval by a "
         "bootstrap over test patients; bold: the best of its dataset and protocol."),
         table(["dataset", "protocol", "metric", "model", "mean ± std", "95% interval", "seeds"],
-              [[r["dataset"], r["protocol"], r["metric"], r["model"], f"{float(r['mean']):.3f} ± {float(r['std']):.3f}",
+              [[r["dataset"], r["protocol"], r["metric"], r["model"],
+                f"{float(r['mean']):.3f}" + (f" ± {float(r['std']):.3f}" if r["std"] else ""),
                 f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]" if r["ci_low"] else "-", r["seeds"]]
                for r in rows],
               [[r["best"] == "True"] * 7 for r in rows])]

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedstore.errors import UsageError
+from embedstore.sources.discover import check_input_file
 
 PROTOCOLS = ("knn", "linear", "fewshot", "segment", "finetune")
 # The options each protocol takes from the suite (the eval commands' names, underscores for dashes).
@@ -131,5 +132,10 @@ def read_dataset(name: str, table: dict, folder: Path) -> Dataset:
     if level not in ("slice", "series"):
         raise UsageError(f"suite: {where} level is slice or series, not {level!r}")
     resolve = lambda key: (folder / table[key]).resolve() if key in table else None  # noqa: E731
+    for key in ("labels", "masks"):
+        if key in table:
+            check_input_file(resolve(key), f"suite: {where} {key}")
+    if not resolve("store").is_dir():
+        raise UsageError(f"suite: {where} store {resolve('store')} is not a folder")
     return Dataset(name, resolve("store"), resolve("labels"), resolve("masks"),
                    None if split_by == "csv" else "patient", ratios, level)

@@ -17,6 +17,7 @@ from embedstore.eval.labels import (
     read_labels, split_by_patient,
 )
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
+from embedstore.eval.selection import best_candidate
 from embedstore.eval.results import FewShotResult, KnnResult, LinearResult
 from embedstore.errors import UsageError
 from embedstore.search.degenerate import degenerate_warning
@@ -83,9 +84,18 @@ def knn_evaluation(store: Store, labels: str | Path, feature: str = "cls", level
                                                      scores["test"][reported_k], test.patients, test.multilabel)
     result = KnnResult("knn", vectors.model_id, feature, level, data.classes, data.multilabel, data.counts(),
                        temperature, list(ks), search, metrics, best_k, f"{key.replace('_', ' ')} on val",
-                       warnings=vector_warnings(vectors),
+                       warnings=vector_warnings(vectors) + k_warnings(ks, len(train.matrix)),
                        test_predictions=predictions_of(test, scores["test"][reported_k]))
     return cite(result, store.spec(vectors.model_id), record)
+
+
+def k_warnings(ks, n_train: int) -> list[str]:
+    """Neighbour counts larger than the training set: each votes with every training row."""
+    over = [k for k in ks if k > n_train]
+    if not over:
+        return []
+    return [f"k = {', '.join(map(str, over))} exceed{'s' * (len(over) == 1)} the {n_train:,} training rows: "
+            f"{'each votes' if len(over) > 1 else 'it votes'} with all of them, as k = {n_train:,} would"]
 
 
 def vector_warnings(vectors: Vectors) -> list[str]:
@@ -128,7 +138,8 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
                                                  label_column)
         selections[candidate] = choose_c(data, c_grid, seed, on_fit)
         warnings[candidate] = vector_warnings(vectors)
-    chosen = max(candidates, key=lambda name: selections[name].val_score)  # first listed wins a tie
+    chosen_losses = [s.val_losses[s.c_grid.index(s.chosen_c)] for s in selections.values()]
+    chosen = candidates[best_candidate([s.val_score for s in selections.values()], chosen_losses)]
     selection = selections[chosen]
     grid = {name: {"chosen_c": s.chosen_c, "val_score": s.val_score} for name, s in selections.items()} \
         if feature == "grid" else None
@@ -136,7 +147,8 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
     result = LinearResult("linear", vectors.model_id, chosen, level, data.classes, data.multilabel,
                           selection.data.counts(), selection.chosen_c, selection.val_score,
                           selection_metric(selection.data), selection.carved, selection.c_grid, selection.val_scores,
-                          {"test": test_metrics}, grid, warnings=warnings[chosen], test_predictions=predictions)
+                          {"test": test_metrics}, grid, val_losses=selection.val_losses,
+                          warnings=warnings[chosen], test_predictions=predictions)
     return cite(result, store.spec(vectors.model_id), record)
 
 
@@ -145,8 +157,9 @@ def fewshot_evaluation(store: Store, labels: str | Path, feature: str = "cls", l
                        split_by: str | None = None, ratios=(0.7, 0.1, 0.2), seed: int = 0,
                        label_column: str = "label") -> FewShotResult:
     """Few-shot curves: `tries` draws of n training patients per class for each n, on a fixed test split."""
-    from embedstore.eval.fewshot import CLASSIFIERS, DEFAULT_SHOTS, few_shot
+    from embedstore.eval.fewshot import CLASSIFIERS, DEFAULT_SHOTS, check_fewshot_arguments, few_shot
 
+    check_fewshot_arguments(shots or DEFAULT_SHOTS, tries, classifiers or CLASSIFIERS)
     vectors, data, record = labelled_vectors(store, labels, feature, level, model_id, split_by, ratios, seed,
                                              label_column)
     curves = few_shot(data, shots or DEFAULT_SHOTS, tries, classifiers or CLASSIFIERS, seed)

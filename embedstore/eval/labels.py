@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.errors import UsageError
+from embedstore.sources.discover import check_input_file
 from embedstore.store.vectors import Vectors
 
 JOIN_COLUMNS = ("key", "path", "sop_uid", "series_uid", "study_uid")
@@ -56,8 +57,7 @@ def read_labels(path: str | Path, label_column: str = "label") -> tuple[str, lis
     """(join column, rows) of a labels CSV, each row's class under "label" and a relative `path`
     (when that is the join) read from the CSV's folder; UsageError when it does not follow the format."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"labels file {path} does not exist")
+    check_input_file(path, "labels file")
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []

@@ -2,9 +2,10 @@
 L-BFGS (multinomial for classes, one sigmoid per label for multi-label tasks).
 
 The objective is scikit-learn's: C · Σ loss + ½‖W‖² (the bias unpenalised), so a C means the same
-in both. C is chosen on VAL only (the protocol's grid by default: 10^linspace(-6, 5, 45)); when the
-labels give no val split, one is carved from train by patient. The chosen C is refitted on
-TRAIN + VAL and reported on TEST, whose labels are not read before that.
+in both. C is chosen on VAL only (the protocol's grid by default: 10^linspace(-6, 5, 45)), by
+metrics.SELECTION_RULE (ties on the val score go to the lowest val log-loss); when the labels give no
+val split, one is carved from train by patient. The chosen C is refitted on TRAIN + VAL and reported
+on TEST, whose labels are not read before that.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from embedstore.errors import UsageError
 from embedstore.eval.bootstrap import with_interval
 from embedstore.eval.labels import LabelledVectors, carve_val, label_strata, predictions_of
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
+from embedstore.eval.selection import best_candidate, log_loss
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
 
@@ -136,27 +138,31 @@ class CSelection:
     carved: bool
     c_grid: list[float]
     val_scores: list[float]  # in the order of c_grid
+    val_losses: list[float]  # val log-loss, in the order of c_grid: what breaks a tie of val scores
     chosen_c: float
     val_score: float
 
 
 def choose_c(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0,
              on_fit: Callable[[], None] | None = None) -> CSelection:
-    """Fit on train for every C (small C first, each fit warm-started from the last) and pick the
-    C with the best val score; test rows are not looked at. `on_fit` is called after each fit (a
-    grid takes minutes on large sets: the CLI shows its progress)."""
+    """Fit on train for every C (small C first, each fit warm-started from the last) and pick the C
+    SELECTION_RULE names (best val score, ties to the lowest val log-loss); test rows are not looked
+    at. `on_fit` is called after each fit (a grid takes minutes on large sets: the CLI shows its
+    progress)."""
     data, carved = with_val_split(data, seed)
     train, val = data.subset(data.splits == "train"), data.subset(data.splits == "val")
     if not len(val.matrix) or not len(train.matrix):
         raise UsageError(f"too few patients for a train and a val split: {data.counts()}")
-    val_scores, probe = [], None
-    for c in sorted(c_grid):
+    grid, val_scores, val_losses, probe = sorted(c_grid), [], [], None
+    for c in grid:
         probe = fit_logistic(train.matrix, train.targets, len(data.classes), c, data.multilabel, probe)
-        val_scores.append((selection_score(val, probe.scores(val.matrix)), c))
+        scores = probe.scores(val.matrix)
+        val_scores.append(selection_score(val, scores))
+        val_losses.append(log_loss(val.targets, scores, data.multilabel))
         if on_fit:
             on_fit()
-    best_score, best_c = max(val_scores, key=lambda pair: (pair[0], -pair[1]))  # ties: the stronger penalty
-    return CSelection(data, carved, sorted(c_grid), [s for s, _ in val_scores], best_c, best_score)
+    best = best_candidate(val_scores, val_losses)
+    return CSelection(data, carved, grid, val_scores, val_losses, grid[best], val_scores[best])
 
 
 def refit_and_test(selection: CSelection) -> tuple[dict, dict]:

@@ -57,3 +57,4 @@ def per_class_auroc(y_true_onehot: np.ndarray, scores: np.ndarray) -> list[float
 def macro(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return float(np.mean(known)) if known else None
+

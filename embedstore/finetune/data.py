@@ -13,7 +13,8 @@ uninterrupted process sees.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -41,6 +42,8 @@ class FinetuneData:
     items: list[dict]  # per labelled row, where its pixels are (READ_BACK_COLUMNS)
     val_carved: bool  # val was carved from train by patient
     record: LabelsRecord  # where the labels came from and what became of them
+    left_out: dict[str, int] = field(default_factory=dict)  # reason → labelled rows that cannot be trained on
+    warnings: list[str] = field(default_factory=list)  # what the result must say about them
 
     def rows(self, *splits: str) -> np.ndarray:
         """Indices of the labelled rows in `splits`."""
@@ -65,13 +68,25 @@ def finetune_data(store: Store, labels: str | Path, model_id: str | None = None,
                                                  label_column)
     labelled, carved = with_val_split(labelled, seed)
     labelled.matrix = labelled.matrix[:, :0]  # the stored vectors are not trained on: not sent to Ray workers
+    keys = set(labelled.keys)
+    by_key = {row["key"]: row for row in store.rows("items", None, READ_BACK_COLUMNS).to_pylist() if row["key"] in keys}
+    items = [by_key[key] for key in labelled.keys]
+    # Pixels are read back from the files: a file gone since the ingest would stop the training midway.
+    present = np.array([os.path.isfile(item["path"]) for item in items], dtype=bool)
+    left_out, warnings = {}, []
+    if not present.all():
+        gone = [item["path"] for item, here in zip(items, present) if not here]
+        left_out["file_gone"] = len(gone)
+        warnings.append(f"{len(gone):,} labelled slice{'s' * (len(gone) > 1)} left out: "
+                        f"{'their files are' if len(gone) > 1 else 'its file is'} gone since the ingest "
+                        f"(first: {gone[0]})")
+        labelled, items = labelled.subset(present), [item for item, here in zip(items, present) if here]
     empty = [split for split, n in labelled.counts().items() if n == 0]
     if empty:
         raise UsageError(f"the {' and '.join(empty)} split{'s' * (len(empty) > 1)} would have no rows "
-                         f"({labelled.counts()}): fine-tuning chooses on val and reports on test")
-    keys = set(labelled.keys)
-    by_key = {row["key"]: row for row in store.rows("items", None, READ_BACK_COLUMNS).to_pylist() if row["key"] in keys}
-    return FinetuneData(store.spec(vectors.model_id), labelled, [by_key[key] for key in labelled.keys], carved, record)
+                         f"({labelled.counts()}): fine-tuning chooses on val and reports on test"
+                         + (f"; {warnings[0]}" if warnings else ""))
+    return FinetuneData(store.spec(vectors.model_id), labelled, items, carved, record, left_out, warnings)
 
 
 class SliceImages(Dataset):

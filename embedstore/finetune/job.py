@@ -14,7 +14,7 @@ from embedstore.finetune.data import finetune_data
 from embedstore.finetune.modes import prepare_backbone
 from embedstore.finetune.run import RunFolder, finetune_protocol, finetune_result, run_description
 from embedstore.finetune.train import TrainSettings, Workers, check_settings
-from embedstore.models import rebuild_model
+from embedstore.models.build import rebuild_model
 from embedstore.store import Store
 
 

@@ -48,8 +48,9 @@ def with_lora(backbone: torch.nn.Module, targets: tuple[str, ...]) -> torch.nn.M
         linear = {name.rsplit(".", 1)[-1] for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
         missing = [target for target in targets if target not in linear]
         if missing:
-            raise UsageError(f"LoRA target{'s' * (len(missing) > 1)} {', '.join(missing)} match no linear layer of "
-                             f"block {index}, whose linear layers are {', '.join(sorted(linear))}")
+            many = len(missing) > 1
+            raise UsageError(f"LoRA target{'s' * many} {', '.join(missing)} match{'es' * (not many)} no linear layer "
+                             f"of block {index}, whose linear layers are {', '.join(sorted(linear))}")
     pattern = rf"blocks\.\d+\.(?:.*\.)?({'|'.join(targets)})"  # peft fullmatches a regex against module names
     config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=pattern,
                         bias="none")

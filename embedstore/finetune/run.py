@@ -1,16 +1,17 @@
 """The fine-tuning protocol and its run folder.
 
 Each head learning rate of the grid is trained on train and scored on val (in `linear` mode all of
-them in one pass over a frozen backbone); the rate with the best val score is retrained on train +
-val and scored on test once, with the evals' metrics. The run folder (`--out`) holds what a rerun
-needs to go on where a killed run stopped: the settings (`run.json`), a checkpoint per training after
-every epoch, each finished training's scores, then the fine-tuned backbone as a timm `.safetensors`
-file that `embedstore ingest --weights` reads.
+them in one pass over a frozen backbone); the rate with the best val score (ties: the lower val
+log-loss, eval/selection.py) is retrained on train + val and scored on test once, with the evals'
+metrics. The run folder (`--out`) holds what a rerun needs to go on where a killed run stopped: the
+settings (`run.json`), a checkpoint per training after every epoch, each finished training's scores,
+then the fine-tuned backbone as a timm `.safetensors` file that `embedstore ingest --weights` reads.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,12 +25,14 @@ from embedstore.eval.citation import cite
 from embedstore.eval.labels import predictions_of
 from embedstore.eval.linear import selection_metric, selection_score
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
+from embedstore.eval.selection import best_candidate, log_loss
 from embedstore.eval.results import FinetuneResult
 from embedstore.finetune.data import FinetuneData
 from embedstore.finetune.modes import save_backbone, trainable_count
-from embedstore.finetune.train import TrainSettings, Workers, build_classifier, predict, train
+from embedstore.finetune.train import TrainSettings, TrainStep, Workers, build_classifier, predict, train
 
 FINAL = "final"  # the training on train + val at the chosen rate
+REPORT_EVERY_S = 5.0  # a progress line at least this often (and at each epoch's end)
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,9 @@ class RunFolder:
         if record.is_file():
             previous = json.loads(record.read_text())
             if previous != description:
-                changed = sorted(k for k in description.keys() | previous.keys() if description.get(k) != previous.get(k))
-                raise UsageError(f"--out {self.path} holds a fine-tuning run with other settings ({', '.join(changed)}): "
-                                 "give another --out, or remove it to start again")
+                raise UsageError(f"--out {self.path} holds a fine-tuning run with other settings "
+                                 f"({', '.join(differences(description, previous))}): give another --out, or remove "
+                                 "it to start again")
             return True
         self.path.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(description, indent=2) + "\n")
@@ -96,6 +99,18 @@ class RunFolder:
             handle.write(line + "\n")
 
 
+def differences(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
+    """The names of the entries that differ, nested ones as settings.epochs."""
+    names = []
+    for key in sorted(ours.keys() | theirs.keys()):
+        mine, other = ours.get(key), theirs.get(key)
+        if isinstance(mine, dict) and isinstance(other, dict):
+            names += differences(mine, other, f"{prefix}{key}.")
+        elif mine != other:
+            names.append(f"{prefix}{key}")
+    return names
+
+
 def run_description(data: FinetuneData, settings: TrainSettings, labels: Path) -> dict:
     """What the results depend on: a rerun with another description must not resume this one. As
     JSON reads it back (tuples as lists), so that it compares equal to the recorded one."""
@@ -104,11 +119,33 @@ def run_description(data: FinetuneData, settings: TrainSettings, labels: Path) -
         "counts": data.labelled.counts(), "settings": {**asdict(settings), "decode_workers": None}}))
 
 
+class StepReporter:
+    """A training's progress: images trained for a bar (`on_images`), and a log line (epoch, step,
+    loss, images/s) every REPORT_EVERY_S seconds and at the end of each epoch, so a long run is never
+    silent."""
+
+    def __init__(self, name: str, log: Callable[[str], None], on_images: Callable[[int], None] | None = None):
+        self.name, self.log, self.on_images = name, log, on_images
+        self.started = self.last = time.perf_counter()
+        self.images = 0
+
+    def __call__(self, step: TrainStep) -> None:
+        self.images += step.images
+        if self.on_images:
+            self.on_images(step.images)
+        now = time.perf_counter()
+        if now - self.last >= REPORT_EVERY_S or step.step == step.steps:
+            self.last = now
+            self.log(f"{self.name}: epoch {step.epoch}/{step.epochs}, step {step.step}/{step.steps}, "
+                     f"loss {float(step.loss):.4f}, {self.images / max(now - self.started, 1e-9):,.1f} images/s")
+
+
 def finetune_protocol(data: FinetuneData, settings: TrainSettings, folder: RunFolder, weights: str | None,
                       workers: Workers, on_step: Callable[[int], None] | None = None,
                       log: Callable[[str], None] = lambda line: None) -> None:
     """Train the grid on train, choose on val, retrain on train + val, score test: every rank trains,
-    the main rank scores and writes. What a killed run finished is read back, not trained again."""
+    the main rank scores and writes. What a killed run finished is read back, not trained again.
+    `on_step(images)` after each step; `log(line)` for the progress lines."""
     for training in trainings(settings):
         if folder.finished(training) is None:
             run_training(data, settings, folder, weights, workers, training, on_step, log)
@@ -125,8 +162,9 @@ def run_training(data: FinetuneData, settings: TrainSettings, folder: RunFolder,
     torch.manual_seed(settings.seed)  # heads and adapters start the same in every rank and every rerun
     classifier = build_classifier(data.spec, weights, settings, len(labelled.classes), len(training.head_lrs))
     rows = data.rows(*training.splits)
-    stats = train(classifier, data.images(rows, augment=True, seed=settings.seed), list(training.head_lrs), settings, labelled.multilabel, workers,
-                  folder.checkpoint(training), on_step)
+    reporter = StepReporter(training.name, log if workers.is_main else lambda line: None, on_step)
+    stats = train(classifier, data.images(rows, augment=True, seed=settings.seed), list(training.head_lrs), settings,
+                  labelled.multilabel, workers, folder.checkpoint(training), reporter)
     if not workers.is_main:
         return
     resumed = f", resumed after epoch {stats.resumed_from_epoch}" if stats.resumed_from_epoch else ""
@@ -148,24 +186,27 @@ def run_training(data: FinetuneData, settings: TrainSettings, folder: RunFolder,
             save_backbone(classifier.backbone, folder.backbone_file(data.spec.name, settings.mode))
     else:
         scores["val_scores"] = [selection_score(part, head) for head in probabilities]
+        scores["val_losses"] = [log_loss(part.targets, head, labelled.multilabel) for head in probabilities]
     folder.finish(training, scores)
 
 
-def chosen_rate(data: FinetuneData, settings: TrainSettings, folder: RunFolder) -> tuple[float, float, list[float]]:
-    """(the head rate with the best val score, its score, every rate's score in grid order); a tie
-    goes to the smaller rate."""
+def chosen_rate(data: FinetuneData, settings: TrainSettings,
+                folder: RunFolder) -> tuple[float, float, list[float], list[float]]:
+    """(the head rate SELECTION_RULE picks, its val score, every rate's val score and val log-loss
+    in grid order): a tie of val scores goes to the lower val log-loss, then to the smaller rate."""
     by_rate = {}
     for training in trainings(settings):
         finished = folder.finished(training)
-        by_rate.update(zip(finished["head_lrs"], finished["val_scores"]))
-    rates = list(settings.head_lrs)
-    best = max(rates, key=lambda lr: (by_rate[lr], -lr))
-    return best, by_rate[best], [by_rate[lr] for lr in rates]
+        by_rate.update(zip(finished["head_lrs"], zip(finished["val_scores"], finished["val_losses"])))
+    rates = sorted(settings.head_lrs)
+    best = rates[best_candidate([by_rate[lr][0] for lr in rates], [by_rate[lr][1] for lr in rates])]
+    return (best, by_rate[best][0], [by_rate[lr][0] for lr in settings.head_lrs],
+            [by_rate[lr][1] for lr in settings.head_lrs])
 
 
 def finetune_result(data: FinetuneData, settings: TrainSettings, folder: RunFolder, workers: int) -> FinetuneResult:
     """The finished run's result, read from its folder, with its provenance."""
-    best, val_score, val_scores = chosen_rate(data, settings, folder)
+    best, val_score, val_scores, val_losses = chosen_rate(data, settings, folder)
     final = folder.finished(Training(FINAL, (best,), ("train", "val"), "test"))
     finished = [folder.finished(t) for t in trainings(settings)] + [final]
     images, seconds = sum(f["images"] for f in finished), sum(f["seconds"] for f in finished)
@@ -176,6 +217,6 @@ def finetune_result(data: FinetuneData, settings: TrainSettings, folder: RunFold
         best, val_score, selection_metric(data.labelled), data.val_carved, final["backbone_trainable_parameters"],
         final["trainable_parameters"], workers, images / seconds if seconds else 0.0,
         None if settings.mode == "linear" else str(folder.backbone_file(data.spec.name, settings.mode)),
-        {"test": final["test"]},
+        {"test": final["test"]}, val_losses=val_losses, rows_left_out=data.left_out, warnings=list(data.warnings),
         test_predictions=predictions_of(data.part("test"), np.load(folder.test_scores_file())))
     return cite(result, data.spec, data.record)

@@ -23,7 +23,7 @@ import torch
 from embedstore.errors import UsageError
 from embedstore.finetune.data import SliceImages, batches
 from embedstore.finetune.modes import LORA_TARGETS, MODES, prepare_backbone
-from embedstore.models import cls_and_patch_mean, rebuild_model
+from embedstore.models.build import cls_and_patch_mean, rebuild_model
 from embedstore.models.spec import ModelSpec
 
 HEAD_LR_GRID = (1e-3, 5e-3, 1e-2, 5e-2)  # the study's head learning rates, chosen on val
@@ -127,6 +127,18 @@ def loss_of(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> to
 
 
 @dataclass
+class TrainStep:
+    """One optimiser step, as `train` reports it."""
+
+    epoch: int  # from 1
+    epochs: int
+    step: int  # from 1, within the epoch
+    steps: int  # per epoch
+    images: int  # in this step, all ranks
+    loss: torch.Tensor  # the step's loss; read it (a device sync on CUDA) only when it is shown
+
+
+@dataclass
 class TrainStats:
     images: int  # images trained on in this process's run (all ranks), resumed epochs excluded
     seconds: float
@@ -139,9 +151,9 @@ class TrainStats:
 
 def train(classifier: Classifier, images: SliceImages, head_lrs: list[float], settings: TrainSettings,
           multilabel: bool, workers: Workers, checkpoint: Path,
-          on_step: Callable[[int], None] | None = None) -> TrainStats:
+          on_step: Callable[[TrainStep], None] | None = None) -> TrainStats:
     """Train for settings.epochs, resuming from `checkpoint` when a killed run left one; the main rank
-    writes it after every epoch. `on_step(images)` is called after each step with the images it took."""
+    writes it after every epoch. `on_step` is called after each step."""
     device = workers.device
     batch_size = min(settings.batch_size, len(images) - len(images) % workers.world)
     steps_per_epoch = len(images) // batch_size
@@ -160,7 +172,7 @@ def train(classifier: Classifier, images: SliceImages, head_lrs: list[float], se
         torch.manual_seed(hash((settings.seed, epoch, workers.rank)) % 2 ** 63)  # LoRA dropout: reproducible on resume
         loader.batch_sampler.set_epoch(epoch)
         model.train()
-        for pixels, targets in loader:
+        for step, (pixels, targets) in enumerate(loader, 1):
             pixels, targets = pixels.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 loss = loss_of(model(pixels), targets, multilabel)
@@ -170,7 +182,7 @@ def train(classifier: Classifier, images: SliceImages, head_lrs: list[float], se
             schedule.step()
             trained += batch_size
             if on_step:
-                on_step(batch_size)
+                on_step(TrainStep(epoch + 1, settings.epochs, step, steps_per_epoch, batch_size, loss.detach()))
         if workers.is_main:
             save_checkpoint(checkpoint, epoch + 1, classifier, optimizer, schedule)
         workers.barrier()

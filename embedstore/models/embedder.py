@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.models import LoadedModel
+from embedstore.models.build import LoadedModel
 from embedstore.models.engines import EmbeddingForward, autocast, build_engine, forward_padded
 from embedstore.preprocess import normalize
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.models import feature_map_nchw
+from embedstore.models.build import feature_map_nchw
 
 ENGINES = ("auto", "eager", "compile", "tensorrt")
 MIN_COSINE = 0.999

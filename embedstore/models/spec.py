@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from embedstore import __version__
-from embedstore.preprocess import PREPROCESS_VERSION, IntensityConfig
+from embedstore.intensity import IntensityConfig
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what the resize step can do (always antialiased)
 

@@ -7,14 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore.errors import UsageError
-from embedstore.models import LoadedModel, rebuild_model
+from embedstore.errors import InputError, UsageError
+from embedstore.models.build import LoadedModel, rebuild_model
 from embedstore.models.embedder import Embedder
 from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.pipeline.batching import SliceBatcher
 from embedstore.preprocess import DecodeSettings, decode_task
 from embedstore.sources import build_catalog, check_sources, discover
+from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.store import Store
+
+
+READABLE = "DICOM (a .dcm, .dicom or .ima name, or the DICM preamble), NIfTI (.nii, .nii.gz), PNG, JPEG or TIFF"
 
 
 def embed_file(store: Store, path: str | Path, model_id: str, axis: str = "axial",
@@ -25,17 +29,27 @@ def embed_file(store: Store, path: str | Path, model_id: str, axis: str = "axial
     return embed_with(rebuild_model(spec, weights), spec, path, axis)
 
 
-def embed_with(loaded: LoadedModel, spec: ModelSpec, path: str | Path, axis: str = "axial") -> dict[str, np.ndarray]:
-    """`embed_file` with a model already rebuilt from `spec` (a service keeps it between queries)."""
+def embed_with(loaded: LoadedModel, spec: ModelSpec, path: str | Path, axis: str = "axial",
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """`embed_file` with a model already rebuilt from `spec` (a service keeps it between queries).
+    UsageError saying why when the file cannot be embedded; `max_pixels` as the ingest's
+    `--max-pixels`."""
     found, failures = discover(check_sources([path]))
-    catalog = build_catalog(found, axis=axis)
-    if failures or catalog.failures or not catalog.tasks:
-        reason = (failures + catalog.failures)[0] if failures or catalog.failures else None
-        raise UsageError(f"{path} cannot be embedded" + (f": {reason.reason}: {reason.message}" if reason else ""))
-    settings = DecodeSettings(spec.intensity, spec.image_size, (spec.interpolation,))
+    if not found and not failures:
+        raise UsageError(f"{path} cannot be embedded: it is not a file embedstore reads ({READABLE})")
+    catalog = build_catalog(found, axis=axis, max_pixels=max_pixels)
+    if failures or catalog.failures:
+        reason = (failures + catalog.failures)[0]
+        raise UsageError(f"{path} cannot be embedded: {reason.reason}: {reason.message}")
+    if not catalog.tasks:
+        raise UsageError(f"{path} cannot be embedded: it holds no image slices")
+    settings = DecodeSettings(spec.intensity, spec.image_size, (spec.interpolation,), max_pixels)
     batcher = SliceBatcher(max(1, catalog.n_items))
     for task in catalog.tasks:
-        batcher.add(decode_task(task, settings))
+        try:
+            batcher.add(decode_task(task, settings))
+        except InputError as error:  # what an ingest would record as a failures row
+            raise UsageError(f"{path} cannot be embedded: {error.reason}: {error.message}") from None
     embeddings = Embedder(loaded, engine="eager").embed(batcher.take()[1][spec.interpolation], keep_patches=False)
     columns = {"cls": embeddings.cls, "patch_mean": embeddings.patch_mean}
     for position, block in enumerate(spec.cls_layers):

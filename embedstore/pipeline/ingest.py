@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from embedstore.errors import DUPLICATE_INSTANCE, UsageError
-from embedstore.models import LoadedModel, load_model
+from embedstore.intensity import IntensityConfig
+from embedstore.models.build import LoadedModel, load_model
 from embedstore.models.embedder import Embedder, check_precision, pick_device
 from embedstore.models.engines import candidate_engines
 from embedstore.models.spec import ModelSpec
@@ -23,7 +24,7 @@ from embedstore.pipeline.plan import Plan, plan_remaining
 from embedstore.pipeline.progress import IngestProgress, count_files, spinner, status
 from embedstore.pipeline.runner import UNIT_SLICES, UnitRunner, plan_units, unit_slices_for
 from embedstore.pipeline.series import refresh_series
-from embedstore.preprocess import DecodeSettings, IntensityConfig
+from embedstore.preprocess import DecodeSettings
 from embedstore.sources import Failure, ReadTask, build_catalog, check_sources, discover
 from embedstore.sources.catalog import declared_modality
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
@@ -90,7 +91,10 @@ class IngestSummary:
     engine_notes: list[str]  # why a requested engine gave way to another
     n_found: int
     n_embedded: int  # slices embedded by at least one model
-    embedded_by_model: dict[str, int]
+    embedded_by_model: dict[str, int]  # slices each model embedded in this run
+    # Rows this run committed per model: fewer than embedded when a concurrent ingest of the same
+    # slices committed them first (their rows are never stored twice).
+    committed_by_model: dict[str, int]
     n_skipped: int  # slices every model already had
     n_failed_slices: int  # slices of files that failed: found = embedded + skipped + failed slices
     # Files that failed, duplicates apart: this run's, and those of earlier runs for files this run
@@ -206,7 +210,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
             if actors is not None:
                 outcome = embed_on_ray(job, store, actors, units, progress, stage_seconds)
             else:
-                progress.phase("preparing the model")
+                progress.phase("preparing")
                 embedders = [Embedder(m, options.device, options.precision, options.engine, options.batch_size)
                              for m in models]
                 progress.phase("embedding")
@@ -227,7 +231,8 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     summary = IngestSummary(
         run_id=run_id, model_ids=model_ids, store=str(store_path), workers=workers, n_found=catalog.n_items,
         engine=outcome.engine, engine_notes=outcome.engine_notes,
-        n_embedded=embedded, embedded_by_model={m: outcome.committed.get(m, 0) for m in model_ids},
+        n_embedded=embedded, embedded_by_model={m: outcome.embedded.get(m, 0) for m in model_ids},
+        committed_by_model={m: outcome.committed.get(m, 0) for m in model_ids},
         n_skipped=plan.n_skipped, n_failed_slices=outcome.n_failed_slices, n_failed=n_failed,
         failures_by_reason=dict(Counter(f.reason for f in standing if f.reason != DUPLICATE_INSTANCE)),
         n_duplicates=n_duplicates, n_warned_files=outcome.n_warned_files, seconds=seconds,

@@ -19,7 +19,7 @@ def embed_locally(job, store, runner: UnitRunner, pool: DecodePool, units: list[
     # One ordered stream over every unit's tasks keeps the decode workers busy across unit borders.
     decoded = pool.decode(task for unit in units for task in unit.tasks)
     for unit in units:
-        committer.take(runner.run(unit, list(islice(decoded, len(unit.tasks)))), progress)
+        committer.take(runner.run(unit, list(islice(decoded, len(unit.tasks))), progress.advance), progress)
     committer.flush()
     stage_seconds.update(pool.stage_seconds)
     engine = runner.embedders[0].engine

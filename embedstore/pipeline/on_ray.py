@@ -17,7 +17,7 @@ import os
 import warnings
 from collections import Counter, deque
 
-from embedstore.errors import UsageError, WORKER_CRASHED
+from embedstore.errors import WORKER_CRASHED, UsageError
 from embedstore.pipeline.decode import decode_or_fail
 from embedstore.pipeline.progress import IngestProgress
 from embedstore.pipeline.runner import EmbedOutcome, RowCommitter, UnitOutput, UnitRunner, WorkUnit
@@ -42,7 +42,7 @@ class EmbedActor:
     def __init__(self, job, threads: int):
         import torch
 
-        from embedstore.models import rebuild_model
+        from embedstore.models.build import rebuild_model
         from embedstore.models.embedder import Embedder
 
         if not torch.cuda.is_available():
@@ -142,7 +142,9 @@ def embed_on_ray(job, store, actors: RayActors, units: list[WorkUnit], progress:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         unit, actor = in_flight.pop(ready[0])
         load[actor] -= 1
-        committer.take(_result_or_failure(ray, ready[0], unit), progress)
+        output = _result_or_failure(ray, ready[0], unit)
+        committer.take(output, progress)
+        progress.advance(output.n_items)  # a unit at a time: its batches ran in an actor
     committer.flush()
     engine, notes = ray.get(actors.handles[0].engine_in_use.remote())
     return committer.outcome(engine, notes)

@@ -1,6 +1,7 @@
 """What a run shows on stderr: a line per phase before the embedding starts (loading models,
 reading the catalog), then one bar with slices done, slices/s, files failed, duplicate files and
-time left. Failures are counted in files, as the summary counts them, duplicates apart.
+time left, moved after every model batch and laid out to fit 80 columns. Failures are counted in
+files, as the summary counts them, duplicates apart.
 
 Loading the models is also where a wrong request is found (an unknown model, a bad checkpoint), and
 a wrong request must leave one line on stderr: that phase shows a spinner on a terminal, erased
@@ -47,6 +48,13 @@ class SlicesPerSecond(ProgressColumn):
         return Text(f"{rate:,.1f} slices/s", style="cyan")
 
 
+BAR_WIDTH = 10  # 100,000s of slices, failures and duplicates still fit in 80 columns
+
+
+def problems_text(failed: int, duplicates: int) -> str:
+    return f"{failed:,} failed" + (f", {duplicates:,} dup" if duplicates else "")
+
+
 class IngestProgress:
     """The embedding bar. `failures`: the files that failed before it starts (discover, catalog,
     and those of earlier runs that this run does not read again)."""
@@ -57,13 +65,12 @@ class IngestProgress:
         self.n_failed_files, self.n_duplicate_files = count_files(failures or [])
         self._terminal = private_stderr() if self.enabled else sys.stderr
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("slices"),
-            SlicesPerSecond(), TextColumn("{task.fields[failed]} files failed"),
-            TextColumn("{task.fields[duplicates]} duplicate files"), TimeRemainingColumn(),
+            TextColumn("{task.description}"), BarColumn(bar_width=BAR_WIDTH), MofNCompleteColumn(),
+            SlicesPerSecond(), TextColumn("{task.fields[problems]}"), TimeRemainingColumn(),
             console=Console(file=self._terminal), transient=False, disable=not self.enabled,
         )
-        self._task = self._progress.add_task("embedding", total=total, failed=self.n_failed_files,
-                                             duplicates=self.n_duplicate_files)
+        self._task = self._progress.add_task("embedding", total=total,
+                                             problems=problems_text(self.n_failed_files, self.n_duplicate_files))
 
     def __enter__(self) -> "IngestProgress":
         self._progress.start()
@@ -87,8 +94,8 @@ class IngestProgress:
         self.n_failed_files += failed
         self.n_duplicate_files += duplicates
         self.total -= n_slices
-        self._progress.update(self._task, total=self.total, failed=self.n_failed_files,
-                              duplicates=self.n_duplicate_files)
+        self._progress.update(self._task, total=self.total,
+                              problems=problems_text(self.n_failed_files, self.n_duplicate_files))
 
 
 def private_stderr() -> TextIO:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedstore.intensity import IntensityConfig
 from embedstore.models.spec import ModelSpec
-from embedstore.preprocess import DecodeSettings, IntensityConfig, decode_task, unit_channels
+from embedstore.preprocess import DecodeSettings, decode_task, unit_channels
 from embedstore.sources import ReadTask, SliceItem, read_native
 
 

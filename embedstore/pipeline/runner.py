@@ -12,23 +12,25 @@ its item and its patches.
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from embedstore.models import LoadedModel
+from embedstore.models.build import LoadedModel
 from embedstore.models.embedder import Embedder, Embeddings
 from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.pipeline.batching import SliceBatcher
 from embedstore.pipeline.progress import IngestProgress
 from embedstore.preprocess import DecodedFile
 from embedstore.sources import Failure, ReadTask, SliceItem
-from embedstore.store import Store
+from embedstore.store import Store, sql_literal
 from embedstore.store.patches import PatchShardWriter
 from embedstore.store.schema import ITEMS_SCHEMA, SEARCH_COLUMNS, model_slices_schema, slices_table_name
 
@@ -96,7 +98,10 @@ class UnitRunner:
         self.models, self.embedders = models, embedders
         self.patches_root, self.run_id, self.batch_size = Path(patches_root), run_id, batch_size
 
-    def run(self, unit: WorkUnit, decoded: list[tuple[ReadTask, DecodedFile | list[Failure]]]) -> UnitOutput:
+    def run(self, unit: WorkUnit, decoded: list[tuple[ReadTask, DecodedFile | list[Failure]]],
+            on_batch: Callable[[int], None] | None = None) -> UnitOutput:
+        """The unit's rows; `on_batch(slices)` after each batch every model has embedded (a unit can
+        be a whole series of thousands of slices: a bar moved per unit would stand still)."""
         failures: list[Failure] = []
         n_failed_items = n_warned_files = 0
         seconds: Counter = Counter()
@@ -131,6 +136,8 @@ class UnitRunner:
                 started = time.perf_counter()
                 writer.add([batch_items[i] for i in chosen], embeddings)
                 seconds["write_patches"] += time.perf_counter() - started
+            if on_batch:
+                on_batch(len(batch_items))
         started = time.perf_counter()
         vectors = {writer.spec.model_id: writer.close() for writer in writers if writer.n_rows}
         seconds["write_patches"] += time.perf_counter() - started
@@ -209,7 +216,8 @@ def vector_rows(spec: ModelSpec, items: list[SliceItem], parts: list[Embeddings]
 class EmbedOutcome:
     """What a distributor returns for the run's summary."""
 
-    committed: Counter  # model_id → rows committed
+    embedded: Counter  # model_id → slices embedded
+    committed: Counter  # model_id → rows committed (fewer when a concurrent ingest committed some first)
     failures: list[Failure]
     engine: str
     engine_notes: list[str]
@@ -229,6 +237,7 @@ class RowCommitter:
         self.items: list[pa.Table] = []
         self.vectors: dict[str, list[pa.Table]] = {m: [] for m in model_ids}
         self.n_pending = 0
+        self.embedded: Counter = Counter()  # model_id → slices embedded
         self.committed: Counter = Counter()  # model_id → rows added
         self.n_embedded = 0  # slices embedded by at least one model
         self.n_failed_slices = 0
@@ -237,6 +246,8 @@ class RowCommitter:
         self._pending_failures: list[Failure] = []
 
     def take(self, output: UnitOutput, progress: IngestProgress) -> None:
+        """A unit's rows and failures; the bar's total loses the unit's failed slices (its progress
+        is the distributor's to move)."""
         for stage, seconds in output.seconds.items():
             self.stage_seconds[stage] += seconds
         self.failures.extend(output.failures)
@@ -248,14 +259,14 @@ class RowCommitter:
             self.items.append(output.items)
             for model_id, rows in output.vectors.items():
                 self.vectors[model_id].append(rows)
+                self.embedded[model_id] += rows.num_rows
             self.n_pending += output.n_items
             self.n_embedded += output.n_items
-            progress.advance(output.n_items)
         if self.n_pending >= self.commit_rows:
             self.flush()
 
     def outcome(self, engine: str, engine_notes: list[str]) -> EmbedOutcome:
-        return EmbedOutcome(self.committed, self.failures, engine, engine_notes, self.n_embedded,
+        return EmbedOutcome(self.embedded, self.committed, self.failures, engine, engine_notes, self.n_embedded,
                             self.n_failed_slices, self.n_warned_files)
 
     def flush(self) -> None:
@@ -265,10 +276,26 @@ class RowCommitter:
                 self.store.insert_new("items", pa.concat_tables(self.items))
                 for model_id, tables in self.vectors.items():
                     if tables:
-                        self.committed[model_id] += self.store.insert_new(slices_table_name(model_id),
-                                                                          pa.concat_tables(tables))
+                        rows = pa.concat_tables(tables)
+                        added = self.store.insert_new(slices_table_name(model_id), rows)
+                        self.committed[model_id] += added
+                        if added < rows.num_rows:
+                            self.remove_unreferenced_shards(model_id, rows)
                 self.items, self.n_pending = [], 0
                 self.vectors = {m: [] for m in self.model_ids}
             self.store.add_failures(self._pending_failures, self.run_id)
         self._pending_failures = []
         self.stage_seconds["commit"] += time.perf_counter() - started
+
+    def remove_unreferenced_shards(self, model_id: str, rows: pa.Table) -> None:
+        """This run's shards none of whose rows were committed (a concurrent ingest committed those
+        slices first): nothing will ever point at them, so they go now rather than wait for vacuum."""
+        shards = sorted({s for s in rows.column("patch_shard").to_pylist() if s is not None})
+        if not shards:
+            return
+        condition = f"patch_shard IN ({', '.join(sql_literal(s) for s in shards)})"
+        referenced = set(self.store.rows(slices_table_name(model_id), condition, ["patch_shard"])
+                         .column("patch_shard").to_pylist())
+        for shard in shards:
+            if shard not in referenced:
+                shutil.rmtree(self.store.patches_root / shard, ignore_errors=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedstore.store import Store
+from embedstore.store import Store, reading
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import column_matrix, feature_columns, l2_normalised
 
@@ -43,9 +43,11 @@ def stored_feature_warning(store: Store, model_id: str, feature: str, level: str
     """degenerate_warning for a random sample of the stored vectors (read by offset: a large
     table is not loaded to check it)."""
     spec = store.spec(model_id)
-    table = store.table(series_table_name(model_id) if level == "series" else slices_table_name(model_id))
-    n_rows = table.count_rows()
+    table = series_table_name(model_id) if level == "series" else slices_table_name(model_id)
+    dataset = store.dataset(table)
+    n_rows = dataset.count_rows()
     offsets = np.random.default_rng(0).choice(n_rows, min(n_rows, SAMPLE_ROWS), replace=False)
     parts = feature_columns(spec, feature)
-    rows = table.take_offsets(sorted(int(i) for i in offsets)).select(parts).to_arrow()
+    with reading(store.path, table):
+        rows = dataset.take(sorted(int(i) for i in offsets), columns=parts)
     return degenerate_warning(np.concatenate([column_matrix(rows.column(p)) for p in parts], axis=1), feature)

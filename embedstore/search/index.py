@@ -88,18 +88,31 @@ def index_config(parameters: IndexParameters):
             "ivf_hnsw_sq": lambda: IvfHnswSq(distance_type="cosine", num_partitions=partitions)}[parameters.index_type]()
 
 
+@dataclass
+class NoIndex:
+    """What `build_index` says when a table is too small for an index to gain anything."""
+
+    table: str
+    rows: int
+
+    @property
+    def reason(self) -> str:
+        return (f"{self.table} has {self.rows:,} rows: below {MIN_ROWS} exact search is as fast, so no index was "
+                "built (searches stay exact)")
+
+
 def build_index(store: Store, model_id: str | None = None, column: str = "cls", level: str = "slice",
-                index_type: str = "ivf_flat") -> IndexReport:
+                index_type: str = "ivf_flat") -> IndexReport | NoIndex:
     if index_type not in INDEX_TYPES:
         raise UsageError(f"--type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
     if column not in INDEXABLE:
-        raise UsageError(f"--column must be one of {', '.join(INDEXABLE)}, not {column!r}")
+        raise UsageError(f"--feature must be one of {', '.join(INDEXABLE)} to index, not {column!r}")
     model_id = store.resolve_model_id(model_id)
     table_name = series_table_name(model_id) if level == "series" else slices_table_name(model_id)
-    table = store.table(table_name)
-    n_rows = table.count_rows()
+    n_rows = store.count(table_name)
     if n_rows < MIN_ROWS:
-        raise UsageError(f"{table_name} has {n_rows} rows: exact search is as fast below {MIN_ROWS}; no index built")
+        return NoIndex(table_name, n_rows)
+    table = store.table(table_name)
     dim = table.schema.field(column).type.list_size
     parameters = choose_parameters(n_rows, dim, index_type)
     started = time.perf_counter()
@@ -144,13 +157,12 @@ def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k:
     partitions: the probes are raised by √(1/f) (at most MAX_FILTER_PROBE_FACTOR). For a filter
     keeping half the rows of 1M, that held recall@10 at the unfiltered level, where 1/f cost twice
     the latency for recall it did not need (benchmarks/filtered_search.py)."""
-    table = store.table(table_name)
     nprobes = parameters.nprobes
     if where:
-        share = table.count_rows(where) / max(1, table.count_rows())
+        share = store.count(table_name, where) / max(1, store.count(table_name))
         nprobes = min(parameters.num_partitions,
                       math.ceil(nprobes * min(MAX_FILTER_PROBE_FACTOR, math.sqrt(1.0 / max(share, 1e-9)))))
-    search = table.search(query.astype(np.float32), vector_column_name=column) \
+    search = store.table(table_name).search(query.astype(np.float32), vector_column_name=column) \
         .distance_type("cosine").nprobes(nprobes) \
         .select((columns or RESULT_COLUMNS[table_name.split("-", 1)[0]]) + ["_distance"])
     if parameters.refine_factor:
@@ -213,7 +225,7 @@ def index_for(store: Store, table_name: str, column: str) -> IndexParameters | N
     known = store.manifest.get("indexes", {}).get(f"{table_name}.{column}")
     if not known:
         return None
-    names = {c for index in store.table(table_name).list_indices() for c in index.columns}
+    names = {c for index in store.dataset(table_name).describe_indices() for c in index.field_names}
     if column not in names:
         return None
     return IndexParameters(**{k: known[k] for k in IndexParameters.__dataclass_fields__})

@@ -62,6 +62,12 @@ class Query:
     own_study: str | None = None
 
 
+def image_description(image, columns: dict) -> str:
+    """How a query by an image file is named in results: the file and its slice count."""
+    n = len(columns["cls"])
+    return f"image {image} ({n} slice{'s' * (n != 1)})"
+
+
 def search(store: Store, query: Query, k: int = 10, level: str = "slice", feature: str = "cls",
            where: str | None = None) -> list[Hit]:
     if level not in LEVELS:
@@ -69,7 +75,7 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
     if k < 1:
         raise UsageError("--k must be at least 1")
     table = series_table_name(query.model_id) if level == "series" else slices_table_name(query.model_id)
-    condition = validated_where(where, store.table(table).schema) if where else None
+    condition = validated_where(where, store.schema(table)) if where else None
     pooled = query.vectors.mean(0, keepdims=True)
     own = query.own_key if level == "slice" else query.own_series
     index = index_for(store, table, feature) if level != "study" else None
@@ -151,13 +157,15 @@ def query_by_series(store: Store, series_uid: str, feature: str = "cls", model_i
     """A stored series' slices as the query (pooled to their mean at slice and series level)."""
     model_id, vectors = _stored(store, model_id, feature, "series_uid", series_uid, "series")
     study = vectors.rows.column("study_uid")[0].as_py()
-    return Query(f"series {series_uid} ({len(vectors)} slices)", model_id, vectors.matrix, None, series_uid, study)
+    return Query(f"series {series_uid} ({len(vectors)} slice{'s' * (len(vectors) != 1)})", model_id, vectors.matrix,
+                 None, series_uid, study)
 
 
 def query_by_study(store: Store, study_uid: str, feature: str = "cls", model_id: str | None = None) -> Query:
     """A stored study's slices as the query (pooled to their mean at slice and series level)."""
     model_id, vectors = _stored(store, model_id, feature, "study_uid", study_uid, "study")
-    return Query(f"study {study_uid} ({len(vectors)} slices)", model_id, vectors.matrix, None, None, study_uid)
+    return Query(f"study {study_uid} ({len(vectors)} slice{'s' * (len(vectors) != 1)})", model_id, vectors.matrix,
+                 None, None, study_uid)
 
 
 def _stored(store: Store, model_id: str | None, feature: str, column: str, value: str, what: str):

@@ -18,6 +18,7 @@ token every /api and /thumbnails request must carry `Authorization: Bearer <toke
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import tempfile
 import threading
@@ -31,16 +32,20 @@ import numpy as np
 import pyarrow as pa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from embedstore import __version__
-from embedstore.errors import InputError, UsageError
+from embedstore.errors import InputError, StoreDamagedError, UsageError
 from embedstore.search import similar
+from embedstore.search.degenerate import stored_feature_warning
 from embedstore.search.where import validated_where
 from embedstore.serve.public import FILTER_COLUMNS, ITEM_FIELDS, PublicIds
 from embedstore.serve.thumbnails import ThumbnailCache
+from embedstore.sources.discover import check_input_file, kind_by_name
+from embedstore.sources.limits import UPLOAD_MAX_PIXELS
 from embedstore.store import Store, sql_literal
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import feature_columns
@@ -57,6 +62,7 @@ class ServeSettings:
     token: str | None = None
     show_paths: bool = False
     max_upload_mb: float = 50.0
+    max_pixels: int = UPLOAD_MAX_PIXELS  # per uploaded frame, refused from the header before decoding
     cache_folder: Path | None = None  # default: <store>.serve-cache beside the store
 
 
@@ -73,7 +79,8 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=1000)
     level: Literal["slice", "series", "study"] = "slice"
     model: str | None = Field(None, description="a model id or unique prefix; the first model when absent")
-    feature: str = "cls"
+    feature: str | None = Field(None, description="cls, patch_mean, clsN or cls/clsN+patch_mean; the model's "
+                                "default_feature (GET /api/models) when absent")
     where: str | None = Field(None, description="filter on " + ", ".join(FILTER_COLUMNS)
                               + ", e.g. \"modality = 'CT' AND study_date >= '2020-01-01'\"")
 
@@ -81,9 +88,33 @@ class SearchRequest(BaseModel):
 @dataclass
 class Upload:
     data: bytes
-    suffix: str
-    name: str
+    suffix: str  # what selects the reader, as in an ingest
     vectors: dict[str, dict[str, np.ndarray]]  # model id → stored-column name → (slices, D)
+
+
+def upload_suffix(filename: str) -> str:
+    """The suffix of an uploaded file's name that selects its reader (.nii.gz, .dcm, ...), or none."""
+    suffix = "".join(Path(filename).suffixes[-2:]).lower()
+    return suffix if suffix.replace(".", "").isalnum() and len(suffix) <= 12 else ""
+
+
+def upload_id_of(data: bytes, suffix: str) -> str:
+    """Uploads are kept by what decides their vectors: the bytes and the reader the name selects
+    (the same bytes as .png and as .dcm are two uploads)."""
+    reader = kind_by_name(f"upload{suffix}") or "by-content"
+    return "upload:" + hashlib.sha256(reader.encode() + b"\0" + data).hexdigest()[:32]
+
+
+def json_safe(value):
+    """A validation error's details with non-finite numbers as text: JSON has no NaN or Infinity,
+    and a request's `"k": NaN` must be answered with a 422, not fail while being answered."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 class Service:
@@ -97,6 +128,7 @@ class Service:
         self.thumbnails = ThumbnailCache(cache / "thumbnails")
         self.uploads: OrderedDict[str, Upload] = OrderedDict()
         self.models: dict[str, object] = {}
+        self.default_features: dict[str, tuple[str, str | None]] = {}
         self.lock = threading.Lock()  # uploads and models; one embedding at a time keeps memory bounded
 
     # ------------------------------------------------------------------ identifiers and messages
@@ -125,42 +157,56 @@ class Service:
         except UsageError as error:
             raise HTTPException(400, self.message(error)) from None
 
+    def default_feature(self, model_id: str) -> tuple[str, str | None]:
+        """The feature searches use when none is named, and why when it is not cls: cls, unless its
+        stored vectors are degenerate (random weights: every score 1.0000), then patch_mean."""
+        if model_id not in self.default_features:
+            warning = stored_feature_warning(self.store, model_id, "cls")
+            if warning and not stored_feature_warning(self.store, model_id, "patch_mean"):
+                note = ("patch mean by default: this model's CLS vectors are all alike (random weights?), so "
+                        "every CLS score would be 1.0000")
+                self.default_features[model_id] = ("patch_mean", note)
+            else:
+                self.default_features[model_id] = ("cls", None)
+        return self.default_features[model_id]
+
     # ------------------------------------------------------------------ search
-    def query(self, request: SearchRequest, model_id: str) -> similar.Query:
+    def query(self, request: SearchRequest, model_id: str, feature: str) -> similar.Query:
         given = [name for name in ("key", "series_uid", "study_uid", "upload_id") if getattr(request, name)]
         if len(given) != 1:
             raise HTTPException(400, "give exactly one of key, series_uid, study_uid, upload_id")
         try:
-            feature_columns(self.store.spec(model_id), request.feature)
+            feature_columns(self.store.spec(model_id), feature)
         except UsageError as error:
             raise HTTPException(400, self.message(error)) from None
         if request.upload_id:
             return similar.query_by_vectors(self.store, "an upload", model_id,
-                                            self.upload_vectors(request.upload_id, model_id), request.feature)
+                                            self.upload_vectors(request.upload_id, model_id), feature)
         name = given[0]
         stored = self.stored_or_404(getattr(request, name), name.replace("_", " "))
         build = {"key": similar.query_by_key, "series_uid": similar.query_by_series,
                  "study_uid": similar.query_by_study}[name]
         try:
-            return build(self.store, stored, request.feature, model_id)
+            return build(self.store, stored, feature, model_id)
         except UsageError as error:
             raise HTTPException(404, self.message(error).replace(stored, getattr(request, name))) from None
 
     def search(self, request: SearchRequest) -> dict:
         model_id = self.model_id(request.model)
-        query = self.query(request, model_id)
+        feature = request.feature or self.default_feature(model_id)[0]
+        query = self.query(request, model_id, feature)
         table = series_table_name(model_id) if request.level == "series" else slices_table_name(model_id)
         try:
             where = validated_where(request.where, self.filter_schema(table)) if request.where else None
-            hits = similar.search(self.store, query, request.k, request.level, request.feature, where)
+            hits = similar.search(self.store, query, request.k, request.level, feature, where)
         except UsageError as error:
             raise HTTPException(400, self.message(error)) from None
         strips = self.strips(hits, request.level)
-        return {"model_id": model_id, "level": request.level, "feature": request.feature, "where": where,
+        return {"model_id": model_id, "level": request.level, "feature": feature, "where": where,
                 "results": [self.result(hit, model_id, strips.get(hit.key)) for hit in hits]}
 
     def filter_schema(self, table: str) -> pa.Schema:
-        schema = self.store.table(table).schema
+        schema = self.store.schema(table)
         return pa.schema([field for field in schema if field.name in FILTER_COLUMNS])
 
     def result(self, hit: similar.Hit, model_id: str, strip: list[str] | None) -> dict:
@@ -194,22 +240,21 @@ class Service:
 
     # ------------------------------------------------------------------ uploads
     def add_upload(self, data: bytes, filename: str, model_id: str) -> dict:
-        upload_id = "upload:" + hashlib.sha256(data).hexdigest()[:32]
-        suffix = "".join(Path(filename).suffixes[-2:]).lower()
-        if not suffix.replace(".", "").isalnum() or len(suffix) > 12:
-            suffix = ""
+        suffix = upload_suffix(filename)
+        upload_id = upload_id_of(data, suffix)
         with self.lock:
-            upload = self.uploads.get(upload_id) or Upload(data, suffix, Path(filename).name, {})
+            upload = self.uploads.get(upload_id) or Upload(data, suffix, {})
             self.uploads[upload_id] = upload
             self.uploads.move_to_end(upload_id)
             while len(self.uploads) > UPLOADS_KEPT:
                 self.uploads.popitem(last=False)
-        vectors = self.upload_vectors(upload_id, model_id)
+        vectors = self.upload_vectors(upload_id, model_id, Path(filename).name)
         return {"upload_id": upload_id, "model_id": model_id, "slices": int(len(vectors["cls"]))}
 
-    def upload_vectors(self, upload_id: str, model_id: str) -> dict[str, np.ndarray]:
-        """An upload's slices embedded by the model (once per model), read by the ingest's readers."""
-        from embedstore.models import rebuild_model  # torch and timm: only once an upload comes
+    def upload_vectors(self, upload_id: str, model_id: str, name: str | None = None) -> dict[str, np.ndarray]:
+        """An upload's slices embedded by the model (once per model), read by the ingest's readers;
+        a 400 saying why when it cannot be, naming the file as this request named it (`name`)."""
+        from embedstore.models.build import rebuild_model  # torch and timm: only once an upload comes
         from embedstore.pipeline.embed_file import embed_with
 
         with self.lock:
@@ -224,9 +269,10 @@ class Service:
                     path = Path(folder) / f"upload{upload.suffix}"
                     path.write_bytes(upload.data)
                     try:
-                        upload.vectors[model_id] = embed_with(self.models[model_id], spec, path)
+                        upload.vectors[model_id] = embed_with(self.models[model_id], spec, path,
+                                                              max_pixels=self.settings.max_pixels)
                     except UsageError as error:
-                        raise HTTPException(400, str(error).replace(str(path), upload.name or "the upload")) from None
+                        raise HTTPException(400, str(error).replace(str(path), name or "the upload")) from None
             return upload.vectors[model_id]
 
     # ------------------------------------------------------------------ items, series, studies
@@ -312,6 +358,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
                   description="Similarity search over an embedstore store, and thumbnails of its slices.")
     app.state.service = service
 
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": json_safe(error.errors())}, status_code=422)
+
+    @app.exception_handler(StoreDamagedError)
+    def damaged_store(request: Request, error: StoreDamagedError) -> JSONResponse:
+        return JSONResponse({"detail": service.message(error)}, status_code=503)
+
     def authorised(request: Request) -> None:
         if settings.token is None:
             return
@@ -326,7 +380,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         specs = service.store.specs().values()
         return {"models": [{"model_id": spec.model_id, "name": spec.name, "architecture": spec.timm_name,
                             "weights": spec.weights_source, "image_size": spec.image_size,
-                            "embed_dim": spec.embed_dim, "window": spec.window} for spec in specs]}
+                            "embed_dim": spec.embed_dim, "window": spec.window,
+                            "default_feature": service.default_feature(spec.model_id)[0],
+                            "default_feature_note": service.default_feature(spec.model_id)[1]} for spec in specs]}
 
     @api.get("/facets")
     def facets() -> dict:
@@ -395,6 +451,18 @@ def check_exposure(host: str, token: str | None) -> None:
     if token is not None and len(token) < 16:
         raise UsageError("--token must be at least 16 characters (e.g. python -c 'import secrets; "
                          "print(secrets.token_urlsafe(24))')")
+
+
+def read_token_file(path: Path) -> str:
+    """The token in the first line of `path`; UsageError when there is none to read."""
+    check_input_file(path, "--token-file")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"--token-file {path} is not text") from None
+    if not lines or not lines[0].strip():
+        raise UsageError(f"--token-file {path} is empty")
+    return lines[0].strip()
 
 
 def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:

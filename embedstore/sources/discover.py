@@ -34,14 +34,24 @@ class FoundFile:
     path: str
 
 
-def file_kind(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
+def kind_by_name(name: str) -> str | None:
+    """The reader a file name selects: nifti, raster or dicom by suffix; None when the name does not
+    decide (then the content does: DICOM's preamble)."""
+    lower = name.lower()
+    suffix = Path(lower).suffix
+    if lower.endswith((".nii", ".nii.gz")):
         return "nifti"
-    if path.suffix.lower() in RASTER_SUFFIXES:
+    if suffix in RASTER_SUFFIXES:
         return "raster"
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    if suffix in DICOM_SUFFIXES:
         return "dicom"
+    return None
+
+
+def file_kind(path: Path) -> str | None:
+    kind = kind_by_name(path.name)
+    if kind is not None:
+        return kind
     if path.name in NEVER_IMAGES:
         return None
     return "dicom" if has_dicom_magic(path) else None
@@ -65,6 +75,22 @@ def check_sources(sources: list[str | Path]) -> list[Path]:
             raise UsageError(f"source path {source} does not exist")
         resolved.append(path.resolve())
     return resolved
+
+
+def check_input_file(path: Path, what: str) -> None:
+    """UsageError unless `path` is a regular file this process can read; the message says what it
+    is instead (missing, a folder, a FIFO: never opened, since reading one blocks)."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise UsageError(f"{what} {path} does not exist" if error.errno == errno.ENOENT
+                         else f"{what} {path} cannot be read: {error.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{what} {path} is {_file_type(info.st_mode)}, not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path} cannot be read: permission denied")
 
 
 def discover(sources: list[Path]) -> tuple[list[FoundFile], list[Failure]]:
@@ -112,6 +138,9 @@ def _walk(sources: list[Path]) -> Iterator[tuple[Path, int] | Failure]:
                 linked_folders.append(path)
                 continue
             if (info.st_dev, info.st_ino) in walked:
+                if os.path.islink(path) and leads_back(path):
+                    yield Failure(str(path), "discover", BROKEN_LINK, f"a loop of symbolic links: a link to "
+                                  f"{os.readlink(path)}, a folder that holds it (its files are read once, there)")
                 continue
             walked.add((info.st_dev, info.st_ino))
             try:
@@ -127,6 +156,12 @@ def _walk(sources: list[Path]) -> Iterator[tuple[Path, int] | Failure]:
             yield path, info.st_size
         else:
             yield Failure(str(path), "discover", NOT_A_FILE, f"{_file_type(info.st_mode)}, not a file: never opened")
+
+
+def leads_back(link: Path) -> bool:
+    """Whether a link to a folder points at the folder it sits in, or one above it: a loop."""
+    target, home = link.resolve(), link.parent.resolve()
+    return target == home or target in home.parents
 
 
 def _listing(folder: Path) -> list[str]:

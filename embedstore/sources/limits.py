@@ -13,6 +13,9 @@ import math
 from embedstore.errors import TOO_LARGE, InputError
 
 DEFAULT_MAX_PIXELS = 2 ** 28  # 16384 x 16384 per frame: far above any radiograph (a mammogram is ~4096 x 3328)
+# What `embedstore serve` accepts from an upload: a 249 KB PNG of 16000² costs 4.4 GB to embed, and the
+# service embeds what strangers send; 2^25 still takes a 4096 x 5120 mammogram.
+UPLOAD_MAX_PIXELS = 2 ** 25
 # A file decoded whole may hold this many frames' worth of values: 2**31 by default, four times a
 # 2,000-slice 512 x 512 CT, still a few GiB as float32.
 FILE_FRAMES = 8

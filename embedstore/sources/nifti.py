@@ -78,7 +78,9 @@ def nifti_layout(path: str, axis: str = "axial", max_pixels: int = DEFAULT_MAX_P
     image = _load(path)
     shape = image.shape
     if len(shape) < 3 or len(shape) > 4:
-        raise InputError(CORRUPT_NIFTI, f"NIfTI image has {len(shape)} dimensions, expected 3 or 4")
+        declared = int(image.header["dim"][0])  # nibabel shows a 0-d image as shape (1,)
+        raise InputError(CORRUPT_NIFTI, f"NIfTI header declares {declared} dimension{'s' * (declared != 1)} "
+                         f"(shape {tuple(shape)}): an image has 3 or 4")
     if 0 in shape:
         raise InputError(CORRUPT_NIFTI, f"NIfTI image has a zero-length dimension (shape {shape}): no voxel to read")
     orientation = io_orientation(image.affine)

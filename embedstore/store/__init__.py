@@ -10,6 +10,11 @@ duplicates: every write holds the store's commit lock (`.commit.lock`), which ma
 check and its insert one step across processes, and across machines sharing the file system
 (Lance's optimistic merge_insert lets two writers both insert a key). This module is persistence
 only: what goes into a row is decided upstream, in the pipeline.
+
+Reads go through Lance's own Python package (`lance.dataset`), writes, indexes and ANN search through
+LanceDB (`Store.db`, connected on first use): importing lancedb takes about 3 s (it builds pydantic
+schemas for its REST client), lance 0.4 s, so a command that only reads (`info`, `models`,
+`failures`, exact search) starts in well under a second.
 """
 
 from __future__ import annotations
@@ -19,24 +24,25 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("LANCE_LOG", "error")  # keep Lance's informational warnings off the terminal
 
-import lancedb  # noqa: E402
+import lance  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from embedstore import __version__  # noqa: E402
 from embedstore.errors import StoreDamagedError, StoreFormatError, UsageError  # noqa: E402
 from embedstore.models.spec import ModelSpec  # noqa: E402
-from embedstore.sources.records import Failure  # noqa: E402
 from embedstore.store.digests import row_digests  # noqa: E402
-from embedstore.store.patches import directory_bytes, remove_model_patches  # noqa: E402
 from embedstore.store.privacy import (  # noqa: E402
-    AS_READ, HASHED, KEY_FILE, KEY_TEMP, key_fingerprint, patient_id_key,
+    AS_READ, FINGERPRINT_FILE, FINGERPRINT_TEMP, HASHED, KEY_FILE, KEY_TEMP, key_fingerprint, patient_id_key,
+    read_fingerprint, write_fingerprint,
 )
 from embedstore.store.schema import (  # noqa: E402
     FAILURES_SCHEMA, ITEMS_SCHEMA, MODELS_SCHEMA, ROW_DIGEST, RUNS_SCHEMA, SERIES_SCHEMA, SLICES_PREFIX,
@@ -54,9 +60,16 @@ PATCHES_DIR = "patches"
 SHARED_TABLES = {"items": ITEMS_SCHEMA, "series": SERIES_SCHEMA, "models": MODELS_SCHEMA,
                  "failures": FAILURES_SCHEMA, "runs": RUNS_SCHEMA}
 # What a directory holds while another process creates a store in it, or after a creation was cut short.
-CREATION_FILES = {COMMIT_LOCK, LOCK_FILE, TABLES_DIR, MANIFEST_TEMP, KEY_FILE, KEY_TEMP}
+CREATION_FILES = {COMMIT_LOCK, LOCK_FILE, TABLES_DIR, MANIFEST_TEMP, KEY_FILE, KEY_TEMP, FINGERPRINT_FILE,
+                  FINGERPRINT_TEMP}
 # Lance's words for a data file it cannot read: missing, cut short, or bytes that do not decode.
-DAMAGE_MARKERS = ("LanceError(IO)", "Not found:", "corrupt", "column metadata", "Protobuf", "file size is too small")
+DAMAGE_MARKERS = ("LanceError(IO)", "Not found:", "corrupt", "column metadata", "Protobuf", "file size is too small",
+                  "does not appear to be a Lance file")
+READ_ERRORS = (OSError, RuntimeError, ValueError)  # what Lance raises on a file it cannot read (ArrowInvalid too)
+
+
+if TYPE_CHECKING:
+    from embedstore.sources.records import Failure
 
 
 def sql_literal(value: str) -> str:
@@ -88,13 +101,30 @@ def error_text(error: Exception) -> str:
     return re.sub(r", /\S+\.rs:\d+:\d+", "", " ".join(str(error).split()))
 
 
+def table_folder(name: str) -> str:
+    return f"{name}.lance"
+
+
+@contextmanager
+def reading(store_path: Path, table: str):
+    """Around a read of `table`: Lance's error on a damaged file becomes the StoreDamagedError that
+    names the table and `embedstore check`; other errors pass unchanged."""
+    try:
+        yield
+    except READ_ERRORS as error:
+        damage = as_damage(error, store_path, table)
+        if damage is None:
+            raise
+        raise damage from error
+
+
 def as_damage(error: Exception, store_path: Path | None = None, table: str | None = None) -> StoreDamagedError | None:
     """The StoreDamagedError an error of Lance reading a damaged file amounts to; None for other errors."""
     text = error_text(error)
-    if not isinstance(error, (OSError, RuntimeError, ValueError)) or not any(m in text for m in DAMAGE_MARKERS):
+    if not isinstance(error, READ_ERRORS) or not any(m in text for m in DAMAGE_MARKERS):
         return None
     store = str(store_path) if store_path else "STORE"
-    where = f"table {Path(store) / TABLES_DIR / (table + '.lance')}" if table else "a table of the store"
+    where = f"table {Path(store) / TABLES_DIR / table_folder(table)}" if table else "a table of the store"
     return StoreDamagedError(f"{where} cannot be read ({text}): run `embedstore check {store}`")
 
 
@@ -102,10 +132,20 @@ class Store:
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
-        self.db = lancedb.connect(str(path / TABLES_DIR))
+        self.tables_root = path / TABLES_DIR
         self.patches_root = path / PATCHES_DIR
+        self._db = None
         self._specs: dict[str, ModelSpec] | None = None
         self._holds_commit_lock = False
+
+    @property
+    def db(self):
+        """The LanceDB connection, for writes, indexes and ANN search; reads do not need it."""
+        if self._db is None:
+            import lancedb
+
+            self._db = lancedb.connect(str(self.tables_root))
+        return self._db
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -124,7 +164,10 @@ class Store:
     def create(cls, path: Path, patient_ids: str) -> "Store":
         """Make a store under the commit lock, or open the one another process made meanwhile: two
         ingests creating one store at once both succeed."""
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot create the store {path}: {error.strerror or error}") from None
         with exclusive_lock(path / COMMIT_LOCK):
             if (path / MANIFEST).exists():
                 return cls(path, read_manifest(path))
@@ -167,17 +210,21 @@ class Store:
                              "--keep-patient-id, or use another store")
 
     def patient_key(self) -> bytes:
-        """The key that hashes PatientIDs, checked against the manifest's fingerprint; the first
-        call on a store without one (new, or migrated from format 2) records it. A store that
-        already holds hashed IDs never gets a new key: the old one must be put back."""
+        """The key that hashes PatientIDs, checked against the recorded fingerprint (the manifest's,
+        else the copy in `patient-id.fingerprint`); the first call on a store without one (new, or
+        migrated from format 2) records it in both. A store that already holds hashed IDs never gets
+        a new key: the old one must be put back."""
         with self.commit_lock():
             self.manifest = read_manifest(self.path)
-            fingerprint = self.manifest.get(KEY_FINGERPRINT)
-            may_make = fingerprint is None and not self.table("items").count_rows("patient_id IS NOT NULL")
+            fingerprint = self.manifest.get(KEY_FINGERPRINT) or read_fingerprint(self.path)
+            may_make = fingerprint is None and not self.count("items", "patient_id IS NOT NULL")
             key = patient_id_key(self.path, fingerprint, may_make)
-            if fingerprint is None:
-                self.manifest[KEY_FINGERPRINT] = key_fingerprint(key)
+            fingerprint = fingerprint or key_fingerprint(key)
+            if self.manifest.get(KEY_FINGERPRINT) != fingerprint:
+                self.manifest[KEY_FINGERPRINT] = fingerprint
                 self.write_manifest()
+            if read_fingerprint(self.path) != fingerprint:
+                write_fingerprint(self.path, fingerprint)
         return key
 
     @contextmanager
@@ -196,11 +243,45 @@ class Store:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def ingest_running(self) -> bool:
+        """Whether an ingest holds the store's ingest lock now (asked without writing anything)."""
+        try:
+            descriptor = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(descriptor)  # closing drops the lock if it was taken
+        return False
+
     def table(self, name: str):
+        """A LanceDB table, to write to, index or ANN-search."""
         return self.db.open_table(name)
 
+    def table_names(self) -> list[str]:
+        if not self.tables_root.is_dir():
+            return []
+        return sorted(entry.name.removesuffix(".lance") for entry in self.tables_root.iterdir()
+                      if entry.name.endswith(".lance") and entry.is_dir())
+
     def has_table(self, name: str) -> bool:
-        return name in self.db.list_tables().tables
+        return (self.tables_root / table_folder(name)).is_dir()
+
+    def dataset(self, name: str) -> lance.LanceDataset:
+        """A table's latest version, to read."""
+        with reading(self.path, name):
+            return lance.dataset(str(self.tables_root / table_folder(name)))
+
+    def schema(self, name: str) -> pa.Schema:
+        return self.dataset(name).schema
+
+    def count(self, name: str, where: str | None = None) -> int:
+        dataset = self.dataset(name)
+        with reading(self.path, name):
+            return dataset.count_rows(filter=where)
 
     # ---------------------------------------------------------------- models
     def specs(self) -> dict[str, ModelSpec]:
@@ -254,7 +335,7 @@ class Store:
                                      exist_ok=True)
                 self.insert_new("models", pa.Table.from_pylist([spec.to_row()], schema=MODELS_SCHEMA))
                 self._specs = None
-            if ROW_DIGEST.name not in self.table(table).schema.names:  # a table migrated from format 2
+            if ROW_DIGEST.name not in self.schema(table).names:  # a table migrated from format 2
                 self.table(table).add_columns(ROW_DIGEST)
 
     def drop_model(self, model_id: str) -> None:
@@ -263,7 +344,7 @@ class Store:
             for name in (slices_table_name(model_id), series_table_name(model_id)):
                 if self.has_table(name):
                     self.db.drop_table(name)
-            remove_model_patches(self.patches_root, model_id)
+            shutil.rmtree(self.patches_root / model_id, ignore_errors=True)
             self.table("models").delete(f"model_id = {sql_literal(model_id)}")
             self._specs = None
 
@@ -271,18 +352,9 @@ class Store:
     def rows(self, table: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
         if not self.has_table(table):
             return pa.table({})
-        query = self.table(table).search()
-        if where:
-            query = query.where(where)
-        if columns:
-            query = query.select(columns)
-        try:
-            return query.limit(None).to_arrow()
-        except (OSError, RuntimeError, ValueError) as error:
-            damage = as_damage(error, self.path, table)
-            if damage is None:
-                raise
-            raise damage from error
+        dataset = self.dataset(table)
+        with reading(self.path, table):
+            return dataset.to_table(columns=columns or None, filter=where or None)
 
     def committed_keys(self, model_id: str) -> set[str]:
         rows = self.rows(slices_table_name(model_id), columns=["key"])
@@ -373,13 +445,17 @@ class Store:
             freed = sum(directory_bytes(shard) for shard in orphans)
             for shard in orphans:
                 shutil.rmtree(shard)
-            versions_before = {name: len(self.table(name).list_versions()) for name in self.db.list_tables().tables}
+            versions_before = {name: len(self.table(name).list_versions()) for name in self.table_names()}
             with warnings.catch_warnings():  # "removes every version but the latest": the exclusive lock makes it safe
                 warnings.simplefilter("ignore", UserWarning)
                 for name in versions_before:
                     self.table(name).optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
         return {"duplicate_rows_removed": duplicates, "orphan_shards_removed": len(orphans),
                 "patch_bytes_freed": freed, "table_versions_before": versions_before}
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def read_manifest(path: Path) -> dict:
@@ -431,9 +507,16 @@ def check_store_path(path: Path, create: bool) -> None:
 
 def check_store_writable(path: Path) -> None:
     """UsageError unless this process may write the store at `path`: the store directory, or the
-    nearest folder above it that exists, must be a directory it can write to."""
+    nearest folder above it that exists, must be a directory it can make folders in (tried with a
+    folder made and removed at once: permissions alone do not tell, e.g. under /proc, for root, or
+    on a read-only mount)."""
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise UsageError(f"store path {path} lies under {existing}, a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write the store {path}: permission denied on {existing}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".embedstore-probe-", dir=existing))
+    except OSError as error:
+        raise UsageError(f"cannot write the store {path}: {existing} does not take new folders "
+                         f"({error.strerror or error})") from None

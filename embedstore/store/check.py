@@ -1,7 +1,8 @@
 """`embedstore check`: find what every other command would read back as data although it is
 damaged, and with `--repair` drop it, so that the next ingest re-embeds what was lost.
 
-Checked: every table reads; keys are unique in every keyed table; per model, every vector row's
+Checked: the patient-ID key of a store that hashes IDs is here and is the one it was made with;
+every table reads; keys are unique in every keyed table; per model, every vector row's
 `row_digest` matches its columns, the row has its `items` row, and its patch tokens are there for
 every kept block: its shard's files match the checksums recorded when the shard was closed (a shard
 from before checksums: every chunk the rows need exists and decodes). Repair drops the rows that
@@ -23,19 +24,19 @@ import zarr
 from embedstore.errors import StoreDamagedError
 from embedstore.models.spec import ModelSpec, patch_array
 from embedstore.store import (
-    KEY_FINGERPRINT, MANIFEST, PATCHES_DIR, Store, check_store_path, error_text, key_column, now_utc, read_manifest,
-    sql_literal, write_manifest,
+    KEY_FINGERPRINT, MANIFEST, PATCHES_DIR, READ_ERRORS, Store, check_store_path, error_text, key_column, now_utc,
+    read_manifest, sql_literal, write_manifest,
 )
 from embedstore.store.digests import file_sha256, read_shard_checksums, row_digests
-from embedstore.store.privacy import AS_READ, HASH_PREFIX, HASHED, KEY_FILE, key_fingerprint
+from embedstore.store.privacy import (
+    AS_READ, HASH_PREFIX, HASHED, KEY_ENV, KEY_FILE, key_fingerprint, present_key, read_fingerprint,
+)
 from embedstore.store.schema import (
     ROW_DIGEST, SLICES_PREFIX, STORE_FORMAT_VERSION, series_table_name, slices_table_name,
 )
 
 BATCH_ROWS = 8192  # rows read at a time: a model's vectors need not fit in memory
-SALVAGE_ROWS = 256  # rows read at a time from an unreadable table: what a damaged page costs
 DELETE_GROUP = 2000  # row ids per delete
-READ_ERRORS = (OSError, RuntimeError, ValueError)  # what Lance raises on a file it cannot read
 
 # What check finds (Finding.kind).
 DAMAGED_MANIFEST = "damaged_manifest"  # embedstore.json does not parse
@@ -47,6 +48,8 @@ MISSING_SHARD = "missing_shard"  # a patch shard folder, or an array of a kept b
 MISSING_CHUNK = "missing_chunk"  # a chunk file of a patch array is gone
 BAD_CHUNK = "bad_chunk"  # a patch file that fails its checksum or does not decode
 BAD_OFFSET = "bad_offset"  # a vector row pointing past the end of its shard
+MISSING_PATIENT_KEY = "missing_patient_key"  # hashed patient IDs, and neither key file nor key variable
+WRONG_PATIENT_KEY = "wrong_patient_key"  # the key present is not the one the store's IDs were hashed with
 
 
 @dataclass
@@ -130,14 +133,14 @@ def check_store(path: str | Path, repair: bool = False) -> CheckReport:
 
 def audit_store(store: Store) -> Audit:
     audit = Audit()
+    audit.findings.extend(audit_patient_key(store))
     tables: dict[str, TableRows] = {}
-    for name in store.db.list_tables().tables:
+    for name in store.table_names():
         try:
             tables[name] = scan_table(store, name)
         except READ_ERRORS as error:
             audit.unreadable.append(name)
-            rows = store.table(name).count_rows()
-            audit.findings.append(Finding(UNREADABLE_TABLE, name, error_text(error)[:300], rows))
+            audit.findings.append(Finding(UNREADABLE_TABLE, name, error_text(error)[:300], rows_declared(store, name)))
     specs = store.specs() if "models" in tables else {}
     items = set(tables["items"].keys) if "items" in tables else None
     for model_id, spec in specs.items():
@@ -150,15 +153,36 @@ def audit_store(store: Store) -> Audit:
     return audit
 
 
+def audit_patient_key(store: Store) -> list[Finding]:
+    """What an ingest into this store would refuse about its patient-ID key: the key is gone, or is
+    not the one recorded. Repair cannot mend either: the key must be put back."""
+    if store.patient_ids != HASHED:
+        return []
+    fingerprint = store.manifest.get(KEY_FINGERPRINT) or read_fingerprint(store.path)
+    found = present_key(store.path)
+    if found is None:
+        hashed = store.count("items", "patient_id IS NOT NULL") if store.has_table("items") else 0
+        if fingerprint is None and not hashed:
+            return []  # no key yet: the first ingest makes one
+        return [Finding(MISSING_PATIENT_KEY, str(store.path / KEY_FILE),
+                        f"the key that hashed this store's {hashed:,} patient IDs is gone and {KEY_ENV} is not "
+                        f"set: put back {KEY_FILE} (ingests are refused until then)", hashed)]
+    key, source = found
+    if fingerprint is not None and key_fingerprint(key) != fingerprint:
+        return [Finding(WRONG_PATIENT_KEY, source, f"fingerprint {key_fingerprint(key)}, the store's {fingerprint}: "
+                        f"put back the store's {KEY_FILE}, or set {KEY_ENV} to its key", 0)]
+    return []
+
+
 def scan_table(store: Store, name: str) -> TableRows:
     """Read every row of a table (so that an unreadable page shows); keep keys and row ids, and for
     vector rows their patch pointers and digest verdicts."""
-    table = store.table(name)
+    dataset = store.dataset(name)
     key = key_column(name)
     vectors = name.startswith(SLICES_PREFIX)
-    digested = [n for n in table.schema.names if n != ROW_DIGEST.name]
+    digested = [n for n in dataset.schema.names if n != ROW_DIGEST.name]
     rows = TableRows()
-    for batch in table.search().with_row_id(True).limit(None).to_batches(BATCH_ROWS):
+    for batch in dataset.to_batches(batch_size=BATCH_ROWS, with_row_id=True):
         batch = pa.Table.from_batches([batch])
         rows.rowids.extend(batch.column("_rowid").to_pylist())
         if key is not None:
@@ -327,10 +351,10 @@ def remove_duplicates(store: Store) -> dict[str, int]:
     """Every keyed table down to one row per key (the oldest), series rows recomputed if any went:
     for stores written by concurrent ingests before the commit lock. `vacuum` calls it."""
     drops = {}
-    for name in store.db.list_tables().tables:
+    for name in store.table_names():
         key = key_column(name)
         if key is not None:
-            rows = store.table(name).search().with_row_id(True).select([key]).limit(None).to_arrow()
+            rows = store.dataset(name).to_table(columns=[key], with_row_id=True)
             drops[name] = set(duplicate_rowids(rows.column(key).to_pylist(), rows.column("_rowid").to_pylist()))
     removed = delete_rows(store, drops)
     if removed:
@@ -368,21 +392,45 @@ def refresh_series(store: Store) -> None:
         refresh(store, model_ids)
 
 
+def rows_declared(store: Store, name: str) -> int:
+    """The rows a table's manifest says it has (0 when even that does not read)."""
+    try:
+        return store.dataset(name).count_rows()
+    except (StoreDamagedError, *READ_ERRORS):
+        return 0
+
+
 def salvage(store: Store, name: str) -> str:
-    """Rewrite an unreadable table from the rows that still read, SALVAGE_ROWS at a time."""
-    table = store.table(name)
-    n_rows, schema = table.count_rows(), table.schema
+    """Rewrite an unreadable table from the rows that still read: each data file (fragment) on its
+    own, and a fragment that fails read in halves down to single rows, so a damaged page costs only
+    its own rows and a damaged file only its fragment's."""
+    dataset = store.dataset(name)
+    n_rows, schema = dataset.count_rows(), dataset.schema
     kept = []
-    for start in range(0, n_rows, SALVAGE_ROWS):
-        try:
-            kept.append(table.take_offsets(list(range(start, min(start + SALVAGE_ROWS, n_rows)))).to_arrow())
-        except READ_ERRORS:
-            continue
+    for fragment in dataset.get_fragments():
+        n = fragment.count_rows()
+        if n and not any(readable_parts(fragment, offset, 1) for offset in {0, n // 2, n - 1}):
+            continue  # its file's own metadata (the footer) is gone: no row of it reads, however asked
+        kept.extend(readable_parts(fragment, 0, n))
     rows = pa.concat_tables(kept).cast(schema) if kept else schema.empty_table()
     with store.commit_lock():
         store.db.create_table(name, data=rows, schema=schema, mode="overwrite")
     return (f"{name}: rewritten from the {rows.num_rows} of its {n_rows} rows that still read"
             + ("; rebuild its ANN indexes with `embedstore index`" if name.startswith(SLICES_PREFIX) else ""))
+
+
+def readable_parts(fragment, offset: int, n_rows: int) -> list[pa.Table]:
+    """Rows offset .. offset + n_rows of a fragment that read, as tables; halves of what fails, down to
+    single rows."""
+    if n_rows == 0:
+        return []
+    try:
+        return [fragment.to_table(offset=offset, limit=n_rows)]
+    except READ_ERRORS:
+        if n_rows == 1:
+            return []
+    half = n_rows // 2
+    return readable_parts(fragment, offset, half) + readable_parts(fragment, offset + half, n_rows - half)
 
 
 def rebuild_manifest(path: Path) -> str:
@@ -395,8 +443,11 @@ def rebuild_manifest(path: Path) -> str:
                 "created_by": "embedstore check --repair", "created_at": now_utc().isoformat(),
                 "patient_ids": HASHED if hashed else AS_READ}
     key_file = path / KEY_FILE
-    if hashed and key_file.exists():
-        manifest[KEY_FINGERPRINT] = key_fingerprint(key_file.read_text().strip().encode())
+    fingerprint = read_fingerprint(path)  # kept apart from the manifest for this moment
+    if hashed and fingerprint is None and key_file.exists():
+        fingerprint = key_fingerprint(key_file.read_text().strip().encode())
+    if hashed and fingerprint is not None:
+        manifest[KEY_FINGERPRINT] = fingerprint
     write_manifest(path, manifest)
     return (f"{MANIFEST}: rebuilt (patient IDs {manifest['patient_ids']}; ANN index settings are lost: rebuild "
             "them with `embedstore index`)")

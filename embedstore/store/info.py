@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from embedstore.errors import REASONS, UsageError
-from embedstore.store import Store, sql_literal
-from embedstore.store.patches import directory_bytes
+from embedstore.store import Store, directory_bytes, sql_literal
 from embedstore.store.schema import slices_table_name
 
 
@@ -31,7 +30,7 @@ def model_counts(store: Store) -> dict[str, dict]:
 
 
 def store_info(store: Store) -> dict:
-    tables = {name: store.table(name).count_rows() for name in sorted(store.db.list_tables().tables)}
+    tables = {name: store.count(name) for name in store.table_names()}
     items = store.rows("items", columns=["modality", "study_uid", "series_uid"])
     failures = store.rows("failures", columns=["reason"])
     series = store.rows("series", columns=["n_missing_slices", "uneven_spacing"])
@@ -52,6 +51,7 @@ def store_info(store: Store) -> dict:
         "studies": len(set(items.column("study_uid").to_pylist())) if items.num_rows else 0,
         "patch_bytes": directory_bytes(store.patches_root),
         "orphan_shards": len(store.orphan_shards()),
+        "ingest_running": store.ingest_running(),
         "failures_by_reason": _counts(failures.column("reason").to_pylist()) if failures.num_rows else {},
         "series_with_missing_slices": sum(n > 0 for n in series.column("n_missing_slices").to_pylist())
         if series.num_rows else 0,

@@ -39,14 +39,25 @@ import zarr
 
 from embedstore import __version__
 from embedstore.errors import StoreFormatError, UsageError
+from embedstore.intensity import IntensityConfig
 from embedstore.models.spec import ModelSpec, patch_array
-from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD, IntensityConfig
+from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from embedstore.store import MANIFEST, Store, check_store_path, now_utc, sql_literal
 from embedstore.store.patches import read_patches
 from embedstore.store.privacy import HASHED
 from embedstore.store.schema import (
-    FAILURES_SCHEMA, ITEMS_SCHEMA, MODELS_SCHEMA, RUNS_SCHEMA, SERIES_PREFIX, SERIES_SCHEMA, SLICES_PREFIX,
-    STORE_FORMAT_VERSION, model_series_schema, model_slices_schema, series_table_name, slices_table_name,
+    FAILURES_SCHEMA,
+    ITEMS_SCHEMA,
+    MODELS_SCHEMA,
+    RUNS_SCHEMA,
+    SERIES_PREFIX,
+    SERIES_SCHEMA,
+    SLICES_PREFIX,
+    STORE_FORMAT_VERSION,
+    model_series_schema,
+    model_slices_schema,
+    series_table_name,
+    slices_table_name,
 )
 
 FROM_VERSION = 2
@@ -197,7 +208,7 @@ def patch_block(spec: ModelSpec) -> int:
 
 def rebuild_spec(old_id: str, config: dict | None, keep_patches: bool) -> tuple[ModelSpec, list[str]]:
     """The format-3 spec of what produced a format-2 model's vectors, from its run config and id."""
-    from embedstore.models import load_model
+    from embedstore.models.build import load_model
 
     parsed = OLD_MODEL_ID.fullmatch(old_id)
     if not parsed:
@@ -247,7 +258,7 @@ def recorded_intensity(old_id: str, config: dict, tag: str) -> IntensityConfig:
                                     mr_percentiles=tuple(config.get("mr_percentiles", (5.0, 95.0))))
         if format2_tag(intensity) == tag:
             return intensity
-    from embedstore.preprocess import CT_WINDOWS, WINDOW_MODES
+    from embedstore.intensity import CT_WINDOWS, WINDOW_MODES
 
     for window in (*WINDOW_MODES, *CT_WINDOWS):
         intensity = IntensityConfig(window=window)

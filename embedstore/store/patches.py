@@ -8,7 +8,6 @@ Closing a shard records the SHA-256 of its files (store/digests.py) for `embedst
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from zarr.codecs import ZstdCodec
 
 from embedstore.errors import StoreDamagedError
 from embedstore.models.spec import patch_array
-from embedstore.store.digests import write_shard_checksums
+from embedstore.store.digests import SHARD_CHECKSUMS, file_sha256, read_shard_checksums, write_shard_checksums
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -73,11 +72,17 @@ def read_patches(patches_root: Path, patch_shard: str, offsets, block: int) -> n
 
 class PatchReader:
     """Reads the patch tokens of many rows, keeping each shard's arrays open: opening one reads its
-    metadata, which costs as much as reading a few rows."""
+    metadata, which costs as much as reading a few rows.
+
+    Every chunk file is checked against the SHA-256 its shard recorded when it was closed, before it
+    is decoded (once per reader): Zarr would decode flipped bytes as other numbers (or NaN) without
+    a word. Shards written before checksums are read as they are."""
 
     def __init__(self, patches_root: Path):
         self.patches_root = patches_root
         self._arrays: dict[tuple[str, int], zarr.Array] = {}
+        self._checksums: dict[str, dict[str, str] | None] = {}  # shard → relative file → SHA-256
+        self._verified: set[Path] = set()
 
     def array(self, patch_shard: str, block: int) -> zarr.Array:
         if (patch_shard, block) not in self._arrays:
@@ -101,9 +106,11 @@ class PatchReader:
         chunk_of = offsets // rows
         out = np.empty((len(offsets), *array.shape[1:]), dtype=array.dtype)
         for chunk in np.unique(chunk_of):
-            if not (path / array.metadata.encode_chunk_key((int(chunk), 0, 0))).exists():
+            chunk_key = array.metadata.encode_chunk_key((int(chunk), 0, 0))
+            if not (path / chunk_key).exists():
                 raise StoreDamagedError(damaged_shard(self.patches_root, path,
                                                       f"lacks its chunk of rows {chunk * rows}+"))
+            self.verify(patch_shard, f"{patch_array(block)}/{chunk_key}")
             # each chunk read whole by a slice, its rows picked in memory: oindex on the same rows took twice
             # as long (zarr 3.1, 42-row chunks of 256x384 float16, 70% of their rows wanted)
             here = np.flatnonzero(chunk_of == chunk)
@@ -112,15 +119,26 @@ class PatchReader:
         return out
 
 
+    def verify(self, patch_shard: str, relative: str) -> None:
+        """StoreDamagedError unless the shard's file `relative` has the SHA-256 recorded for it."""
+        file = self.patches_root / patch_shard / relative
+        if file in self._verified:
+            return
+        if patch_shard not in self._checksums:
+            try:
+                self._checksums[patch_shard] = read_shard_checksums(self.patches_root / patch_shard)
+            except (ValueError, KeyError):
+                raise StoreDamagedError(damaged_shard(self.patches_root, self.patches_root / patch_shard,
+                                                      f"has a damaged {SHARD_CHECKSUMS}")) from None
+        checksums = self._checksums[patch_shard]
+        if checksums is not None and checksums.get(relative) != file_sha256(file):
+            raise StoreDamagedError(damaged_shard(self.patches_root, file.parent,
+                                                  f"has a chunk file ({file.name}) that fails its checksum"))
+        self._verified.add(file)
+
+
 def damaged_shard(patches_root: Path, path: Path, what: str) -> str:
     store = patches_root.parent
     return (f"patch array {path} {what}: run `embedstore check {store}` (`--repair` drops the rows that "
             "point at it; a rerun of the ingest re-embeds them)")
 
-
-def remove_model_patches(patches_root: Path, model_id: str) -> None:
-    shutil.rmtree(patches_root / model_id, ignore_errors=True)
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0

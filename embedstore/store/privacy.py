@@ -8,9 +8,10 @@ is made once per store (`patient-id.key`, readable by its owner only); set EMBED
 to use one key across stores, or to keep the key away from a store you share.
 
 The manifest records a fingerprint of the key (an HMAC of a fixed label under it: it tells keys
-apart and reveals nothing of the key). A key that does not match it, or a key file that is gone,
-is refused: a new key would give every patient a second hash, and a split by patient would no
-longer keep a patient's images together.
+apart and reveals nothing of the key), and so does `patient-id.fingerprint` beside it, so that the
+fingerprint outlives a damaged manifest (`embedstore check --repair` rebuilds the manifest from it).
+A key that does not match it, or a key file that is gone, is refused: a new key would give every
+patient a second hash, and a split by patient would no longer keep a patient's images together.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from embedstore.errors import UsageError
 
 KEY_FILE = "patient-id.key"
 KEY_TEMP = KEY_FILE + ".tmp"
+FINGERPRINT_FILE = "patient-id.fingerprint"  # the key's fingerprint, kept apart from the manifest
+FINGERPRINT_TEMP = FINGERPRINT_FILE + ".tmp"
 KEY_ENV = "EMBEDSTORE_PATIENT_ID_KEY"
 HASHED, AS_READ = "hmac-sha256", "as-read"
 HASH_PREFIX = "pid:"
@@ -43,17 +46,39 @@ def key_fingerprint(key: bytes) -> str:
     return "hmac-sha256:" + hmac.new(key, FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:FINGERPRINT_HEX_CHARS]
 
 
+def read_fingerprint(store_path: Path) -> str | None:
+    """The fingerprint kept in `patient-id.fingerprint`, if that file is there."""
+    path = store_path / FINGERPRINT_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def write_fingerprint(store_path: Path, fingerprint: str) -> None:
+    temporary = store_path / FINGERPRINT_TEMP
+    temporary.write_text(fingerprint + "\n")
+    os.replace(temporary, store_path / FINGERPRINT_FILE)
+
+
+def present_key(store_path: Path) -> tuple[bytes, str] | None:
+    """(the key, where it came from): EMBEDSTORE_PATIENT_ID_KEY, else the store's key file; None
+    when neither is there."""
+    from_env = os.environ.get(KEY_ENV)
+    path = store_path / KEY_FILE
+    if from_env:
+        return from_env.encode(), KEY_ENV
+    if path.exists():
+        return path.read_text().strip().encode(), str(path)
+    return None
+
+
 def patient_id_key(store_path: Path, fingerprint: str | None, may_make: bool) -> bytes:
     """The store's hashing key: from the environment, else the store's key file, made when missing
     only if `may_make` (a store with no fingerprint and no hashed IDs yet). UsageError when the key
     is missing or is not the one `fingerprint` names. Call it under the store's commit lock, so
     that two processes never both make a key."""
-    from_env = os.environ.get(KEY_ENV)
     path = store_path / KEY_FILE
-    if from_env:
-        key, source = from_env.encode(), KEY_ENV
-    elif path.exists():
-        key, source = path.read_text().strip().encode(), str(path)
+    found = present_key(store_path)
+    if found is not None:
+        key, source = found
     elif may_make:
         key, source = make_key_file(path), str(path)
     else:

@@ -104,9 +104,9 @@ def segmentation_set(store: Store, spec: ModelSpec, labels: str | Path, classes:
                              "csv_patient": csv_row.get("patient_id", "")})
             masks.append(resize_mask(slice_mask, spec.image_size))
     if not labelled:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in Counter(p.reason for p in problems).items())
-        raise UsageError(f"no labels row gives a usable mask for a stored slice ({reasons or 'no rows'}); "
-                         f"first problem: {problems[0].line if problems else '-'}")
+        raise UsageError("no labels row gives a usable mask for a stored slice "
+                         f"({problem_counts(problems) or 'no rows'}); first problem: "
+                         f"{problems[0].line if problems else '-'}")
     order = sorted(range(len(labelled)), key=lambda i: (labelled[i]["patch_shard"], labelled[i]["patch_offset"]))
     labelled = [labelled[i] for i in order]
     input_masks = np.stack([masks[i] for i in order])
@@ -118,8 +118,19 @@ def segmentation_set(store: Store, spec: ModelSpec, labels: str | Path, classes:
     else:
         splits = np.array([row["split"] for row in labelled], dtype=object)
     data = SegmentationSet(labelled, input_masks, class_names, splits, patients, problems)
-    check_patient_splits(data.patients, data.splits, data.counts())
-    return with_val_split(data, seed)
+    try:
+        check_patient_splits(data.patients, data.splits, data.counts())
+        return with_val_split(data, seed)
+    except UsageError as error:
+        if not problems:
+            raise
+        # a split may be empty because its rows' masks were left out: say which and why
+        raise UsageError(f"{error}; {len(problems)} labels rows were left out for their masks "
+                         f"({problem_counts(problems)}), first: {problems[0].line}") from None
+
+
+def problem_counts(problems: list[MaskProblem]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in Counter(p.reason for p in problems).items())
 
 
 def _stored_rows(store: Store, spec: ModelSpec) -> list[dict]:

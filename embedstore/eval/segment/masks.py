@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embedstore.errors import InputError, UsageError
+from embedstore.sources.discover import check_input_file
 from embedstore.sources.nifti import NiftiLayout, nifti_layout, read_nifti_slices
 
 if TYPE_CHECKING:
@@ -86,8 +87,7 @@ def _pairs_from_spec(spec: str) -> list[tuple[int, str]]:
 
 def _classes_from_json(path: Path) -> dict[int, str]:
     """The `labels` map of an MSD or nnU-Net v2 dataset.json, background dropped."""
-    if not path.is_file():
-        raise UsageError(f"classes file {path} does not exist")
+    check_input_file(path, "classes file")
     try:
         labels = json.loads(path.read_text()).get("labels")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const FILTERS = ["modality", "body_part", "from", "to"];
 const QUERY_KINDS = ["key", "series_uid", "study_uid"];
 const MORE_LIKE_THIS = { slice: "key", series: "series_uid", study: "study_uid" };  // what a tile's query is
+let models = [];  // GET /api/models: each with the feature searches use when the URL names none
 
 if (location.hash.startsWith("#token=")) {
   sessionStorage.setItem("embedstore-token", decodeURIComponent(location.hash.slice(7)));
@@ -34,6 +35,15 @@ function status(text, isError = false) {
 
 function state() {
   return new URLSearchParams(location.search);
+}
+
+function chosenModel() {
+  return models.find((m) => m.model_id === state().get("model")) || models[0];
+}
+
+// The URL's feature, else the model's default: CLS unless its stored vectors are degenerate.
+function feature() {
+  return state().get("feature") || (chosenModel() ? chosenModel().default_feature : "cls");
 }
 
 function setState(changes, push = true) {
@@ -102,7 +112,7 @@ async function search() {
   if (!q) { status("Drop an image or paste a key to search."); return; }
   const level = params.get("level") || "slice";
   const body = { k: Number(params.get("k") || 20), level, model: params.get("model") || null,
-                 feature: params.get("feature") || "cls", where: whereClause(params) };
+                 feature: feature(), where: whereClause(params) };
   const kinds = params.get("by") ? [params.get("by")] : QUERY_KINDS;  // a pasted id: try each kind in turn
   status("Searching…");
   const started = performance.now();
@@ -154,14 +164,18 @@ function showState() {
   for (const radio of document.querySelectorAll("input[name=level]")) radio.checked = radio.value === level;
   if (params.get("k")) $("k").value = params.get("k");
   if (params.get("model")) $("model").value = params.get("model");
-  $("feature").value = params.get("feature") || "cls";
+  $("feature").value = feature();
+  const note = params.get("feature") || !chosenModel() ? null : chosenModel().default_feature_note;
+  $("feature-note").textContent = note || "";
+  $("feature-note").hidden = !note;
   $("key").value = params.get("by") === "upload_id" ? "" : params.get("q") || "";
   for (const name of FILTERS) $(name).value = params.get(name) || "";
 }
 
 async function start() {
   try {
-    const [{ models }, facets] = await Promise.all([api("/api/models"), api("/api/facets")]);
+    const [answer, facets] = await Promise.all([api("/api/models"), api("/api/facets")]);
+    models = answer.models;
     fillSelect($("model"), models.map((m) => m.model_id), state().get("model"));
     fillSelect($("modality"), facets.modality, state().get("modality"));
     fillSelect($("body_part"), facets.body_part, state().get("body_part"));
@@ -170,9 +184,9 @@ async function start() {
     return;
   }
   showState();
-  $("model").addEventListener("change", () => { setState({ model: $("model").value }); search(); });
+  $("model").addEventListener("change", () => { setState({ model: $("model").value }); showState(); search(); });
   $("k").addEventListener("change", () => { setState({ k: $("k").value }); search(); });
-  $("feature").addEventListener("change", () => { setState({ feature: $("feature").value }); search(); });
+  $("feature").addEventListener("change", () => { setState({ feature: $("feature").value }); showState(); search(); });
   for (const radio of document.querySelectorAll("input[name=level]")) {
     radio.addEventListener("change", () => { setState({ level: radio.value }); search(); });
   }
