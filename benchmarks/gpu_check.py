@@ -143,7 +143,7 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
     from embedstore.pipeline.batching import SliceBatcher
     from embedstore.pipeline.decode import DecodePool
     from embedstore.preprocess import DecodeSettings
-    from embedstore.sources import ReadTask, SliceItem
+    from embedstore.sources.records import ReadTask, SliceItem
 
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     with tempfile.TemporaryDirectory() as scratch:

@@ -38,8 +38,8 @@ def decoded_images(paths: list[Path], spec):
     import torch
 
     from embedstore.preprocess import DecodeSettings, decode_task, normalize
-    from embedstore.sources import ReadTask
     from embedstore.sources.raster import raster_item
+    from embedstore.sources.records import ReadTask
 
     settings = DecodeSettings(spec.intensity, spec.image_size, (spec.interpolation,))
     pixels = np.concatenate([

@@ -68,7 +68,7 @@ def search_benchmark(n_rows: int) -> dict:
     from embedstore.models.embedder import Embeddings
     from embedstore.pipeline.runner import item_rows, vector_rows
     from embedstore.search.index import build_index
-    from embedstore.sources import SliceItem
+    from embedstore.sources.records import SliceItem
     from embedstore.store import Store
     from embedstore.store.schema import slices_table_name
 

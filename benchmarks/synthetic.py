@@ -18,7 +18,7 @@ def write_synthetic_store(path: Path, n_rows: int, noises: tuple[float, ...],
     from embedstore.models.build import load_model
     from embedstore.models.embedder import Embeddings
     from embedstore.pipeline.runner import item_rows, vector_rows
-    from embedstore.sources import SliceItem
+    from embedstore.sources.records import SliceItem
     from embedstore.store import Store
     from embedstore.store.schema import slices_table_name
 

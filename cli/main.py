@@ -326,6 +326,9 @@ def search(
         print(json.dumps({"query": query.description, "model_id": query.model_id, "level": level,
                           "feature": feature, "where": where, "hits": searching.hits_as_dicts(hits)}, indent=2))
         return
+    if not hits:
+        out.print(f"no stored {LEVEL_PLURALS[level]} to rank" + (f": none matches {where}" if where else ""))
+        return
     table = Table(title=f"{LEVEL_PLURALS[level]} most similar to {query.description}")
     identity = {"slice": "key (for --key)", "series": "series UID (for --series-uid)", "study": "study UID (for --study-uid)"}
     extra = {"slice": ["slice", "path"], "series": ["slices"], "study": ["series", "slices"]}[level]
@@ -930,6 +933,8 @@ def demo(
         table.add_row(str(rank), f"{neighbour.similarity:.4f}", str(neighbour.modality),
                       str(neighbour.slice_index), Path(neighbour.path).relative_to(shown_from).as_posix())
     out.print(table)
+    out.print(f"labels to evaluate with: {directory / 'labels.csv'} (eval knn, linear, fewshot; finetune), "
+              f"{directory / 'masks.csv'} (eval segment)")
 
 
 def warn(message: str | None) -> None:

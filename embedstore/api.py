@@ -20,6 +20,7 @@ raises `embedstore.errors.UsageError` with a message saying what to do. Reading 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,15 +28,25 @@ import pyarrow as pa
 from embedstore.errors import UsageError
 from embedstore.export import ExportSummary, export_vectors
 from embedstore.models.spec import ModelSpec
-from embedstore.search import similar
-from embedstore.search.similar import Hit
 from embedstore.search.where import validated_where
 from embedstore.store import Store, sql_literal
 from embedstore.store.patches import read_patches
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import LEVELS, Vectors, feature_columns, load_vectors
 
+if TYPE_CHECKING:
+    from embedstore.search.similar import Hit
+
 __all__ = ["EmbedStore", "Hit", "Vectors", "open_store"]
+
+
+def __getattr__(name: str):
+    """`embedstore.api.Hit` without importing search (and torch) when a store is only opened."""
+    if name == "Hit":
+        from embedstore.search.similar import Hit
+
+        return Hit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class EmbedStore:
@@ -156,6 +167,8 @@ class EmbedStore:
                 print(hit.rank, round(hit.similarity, 3), hit.series_uid, hit.slice_index, hit.path)
             store.search(image="query.dcm", level="study", k=5)
         """
+        from embedstore.search import similar  # torch: only when a search runs
+
         given = [name for name, value in (("key", key), ("series_uid", series_uid), ("image", image),
                                           ("vector", vector)) if value is not None]
         if len(given) != 1:

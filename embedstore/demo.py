@@ -22,6 +22,9 @@ from embedstore.store.info import store_info
 
 DEMO_MODEL = "dinov2_vits14"
 DEMO_PATCH_LAYERS = (-5, -4, -3, -2, -1)  # what `eval segment --decoder unet` reads
+# Random weights see nothing at 224 px that they miss at 56 (4 x 4 patches), and every command of the
+# README runs on the demo store in seconds instead of minutes; pretrained weights get DINOv2's 224.
+RANDOM_IMAGE_SIZE = 56
 # The sample archive's files by class, with the patient each belongs to: slices of one series, file
 # or volume are one patient, so a split by patient keeps them together.
 CROSS_SECTIONAL = {"pydicom/CT_small.dcm": "pydicom-ct", "pydicom/MR_small.dcm": "pydicom-mr",
@@ -32,11 +35,12 @@ PHANTOM_SPLITS = ("train", "train", "train", "train", "val", "test")  # the six 
 def demo_model(say: Callable[[str], None]) -> LoadedModel:
     """Pretrained DINOv2 when the hub can be reached, else seeded random weights, said plainly."""
     try:
-        return load_model(DEMO_MODEL, "hub")
+        return load_model(DEMO_MODEL, "hub", patch_layers=DEMO_PATCH_LAYERS)
     except UsageError as error:
         say(f"No pretrained weights ({error}).")
-        say("The demo goes on with RANDOM weights: the pipeline is real, the similarities are not meaningful.")
-        return load_model(DEMO_MODEL, "random")
+        say(f"The demo goes on with RANDOM weights at {RANDOM_IMAGE_SIZE} px: the pipeline is real, the "
+            "similarities are not meaningful.")
+        return load_model(DEMO_MODEL, "random", image_size=RANDOM_IMAGE_SIZE, patch_layers=DEMO_PATCH_LAYERS)
 
 
 def run_demo(directory: Path, say: Callable[[str], None] = print,
@@ -50,8 +54,8 @@ def run_demo(directory: Path, say: Callable[[str], None] = print,
             f"PNG phantoms, a NIfTI volume)")
         build_sample_archive(archive)
     loaded = demo_model(say)
-    options = IngestOptions(models=(DEMO_MODEL,), weights=loaded.weights_source, show_progress=show_progress,
-                            patch_layers=DEMO_PATCH_LAYERS)
+    options = IngestOptions(models=(DEMO_MODEL,), weights=loaded.weights_source, image_size=loaded.image_size,
+                            show_progress=show_progress, patch_layers=DEMO_PATCH_LAYERS)  # as loaded: recorded
     summary = ingest([archive], store_path, options, loaded=[loaded])
     write_demo_labels(directory)
     store = Store.open(store_path)

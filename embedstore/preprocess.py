@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from embedstore.intensity import CT_WINDOWS, IntensityConfig
-from embedstore.sources import Failure, NativeSlices, ReadTask, read_native
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
+from embedstore.sources.native import read_native
+from embedstore.sources.records import Failure, NativeSlices, ReadTask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

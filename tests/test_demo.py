@@ -20,7 +20,8 @@ def test_demo_offline_runs_to_the_end(tmp_path):
     assert "RANDOM weights" in result.stdout
     assert "nearest slices by patch_mean" in result.stdout
     assert {p.name for p in tmp_path.iterdir()} - {"hf-cache"} == {"demo-store"}  # nothing beside DIR
-    assert sorted(p.name for p in (tmp_path / "demo-store").iterdir()) == ["archive", "store"]
+    assert sorted(p.name for p in (tmp_path / "demo-store").iterdir()) == \
+        ["archive", "dataset.json", "labels.csv", "masks", "masks.csv", "store"]
     store = Store.open(tmp_path / "demo-store" / "store")
     (model_id,) = store.specs()
     assert model_id.startswith("dinov2_vits14-random-")

@@ -20,9 +20,9 @@ from embedstore.errors import UsageError
 from embedstore.intensity import CT_WINDOWS, IntensityConfig
 from embedstore.pipeline.ingest import ingest
 from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
-from embedstore.sources import ReadTask, SliceItem
 from embedstore.sources.dicom import read_header
 from embedstore.sources.dicom_pixels import read_dicom_pixels
+from embedstore.sources.records import ReadTask, SliceItem
 from embedstore.store import Store
 
 NAMES = ("Doe", "Jane", "Poe", "Edgar")  # the generated patients' names: must never reach the store

@@ -242,3 +242,25 @@ def test_multilabel_tasks_train_one_sigmoid_per_label(brightness, tmp_path, monk
     per_class = {row["class"]: row for row in result["metrics"]["test"]["per_class"]}
     assert list(per_class) == ["bright", "dark", "striped"]
     assert per_class["bright"]["auroc"] > 0.9 and per_class["dark"]["auroc"] > 0.9  # "striped" is noise
+
+
+def test_a_labelled_image_gone_since_the_ingest_is_left_out_and_counted(tmp_path, monkeypatch, capsys):
+    store, labels = task_store(tmp_path, 24, "brightness")
+    images = sorted((labels.parent / "images").glob("*.png"))
+    os.remove(images[3])
+    result = finetune(store, labels, tmp_path / "run", "--mode", "linear", "--epochs", "2", "--batch-size", "8",
+                      monkeypatch=monkeypatch, capsys=capsys)
+    assert result["rows_left_out"] == {"file_gone": 1} and sum(result["counts"].values()) == 23
+    assert any("1 labelled slice left out: its file is gone since the ingest" in w for w in result["warnings"])
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "val: epoch 1/2, step 2/2, loss " in log and "final: epoch 2/2, step 2/2, loss " in log  # each epoch said
+
+    code, _, err = run_cli_here(["finetune", str(store), "--labels", str(labels), "--split-by", "patient", "--mode",
+                                 "linear", "--out", str(tmp_path / "other")], monkeypatch, capsys)
+    assert code == 0
+    for image in images:
+        image.unlink(missing_ok=True)
+    code, _, err = run_cli_here(["finetune", str(store), "--labels", str(labels), "--split-by", "patient", "--mode",
+                                 "linear", "--out", str(tmp_path / "none")], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "gone since the ingest" in err, err
+    assert not (tmp_path / "none").exists()

@@ -28,8 +28,8 @@ from PIL import Image
 
 from embedstore import samples
 from embedstore.errors import InputError
-from embedstore.sources import build_catalog, discover
-from embedstore.sources.discover import FoundFile
+from embedstore.sources.catalog import build_catalog
+from embedstore.sources.discover import FoundFile, discover
 
 AS_ROOT = os.geteuid() == 0
 HANG_GUARD_S = 20  # a FIFO opened for reading blocks forever: fail instead of hanging the suite

@@ -14,8 +14,8 @@ from embedstore.models.embedder import Embedder
 from embedstore.models.spec import cls_column
 from embedstore.pipeline.ingest import ingest
 from embedstore.preprocess import DecodeSettings, decode_task
-from embedstore.sources import ReadTask, SliceItem
 from embedstore.sources.dicom_pixels import read_dicom_pixels
+from embedstore.sources.records import ReadTask, SliceItem
 from embedstore.store import Store, sql_literal
 from embedstore.store.patches import read_patches
 from embedstore.store.schema import STORE_FORMAT_VERSION, series_table_name, slices_table_name

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from conftest import TEST_IMAGE_SIZE, ingest_options, make_mixed_archive, run_cli_here, write_modality_labels
+
 from embedstore.errors import StoreDamagedError, UsageError
 from embedstore.store import COMMIT_LOCK, MANIFEST, Store
 from embedstore.store.privacy import KEY_ENV, KEY_FILE, PatientKeyWarning, key_fingerprint, patient_id_key
@@ -120,7 +120,7 @@ def test_a_short_key_warns_on_one_line(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------ concurrency
 
 INGEST_SCRIPT = """
-import sys, time
+import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import ingest_options
@@ -144,7 +144,9 @@ runner.RowCommitter.flush = flush_together
 Path(me).touch()
 while not Path(go).exists():  # both processes start the ingest together
     time.sleep(0.01)
-ingest([source], store, ingest_options(batch_size=2, unit_slices=8, commit_rows=1))
+summary = ingest([source], store, ingest_options(batch_size=2, unit_slices=8, commit_rows=1))
+print(json.dumps({{"embedded": summary.embedded_by_model, "committed": summary.committed_by_model,
+                  "n_embedded": summary.n_embedded}}))
 """
 
 
@@ -198,6 +200,15 @@ def test_two_ingests_of_one_archive_at_once_give_one_row_per_item(mixed_archive,
     assert_one_row_per_item(store_path, mixed_archive.n_slices)
     failures = Store.open(store_path).rows("failures").to_pylist()
     assert [row["reason"] for row in failures] == ["empty_file"]
+    # Each summary says what its process embedded and what it committed: the commits add up to the
+    # rows, and nothing is left for vacuum (the shards of rows the other process committed first go).
+    summaries = [json.loads(result.stdout.strip().splitlines()[-1]) for result in results]
+    model_id = only_model(Store.open(store_path))
+    for summary in summaries:
+        assert summary["embedded"][model_id] == summary["n_embedded"] >= summary["committed"][model_id]
+    existing_rows = 3 if existing else 0  # the PNGs ingested first
+    assert sum(s["committed"][model_id] for s in summaries) == mixed_archive.n_slices - existing_rows
+    assert Store.open(store_path).orphan_shards() == []
 
 
 def test_a_directory_being_made_into_a_store_is_waited_for_not_refused(tmp_path):

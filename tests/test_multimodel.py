@@ -120,7 +120,8 @@ def test_stored_layers_equal_timms_forward_intermediates(two_model_store):
     from embedstore.models.build import rebuild_model
     from embedstore.models.spec import cls_column
     from embedstore.preprocess import DecodeSettings, decode_task, normalize
-    from embedstore.sources import build_catalog, discover
+    from embedstore.sources.catalog import build_catalog
+    from embedstore.sources.discover import discover
     from embedstore.store import Store
     from embedstore.store.patches import read_patches
     from embedstore.store.schema import slices_table_name

@@ -9,7 +9,7 @@ import torch
 from embedstore.errors import UsageError
 from embedstore.intensity import CT_WINDOWS, IntensityConfig
 from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, prepare_slices, to_unit_range
-from embedstore.sources import NativeSlices
+from embedstore.sources.records import NativeSlices
 
 MODALITIES = ["CT", "MR", None]
 

@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli_here
 from sklearn.neighbors import NearestNeighbors
 
-from conftest import run_cli_here
 from embedstore.errors import UsageError
 from embedstore.eval.knn import choose_search, knn_scores
 from embedstore.eval.labels import LabelledVectors, check_splits, split_by_patient
@@ -576,7 +576,7 @@ def add_synthetic_slices(store: Store, spec, items, vectors: np.ndarray) -> None
 
 def synthetic_store(path, n: int, dim: int = 384, seed: int = 17, spread: float = 0.8) -> Store:
     """A real store holding n slices of clustered vectors (written as ingest writes them)."""
-    from embedstore.sources import SliceItem
+    from embedstore.sources.records import SliceItem
 
     vectors, labels = clustered(n // 20, 20, dim, seed=seed, spread=spread)
     store = Store.open(path, create=True)
@@ -610,7 +610,7 @@ def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
         overlaps.append(len(set(expected) & {h.key for h in indexed}) / 10)
     assert np.mean(overlaps) >= 0.9, overlaps
     # another model's rows, copies of the query itself: the search must keep to the query's model
-    from embedstore.sources import SliceItem
+    from embedstore.sources.records import SliceItem
 
     copies = np.repeat(query.vectors, 3, axis=0)
     items = [SliceItem(f"copy:{i}", f"/archive/copy{i}.png", "study-c", "series-c", i, modality="CT", rows=1, cols=1,

@@ -9,20 +9,26 @@ from typing import Callable
 
 import numpy as np
 
+from embedstore.errors import UsageError
 from embedstore.eval.bootstrap import with_interval
 from embedstore.eval.citation import cite
 from embedstore.eval.knn import DEFAULT_KS, TEMPERATURE, choose_search, knn_scores
 from embedstore.eval.labels import (
-    LabelledVectors, LabelsRecord, check_classes, check_splits, file_sha256, join_labels, predictions_of,
-    read_labels, split_by_patient,
+    LabelledVectors,
+    LabelsRecord,
+    check_classes,
+    check_splits,
+    file_sha256,
+    join_labels,
+    predictions_of,
+    read_labels,
+    split_by_patient,
 )
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
-from embedstore.eval.selection import best_candidate
 from embedstore.eval.results import FewShotResult, KnnResult, LinearResult
-from embedstore.errors import UsageError
 from embedstore.search.degenerate import degenerate_warning
-from embedstore.store.vectors import Vectors, load_vectors
 from embedstore.store import Store
+from embedstore.store.vectors import Vectors, load_vectors
 
 
 def labelled_vectors(store: Store, labels: str | Path, feature: str = "cls", level: str = "slice",
@@ -138,8 +144,7 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
                                                  label_column)
         selections[candidate] = choose_c(data, c_grid, seed, on_fit)
         warnings[candidate] = vector_warnings(vectors)
-    chosen_losses = [s.val_losses[s.c_grid.index(s.chosen_c)] for s in selections.values()]
-    chosen = candidates[best_candidate([s.val_score for s in selections.values()], chosen_losses)]
+    chosen = max(candidates, key=lambda name: selections[name].val_score)  # first listed wins a tie
     selection = selections[chosen]
     grid = {name: {"chosen_c": s.chosen_c, "val_score": s.val_score} for name, s in selections.items()} \
         if feature == "grid" else None
@@ -147,8 +152,7 @@ def linear_evaluation(store: Store, labels: str | Path, feature: str = "cls+patc
     result = LinearResult("linear", vectors.model_id, chosen, level, data.classes, data.multilabel,
                           selection.data.counts(), selection.chosen_c, selection.val_score,
                           selection_metric(selection.data), selection.carved, selection.c_grid, selection.val_scores,
-                          {"test": test_metrics}, grid, val_losses=selection.val_losses,
-                          warnings=warnings[chosen], test_predictions=predictions)
+                          {"test": test_metrics}, grid, warnings=warnings[chosen], test_predictions=predictions)
     return cite(result, store.spec(vectors.model_id), record)
 
 

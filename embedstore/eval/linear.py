@@ -3,8 +3,8 @@ L-BFGS (multinomial for classes, one sigmoid per label for multi-label tasks).
 
 The objective is scikit-learn's: C · Σ loss + ½‖W‖² (the bias unpenalised), so a C means the same
 in both. C is chosen on VAL only (the protocol's grid by default: 10^linspace(-6, 5, 45)), by
-metrics.SELECTION_RULE (ties on the val score go to the lowest val log-loss); when the labels give no
-val split, one is carved from train by patient. The chosen C is refitted on TRAIN + VAL and reported
+selection.SELECTION_RULE (a tie of val scores goes to the middle of the tied range); when the labels
+give no val split, one is carved from train by patient. The chosen C is refitted on TRAIN + VAL and reported
 on TEST, whose labels are not read before that.
 """
 
@@ -21,7 +21,7 @@ from embedstore.errors import UsageError
 from embedstore.eval.bootstrap import with_interval
 from embedstore.eval.labels import LabelledVectors, carve_val, label_strata, predictions_of
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
-from embedstore.eval.selection import best_candidate, log_loss
+from embedstore.eval.selection import best_candidate
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
 
@@ -138,7 +138,6 @@ class CSelection:
     carved: bool
     c_grid: list[float]
     val_scores: list[float]  # in the order of c_grid
-    val_losses: list[float]  # val log-loss, in the order of c_grid: what breaks a tie of val scores
     chosen_c: float
     val_score: float
 
@@ -146,23 +145,21 @@ class CSelection:
 def choose_c(data: LabelledVectors, c_grid=DEFAULT_C_GRID, seed: int = 0,
              on_fit: Callable[[], None] | None = None) -> CSelection:
     """Fit on train for every C (small C first, each fit warm-started from the last) and pick the C
-    SELECTION_RULE names (best val score, ties to the lowest val log-loss); test rows are not looked
-    at. `on_fit` is called after each fit (a grid takes minutes on large sets: the CLI shows its
+    SELECTION_RULE names (best val score, ties to the middle of the tied range); test rows are not
+    looked at. `on_fit` is called after each fit (a grid takes minutes on large sets: the CLI shows its
     progress)."""
     data, carved = with_val_split(data, seed)
     train, val = data.subset(data.splits == "train"), data.subset(data.splits == "val")
     if not len(val.matrix) or not len(train.matrix):
         raise UsageError(f"too few patients for a train and a val split: {data.counts()}")
-    grid, val_scores, val_losses, probe = sorted(c_grid), [], [], None
+    grid, val_scores, probe = sorted(c_grid), [], None
     for c in grid:
         probe = fit_logistic(train.matrix, train.targets, len(data.classes), c, data.multilabel, probe)
-        scores = probe.scores(val.matrix)
-        val_scores.append(selection_score(val, scores))
-        val_losses.append(log_loss(val.targets, scores, data.multilabel))
+        val_scores.append(selection_score(val, probe.scores(val.matrix)))
         if on_fit:
             on_fit()
-    best = best_candidate(val_scores, val_losses)
-    return CSelection(data, carved, grid, val_scores, val_losses, grid[best], val_scores[best])
+    best = best_candidate(val_scores)
+    return CSelection(data, carved, grid, val_scores, grid[best], val_scores[best])
 
 
 def refit_and_test(selection: CSelection) -> tuple[dict, dict]:

@@ -83,8 +83,7 @@ class LinearResult(EvaluationResult):
     val_scores: list[float]  # in the order of c_grid
     metrics: dict[str, dict]  # "test" → metrics
     feature_grid: dict[str, dict] | None  # with --feature grid: each candidate's C and val score
-    val_losses: list[float] = field(default_factory=list, kw_only=True)  # val log-loss, in the order of c_grid
-    selection_rule: str = field(default=SELECTION_RULE, kw_only=True)  # how C (and the feature) was chosen
+    selection_rule: str = field(default=SELECTION_RULE, kw_only=True)  # how C was chosen among tied val scores
 
     def notes(self) -> list[str]:
         lines = [f"feature {name}: C {chosen['chosen_c']:.3g}, val score {chosen['val_score']:.4f}"
@@ -182,8 +181,7 @@ class FinetuneResult(EvaluationResult):
     checkpoint: str | None  # the fine-tuned backbone, timm format (LoRA merged), for `embedstore ingest --weights`
     # (None in linear mode: the backbone is the stored model's)
     metrics: dict[str, dict]  # "test" → metrics
-    val_losses: list[float] = field(default_factory=list, kw_only=True)  # val log-loss, in the order of head_lr_grid
-    selection_rule: str = field(default=SELECTION_RULE, kw_only=True)  # how the head rate was chosen
+    selection_rule: str = field(default=SELECTION_RULE, kw_only=True)  # how the head rate was chosen among ties
     rows_left_out: dict[str, int] = field(default_factory=dict, kw_only=True)  # reason → labelled rows not trained on
 
     def notes(self) -> list[str]:

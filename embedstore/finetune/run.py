@@ -1,8 +1,8 @@
 """The fine-tuning protocol and its run folder.
 
 Each head learning rate of the grid is trained on train and scored on val (in `linear` mode all of
-them in one pass over a frozen backbone); the rate with the best val score (ties: the lower val
-log-loss, eval/selection.py) is retrained on train + val and scored on test once, with the evals'
+them in one pass over a frozen backbone); the rate with the best val score (ties: the middle of the
+tied rates, eval/selection.py) is retrained on train + val and scored on test once, with the evals'
 metrics. The run folder (`--out`) holds what a rerun needs to go on where a killed run stopped: the
 settings (`run.json`), a checkpoint per training after every epoch, each finished training's scores,
 then the fine-tuned backbone as a timm `.safetensors` file that `embedstore ingest --weights` reads.
@@ -25,8 +25,8 @@ from embedstore.eval.citation import cite
 from embedstore.eval.labels import predictions_of
 from embedstore.eval.linear import selection_metric, selection_score
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
-from embedstore.eval.selection import best_candidate, log_loss
 from embedstore.eval.results import FinetuneResult
+from embedstore.eval.selection import best_candidate
 from embedstore.finetune.data import FinetuneData
 from embedstore.finetune.modes import save_backbone, trainable_count
 from embedstore.finetune.train import TrainSettings, TrainStep, Workers, build_classifier, predict, train
@@ -186,27 +186,24 @@ def run_training(data: FinetuneData, settings: TrainSettings, folder: RunFolder,
             save_backbone(classifier.backbone, folder.backbone_file(data.spec.name, settings.mode))
     else:
         scores["val_scores"] = [selection_score(part, head) for head in probabilities]
-        scores["val_losses"] = [log_loss(part.targets, head, labelled.multilabel) for head in probabilities]
     folder.finish(training, scores)
 
 
-def chosen_rate(data: FinetuneData, settings: TrainSettings,
-                folder: RunFolder) -> tuple[float, float, list[float], list[float]]:
-    """(the head rate SELECTION_RULE picks, its val score, every rate's val score and val log-loss
-    in grid order): a tie of val scores goes to the lower val log-loss, then to the smaller rate."""
+def chosen_rate(data: FinetuneData, settings: TrainSettings, folder: RunFolder) -> tuple[float, float, list[float]]:
+    """(the head rate SELECTION_RULE picks, its val score, every rate's val score in grid order): a
+    tie of val scores goes to the middle of the tied rates, in increasing order."""
     by_rate = {}
     for training in trainings(settings):
         finished = folder.finished(training)
-        by_rate.update(zip(finished["head_lrs"], zip(finished["val_scores"], finished["val_losses"])))
+        by_rate.update(zip(finished["head_lrs"], finished["val_scores"]))
     rates = sorted(settings.head_lrs)
-    best = rates[best_candidate([by_rate[lr][0] for lr in rates], [by_rate[lr][1] for lr in rates])]
-    return (best, by_rate[best][0], [by_rate[lr][0] for lr in settings.head_lrs],
-            [by_rate[lr][1] for lr in settings.head_lrs])
+    best = rates[best_candidate([by_rate[lr] for lr in rates])]
+    return best, by_rate[best], [by_rate[lr] for lr in settings.head_lrs]
 
 
 def finetune_result(data: FinetuneData, settings: TrainSettings, folder: RunFolder, workers: int) -> FinetuneResult:
     """The finished run's result, read from its folder, with its provenance."""
-    best, val_score, val_scores, val_losses = chosen_rate(data, settings, folder)
+    best, val_score, val_scores = chosen_rate(data, settings, folder)
     final = folder.finished(Training(FINAL, (best,), ("train", "val"), "test"))
     finished = [folder.finished(t) for t in trainings(settings)] + [final]
     images, seconds = sum(f["images"] for f in finished), sum(f["seconds"] for f in finished)
@@ -217,6 +214,6 @@ def finetune_result(data: FinetuneData, settings: TrainSettings, folder: RunFold
         best, val_score, selection_metric(data.labelled), data.val_carved, final["backbone_trainable_parameters"],
         final["trainable_parameters"], workers, images / seconds if seconds else 0.0,
         None if settings.mode == "linear" else str(folder.backbone_file(data.spec.name, settings.mode)),
-        {"test": final["test"]}, val_losses=val_losses, rows_left_out=data.left_out, warnings=list(data.warnings),
+        {"test": final["test"]}, rows_left_out=data.left_out, warnings=list(data.warnings),
         test_predictions=predictions_of(data.part("test"), np.load(folder.test_scores_file())))
     return cite(result, data.spec, data.record)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedstore.preprocess import DecodedFile
-from embedstore.sources import SliceItem
+from embedstore.sources.records import SliceItem
 
 
 class SliceBatcher:

@@ -16,9 +16,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, InputError
 from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
-from embedstore.sources import Failure, ReadTask
 from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
 from embedstore.sources.dicom import parse_dicom
+from embedstore.sources.records import Failure, ReadTask
 
 T = TypeVar("T")
 

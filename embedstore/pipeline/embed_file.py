@@ -13,10 +13,10 @@ from embedstore.models.embedder import Embedder
 from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.pipeline.batching import SliceBatcher
 from embedstore.preprocess import DecodeSettings, decode_task
-from embedstore.sources import build_catalog, check_sources, discover
+from embedstore.sources.catalog import build_catalog
+from embedstore.sources.discover import check_sources, discover
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.store import Store
-
 
 READABLE = "DICOM (a .dcm, .dicom or .ima name, or the DICM preamble), NIfTI (.nii, .nii.gz), PNG, JPEG or TIFF"
 

@@ -25,11 +25,13 @@ from embedstore.pipeline.progress import IngestProgress, count_files, spinner, s
 from embedstore.pipeline.runner import UNIT_SLICES, UnitRunner, plan_units, unit_slices_for
 from embedstore.pipeline.series import refresh_series
 from embedstore.preprocess import DecodeSettings
-from embedstore.sources import Failure, ReadTask, build_catalog, check_sources, discover
-from embedstore.sources.catalog import declared_modality
+from embedstore.sources.catalog import build_catalog, declared_modality
+from embedstore.sources.discover import check_sources, discover
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.nifti import AXES
+from embedstore.sources.records import Failure, ReadTask
 from embedstore.store import Store, check_store_path, check_store_writable
+from embedstore.store.info import record_summary
 from embedstore.store.privacy import AS_READ, HASHED, pseudonymise
 
 DEFAULT_COMMIT_ROWS = 4096
@@ -241,6 +243,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     )
     store.finish_run(run_id, sum(outcome.committed.values()), plan.n_skipped, n_failed, summary.slices_per_s,
                      stage_seconds)
+    record_summary(store)
     return summary
 
 

@@ -21,7 +21,7 @@ from embedstore.errors import WORKER_CRASHED, UsageError
 from embedstore.pipeline.decode import decode_or_fail
 from embedstore.pipeline.progress import IngestProgress
 from embedstore.pipeline.runner import EmbedOutcome, RowCommitter, UnitOutput, UnitRunner, WorkUnit
-from embedstore.sources import Failure
+from embedstore.sources.records import Failure
 
 UNITS_IN_FLIGHT_PER_ACTOR = 2  # one embedding, one waiting: the actor never idles, memory stays bounded
 ACTOR_RESTARTS = 3

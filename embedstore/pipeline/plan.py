@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from embedstore.sources import ReadTask
+from embedstore.sources.records import ReadTask
 
 
 @dataclass

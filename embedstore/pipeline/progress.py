@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from embedstore.errors import DUPLICATE_INSTANCE
-from embedstore.sources import Failure
+from embedstore.sources.records import Failure
 
 
 def status(text: str, enabled: bool = True) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 from embedstore.intensity import IntensityConfig
 from embedstore.models.spec import ModelSpec
 from embedstore.preprocess import DecodeSettings, decode_task, unit_channels
-from embedstore.sources import ReadTask, SliceItem, read_native
+from embedstore.sources.native import read_native
+from embedstore.sources.records import ReadTask, SliceItem
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.pipeline.batching import SliceBatcher
 from embedstore.pipeline.progress import IngestProgress
 from embedstore.preprocess import DecodedFile
-from embedstore.sources import Failure, ReadTask, SliceItem
+from embedstore.sources.records import Failure, ReadTask, SliceItem
 from embedstore.store import Store, sql_literal
 from embedstore.store.patches import PatchShardWriter
 from embedstore.store.schema import ITEMS_SCHEMA, SEARCH_COLUMNS, model_slices_schema, slices_table_name

@@ -20,14 +20,14 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-from lancedb.index import Bitmap, BTree, IvfFlat, IvfHnswSq, IvfPq, IvfSq
 
 from embedstore.errors import UsageError
 from embedstore.search.degenerate import stored_feature_warning
 from embedstore.search.exact import exact_top_k
+from embedstore.store import Store
+from embedstore.store.info import record_summary
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import load_vectors
-from embedstore.store import Store
 
 INDEX_TYPES = ("ivf_flat", "ivf_sq", "ivf_pq", "ivf_hnsw_sq")
 INDEXABLE = ("cls", "patch_mean")
@@ -80,6 +80,8 @@ def choose_parameters(n_rows: int, dim: int, index_type: str) -> IndexParameters
 
 
 def index_config(parameters: IndexParameters):
+    from lancedb.index import IvfFlat, IvfHnswSq, IvfPq, IvfSq  # lancedb: only where an index is built
+
     partitions = parameters.num_partitions
     return {"ivf_flat": lambda: IvfFlat(distance_type="cosine", num_partitions=partitions),
             "ivf_sq": lambda: IvfSq(distance_type="cosine", num_partitions=partitions),
@@ -112,6 +114,8 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
     n_rows = store.count(table_name)
     if n_rows < MIN_ROWS:
         return NoIndex(table_name, n_rows)
+    from lancedb.index import Bitmap, BTree  # lancedb: only where an index is built
+
     table = store.table(table_name)
     dim = table.schema.field(column).type.list_size
     parameters = choose_parameters(n_rows, dim, index_type)
@@ -218,6 +222,7 @@ def remember_index(store: Store, report: IndexReport) -> None:
                                                   "ann_p50_ms": report.ann_p50_ms, "exact_p50_ms": report.exact_p50_ms,
                                                   "rows": report.rows}
     store.write_manifest()
+    record_summary(store)
 
 
 def index_for(store: Store, table_name: str, column: str) -> IndexParameters | None:

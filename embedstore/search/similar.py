@@ -76,6 +76,8 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
         raise UsageError("--k must be at least 1")
     table = series_table_name(query.model_id) if level == "series" else slices_table_name(query.model_id)
     condition = validated_where(where, store.schema(table)) if where else None
+    if condition and not store.count(table, condition):
+        return []  # a filter that keeps no row: no result, not an error
     pooled = query.vectors.mean(0, keepdims=True)
     own = query.own_key if level == "slice" else query.own_series
     index = index_for(store, table, feature) if level != "study" else None

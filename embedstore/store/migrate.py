@@ -43,6 +43,7 @@ from embedstore.intensity import IntensityConfig
 from embedstore.models.spec import ModelSpec, patch_array
 from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from embedstore.store import MANIFEST, Store, check_store_path, now_utc, sql_literal
+from embedstore.store.info import record_summary
 from embedstore.store.patches import read_patches
 from embedstore.store.privacy import HASHED
 from embedstore.store.schema import (
@@ -114,6 +115,7 @@ def migrate_store(path: str | Path) -> MigrationReport:
                      migrated_from={"format_version": FROM_VERSION, "models": report.models,
                                     "migrated_at": now_utc().isoformat(), "migrated_by": f"embedstore {__version__}"})
         write_manifest(path, final)  # last: from here on the store is format 3
+        record_summary(Store.open(path))
     return report
 
 
