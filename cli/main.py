@@ -848,8 +848,8 @@ def check(
                                 "re-embeds them), rewrite unreadable tables from the rows that read."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Verify every row's patch tokens and digest, unique keys and readable tables; exit 1 on damage
-    that is not repaired."""
+    """Verify every row's patch tokens and digest, unique keys, readable tables and the patient-ID key;
+    exit 1 on damage that is not repaired."""
     from embedstore.store.check import check_store, report_lines
 
     report = check_store(store, repair)
@@ -917,7 +917,8 @@ def serve(
 @app.command()
 def demo(
     directory: Path = typer.Option(Path("embedstore-demo"), "--store", metavar="DIR", help="The demo's directory: it "
-                               "writes the sample archive to DIR/archive and the store to DIR/store, nothing else."),
+                               "writes the sample archive to DIR/archive, the store to DIR/store and the labels and "
+                               "masks of the evaluations beside them, nothing else."),
 ) -> None:
     """Build a sample archive, ingest it, show `info` and a nearest-neighbour lookup."""
     from embedstore.demo import run_demo

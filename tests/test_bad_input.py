@@ -195,41 +195,33 @@ def prepare_case_dir(directory: Path) -> None:
     (directory / "notstore" / "README.txt").write_text("just a directory\n")
 
 
-@pytest.fixture(scope="module")
-def wrong_request_results(tmp_path_factory):
-    """Run every wrong request, as many at a time as there are cores (each costs seconds of
-    imports), each in its own directory.
+# In a process of their own too: the real command's exit code and stderr, imports and all.
+IN_A_PROCESS = ("missing-source", "unknown-option", "weights-not-a-checkpoint")
 
-    Returns {case id: (directory, snapshot before, returncode, stdout, stderr)}.
-    """
-    pending = []
-    for case, (args, _) in WRONG_REQUESTS.items():
-        directory = tmp_path_factory.mktemp(case)
-        prepare_case_dir(directory)
-        pending.append((case, directory, snapshot(directory), args))
-    running, results = [], {}
-    parallel = max(1, os.cpu_count() or 1)
-    try:
-        while pending or running:
-            while pending and len(running) < parallel:
-                case, directory, before, args = pending.pop(0)
-                process = subprocess.Popen(embedstore_command() + args, cwd=directory, env=cli_env(),
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                running.append((case, directory, before, process))
-            case, directory, before, process = running.pop(0)
-            stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-            results[case] = (directory, before, process.returncode, stdout, stderr)
-    finally:
-        for _, _, _, process in running:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return results
+
+def wrong_request_outcome(case: str, directory: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of a wrong request run in `directory`: in this process (the command's own
+    main(), as the console script calls it: quick, the libraries already loaded), and for the cases of
+    IN_A_PROCESS also as a real process, which must say the same."""
+    from conftest import run_cli_here
+
+    args = WRONG_REQUESTS[case][0]
+    monkeypatch.chdir(directory)
+    code, _, stderr = run_cli_here(args, monkeypatch, capsys)
+    if case in IN_A_PROCESS:
+        process = subprocess.run(embedstore_command() + args, cwd=directory, env=cli_env(), capture_output=True,
+                                 text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        assert (process.returncode, process.stderr) == (code, stderr)
+    return code, stderr
 
 
 @pytest.mark.parametrize("case", list(WRONG_REQUESTS))
-def test_wrong_request_is_one_line_exit_2_and_writes_nothing(case, wrong_request_results):
-    directory, before, returncode, stdout, stderr = wrong_request_results[case]
+def test_wrong_request_is_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    directory = tmp_path / case
+    directory.mkdir()
+    prepare_case_dir(directory)
+    before = snapshot(directory)
+    returncode, stderr = wrong_request_outcome(case, directory, monkeypatch, capsys)
     named = WRONG_REQUESTS[case][1]
     assert returncode == 2, f"exit code {returncode}, expected 2; stderr:\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]

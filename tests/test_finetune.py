@@ -182,7 +182,7 @@ def test_a_run_folder_of_other_settings_is_not_resumed(brightness, tmp_path, mon
     code, stdout, stderr = run_cli_here(["finetune", str(store), "--labels", str(labels), "--split-by", "patient",
                                          "--out", str(tmp_path / "run"), "--mode", "linear", "--epochs", "2",
                                          "--batch-size", "16"], monkeypatch, capsys)
-    assert code == 2 and "other settings (settings)" in stderr
+    assert code == 2 and "other settings (settings.epochs)" in stderr
 
 
 def test_the_trainer_steps_what_the_mode_trains_with_the_backbone_in_train_mode(brightness, tmp_path):

@@ -83,7 +83,9 @@ def test_merged_lora_checkpoint_reads_back_with_the_same_outputs(tmp_path):
 
 
 def test_a_lora_target_that_matches_nothing_is_refused():
-    with pytest.raises(UsageError, match="w12 match no linear layer of block 0"):
+    with pytest.raises(UsageError, match="target w12 matches no linear layer of block 0"):
         prepare_backbone(backbone(), "lora", ("qkv", "w12"))
+    with pytest.raises(UsageError, match="targets w12, w3 match no linear layer of block 0"):
+        prepare_backbone(backbone(), "lora", ("w12", "w3"))
     with pytest.raises(UsageError, match="--mode"):
         prepare_backbone(backbone(), "prefix")

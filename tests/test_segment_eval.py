@@ -239,3 +239,17 @@ def test_segment_arguments_are_checked_before_any_work(png_task, monkeypatch, ca
         code, _, stderr = run_cli_here(["eval", "segment", str(store), "--labels", str(labels), *arguments],
                                        monkeypatch, capsys)
         assert code == 2 and fragment in stderr and len(stderr.strip().splitlines()) == 1, (arguments, stderr)
+
+
+def test_a_split_the_mask_problems_empty_says_what_left_it_empty(png_task, tmp_path, monkeypatch, capsys):
+    store, labels = png_task
+    folder = labels.parent
+    rows = [{**row, "path": str(folder / row["path"]), "mask": str(folder / row["mask"])} for row in labels_rows(labels)]
+    rows = [{**row, "split": "test" if index < 4 else "train"} for index, row in enumerate(rows)]
+    for row in rows[:4]:  # every test row's mask is gone
+        row["mask"] = str(tmp_path / f"gone-{Path(row['mask']).name}")
+    csv_path = write_csv(tmp_path / "no-test.csv", rows)
+    code, _, stderr = run_cli_here(["eval", "segment", str(store), "--labels", str(csv_path), "--epochs", "1"],
+                                   monkeypatch, capsys)
+    assert code == 2 and "the splits need train and test rows" in stderr.splitlines()[-1]
+    assert "4 labels rows were left out for their masks (4 unreadable_mask)" in stderr and "gone-" in stderr

@@ -100,3 +100,17 @@ def test_upload_more_like_this_and_study_level_in_chromium(server, browser, pati
     browser.get("about:blank")
     browser.get(shared)
     assert len(wait_for_results(browser, "")) == len(tiles)
+
+
+def test_the_page_starts_on_a_feature_that_ranks_and_says_why(server, browser):
+    """Under random weights every CLS score is 1.0000: the page starts on the patch mean and says so."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_element("id", "feature-note").text)
+    note = browser.find_element("id", "feature-note")
+    assert note.is_displayed() and "random weights" in note.text
+    assert browser.find_element("id", "feature").get_attribute("value") == "patch_mean"
+    browser.get(server + "/?feature=cls")  # a feature the URL names is taken as it is, without the note
+    WebDriverWait(browser, 30).until(lambda b: b.find_element("id", "feature").get_attribute("value") == "cls")
+    assert not browser.find_element("id", "feature-note").is_displayed()
