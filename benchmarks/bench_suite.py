@@ -85,11 +85,12 @@ def linear_against_sklearn(root: Path, model_id: str, grid: list[float]) -> dict
     from sklearn.linear_model import LogisticRegression
 
     from embedstore.eval.evaluate import labelled_vectors
+    from embedstore.eval.labels import LabelsSpec
     from embedstore.eval.linear import fit_logistic
     from embedstore.store import Store
 
-    _, data, _ = labelled_vectors(Store.open(root / "store"), root / "ten.csv", "cls+patch_mean", "slice", model_id,
-                                  "patient")
+    _, data, _ = labelled_vectors(Store.open(root / "store"), LabelsSpec(root / "ten.csv", split_by="patient"),
+                                  "cls+patch_mean", "slice", model_id)
     train = data.subset(data.splits == "train")
     # both fitted on the stored float32 vectors, as a user would; objectives computed in float64
     x, y = train.matrix, train.targets

@@ -138,9 +138,9 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
     import torch
 
     from embedstore import samples
+    from embedstore.inference.batching import SliceBatcher
     from embedstore.models.build import load_model
     from embedstore.models.embedder import Embedder
-    from embedstore.pipeline.batching import SliceBatcher
     from embedstore.pipeline.decode import DecodePool
     from embedstore.preprocess import DecodeSettings
     from embedstore.sources.records import ReadTask, SliceItem

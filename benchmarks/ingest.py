@@ -37,7 +37,8 @@ def decoded_images(paths: list[Path], spec):
     import numpy as np
     import torch
 
-    from embedstore.preprocess import DecodeSettings, decode_task, normalize
+    from embedstore.models.embedder import normalize
+    from embedstore.preprocess import DecodeSettings, decode_task
     from embedstore.sources.raster import raster_item
     from embedstore.sources.records import ReadTask
 

@@ -7,7 +7,9 @@ The Python API: `store = embedstore.open(path)` (embedstore/api.py), then `store
 `import embedstore` stays light: LanceDB, Zarr and torch load only when a store is opened.
 """
 
-__version__ = "0.1.0"
+from embedstore.version import __version__
+
+__all__ = ["__version__", "open"]
 
 
 def open(path):  # noqa: A001 - embedstore.open, like zarr.open: the package's entry point
@@ -21,6 +23,6 @@ def open(path):  # noqa: A001 - embedstore.open, like zarr.open: the package's e
         v = store.vectors(feature="patch_mean", where="modality = 'CT'")  # v.matrix, v.rows
         hits = store.search(key=v.rows["key"][0].as_py(), k=5, feature="patch_mean")
     """
-    from embedstore.api import open_store  # imported here: embedstore.models.spec imports __version__ from us
+    from embedstore.api import open_store  # imported here, so that `import embedstore` loads no store code
 
     return open_store(path)

@@ -29,10 +29,10 @@ from embedstore.errors import UsageError
 from embedstore.export import ExportSummary, export_vectors
 from embedstore.models.spec import ModelSpec
 from embedstore.search.where import validated_where
-from embedstore.store import Store, sql_literal
+from embedstore.store import Store, equals
 from embedstore.store.patches import read_patches
 from embedstore.store.schema import series_table_name, slices_table_name
-from embedstore.store.vectors import LEVELS, Vectors, feature_columns, load_vectors
+from embedstore.store.vectors import LEVELS, Vectors, load_vectors
 
 if TYPE_CHECKING:
     from embedstore.search.similar import Hit
@@ -144,7 +144,7 @@ class EmbedStore:
             raise UsageError(f"model {spec.model_id} kept the patch tokens of block"
                              f"{'s' if len(spec.patch_layers) > 1 else ''} {', '.join(map(str, spec.patch_layers))} "
                              f"only, not block {block} (ingest with --patch-layers to keep others)")
-        rows = self.store.rows(slices_table_name(spec.model_id), f"key = {sql_literal(key)}",
+        rows = self.store.rows(slices_table_name(spec.model_id), equals("key", key),
                                ["patch_shard", "patch_offset"]).to_pylist()
         if not rows:
             raise UsageError(f"no slice with key {key!r} of model {spec.model_id} in store {self.path}")
@@ -155,11 +155,11 @@ class EmbedStore:
     # ------------------------------------------------------------------ search
     def search(self, key: str | None = None, series_uid: str | None = None, image: str | Path | None = None,
                vector: np.ndarray | None = None, k: int = 10, level: str = "slice", model: str | None = None,
-               feature: str = "cls", where: str | None = None) -> list[Hit]:
+               feature: str = "cls", where: str | None = None, study_uid: str | None = None) -> list[Hit]:
         """The k stored slices, series or studies (`level`) most similar (cosine) to one query:
-        a stored slice (`key`), a stored series (`series_uid`), an image file embedded on the fly
-        with the store's model and preprocessing (`image`), or your own `vector` (D,) or vectors
-        (n, D) in the feature's width. The query's own slice, series or study is left out.
+        a stored slice (`key`), series (`series_uid`) or study (`study_uid`), an image file embedded
+        on the fly with the store's model and preprocessing (`image`), or your own `vector` (D,) or
+        vectors (n, D) in the feature's width. The query's own slice, series or study is left out.
 
         Example::
 
@@ -169,34 +169,10 @@ class EmbedStore:
         """
         from embedstore.search import similar  # torch: only when a search runs
 
-        given = [name for name, value in (("key", key), ("series_uid", series_uid), ("image", image),
-                                          ("vector", vector)) if value is not None]
-        if len(given) != 1:
-            raise UsageError("give exactly one of key, series_uid, image, vector")
-        model_id = self.store.resolve_model_id(model)
-        if key is not None:
-            query = similar.query_by_key(self.store, key, feature, model_id)
-        elif series_uid is not None:
-            query = similar.query_by_series(self.store, series_uid, feature, model_id)
-        elif image is not None:
-            from embedstore.pipeline.embed_file import embed_file  # torch and timm: only when needed
-
-            columns = embed_file(self.store, image, model_id)
-            query = similar.query_by_vectors(self.store, similar.image_description(image, columns), model_id,
-                                             columns, feature)
-        else:
-            query = similar.Query("a given vector", model_id, self._query_vectors(vector, model_id, feature))
+        sources = {"key": ("key", key), "series_uid": ("series_uid", series_uid), "study_uid": ("study_uid", study_uid),
+                   "image": ("image", image), "vector": ("vector", vector)}
+        query = similar.query_for(self.store, sources, feature, model)
         return similar.search(self.store, query, k, level, feature, where)
-
-    def _query_vectors(self, vector, model_id: str, feature: str) -> np.ndarray:
-        spec = self.store.spec(model_id)
-        width = len(feature_columns(spec, feature)) * spec.embed_dim
-        matrix = np.asarray(vector, dtype=np.float32)
-        matrix = matrix.reshape(1, -1) if matrix.ndim == 1 else matrix
-        if matrix.ndim != 2 or matrix.shape[1] != width or not len(matrix):
-            raise UsageError(f"vector must have shape ({width},) or (n, {width}) for feature {feature} of model "
-                             f"{model_id}, not {np.shape(vector)}")
-        return matrix
 
     # ------------------------------------------------------------------ export and the rest
     def export(self, out: str | Path, format: str = "parquet", model: str | None = None, feature: str = "cls",
@@ -211,7 +187,8 @@ class EmbedStore:
 
             store.export("vectors.parquet", "parquet", feature="cls+patch_mean").n_rows
         """
-        return export_vectors(self.store, out, format, model, feature, level, where, labels, overwrite)
+        return export_vectors(self.store, out, format, model, feature=feature, level=level, where=where, labels=labels,
+                              overwrite=overwrite)
 
     def failures(self, reason: str | None = None) -> list[dict]:
         """The inputs that could not be embedded (path, stage, reason, message, run_id, time), oldest

@@ -25,13 +25,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedstore import __version__
 from embedstore.errors import UsageError
 from embedstore.eval.labels import JOIN_COLUMNS, read_labels
 from embedstore.search.where import validated_where
 from embedstore.store import Store
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import LEVELS, column_matrix, feature_columns
+from embedstore.version import __version__
 
 FORMATS = ("parquet", "npy")
 VECTOR_COLUMN = "vector"
@@ -133,8 +133,8 @@ def export_vectors(store: Store, out: str | Path, format: str, model_id: str | N
         out.mkdir(exist_ok=True)
         write_atomically(out / NPY_VECTORS, lambda path: np.save(path, matrix, allow_pickle=False))
         write_atomically(out / NPY_ROWS, lambda path: pq.write_table(rows, path))
-    return ExportSummary(str(out), format, spec.model_id, feature, level, parts, rows.num_rows,
-                         int(matrix.shape[1]), n_labelled)
+    return ExportSummary(out=str(out), format=format, model_id=spec.model_id, feature=feature, level=level,
+                         columns=parts, n_rows=rows.num_rows, dim=int(matrix.shape[1]), n_labelled=n_labelled)
 
 
 def with_labels(rows: pa.Table, join_column: str, labels: list[dict], level: str) -> tuple[pa.Table, int]:

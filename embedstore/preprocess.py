@@ -12,19 +12,19 @@ a CT slice becomes three channels, each window mapped linearly onto [0, 1]. Ever
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from embedstore.errors import UsageError
 from embedstore.intensity import CT_WINDOWS, IntensityConfig
+from embedstore.models.spec import ModelSpec
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.native import read_native
 from embedstore.sources.records import Failure, NativeSlices, ReadTask
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_unit_range(stack: np.ndarray, modality: str | None, config: IntensityConfig,
@@ -124,21 +124,21 @@ class DecodeSettings:
     interpolations: tuple[str, ...] = ("bicubic",)
     max_pixels: int = DEFAULT_MAX_PIXELS  # the most values a frame may declare (--max-pixels)
 
+    @classmethod
+    def for_specs(cls, specs: Sequence[ModelSpec], max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeSettings:
+        """The one preprocessing chain of these models, from their stored specs alone: ingest (every
+        model at once), read-back, thumbnails, uploads and fine-tuning all decode through it."""
+        first = specs[0]
+        if any(s.intensity != first.intensity or s.image_size != first.image_size for s in specs[1:]):
+            raise UsageError("models decoded together need one intensity mapping and one image size")
+        return cls(first.intensity, first.image_size, tuple(sorted({s.interpolation for s in specs})), max_pixels)
+
 
 def prepare_slices(native: NativeSlices, config: IntensityConfig, size: int,
                    interpolation: str = "bicubic") -> tuple[np.ndarray, str]:
     """Native slices → model-ready (n, C, size, size) float32 in [0, 1], and the intensity label."""
     unit, label = unit_channels(native, config)
     return resize_stack(unit, size, interpolation), label
-
-
-def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(n, 1 or 3, S, S) in [0, 1] → (n, 3, S, S) normalised by the model's mean and std, on the batch's device."""
-    if batch.shape[1] == 1:
-        batch = batch.expand(-1, 3, -1, -1)
-    mean = torch.tensor(mean, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    return (batch - mean) / std
 
 
 @dataclass

@@ -22,11 +22,11 @@ import pytest
 import zarr
 
 import embedstore
-from conftest import ingest_options, make_mixed_archive, run_cli_here, write_csv
 from embedstore.errors import UsageError
 from embedstore.search import similar
 from embedstore.store import Store
 from embedstore.store.vectors import load_vectors
+from tests.support import ingest_options, make_mixed_archive, run_cli_here, write_csv
 
 MODELS = ("dinov2_vits14", "dinov2_vitb14")
 

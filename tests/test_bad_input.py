@@ -34,7 +34,7 @@ N_GOOD = N_PNG + N_CT + NIFTI_SHAPE[2]
 # ----------------------------------------------------------------------------- helpers
 def embedstore_command() -> list[str]:
     script = Path(sys.executable).parent / "embedstore"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "embedstore.cli.main"]
 
 
 def cli_env() -> dict[str, str]:
@@ -203,7 +203,7 @@ def wrong_request_outcome(case: str, directory: Path, monkeypatch, capsys) -> tu
     """(exit code, stderr) of a wrong request run in `directory`: in this process (the command's own
     main(), as the console script calls it: quick, the libraries already loaded), and for the cases of
     IN_A_PROCESS also as a real process, which must say the same."""
-    from conftest import run_cli_here
+    from tests.support import run_cli_here
 
     args = WRONG_REQUESTS[case][0]
     monkeypatch.chdir(directory)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ingest_options, run_cli_here
 from embedstore import samples
 from embedstore.pipeline.ingest import ingest
+from tests.support import ingest_options, run_cli_here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def test_a_changed_labels_file_or_version_invalidates_exactly_its_cells(suite_fo
 
 def test_a_killed_suite_completes_only_the_missing_cells(suite_folder, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "cli.main", "bench", str(suite_folder / "suite.toml"), "--out", str(out)]
+    command = [sys.executable, "-m", "embedstore.cli.main", "bench", str(suite_folder / "suite.toml"), "--out", str(out)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while len(list((out / "cells").glob("*.json"))) < 4 and process.poll() is None and time.monotonic() < deadline:

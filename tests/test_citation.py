@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 
-from conftest import run_cli_here, write_csv
 from embedstore.eval.bootstrap import patient_bootstrap
 from embedstore.store import Store
+from tests.support import run_cli_here, write_csv
 
 
 def reference_interval(correct: np.ndarray, patients: np.ndarray, resamples: int, seed: int) -> list[float]:
@@ -87,7 +87,7 @@ def test_labels_record_and_its_three_warnings(ingested, tmp_path, monkeypatch, c
 
 
 def test_report_plots_say_what_they_show(ingested, tmp_path, monkeypatch, capsys):
-    from conftest import write_modality_labels
+    from tests.support import write_modality_labels
 
     labels = write_modality_labels(tmp_path / "modality.csv", ingested.path)
     code, _, stderr = run_cli_here(["eval", "linear", str(ingested.path), "--labels", str(labels), "--feature",

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_csv
 from embedstore.errors import UsageError
+from tests.support import write_csv
 
 SUBPROCESS_TIMEOUT_S = 180
 
 
 def embedstore_command() -> list[str]:
     script = Path(sys.executable).parent / "embedstore"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "embedstore.cli.main"]
 
 
 def run_piped(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -37,7 +37,7 @@ def run_piped(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     """`embedstore ARGS` in this process, through main() and its error contract: (exit code, stdout, stderr)."""
-    from cli.main import main
+    from embedstore.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["embedstore", *map(str, args)])
     with pytest.raises(SystemExit) as exited:
@@ -82,7 +82,7 @@ def test_short_help_and_version_work():
 def help_text(args: list[str]) -> str:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from embedstore.cli.main import app
 
     result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"}, prog_name="embedstore")
     assert result.exit_code == 0, result.output
@@ -113,7 +113,8 @@ def test_usage_lines_options_and_defaults_say_what_they_are():
         assert "few-shot" not in seed, seed
     assert "few-shot draws" in fewshot
     # the default feature rule is stated: each protocol's input in the reference study
-    assert "Default cls+patch_mean" in " ".join(linear.split()) and "Default cls," in " ".join(knn.split())
+    assert "Default cls+patch_mean" in " ".join(linear.split()) and "[default: cls]" in " ".join(knn.split())
+    assert "cls for kNN and few-shot, cls+patch_mean for the linear probe" in " ".join(help_text(["eval"]).split())
 
 
 # ----------------------------------------------------------------------------- piped output
@@ -187,6 +188,8 @@ def test_search_with_an_unknown_model_id_is_an_error(ingested, monkeypatch, caps
 # ----------------------------------------------------------------------------- eval
 def test_knn_refuses_k_below_one_and_a_temperature_of_zero(ingested, tmp_path):
     from embedstore.eval.evaluate import knn_evaluation
+    from embedstore.eval.labels import LabelsSpec
+    from embedstore.eval.options import KnnOptions
     from embedstore.store import Store
 
     rows = slice_rows(ingested.path)
@@ -195,7 +198,7 @@ def test_knn_refuses_k_below_one_and_a_temperature_of_zero(ingested, tmp_path):
     store = Store.open(ingested.path)
     for ks, temperature, named in (((0,), 0.07, "--k"), ((10, -1), 0.07, "-1"), ((10,), 0.0, "--temperature")):
         with pytest.raises(UsageError, match=named):
-            knn_evaluation(store, labels, ks=ks, temperature=temperature, split_by="patient")
+            knn_evaluation(store, LabelsSpec(labels, split_by="patient"), KnnOptions(k=ks, temperature=temperature))
 
 
 def test_eval_refuses_one_class_and_classes_missing_from_train(ingested, tmp_path, monkeypatch, capsys):
@@ -217,6 +220,8 @@ def test_eval_refuses_one_class_and_classes_missing_from_train(ingested, tmp_pat
 
 def test_label_column_and_paths_relative_to_the_labels_file(ingested, tmp_path, monkeypatch, capsys):
     from embedstore.eval.evaluate import knn_evaluation
+    from embedstore.eval.labels import LabelsSpec
+    from embedstore.eval.options import KnnOptions
     from embedstore.store import Store
 
     rows = slice_rows(ingested.path)
@@ -229,8 +234,8 @@ def test_label_column_and_paths_relative_to_the_labels_file(ingested, tmp_path, 
     labels = write_csv(folder / "diagnoses.csv", [
         {"path": path, "diagnosis": label, "patient_id": patient} for path, (label, patient) in by_path.items()])
     store = Store.open(ingested.path)
-    result = knn_evaluation(store, labels, "patch_mean", ks=(1,), split_by="patient", ratios=(0.5, 0.0, 0.5),
-                            label_column="diagnosis")
+    result = knn_evaluation(store, LabelsSpec(labels, "diagnosis", "patient", (0.5, 0.0, 0.5)),
+                            KnnOptions(feature="patch_mean", k=(1,)))
     assert result.classes == ["ct", "other"] and sum(result.counts.values()) == len(rows)
     code, _, err = run_main(["eval", "knn", ingested.path, "--labels", labels, "--feature", "patch_mean", "-k", "1",
                              "--split-by", "patient", "--ratios", "0.5,0,0.5", "--label-column", "diagnosis",

@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pydicom
 import pytest
-from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -24,6 +23,7 @@ from embedstore.sources.dicom import read_header
 from embedstore.sources.dicom_pixels import read_dicom_pixels
 from embedstore.sources.records import ReadTask, SliceItem
 from embedstore.store import Store
+from tests.support import TEST_IMAGE_SIZE, ingest_options, slice_rows
 
 NAMES = ("Doe", "Jane", "Poe", "Edgar")  # the generated patients' names: must never reach the store
 MPEG2 = "1.2.840.10008.1.2.4.100"
@@ -210,7 +210,7 @@ def test_every_bad_file_is_one_failure_with_its_own_reason(archive, store):
 
 
 def test_failures_command_filters_by_reason(archive, store, capsys):
-    from cli.main import app
+    from embedstore.cli.main import app
 
     app(["failures", str(store), "--reason", "inconsistent_series", "--json"], standalone_mode=False)
     listed = json.loads(capsys.readouterr().out)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_IMAGE_SIZE
 
 from embedstore.errors import UsageError
 from embedstore.models.build import load_model
 from embedstore.models.embedder import Embedder
 from embedstore.models.engines import candidate_engines
 from embedstore.samples import phantom
+from tests.support import TEST_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_IMAGE_SIZE, ingest_options, run_cli_here, write_csv
 from embedstore import samples
 from embedstore.finetune.data import GlobalBatches
 from embedstore.pipeline.ingest import ingest
 from embedstore.store import Store
+from tests.support import TEST_IMAGE_SIZE, ingest_options, run_cli_here, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(brightness, tmp_path, mo
     store, labels = brightness
     uninterrupted = finetune(store, labels, tmp_path / "whole", *SMALL_RUN, monkeypatch=monkeypatch, capsys=capsys)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "cli.main", "finetune", str(store), "--labels", str(labels), "--split-by",
+    command = [sys.executable, "-m", "embedstore.cli.main", "finetune", str(store), "--labels", str(labels), "--split-by",
                "patient", "--out", str(out), *SMALL_RUN]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = out / "checkpoints" / "val-lr0.01.pt"
@@ -188,11 +188,12 @@ def test_a_run_folder_of_other_settings_is_not_resumed(brightness, tmp_path, mon
 def test_the_trainer_steps_what_the_mode_trains_with_the_backbone_in_train_mode(brightness, tmp_path):
     import torch
 
+    from embedstore.eval.labels import LabelsSpec
     from embedstore.finetune.data import finetune_data
     from embedstore.finetune.train import TrainSettings, Workers, build_classifier, train
 
     store, labels = brightness
-    data = finetune_data(Store.open(store), labels, split_by="patient")
+    data = finetune_data(Store.open(store), LabelsSpec(labels, split_by="patient"))
     images = data.images(data.rows("train")[:8], augment=True)
     for mode in ("bitfit", "lora"):
         settings = TrainSettings(mode, epochs=2 if mode == "lora" else 1, batch_size=8)  # LoRA's B starts at 0

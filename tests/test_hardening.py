@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_IMAGE_SIZE, ingest_options, run_cli_here, write_modality_labels
 
 import embedstore
 from embedstore import samples
@@ -25,6 +24,7 @@ from embedstore.errors import StoreDamagedError, UsageError
 from embedstore.store import MANIFEST, Store
 from embedstore.store.privacy import FINGERPRINT_FILE, KEY_ENV, KEY_FILE, key_fingerprint
 from embedstore.store.schema import slices_table_name
+from tests.support import TEST_IMAGE_SIZE, ingest_options, run_cli_here, write_modality_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def service(store_path: Path, tmp_path: Path, **settings):
 
 
 def test_requests_the_service_cannot_take_are_answered_with_4xx(ingested, tmp_path):
-    from test_hostile_files import write_rle_bomb
+    from tests.support import write_rle_bomb
 
     client = service(ingested.path, tmp_path, max_pixels=2 ** 28)  # the ingest's limit: 16000² gets decoded
     key = Store.open(ingested.path).rows("items", columns=["key"])["key"][0].as_py()
@@ -316,7 +316,8 @@ def test_tied_val_scores_choose_the_middle_c_whatever_the_threads(monkeypatch):
     import torch
     from threadpoolctl import threadpool_limits
 
-    from embedstore.eval.linear import DEFAULT_C_GRID, linear_probe
+    from embedstore.eval.linear import linear_probe
+    from embedstore.eval.options import DEFAULT_C_GRID
 
     data = tied_task()
     outcomes = []
@@ -414,7 +415,7 @@ def test_messages_count_and_name_what_they_mean(ingested, tmp_path, monkeypatch,
 INFO_SCRIPT = """
 import sys
 sys.argv = ["embedstore", "info", sys.argv[1], "--json"]
-from cli.main import main
+from embedstore.cli.main import main
 try:
     main()
 except SystemExit:

@@ -23,17 +23,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ingest_options, slice_rows
 from PIL import Image
 
 from embedstore import samples
 from embedstore.errors import InputError
 from embedstore.sources.catalog import build_catalog
 from embedstore.sources.discover import FoundFile, discover
+from tests.support import ingest_options, slice_rows, write_rle_bomb
 
 AS_ROOT = os.geteuid() == 0
 HANG_GUARD_S = 20  # a FIFO opened for reading blocks forever: fail instead of hanging the suite
-BOMB_SIDE = 60000  # the RLE file of the issue: 8 KB declaring 60000 x 60000
 PNG_BOMB_SIDE = 20000  # 4e8 pixels, above the default --max-pixels (2**28)
 
 
@@ -85,28 +84,6 @@ def write_tiff_pages(path: Path, sizes: list[int]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pages = [Image.fromarray((samples.phantom(size, seed) * 255).astype(np.uint8)) for seed, size in enumerate(sizes)]
     pages[0].save(path, save_all=True, append_images=pages[1:])
-    return path
-
-
-def write_rle_bomb(path: Path, side: int = BOMB_SIDE, bits: int = 8) -> Path:
-    """An RLE Lossless DICOM of about 8 KB whose header declares side x side pixels."""
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import CTImageStorage, RLELossless
-
-    ds = samples._file_dataset(CTImageStorage, "1.2.826.0.1.3680043.8.498.1")
-    ds.file_meta.TransferSyntaxUID = RLELossless
-    ds.PatientID, ds.Modality = "BOMB", "CT"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"
-    ds.Rows = ds.Columns = side
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit, ds.PixelRepresentation = bits - 1, 0
-    segments = bits // 8
-    header = struct.pack("<16I", segments, *[64 + i * 4000 for i in range(segments)], *[0] * (15 - segments))
-    runs = bytes([0x81, 0]) * 2000  # "repeat the next byte 128 times", over and over: far too few for the image
-    ds.PixelData = encapsulate([header + runs * segments])
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 
@@ -475,7 +452,7 @@ def test_unknown_modality_is_a_usage_error(tmp_path):
 def test_cli_takes_modality_and_max_pixels(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from embedstore.cli.main import app
 
     samples.write_png(tmp_path / "src" / "x.png", samples.phantom(32, 0))
     store = tmp_path / "store"

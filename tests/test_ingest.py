@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows
 
 from embedstore import samples
 from embedstore.intensity import IntensityConfig
@@ -19,6 +18,7 @@ from embedstore.sources.records import ReadTask, SliceItem
 from embedstore.store import Store, sql_literal
 from embedstore.store.patches import read_patches
 from embedstore.store.schema import STORE_FORMAT_VERSION, series_table_name, slices_table_name
+from tests.support import TEST_IMAGE_SIZE, ingest_options, slice_rows
 
 
 def slices_of(store_path, where=None, model_id=None):

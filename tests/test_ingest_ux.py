@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import ingest_options, run_cli_here
 from embedstore import samples
+from tests.support import ingest_options, run_cli_here
 
 FAST = ["--weights", "random", "--image-size", "28", "--workers", "0"]
 SUBPROCESS_TIMEOUT_S = 300
@@ -40,7 +40,7 @@ INDEX_SLICES = 260  # above the 256 rows an index needs
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """The installed command in a process of its own: what reaches its descriptors 1 and 2."""
     script = Path(sys.executable).parent / "embedstore"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "embedstore.cli.main"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "250", "NO_COLOR": "1"}
     return subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT_S)
@@ -178,11 +178,12 @@ def test_cli_names_each_phase_its_bar_and_summary_agree_and_a_quiet_rerun_counts
 
 def test_linear_probe_reports_each_fit_of_the_c_grid(ingested, tmp_path):
     from embedstore.eval.evaluate import linear_evaluation
+    from embedstore.eval.options import LinearOptions
     from embedstore.store import Store
 
     labels = write_labels(tmp_path / "labels.csv", ingested.path)
     calls = []
-    linear_evaluation(Store.open(ingested.path), labels, "patch_mean", c_grid=(0.01, 1.0, 100.0),
+    linear_evaluation(Store.open(ingested.path), labels, LinearOptions(feature="patch_mean", c_grid=(0.01, 1.0, 100.0)),
                       progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
@@ -225,6 +226,7 @@ def test_search_warns_on_degenerate_vectors_only(ingested, monkeypatch, capsys):
 
 def test_eval_warns_on_degenerate_vectors_in_json_and_on_stderr(ingested, tmp_path, monkeypatch, capsys):
     from embedstore.eval.evaluate import knn_evaluation
+    from embedstore.eval.options import KnnOptions
     from embedstore.store import Store
 
     labels = write_labels(tmp_path / "labels.csv", ingested.path)
@@ -234,7 +236,7 @@ def test_eval_warns_on_degenerate_vectors_in_json_and_on_stderr(ingested, tmp_pa
     (warning,) = json.loads((tmp_path / "knn.json").read_text())["warnings"]
     assert "cls vectors are degenerate" in warning
     assert err.startswith("embedstore: warning: cls vectors are degenerate")
-    result = knn_evaluation(Store.open(ingested.path), labels, "patch_mean", ks=(1, 3))
+    result = knn_evaluation(Store.open(ingested.path), labels, KnnOptions(feature="patch_mean", k=(1, 3)))
     assert result.to_dict()["warnings"] == []
 
 

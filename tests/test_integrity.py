@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import TEST_IMAGE_SIZE, ingest_options, make_mixed_archive, run_cli_here, write_modality_labels
 
 from embedstore.errors import StoreDamagedError, UsageError
 from embedstore.store import COMMIT_LOCK, MANIFEST, Store
 from embedstore.store.privacy import KEY_ENV, KEY_FILE, PatientKeyWarning, key_fingerprint, patient_id_key
 from embedstore.store.schema import series_table_name, slices_table_name
+from tests.support import TEST_IMAGE_SIZE, ingest_options, make_mixed_archive, run_cli_here, write_modality_labels
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT_S = 600
@@ -122,8 +122,8 @@ def test_a_short_key_warns_on_one_line(tmp_path, monkeypatch):
 INGEST_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-sys.path.insert(0, {tests!r})
-from conftest import ingest_options
+sys.path.insert(0, {repo!r})
+from tests.support import ingest_options
 from embedstore.pipeline import runner
 from embedstore.pipeline.ingest import ingest
 
@@ -153,7 +153,7 @@ print(json.dumps({{"embedded": summary.embedded_by_model, "committed": summary.c
 def ingest_twice_at_once(source: Path, store_path: Path, scratch: Path) -> list[subprocess.CompletedProcess]:
     """Two processes ingesting `source` into `store_path`, started together and meeting before each
     commit (one per unit), so that their commits of the same keys coincide."""
-    script = INGEST_SCRIPT.format(tests=str(REPO / "tests"))
+    script = INGEST_SCRIPT.format(repo=str(REPO))
     go, marks = scratch / "go", [scratch / "first", scratch / "second"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     processes = [subprocess.Popen([sys.executable, "-c", script, str(source), str(store_path), str(me), str(other),
@@ -233,7 +233,7 @@ def duplicate_rows(store: Store, table: str, n: int) -> None:
 
 @pytest.mark.parametrize("mend", ["vacuum", "check --repair"])
 def test_duplicate_rows_of_older_stores_are_removed(fresh_copy, ingested, mend, monkeypatch, capsys):
-    from embedstore.pipeline.series import refresh_series
+    from embedstore.store.series import refresh_series
 
     store = Store.open(fresh_copy)
     model_id = only_model(store)
@@ -255,8 +255,9 @@ def test_duplicate_rows_of_older_stores_are_removed(fresh_copy, ingested, mend, 
 
 def knn_metrics(store_path: Path, labels: Path) -> dict:
     from embedstore.eval.evaluate import knn_evaluation
+    from embedstore.eval.options import KnnOptions
 
-    return knn_evaluation(Store.open(store_path), labels, "patch_mean", ks=(1, 3), search="exact").metrics
+    return knn_evaluation(Store.open(store_path), labels, KnnOptions(feature="patch_mean", k=(1, 3), search="exact")).metrics
 
 
 def flip_vector_bytes(store: Store, model_id: str, row: dict, count: int = 4000) -> Path:

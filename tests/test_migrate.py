@@ -24,7 +24,7 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from tests.conftest import TEST_IMAGE_SIZE, ingest_options
+from tests.support import TEST_IMAGE_SIZE, ingest_options
 
 # ----------------------------------------------------------------------------- the format-2 contract
 
@@ -175,7 +175,7 @@ def format2_loaded(seed: int, keep_patches: bool):
     """dinov2_vits14, random weights of `seed`, preprocessed as format 2 did: bilinear, ImageNet."""
     from embedstore.intensity import IntensityConfig
     from embedstore.models.build import load_model
-    from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD
 
     loaded = load_model("dinov2_vits14", "random", TEST_IMAGE_SIZE, seed, IntensityConfig(), layers=1,
                         patch_layers=(-1,) if keep_patches else (), mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -211,7 +211,7 @@ def format2_copy(format2, tmp_path) -> Path:
 
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from cli.main import main
+    from embedstore.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["embedstore", *map(str, args)])
     with pytest.raises(SystemExit) as exited:
@@ -342,6 +342,7 @@ def test_migrate_converts_rows_specs_and_manifest_without_reembedding(format2, f
 def test_migrated_store_gives_the_same_knn_metrics_and_search_hits(format2, format2_copy, reference, mixed_archive,
                                                                    tmp_path):
     from embedstore.eval.evaluate import knn_evaluation
+    from embedstore.eval.options import KnnOptions
     from embedstore.search.similar import nearest_slices
     from embedstore.store import Store
     from embedstore.store.migrate import migrate_store
@@ -355,8 +356,9 @@ def test_migrated_store_gives_the_same_knn_metrics_and_search_hits(format2, form
     store, ref = Store.open(format2_copy), Store.open(reference)
     for old_id, model_id in mapping.items():
         for feature in ("patch_mean", "cls"):
-            got = knn_evaluation(store, labels, feature, model_id=model_id, ks=(1, 3), search="exact")
-            want = knn_evaluation(ref, labels, feature, model_id=model_id, ks=(1, 3), search="exact")
+            options = KnnOptions(feature=feature, k=(1, 3), search="exact")
+            got = knn_evaluation(store, labels, options, model_id)
+            want = knn_evaluation(ref, labels, options, model_id)
             assert without_provenance(got.to_dict()) == without_provenance(want.to_dict())
             assert got.counts == {"train": 9, "val": 2, "test": 7}
         hits = nearest_slices(store, query, k=5, feature="patch_mean", model_id=model_id)

@@ -25,8 +25,8 @@ from embedstore.models import weights as weights_module
 from embedstore.models.build import LoadedModel, describe, load_model
 from embedstore.models.embedder import Embedder
 from embedstore.models.registry import resolve_model
+from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD
 from embedstore.models.weights import build_random, weights_digest
-from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 META_SIZE = 518  # Meta's DINOv2 checkpoints are trained at 518 px: a 37×37 grid of 14 px patches
 SMALL = 56  # 4×4 patches

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ingest_options, make_mixed_archive, write_modality_labels
+
+from tests.support import ingest_options, make_mixed_archive, write_modality_labels
 
 TWO_MODELS = ("dinov2_vits14", "dinov2_vitb14")
 
@@ -75,6 +76,7 @@ def test_each_slice_is_decoded_once_for_both_models(two_model_store):
 
 def test_eval_knn_of_either_model_equals_a_store_holding_it_alone(two_model_store, tmp_path):
     from embedstore.eval.evaluate import knn_evaluation
+    from embedstore.eval.options import KnnOptions
     from embedstore.pipeline.ingest import ingest
     from embedstore.store import Store
 
@@ -84,8 +86,9 @@ def test_eval_knn_of_either_model_equals_a_store_holding_it_alone(two_model_stor
         alone = tmp_path / name
         single = ingest([archive.root], alone, ingest_options(models=(name,), batch_size=4, patch_layers=(-2, -1)))
         assert single.model_ids == [model_id]
-        shared = knn_evaluation(Store.open(path), labels, "patch_mean", model_id=model_id[:20], ks=(1, 3))
-        own = knn_evaluation(Store.open(alone), labels, "patch_mean", ks=(1, 3))
+        options = KnnOptions(feature="patch_mean", k=(1, 3))
+        shared = knn_evaluation(Store.open(path), labels, options, model_id[:20])
+        own = knn_evaluation(Store.open(alone), labels, options)
         assert shared.metrics == own.metrics and shared.counts == own.counts
 
 
@@ -118,8 +121,9 @@ def test_a_model_added_later_leaves_the_others_files_untouched_and_one_can_be_dr
 
 def test_stored_layers_equal_timms_forward_intermediates(two_model_store):
     from embedstore.models.build import rebuild_model
+    from embedstore.models.embedder import normalize
     from embedstore.models.spec import cls_column
-    from embedstore.preprocess import DecodeSettings, decode_task, normalize
+    from embedstore.preprocess import DecodeSettings, decode_task
     from embedstore.sources.catalog import build_catalog
     from embedstore.sources.discover import discover
     from embedstore.store import Store
@@ -221,9 +225,8 @@ WRONG_MULTI_MODEL_REQUESTS = {
 
 @pytest.mark.parametrize("case", list(WRONG_MULTI_MODEL_REQUESTS))
 def test_wrong_model_requests_are_one_line_exit_2_before_anything_is_written(case, tmp_path):
-    from test_bad_input import FAST, run_cli
-
     from embedstore import samples
+    from tests.test_bad_input import FAST, run_cli
 
     samples.write_png(tmp_path / "src" / "one.png", samples.phantom(32, 0))
     arguments, named = WRONG_MULTI_MODEL_REQUESTS[case]
@@ -236,15 +239,17 @@ def test_wrong_model_requests_are_one_line_exit_2_before_anything_is_written(cas
 
 
 def test_linear_feature_grid_chooses_on_val_and_equals_the_chosen_feature_run_alone(two_model_store, tmp_path):
-    from embedstore.eval.evaluate import GRID_FEATURES, linear_evaluation
+    from embedstore.eval.evaluate import linear_evaluation
+    from embedstore.eval.options import GRID_FEATURES, LinearOptions
     from embedstore.store import Store
 
     path, summary, _, _ = two_model_store
     labels = write_modality_labels(tmp_path / "labels.csv", path)
     store = Store.open(path)
-    grid = linear_evaluation(store, labels, "grid", model_id=summary.model_ids[0], c_grid=(0.01, 1.0, 100.0))
+    grid = linear_evaluation(store, labels, LinearOptions(feature="grid", c_grid=(0.01, 1.0, 100.0)), summary.model_ids[0])
     assert set(grid.feature_grid) == set(GRID_FEATURES)
     best = max(score["val_score"] for score in grid.feature_grid.values())
     assert grid.feature_grid[grid.feature]["val_score"] == best
-    alone = linear_evaluation(store, labels, grid.feature, model_id=summary.model_ids[0], c_grid=(0.01, 1.0, 100.0))
+    alone = linear_evaluation(store, labels, LinearOptions(feature=grid.feature, c_grid=(0.01, 1.0, 100.0)),
+                              summary.model_ids[0])
     assert alone.metrics == grid.metrics and alone.chosen_c == grid.chosen_c and alone.feature_grid is None

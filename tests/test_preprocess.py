@@ -8,7 +8,9 @@ import torch
 
 from embedstore.errors import UsageError
 from embedstore.intensity import CT_WINDOWS, IntensityConfig
-from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, prepare_slices, to_unit_range
+from embedstore.models.embedder import normalize
+from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD
+from embedstore.preprocess import prepare_slices, to_unit_range
 from embedstore.sources.records import NativeSlices
 
 MODALITIES = ["CT", "MR", None]

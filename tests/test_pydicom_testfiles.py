@@ -17,7 +17,6 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import ingest_options
 from embedstore.errors import DECODE_ERROR, WORKER_CRASHED
 from embedstore.pipeline.ingest import ingest
 from embedstore.sources.dicom import read_header
@@ -25,6 +24,7 @@ from embedstore.sources.dicom_pixels import read_dicom_pixels
 from embedstore.sources.discover import file_kind
 from embedstore.store import Store
 from embedstore.store.schema import slices_table_name
+from tests.support import ingest_options
 
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
 COMPRESSED_FAMILIES = ("JPEG", "RLE")  # JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE

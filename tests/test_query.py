@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli_here
 from sklearn.neighbors import NearestNeighbors
 
 from embedstore.errors import UsageError
@@ -21,6 +20,7 @@ from embedstore.search.exact import DEFAULT_BUDGET_BYTES, block_top_k, exact_top
 from embedstore.store import Store
 from embedstore.store.schema import slices_table_name
 from embedstore.store.vectors import load_vectors
+from tests.support import run_cli_here
 
 
 def clustered(n_per_class: int, n_classes: int, dim: int, seed: int, spread: float = 0.6):
@@ -208,9 +208,8 @@ def test_cls_n_features_are_the_last_blocks_cls_tokens_in_block_order(ingested):
 
 
 def test_vectors_of_two_models_are_never_mixed(ingested, fresh_copy):
-    from conftest import ingest_options
-
     from embedstore.pipeline.ingest import ingest
+    from tests.support import ingest_options
 
     second = ingest([ingested.archive.pngs[0]], fresh_copy, ingest_options(seed=1))  # another model id
     store = Store.open(fresh_copy)
@@ -238,7 +237,7 @@ def write_labels(path, rows):
 
 
 def test_eval_knn_from_the_command_line_writes_its_json(ingested, tmp_path):
-    from cli.main import app
+    from embedstore.cli.main import app
 
     store = Store.open(ingested.path)
     rows = store.rows(slices_table_name(store.resolve_model_id(None)), columns=["key", "series_uid", "modality"]).to_pylist()
@@ -352,7 +351,7 @@ def test_study_level_ranks_by_the_best_match_of_each_query_slice(ingested):
 
 @pytest.mark.parametrize("feature", ["patch_mean", "cls4+patch_mean"])
 def test_search_by_image_embeds_it_with_the_stores_model(ingested, feature):
-    from embedstore.pipeline.embed_file import embed_file
+    from embedstore.inference.embed import embed_file
     from embedstore.search.similar import query_by_vectors, search
 
     store = Store.open(ingested.path)
@@ -367,7 +366,7 @@ def test_search_by_image_embeds_it_with_the_stores_model(ingested, feature):
 
 
 def test_search_command_prints_json(ingested, capsys):
-    from cli.main import app
+    from embedstore.cli.main import app
 
     key = load_vectors(Store.open(ingested.path)).rows.column("key")[0].as_py()
     app(["search", str(ingested.path), "--key", key, "--k", "4", "--level", "series", "--json"], standalone_mode=False)
@@ -459,7 +458,7 @@ def test_linear_probe_carves_val_from_train_by_patient_and_never_peeks_at_test()
 
 
 def test_eval_linear_from_the_command_line(ingested, tmp_path):
-    from cli.main import app
+    from embedstore.cli.main import app
 
     store = Store.open(ingested.path)
     rows = store.rows(slices_table_name(store.resolve_model_id(None)), columns=["key", "series_uid", "modality"]).to_pylist()
@@ -529,7 +528,7 @@ def test_prototype_classifier_is_the_nearest_class_mean():
 
 
 def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp_path):
-    from cli.main import app
+    from embedstore.cli.main import app
 
     store = Store.open(ingested.path)
     rows = store.rows(slices_table_name(store.resolve_model_id(None)), columns=["key", "series_uid", "modality"]).to_pylist()
@@ -552,8 +551,7 @@ def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp
 def synthetic_spec(dim: int, name: str = "synthetic"):
     """The spec of a model of width `dim` that keeps no per-block CLS and no patch tokens."""
     from embedstore.intensity import PREPROCESS_VERSION
-    from embedstore.models.spec import ModelSpec
-    from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
     return ModelSpec(name=name, timm_name=name, weights_source="random", weights_digest="0" * 12,
                      weights_file=None, seed=0, image_size=224, patch_size=14, grid_h=16, grid_w=16,

@@ -15,13 +15,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from conftest import TEST_IMAGE_SIZE, ingest_options, slice_rows, slices_table  # noqa: E402
 from embedstore import samples  # noqa: E402
-from embedstore.pipeline.on_ray import FAULT_EXIT_AFTER_UNITS, FAULT_MARKER  # noqa: E402
 from embedstore.pipeline.ingest import ingest  # noqa: E402
+from embedstore.pipeline.on_ray import FAULT_EXIT_AFTER_UNITS, FAULT_MARKER  # noqa: E402
 from embedstore.store import MANIFEST, Store  # noqa: E402
 from embedstore.store.patches import read_patches  # noqa: E402
 from embedstore.store.schema import slices_table_name  # noqa: E402
+from tests.support import TEST_IMAGE_SIZE, ingest_options, slice_rows, slices_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,8 +124,8 @@ def test_table_versions_stay_few_whatever_the_batch_size(tmp_path):
 
 KILLED_DRIVER = """
 import sys
-sys.path.insert(0, {tests!r})
-from conftest import ingest_options
+sys.path.insert(0, {repo!r})
+from tests.support import ingest_options
 from embedstore.pipeline.ingest import ingest
 ingest([{source!r}], {store!r}, ingest_options(models={models!r}, executor="ray", unit_slices=8, batch_size=8,
                                                commit_rows=8))
@@ -145,7 +145,7 @@ def committed_rows(store_path: Path) -> int:
 def test_a_driver_killed_with_sigkill_resumes_without_duplicates(tmp_path):
     source = write_pngs(tmp_path / "src", 400)
     store_path = tmp_path / "store"
-    script = KILLED_DRIVER.format(tests=str(REPO / "tests"), source=str(source), store=str(store_path),
+    script = KILLED_DRIVER.format(repo=str(REPO), source=str(source), store=str(store_path),
                                   models=KILLED_MODELS)
     driver = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -28,6 +28,7 @@ SERVE_WAIT_S = 60
 SKIPPED = {
     'pip install -e ".[dev]"': "the install this test runs in",
     "python -m pytest -q": "the suite this test is part of",
+    'python -m pytest -q -m "not slow"': "the fast lane of the suite this test is part of",
     "embedstore ingest /data/archive --store /data/store --model dinov2_vits14 --model dinov2_vitb14":
         "network: pretrained weights from the hub (the default --weights hub)",
     "embedstore ingest /data/archive --store /data/store --executor ray": "network: the default --weights hub",

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from embedstore.eval.segment.decoders import DECODER_LAYERS, LinearDecoder, UNetDecoder, build_decoder
+from embedstore.eval.options import DECODER_LAYERS
+from embedstore.eval.segment.decoders import LinearDecoder, UNetDecoder, build_decoder
 from embedstore.eval.segment.plots import plot_class_dice, plot_volume_dice, write_overlay
 
 VIT_S = 384

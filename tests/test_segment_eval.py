@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import dicom_seg_sources, ingest_options, run_cli_here, write_csv, write_dicom_seg
 from embedstore import samples
 from embedstore.errors import StoreDamagedError
 from embedstore.store import Store
+from tests.support import dicom_seg_sources, ingest_options, run_cli_here, write_csv, write_dicom_seg
 
 IMAGE_SIZE = 112  # 8×8 tokens of 14 px: ellipses of 64 px images stay several tokens wide
 UNET_LAYERS = (-5, -4, -3, -2, -1)
@@ -92,12 +92,13 @@ def test_linear_probe_learns_png_phantoms_and_writes_what_it_scored(png_task, tm
 
 
 def test_nifti_predictions_overlay_their_volumes(nifti_task, tmp_path):
+    from embedstore.eval.labels import LabelsSpec
+    from embedstore.eval.options import SegmentOptions
     from embedstore.eval.segment.protocol import segment_evaluation
-    from embedstore.eval.segment.train import TrainSettings
 
     store, labels = nifti_task
-    result = segment_evaluation(Store.open(store), labels, settings=TrainSettings(epochs=20, batch_size=8),
-                                split_by="patient", predictions=tmp_path / "pred")
+    result = segment_evaluation(Store.open(store), LabelsSpec(labels, split_by="patient"),
+                                SegmentOptions(epochs=20, batch_size=8), predictions=tmp_path / "pred")
     assert result.metrics["global_dice"]["mean"] >= 0.8
     test = result.runs[0]["test"]
     written = sorted((tmp_path / "pred").iterdir())
@@ -119,12 +120,13 @@ def test_nifti_predictions_overlay_their_volumes(nifti_task, tmp_path):
 
 
 def test_unet_trains_on_five_stored_layers(png_task):
+    from embedstore.eval.labels import LabelsSpec
+    from embedstore.eval.options import SegmentOptions
     from embedstore.eval.segment.protocol import segment_evaluation
-    from embedstore.eval.segment.train import TrainSettings
 
     store, labels = png_task
-    result = segment_evaluation(Store.open(store), labels, settings=TrainSettings("unet", epochs=2, batch_size=8),
-                                split_by="patient", score_at="input")
+    result = segment_evaluation(Store.open(store), LabelsSpec(labels, split_by="patient"),
+                                SegmentOptions(decoder="unet", epochs=2, batch_size=8, score_at="input"))
     spec = Store.open(store).spec(result.model_id)
     assert result.blocks == list(range(spec.num_blocks - 5, spec.num_blocks)) and result.score_at == "input"
     assert result.metrics["global_dice"]["mean"] > 0.5  # two epochs learn far more than no foreground at all

@@ -19,10 +19,17 @@ from PIL import Image
 
 from embedstore.errors import UsageError
 from embedstore.eval.segment.masks import (
-    MaskError, check_class_values, mask_kind, parse_classes, read_dicom_seg, read_mask_image, read_mask_volume)
+    MaskError,
+    check_class_values,
+    mask_kind,
+    parse_classes,
+    read_dicom_seg,
+    read_mask_image,
+    read_mask_volume,
+)
 from embedstore.samples import write_ct_series
 from embedstore.sources.nifti import AXES, read_nifti_slices
-from conftest import dicom_seg_sources, write_dicom_seg
+from tests.support import dicom_seg_sources, write_dicom_seg
 
 # ------------------------------------------------------------------------------------------ classes
 

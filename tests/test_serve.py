@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from embedstore import samples
-from tests.conftest import PATIENT_ID, run_cli_here
+from tests.support import PATIENT_ID, run_cli_here
 
 TOKEN = "a-long-enough-test-token"
 
@@ -59,6 +59,26 @@ def test_models_and_facets(client):
     assert facets["modality"] == ["CT", "DX"]  # the photos have none
     assert facets["body_part"] == ["CHEST", "HEAD"] and facets["study_date"][0] <= facets["study_date"][1]
     assert "/api/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_openapi_page_shows_the_shape_of_every_json_answer(client):
+    schema = client.get("/openapi.json").json()
+    shapes = {}
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            if path.startswith("/api/"):
+                content = operation["responses"]["200"]["content"]["application/json"]
+                shapes[f"{method.upper()} {path}"] = content["schema"].get("$ref", "").rsplit("/", 1)[-1]
+    assert shapes == {"GET /api/models": "ModelsResponse", "GET /api/facets": "FacetsResponse",
+                      "POST /api/search": "SearchResponse", "POST /api/uploads": "UploadResponse",
+                      "GET /api/items/{key}": "ItemResponse", "GET /api/series/{uid}": "SeriesResponse",
+                      "GET /api/studies/{uid}": "StudyResponse"}
+    result = schema["components"]["schemas"]["SearchResult"]["properties"]
+    assert {"rank", "score", "key", "thumbnail", "strip"} <= set(result)
+    # what a search answers is what its schema says: no field it does not declare
+    answer = search(client, key=first_key(client), k=2, feature="patch_mean")
+    assert set(answer) == set(schema["components"]["schemas"]["SearchResponse"]["properties"])
+    assert set(answer["results"][0]) <= set(result)
 
 
 @pytest.mark.parametrize("level", ["slice", "series", "study"])
@@ -146,8 +166,8 @@ def test_upload_search_finds_the_stored_copy_first_and_bad_uploads_are_refused(c
 
 
 def test_a_token_is_required_on_every_api_and_thumbnail_request(patient_store, tmp_path):
-    from embedstore.serve.app import check_exposure
     from embedstore.errors import UsageError
+    from embedstore.serve.app import check_exposure
 
     client = client_for(patient_store[0], tmp_path, token=TOKEN)
     key = first_key(client)
@@ -252,7 +272,7 @@ def test_search_cli_prints_the_key_it_accepts_and_describes_series_and_studies(p
 
 def test_a_slice_whose_file_is_gone_keeps_its_result_and_its_thumbnail_is_a_404(tmp_path):
     from embedstore.pipeline.ingest import ingest
-    from tests.conftest import ingest_options
+    from tests.support import ingest_options
 
     pngs = [samples.write_png(tmp_path / "archive" / f"p{i}.png", samples.phantom(48, 40 + i)) for i in range(3)]
     ingest([tmp_path / "archive"], tmp_path / "store", ingest_options())

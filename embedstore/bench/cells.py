@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from embedstore import __version__
-from embedstore.bench.suite import CLASSIFICATION, Dataset, Suite
+from embedstore.bench.suite import Dataset, Suite
 from embedstore.errors import UsageError
-from embedstore.eval.labels import file_sha256
+from embedstore.protocols import PROTOCOLS
+from embedstore.store.digests import file_sha256
+from embedstore.version import __version__
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def cells_of(suite: Suite) -> list[Cell]:
             for protocol, options in suite.protocols.items():
                 if dataset.labels_for(protocol) is None:
                     continue
-                for seed in (suite.seeds[:1] if protocol == "knn" else suite.seeds):
+                for seed in (suite.seeds if PROTOCOLS[protocol].seeded else suite.seeds[:1]):
                     cells.append(Cell(dataset, model, model_id, protocol, options, seed))
     return cells
 
@@ -76,45 +77,11 @@ def run_cell(cell: Cell) -> tuple[dict, dict | None, float]:
     from embedstore.store import Store
 
     started = time.perf_counter()
-    store, dataset, options, seed = Store.open(cell.dataset.store), cell.dataset, cell.options, cell.seed
-    labels, split = dataset.labels_for(cell.protocol), dict(split_by=dataset.split_by, ratios=dataset.ratios)
-    if cell.protocol == "knn":
-        from embedstore.eval.evaluate import knn_evaluation
-
-        result = knn_evaluation(store, labels, options.get("feature", "cls"), dataset.level, cell.model_id,
-                                tuple(options.get("k", (10, 20, 100, 200))), options.get("temperature", 0.07),
-                                seed=seed, search=options.get("search", "auto"), **split)
-    elif cell.protocol == "linear":
-        from embedstore.eval.evaluate import linear_evaluation
-
-        grid = tuple(options["c_grid"]) if "c_grid" in options else None
-        result = linear_evaluation(store, labels, options.get("feature", "cls+patch_mean"), dataset.level,
-                                   cell.model_id, grid, seed=seed, **split)
-    elif cell.protocol == "fewshot":
-        from embedstore.eval.evaluate import fewshot_evaluation
-
-        result = fewshot_evaluation(store, labels, options.get("feature", "cls"), dataset.level, cell.model_id,
-                                    tuple(options.get("shots", (1, 2, 4, 8, 16))), options.get("tries", 10),
-                                    tuple(options.get("classifiers", ("knn", "prototype", "linear"))), seed=seed,
-                                    **split)
-    elif cell.protocol == "segment":
-        from embedstore.eval.segment.protocol import segment_evaluation
-        from embedstore.eval.segment.train import TrainSettings
-
-        settings = TrainSettings(options.get("decoder", "linear"), options.get("epochs", 10),
-                                 options.get("batch_size", 32), options.get("loss", "dice"))
-        result = segment_evaluation(store, labels, cell.model_id, options.get("classes"), settings, (seed,),
-                                    dataset.split_by, dataset.ratios, seed, options.get("score_at", "native"))
-    else:
-        from embedstore.finetune.job import finetune
-        from embedstore.finetune.train import HEAD_LR_GRID, TrainSettings
-
-        settings = TrainSettings(options.get("mode", "linear"), options.get("epochs", 10), options.get("batch_size", 32),
-                                 options.get("backbone_lr"), tuple(options.get("head_lrs", HEAD_LR_GRID)), seed)
-        with tempfile.TemporaryDirectory() as run_folder:  # the cell keeps the result, not the checkpoints
-            result = finetune(store, labels, settings, cell.model_id, Path(run_folder), options.get("weights"),
-                              dataset.split_by, dataset.ratios, seed)
-    return (result.to_dict(), result.test_predictions if cell.protocol in CLASSIFICATION else None,
+    registered = PROTOCOLS[cell.protocol]
+    options = registered.options_for(cell.options, cell.dataset.level, cell.seed)
+    result = registered.run(Store.open(cell.dataset.store), cell.dataset.labels_spec(cell.protocol, cell.seed), options,
+                            cell.model_id)
+    return (result.to_dict(), result.test_predictions if registered.paired else None,
             time.perf_counter() - started)
 
 

@@ -23,59 +23,27 @@ import numpy as np
 from embedstore.bench.cells import Cell, CellCache
 from embedstore.bench.suite import Suite
 from embedstore.eval.bootstrap import paired_difference
-
-HEADLINE = {"knn": "balanced_accuracy", "linear": "balanced_accuracy", "finetune": "balanced_accuracy",
-            "segment": "global_dice"}
-PAIRED = ("knn", "linear", "finetune")  # protocols whose test predictions are kept
+from embedstore.eval.results import EvaluationResult, FewShotResult
+from embedstore.protocols import PROTOCOLS
 
 
-def headline_metric(protocol: str, result: dict) -> str:
-    if protocol == "fewshot":
-        return result["score"]
-    if result.get("multilabel"):
-        return "macro_auroc"
-    return HEADLINE[protocol]
+def result_of(record: dict) -> EvaluationResult:
+    """A cached cell's result, rebuilt as its protocol's result class."""
+    return PROTOCOLS[record["cell"]["protocol"]].result.from_dict(record["result"])
 
 
-def metric_rows(cell: dict, result: dict) -> list[dict]:
-    """A cell's metrics as rows of results.parquet."""
+def metric_rows(cell: dict, result: EvaluationResult) -> list[dict]:
+    """A cell's metrics as rows of results.parquet: every setting it reports on test."""
     base = {"dataset": cell["dataset"], "model": cell["model"], "model_id": cell["model_id"],
             "protocol": cell["protocol"], "seed": cell["seed"]}
     rows = []
-
-    def add(setting: str, metrics: dict, interval: dict | None = None) -> None:
+    for setting, metrics, interval in result.settings():
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                low, high = (interval or {}).get(name, (None, None))
+                low, high = interval.get(name, (None, None))
                 rows.append({**base, "setting": setting, "metric": name, "value": float(value),
                              "ci_low": low, "ci_high": high})
-
-    protocol = cell["protocol"]
-    if protocol == "knn":
-        k = str(result["best_k_on_val"] if result["best_k_on_val"] is not None else result["ks"][0])
-        add(f"k={k}", result["metrics"]["test"][k], result["metrics"]["test"][k].get("ci95"))
-    elif protocol in ("linear", "finetune"):
-        add("test", result["metrics"]["test"], result["metrics"]["test"].get("ci95"))
-    elif protocol == "fewshot":
-        for classifier, points in result["curves"].items():
-            for point in points:
-                add(f"{classifier}@{point['shots']}", {result["score"]: point["mean"]},
-                    {result["score"]: point["ci95"]})
-    else:
-        add("test", {name: summary["mean"] for name, summary in result["metrics"].items()
-                     if summary["mean"] is not None})
     return rows
-
-
-def headline_setting(protocol: str, result: dict) -> str:
-    """Which of a cell's settings the leaderboard shows: the reported k, the test split, or the
-    few-shot curve's largest shot count (linear classifier when it ran)."""
-    if protocol == "knn":
-        return f"k={result['best_k_on_val'] if result['best_k_on_val'] is not None else result['ks'][0]}"
-    if protocol == "fewshot":
-        classifier = "linear" if "linear" in result["curves"] else next(iter(result["curves"]))
-        return f"{classifier}@{result['shots'][-1]}"
-    return "test"
 
 
 def write_leaderboard(suite: Suite, keyed: list[tuple[str, Cell]], cache: CellCache, out: Path) -> Path:
@@ -84,7 +52,7 @@ def write_leaderboard(suite: Suite, keyed: list[tuple[str, Cell]], cache: CellCa
 
     records = [(key, cache.result(key)) for key, _ in keyed]
     records = [(key, record) for key, record in records if record is not None]
-    rows = [row for _, record in records for row in metric_rows(record["cell"], record["result"])]
+    rows = [row for _, record in records for row in metric_rows(record["cell"], result_of(record))]
     columns = ["dataset", "model", "model_id", "protocol", "seed", "setting", "metric", "value", "ci_low", "ci_high"]
     pq.write_table(pa.table({name: [row[name] for row in rows] for name in columns}), out / "results.parquet")
 
@@ -103,8 +71,8 @@ def leaderboard_table(suite: Suite, records: list[tuple[str, dict]]) -> list[dic
     """One row per (dataset, protocol, model): the headline metric over seeds, best per column marked."""
     metric_of_column, headline = {}, defaultdict(list)
     for _, record in records:
-        cell, result = record["cell"], record["result"]
-        metric, setting = headline_metric(cell["protocol"], result), headline_setting(cell["protocol"], result)
+        cell, result = record["cell"], result_of(record)
+        metric, setting = result.headline_metric, result.headline_setting()
         metric_of_column[cell["dataset"], cell["protocol"]] = metric
         row = next((row for row in metric_rows(cell, result) if (row["metric"], row["setting"]) == (metric, setting)),
                    None)  # None: the metric is undefined on this cell's test rows
@@ -139,19 +107,19 @@ def paired_comparisons(suite: Suite, records: list[tuple[str, dict]], cache: Cel
     by_cell = {}
     for key, record in records:
         cell = record["cell"]
-        by_cell[cell["dataset"], cell["protocol"], cell["seed"], cell["model"]] = (key, record["result"])
+        by_cell[cell["dataset"], cell["protocol"], cell["seed"], cell["model"]] = (key, result_of(record))
     comparisons = []
     for (dataset, protocol, seed, model), (key, result) in sorted(by_cell.items()):
         baseline = by_cell.get((dataset, protocol, seed, suite.baseline))
-        if protocol not in PAIRED or model == suite.baseline or baseline is None:
+        if not PROTOCOLS[protocol].paired or model == suite.baseline or baseline is None:
             continue
         ours, theirs = cache.predictions(key), cache.predictions(baseline[0])
         if ours is None or theirs is None:
             continue
         shared, mine, other = np.intersect1d(ours["keys"], theirs["keys"], return_indices=True)
-        metric = headline_metric(protocol, result)
+        metric = result.headline_metric
         difference = paired_difference(ours["targets"][mine], ours["scores"][mine], theirs["scores"][other],
-                                       ours["patients"][mine], bool(result.get("multilabel")), metric)
+                                       ours["patients"][mine], result.multilabel, metric)
         if difference is None:
             continue
         comparisons.append({"dataset": dataset, "protocol": protocol, "seed": seed, "model": model,
@@ -252,28 +220,28 @@ def plot_fewshot(suite: Suite, records: list[tuple[str, dict]], out: Path) -> li
 
     by_dataset = defaultdict(dict)
     for _, record in records:
-        cell, result = record["cell"], record["result"]
-        if cell["protocol"] == "fewshot" and cell["seed"] == suite.seeds[0]:
+        cell, result = record["cell"], result_of(record)
+        if isinstance(result, FewShotResult) and cell["seed"] == suite.seeds[0]:
             by_dataset[cell["dataset"]][cell["model"]] = result
     names = []
     for dataset, results in by_dataset.items():
         figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         for model in (m for m in suite.models if m in results):
             result = results[model]
-            classifier = "linear" if "linear" in result["curves"] else next(iter(result["curves"]))
-            points = result["curves"][classifier]
+            classifier = "linear" if "linear" in result.curves else next(iter(result.curves))
+            points = result.curves[classifier]
             shots = [p["shots"] for p in points]
             axes.plot(shots, [p["mean"] for p in points], marker="o", label=f"{model} ({classifier})")
             axes.fill_between(shots, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points], alpha=0.15)
         first = next(iter(results.values()))
-        axes.axhline(chance_level(first["score"], len(first["classes"])), color="grey", linestyle="--",
+        axes.axhline(chance_level(first.score, len(first.classes)), color="grey", linestyle="--",
                      linewidth=1, label="chance")
         axes.set_xscale("log", base=2)
-        axes.set_xticks(first["shots"], [str(n) for n in first["shots"]])
+        axes.set_xticks(first.shots, [str(n) for n in first.shots])
         axes.minorticks_off()
         axes.set_xlabel("training patients per class")
-        axes.set_ylabel(first["score"].replace("_", " "))
-        axes.set_title(f"{suite.name} · {dataset} · {first['feature']}: few-shot, {first['tries']} draws per point, "
+        axes.set_ylabel(first.score.replace("_", " "))
+        axes.set_title(f"{suite.name} · {dataset} · {first.feature}: few-shot, {first.tries} draws per point, "
                        f"95% intervals", fontsize=9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)

@@ -27,28 +27,21 @@
     mode = "linear"
     epochs = 3
 
-Every problem is a UsageError naming the key, before any cell runs.
+Every problem is a UsageError naming the key, before any cell runs. The protocols and the options
+each takes come from embedstore/protocols.py.
 """
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedstore.errors import UsageError
-from embedstore.sources.discover import check_input_file
+import tomllib
 
-PROTOCOLS = ("knn", "linear", "fewshot", "segment", "finetune")
-# The options each protocol takes from the suite (the eval commands' names, underscores for dashes).
-PROTOCOL_OPTIONS = {
-    "knn": {"feature", "k", "temperature", "search"},
-    "linear": {"feature", "c_grid"},
-    "fewshot": {"feature", "shots", "tries", "classifiers"},
-    "segment": {"decoder", "epochs", "batch_size", "loss", "score_at", "classes"},
-    "finetune": {"mode", "epochs", "batch_size", "backbone_lr", "head_lrs", "weights"},
-}
-CLASSIFICATION = ("knn", "linear", "fewshot", "finetune")
+from embedstore.errors import UsageError
+from embedstore.eval.labels import DEFAULT_RATIOS, LabelsSpec
+from embedstore.protocols import PROTOCOLS, protocol
+from embedstore.sources.discover import check_input_file
 
 
 @dataclass(frozen=True)
@@ -62,7 +55,11 @@ class Dataset:
     level: str
 
     def labels_for(self, protocol: str) -> Path | None:
-        return self.masks if protocol == "segment" else self.labels
+        """The labels file the protocol reads (classes or masks), None when the dataset has none."""
+        return self.masks if PROTOCOLS[protocol].labels == "masks" else self.labels
+
+    def labels_spec(self, protocol: str, seed: int) -> LabelsSpec:
+        return LabelsSpec(self.labels_for(protocol), split_by=self.split_by, ratios=self.ratios, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -93,13 +90,11 @@ def read_suite(path: Path) -> Suite:
     if not all(isinstance(prefix, str) and prefix for prefix in models.values()):
         raise UsageError(f"suite {path}: [models] maps a name to a model id or prefix (a string)")
     protocols = table_of(raw, "protocols", path)
-    for protocol, options in protocols.items():
-        if protocol not in PROTOCOLS:
-            raise UsageError(f"suite {path}: unknown protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
-        extra = set(options) - PROTOCOL_OPTIONS[protocol]
-        if extra:
-            raise UsageError(f"suite {path}: [protocols.{protocol}] has no option {sorted(extra)[0]!r}; it takes "
-                             f"{', '.join(sorted(PROTOCOL_OPTIONS[protocol]))}")
+    for name, options in protocols.items():
+        try:
+            protocol(name).options_for(options)  # its options checked as the protocol checks them
+        except (UsageError, TypeError, ValueError) as error:
+            raise UsageError(f"suite {path}: {error}") from None
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) for seed in seeds):
         raise UsageError(f"suite {path}: seeds is a list of integers, not {seeds!r}")
@@ -127,7 +122,7 @@ def read_dataset(name: str, table: dict, folder: Path) -> Dataset:
     split_by = table.get("split_by", "csv")
     if split_by not in ("csv", "patient"):
         raise UsageError(f"suite: {where} split_by is csv or patient, not {split_by!r}")
-    ratios = tuple(table.get("ratios", (0.7, 0.1, 0.2)))
+    ratios = tuple(table.get("ratios", DEFAULT_RATIOS))
     level = table.get("level", "slice")
     if level not in ("slice", "series"):
         raise UsageError(f"suite: {where} level is slice or series, not {level!r}")

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import datetime, timezone
 
-from embedstore import __version__
 from embedstore.eval.labels import LabelsRecord
 from embedstore.models.spec import ModelSpec
+from embedstore.version import __version__
 
 
 def cite(result, spec: ModelSpec, record: LabelsRecord | None = None):

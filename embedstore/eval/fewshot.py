@@ -22,29 +22,15 @@ from embedstore.eval.knn import knn_scores
 from embedstore.eval.labels import LabelledVectors
 from embedstore.eval.linear import fit_logistic
 from embedstore.eval.metrics import multiclass_metrics
+from embedstore.eval.options import CLASSIFIERS, DEFAULT_SHOTS, DEFAULT_TRIES, FewShotOptions
 from embedstore.store.vectors import l2_normalised
 
-DEFAULT_SHOTS = (1, 2, 4, 8, 16)
-DEFAULT_TRIES = 10
-CLASSIFIERS = ("knn", "prototype", "linear")
 FEWSHOT_KNN_K = 20
 FEWSHOT_LINEAR_C = 1.0
 PROTOTYPE_TEMPERATURE = 0.07  # class scores for AUROC: a softmax of the similarities, as the kNN weights
 INTERVAL_RESAMPLES = 1000
 INTERVAL_METHOD = (f"95% percentile bootstrap of the mean over the draws ({INTERVAL_RESAMPLES:,} resamples of the "
                    "draws, seed 0)")
-
-
-def check_fewshot_arguments(shots, tries: int, classifiers) -> None:
-    """UsageError for shot counts, tries or classifiers a few-shot curve has no meaning for."""
-    if not shots or min(shots) < 1:
-        raise UsageError(f"--shots takes training patients per class, each at least 1, not "
-                         f"{','.join(map(str, shots)) or 'none'}")
-    if tries < 1:
-        raise UsageError(f"--tries must be at least 1, not {tries}")
-    unknown = [c for c in classifiers if c not in CLASSIFIERS]
-    if unknown:
-        raise UsageError(f"unknown classifier {unknown[0]!r}: use {', '.join(CLASSIFIERS)}")
 
 
 def patients_by_class(data: LabelledVectors) -> dict[int, list[str]]:
@@ -95,7 +81,7 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 def few_shot(data: LabelledVectors, shots=DEFAULT_SHOTS, tries: int = DEFAULT_TRIES, classifiers=CLASSIFIERS,
              seed: int = 0) -> dict:
-    check_fewshot_arguments(shots, tries, classifiers)
+    FewShotOptions(shots=shots, tries=tries, classifiers=classifiers)  # its checks
     if data.multilabel:
         raise UsageError("few-shot evaluation takes single-label tasks")
     grouped = patients_by_class(data)
@@ -117,31 +103,3 @@ def few_shot(data: LabelledVectors, shots=DEFAULT_SHOTS, tries: int = DEFAULT_TR
     return {"score": score_name, "interval": INTERVAL_METHOD, "shots": list(shots), "tries": tries, "seed": seed,
             "curves": curves,
             "counts": data.counts(), "train_patients_per_class": {data.classes[c]: len(p) for c, p in grouped.items()}}
-
-
-def plot_curves(result, path) -> None:
-    """The few-shot curve (mean and 95% band per classifier) with the chance level, as a PNG and an SVG
-    beside it, titled with the model, dataset and feature."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from embedstore.eval.report import chance_level, save_figure, title_lines
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for name, points in result.curves.items():
-        shots = [p["shots"] for p in points]
-        axes.plot(shots, [p["mean"] for p in points], marker="o", label=name)
-        axes.fill_between(shots, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points], alpha=0.2)
-    axes.axhline(chance_level(result.score, len(result.classes)), color="grey", linestyle="--", linewidth=1,
-                 label="chance")
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(result.shots, [str(n) for n in result.shots])
-    axes.minorticks_off()
-    axes.set_xlabel("training patients per class")
-    axes.set_ylabel(result.score.replace("_", " "))
-    axes.set_title(title_lines(result, f"few-shot, {result.tries} draws per point, 95% intervals"), fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    save_figure(figure, path)

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedstore.eval.options import DEFAULT_KS, SEARCHES, TEMPERATURE
 from embedstore.search.exact import exact_top_k, int8_rerank_top_k, search_device
 
-DEFAULT_KS = (10, 20, 100, 200)
-TEMPERATURE = 0.07
-SEARCHES = ("auto", "exact", "int8")
 INT8_MIN_PAIRS = 10**8  # below this many query × database pairs exact search takes a second or two
 # Above this k, re-scoring 2k candidates per query costs more than the int8 product saves (10,000 ×
 # 100,000 × 768 here: k = 200 took 9.0 s against 7.9 s exact; k = 100, 5.8 s against 7.6 s).

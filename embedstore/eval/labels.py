@@ -13,7 +13,6 @@ single-label task two classes or more.
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,67 @@ import numpy as np
 
 from embedstore.errors import UsageError
 from embedstore.sources.discover import check_input_file
+from embedstore.store.digests import file_sha256
 from embedstore.store.vectors import Vectors
 
 JOIN_COLUMNS = ("key", "path", "sop_uid", "series_uid", "study_uid")
 SPLITS = ("train", "val", "test")
+SPLIT_RULES = ("csv", "patient")  # the labels' own split column, or a split by patient
+DEFAULT_RATIOS = (0.7, 0.1, 0.2)  # train, val, test shares of --split-by patient
 MULTI_LABEL_SEPARATOR = "|"
 VAL_SHARE_OF_TRAIN = 0.15  # carved by patient when the labels give no val split
+
+
+@dataclass(frozen=True)
+class LabelsSpec:
+    """A labels CSV and how its rows are split: what every protocol reads its labels through (the
+    eval commands' --labels, --label-column, --split-by, --ratios, --seed; a suite's dataset)."""
+
+    path: Path
+    label_column: str = "label"
+    split_by: str | None = None  # "patient", or None: the CSV's split column
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    seed: int = 0  # of the split by patient, and of what a protocol draws besides
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        if self.split_by not in (None, "patient"):
+            raise UsageError(f"--split-by takes patient, not {self.split_by!r}")
+        if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1.0) > 1e-6:
+            raise UsageError(f"--ratios takes three non-negative train,val,test shares summing to 1, not "
+                             f"{','.join(map(str, self.ratios))}")
+
+    @property
+    def split_source(self) -> str:
+        return (f"--split-by patient (seed {self.seed}, ratios {','.join(map(str, self.ratios))})"
+                if self.split_by == "patient" else "csv")
+
+    def read(self) -> "LabelsFile":
+        """The CSV read and hashed, once for however many features are joined to it."""
+        join_column, rows = read_labels(self.path, self.label_column)
+        return LabelsFile(self, file_sha256(self.path), join_column, rows)
+
+
+def as_labels_spec(labels: "LabelsSpec | str | Path") -> LabelsSpec:
+    """A labels spec as given, or the spec of a CSV path with the defaults (its own split column)."""
+    return labels if isinstance(labels, LabelsSpec) else LabelsSpec(Path(labels))
+
+
+@dataclass(frozen=True)
+class LabelsFile:
+    spec: LabelsSpec
+    sha256: str
+    join_column: str
+    rows: list[dict]
+
+    def record(self) -> "LabelsRecord":
+        """A fresh record of what becomes of these labels (filled in by the join and the split)."""
+        csv_split = any(row.get("split") for row in self.rows)
+        return LabelsRecord(path=str(self.spec.path.resolve()), sha256=self.sha256, join_column=self.join_column,
+                            label_column=self.spec.label_column, csv_rows=len(self.rows), rows_joined=0,
+                            rows_unmatched=0, rows_dropped={}, split_source=self.spec.split_source,
+                            csv_split_overridden=csv_split and self.spec.split_by == "patient")
 
 
 @dataclass
@@ -128,14 +182,6 @@ class LabelsRecord:
         if self.csv_split_overridden:
             lines.append("the labels file's split column is ignored: --split-by patient made the splits")
         return lines
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def join_labels(vectors: Vectors, join_column: str, rows: list[dict], record: LabelsRecord | None = None) -> LabelledVectors:

@@ -21,10 +21,8 @@ from embedstore.errors import UsageError
 from embedstore.eval.bootstrap import with_interval
 from embedstore.eval.labels import LabelledVectors, carve_val, label_strata, predictions_of
 from embedstore.eval.metrics import multiclass_metrics, multilabel_metrics
+from embedstore.eval.options import DEFAULT_C_GRID
 from embedstore.eval.selection import best_candidate
-
-DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
-
 
 ROW_BLOCK = 512  # rows per block: a block stays in cache between its two matrix products
 

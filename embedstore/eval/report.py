@@ -21,8 +21,6 @@ def write_report(result: EvaluationResult, directory: Path) -> Path:
              f"{' (multi-label)' if result.multilabel else ''}; {counts}.", ""]
     lines += [line for warning in result.warnings for line in (f"**Warning**: {warning}", "")]
     if isinstance(result, FewShotResult):
-        from embedstore.eval.fewshot import plot_curves
-
         plot_curves(result, directory / "fewshot.png")
         lines += [f"Score: {result.score}, mean [95% interval] over {result.tries} draws per point.", "",
                   "| patients per class | " + " | ".join(result.curves) + " |",
@@ -106,3 +104,29 @@ def save_figure(figure, path: Path) -> None:
     with plt.rc_context({"svg.fonttype": "none"}):  # no date inside: a rerun writes the same file
         figure.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
     plt.close(figure)
+
+
+def plot_curves(result, path) -> None:
+    """The few-shot curve (mean and 95% band per classifier) with the chance level, as a PNG and an SVG
+    beside it, titled with the model, dataset and feature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name, points in result.curves.items():
+        shots = [p["shots"] for p in points]
+        axes.plot(shots, [p["mean"] for p in points], marker="o", label=name)
+        axes.fill_between(shots, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points], alpha=0.2)
+    axes.axhline(chance_level(result.score, len(result.classes)), color="grey", linestyle="--", linewidth=1,
+                 label="chance")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(result.shots, [str(n) for n in result.shots])
+    axes.minorticks_off()
+    axes.set_xlabel("training patients per class")
+    axes.set_ylabel(result.score.replace("_", " "))
+    axes.set_title(title_lines(result, f"few-shot, {result.tries} draws per point, 95% intervals"), fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    save_figure(figure, path)

@@ -1,19 +1,21 @@
 """Typed results of the evaluations: what the CLI prints, the reports render and `--json` writes.
 
-Each result knows what it reports on test (`reported`) and the tables of metrics it holds
-(`metric_tables`), so nothing downstream branches on a task name.
+Results are keyword-only (two floats swapped in a call would otherwise pass silently) and rebuilt
+from their JSON with `from_dict` (the benchmark cache). Each knows what it reports on test
+(`reported`), the tables of metrics it holds (`metric_tables`), and what a leaderboard shows of it
+(`headline_metric`, `settings`, `headline_setting`), so nothing downstream branches on a task name.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from embedstore.eval.selection import SELECTION_RULE
 
 NOT_IN_JSON = ("test_predictions", "overlays")  # arrays and images kept beside a result, not in it
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvaluationResult:
     task: str
     model_id: str
@@ -22,22 +24,41 @@ class EvaluationResult:
     classes: list[str]
     multilabel: bool
     counts: dict[str, int]  # labelled rows per split
-    # What makes the numbers meaningless, whatever they say (degenerate vectors); keyword-only, so it
-    # may follow the fields of every result.
-    warnings: list[str] = field(default_factory=list, kw_only=True)
+    # What makes the numbers meaningless, whatever they say (degenerate vectors)
+    warnings: list[str] = field(default_factory=list)
     # Where the labels came from and what became of them (eval/labels.LabelsRecord), and the model
     # spec, embedstore version and UTC time (eval/citation.py): what a reader needs to cite the numbers.
-    labels: dict | None = field(default=None, kw_only=True)
-    provenance: dict = field(default_factory=dict, kw_only=True)
+    labels: dict | None = None
+    provenance: dict = field(default_factory=dict)
     # The reported classifier's test scores, for paired comparisons between models (bench/): keys,
     # patients, targets and scores of the test rows. Not part of the JSON.
-    test_predictions: dict | None = field(default=None, kw_only=True, repr=False)
+    test_predictions: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         result = asdict(replace(self, test_predictions=None))
         for name in NOT_IN_JSON:
             result.pop(name, None)
         return result
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The result a `to_dict` (a cell cached as JSON) describes; what JSON does not keep (test
+        predictions, overlays) is left out."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data and f.name not in NOT_IN_JSON})
+
+    @property
+    def headline_metric(self) -> str:
+        """The metric a leaderboard ranks this result by."""
+        return "macro_auroc" if self.multilabel else "balanced_accuracy"
+
+    def settings(self) -> list[tuple[str, dict, dict]]:
+        """(setting, metrics, 95% intervals) of everything reported on test: the leaderboard's rows."""
+        reported = self.reported()
+        return [("test", reported[1], reported[1].get("ci95") or {})] if reported else []
+
+    def headline_setting(self) -> str:
+        """Which of `settings` a leaderboard shows."""
+        return "test"
 
     def notes(self) -> list[str]:
         """Lines that say how the reported numbers were chosen."""
@@ -52,7 +73,7 @@ class EvaluationResult:
         return None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class KnnResult(EvaluationResult):
     temperature: float
     ks: list[int]
@@ -68,12 +89,24 @@ class KnnResult(EvaluationResult):
     def metric_tables(self) -> dict[str, dict[str, dict]]:
         return {split: {f"k={k}": metrics for k, metrics in by_k.items()} for split, by_k in self.metrics.items()}
 
+    @property
+    def reported_k(self) -> str:
+        """The k reported on test: the best on val, else the first."""
+        return str(self.best_k_on_val if self.best_k_on_val is not None else self.ks[0])
+
     def reported(self) -> tuple[str, dict]:
-        k = str(self.best_k_on_val if self.best_k_on_val is not None else self.ks[0])
+        k = self.reported_k
         return f"k = {k}" + (" (best on val)" if self.best_k_on_val is not None else ""), self.metrics["test"][k]
 
+    def settings(self) -> list[tuple[str, dict, dict]]:
+        metrics = self.metrics["test"][self.reported_k]
+        return [(self.headline_setting(), metrics, metrics.get("ci95") or {})]
 
-@dataclass
+    def headline_setting(self) -> str:
+        return f"k={self.reported_k}"
+
+
+@dataclass(kw_only=True)
 class LinearResult(EvaluationResult):
     chosen_c: float
     val_score: float
@@ -83,7 +116,7 @@ class LinearResult(EvaluationResult):
     val_scores: list[float]  # in the order of c_grid
     metrics: dict[str, dict]  # "test" → metrics
     feature_grid: dict[str, dict] | None  # with --feature grid: each candidate's C and val score
-    selection_rule: str = field(default=SELECTION_RULE, kw_only=True)  # how C was chosen among tied val scores
+    selection_rule: str = SELECTION_RULE  # how C was chosen among tied val scores
 
     def notes(self) -> list[str]:
         lines = [f"feature {name}: C {chosen['chosen_c']:.3g}, val score {chosen['val_score']:.4f}"
@@ -100,7 +133,7 @@ class LinearResult(EvaluationResult):
         return f"logistic regression, C = {self.chosen_c:.3g} (chosen on val)", self.metrics["test"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FewShotResult(EvaluationResult):
     score: str  # the metric of the curves
     interval: str  # how each point's 95% interval was made
@@ -110,11 +143,24 @@ class FewShotResult(EvaluationResult):
     curves: dict[str, list[dict]]  # classifier → per shot count {shots, mean, ci95, tries}
     train_patients_per_class: dict[str, int]
 
+    @property
+    def headline_metric(self) -> str:
+        return self.score
+
+    def settings(self) -> list[tuple[str, dict, dict]]:
+        return [(f"{classifier}@{point['shots']}", {self.score: point["mean"]}, {self.score: point["ci95"]})
+                for classifier, points in self.curves.items() for point in points]
+
+    def headline_setting(self) -> str:
+        """The curve's largest shot count, of the linear classifier when it ran."""
+        classifier = "linear" if "linear" in self.curves else next(iter(self.curves))
+        return f"{classifier}@{self.shots[-1]}"
+
 
 HEADLINE_SEGMENT_METRICS = ("global_dice", "per_volume_dice", "per_volume_dice_present", "mean_iou")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SegmentResult(EvaluationResult):
     decoder: str
     blocks: list[int]  # the stored blocks whose patch tokens the decoder read, oldest first
@@ -132,7 +178,15 @@ class SegmentResult(EvaluationResult):
     metrics: dict[str, dict]  # headline metric → {mean, std, values} over seeds
     empty_class_rule: str
     # Overlay panels for --report (image, truth, prediction at input size); not part of the JSON.
-    overlays: list = field(default_factory=list, kw_only=True, repr=False)
+    overlays: list = field(default_factory=list, repr=False)
+
+    @property
+    def headline_metric(self) -> str:
+        return "global_dice"
+
+    def settings(self) -> list[tuple[str, dict, dict]]:
+        return [("test", {name: summary["mean"] for name, summary in self.metrics.items()
+                          if summary["mean"] is not None}, {})]
 
     def notes(self) -> list[str]:
         lines = [f"seed {run['seed']}: learning rate {run['chosen_learning_rate']:g} chosen on val (val Dice "
@@ -160,7 +214,7 @@ def lr_key(learning_rate: float) -> str:
     return f"{learning_rate:g}"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinetuneResult(EvaluationResult):
     """`embedstore finetune`: task `finetune:<mode>`, the head reading `cls+patch_mean` as the linear probe does."""
 
@@ -181,8 +235,8 @@ class FinetuneResult(EvaluationResult):
     checkpoint: str | None  # the fine-tuned backbone, timm format (LoRA merged), for `embedstore ingest --weights`
     # (None in linear mode: the backbone is the stored model's)
     metrics: dict[str, dict]  # "test" → metrics
-    selection_rule: str = field(default=SELECTION_RULE, kw_only=True)  # how the head rate was chosen among ties
-    rows_left_out: dict[str, int] = field(default_factory=dict, kw_only=True)  # reason → labelled rows not trained on
+    selection_rule: str = SELECTION_RULE  # how the head rate was chosen among ties
+    rows_left_out: dict[str, int] = field(default_factory=dict)  # reason → labelled rows not trained on
 
     def notes(self) -> list[str]:
         carved = " (carved from train by patient)" if self.val_carved_from_train else ""

@@ -12,8 +12,8 @@ uninterrupted process sees.
 
 from __future__ import annotations
 
-import warnings
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -23,15 +23,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from embedstore.errors import UsageError
+from embedstore.inference.readback import read_back
+from embedstore.models.embedder import normalize
 from embedstore.models.spec import ModelSpec
-from embedstore.pipeline.readback import read_back
-from embedstore.preprocess import normalize
 
 if TYPE_CHECKING:  # the store's libraries stay out of the trainer's imports (GPU workers may lack them)
-    from embedstore.eval.labels import LabelledVectors, LabelsRecord
+    from embedstore.eval.labels import LabelledVectors, LabelsRecord, LabelsSpec
     from embedstore.store import Store
 
-READ_BACK_COLUMNS = ["key", "path", "frame", "study_uid", "series_uid", "slice_index", "modality", "body_part"]
+READ_BACK_COLUMNS = ["key", "path", "frame", "study_uid", "series_uid", "slice_index", "modality", "body_part",
+                     "kind", "axis"]
 CROP_SCALE = (0.75, 1.0)
 
 
@@ -57,18 +58,20 @@ class FinetuneData:
         return SliceImages([self.items[i] for i in rows], self.labelled.targets[rows], self.spec, augment, seed)
 
 
-def finetune_data(store: Store, labels: str | Path, model_id: str | None = None, split_by: str | None = None,
-                  ratios=(0.7, 0.1, 0.2), seed: int = 0, label_column: str = "label") -> FinetuneData:
+def finetune_data(store: Store, labels: LabelsSpec | str | Path, model_id: str | None = None) -> FinetuneData:
     """The labelled slices of one stored model with train / val / test rows; UsageError for labels a
     classifier cannot learn from (one class, a class without train rows, an empty split)."""
     from embedstore.eval.evaluate import labelled_vectors
+    from embedstore.eval.labels import as_labels_spec
     from embedstore.eval.linear import with_val_split
+    from embedstore.store.upgrade import check_item_columns
 
-    vectors, labelled, record = labelled_vectors(store, labels, "cls", "slice", model_id, split_by, ratios, seed,
-                                                 label_column)
-    labelled, carved = with_val_split(labelled, seed)
+    labels = as_labels_spec(labels)
+    vectors, labelled, record = labelled_vectors(store, labels, "cls", "slice", model_id)
+    labelled, carved = with_val_split(labelled, labels.seed)
     labelled.matrix = labelled.matrix[:, :0]  # the stored vectors are not trained on: not sent to Ray workers
     keys = set(labelled.keys)
+    check_item_columns(store)
     by_key = {row["key"]: row for row in store.rows("items", None, READ_BACK_COLUMNS).to_pylist() if row["key"] in keys}
     items = [by_key[key] for key in labelled.keys]
     # Pixels are read back from the files: a file gone since the ingest would stop the training midway.

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from embedstore.errors import UsageError
+from embedstore.finetune.options import LORA_TARGETS, MODES
 
-MODES = ("full", "lora", "bitfit", "linear")
 LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 48, 16, 0.1
-LORA_TARGETS = ("qkv", "fc1", "fc2")  # timm's ViT-g packs its SwiGLU into fc1 / fc2 as well
 
 
 def prepare_backbone(backbone: torch.nn.Module, mode: str, targets: tuple[str, ...] = LORA_TARGETS) -> torch.nn.Module:

@@ -208,12 +208,16 @@ def finetune_result(data: FinetuneData, settings: TrainSettings, folder: RunFold
     finished = [folder.finished(t) for t in trainings(settings)] + [final]
     images, seconds = sum(f["images"] for f in finished), sum(f["seconds"] for f in finished)
     result = FinetuneResult(
-        f"finetune:{settings.mode}", data.spec.model_id, "cls+patch_mean", "slice", data.labelled.classes,
-        data.labelled.multilabel, data.labelled.counts(), settings.mode, settings.epochs, settings.batch_size,
-        settings.backbone_rate(best) if settings.mode != "linear" else None, list(settings.head_lrs), val_scores,
-        best, val_score, selection_metric(data.labelled), data.val_carved, final["backbone_trainable_parameters"],
-        final["trainable_parameters"], workers, images / seconds if seconds else 0.0,
-        None if settings.mode == "linear" else str(folder.backbone_file(data.spec.name, settings.mode)),
-        {"test": final["test"]}, rows_left_out=data.left_out, warnings=list(data.warnings),
+        task=f"finetune:{settings.mode}", model_id=data.spec.model_id, feature="cls+patch_mean", level="slice",
+        classes=data.labelled.classes, multilabel=data.labelled.multilabel, counts=data.labelled.counts(),
+        mode=settings.mode, epochs=settings.epochs, batch_size=settings.batch_size,
+        backbone_lr=settings.backbone_rate(best) if settings.mode != "linear" else None,
+        head_lr_grid=list(settings.head_lrs), val_scores=val_scores, chosen_head_lr=best, val_score=val_score,
+        selection_metric=selection_metric(data.labelled), val_carved_from_train=data.val_carved,
+        backbone_trainable_parameters=final["backbone_trainable_parameters"],
+        trainable_parameters=final["trainable_parameters"], workers=workers,
+        train_images_per_second=images / seconds if seconds else 0.0,
+        checkpoint=None if settings.mode == "linear" else str(folder.backbone_file(data.spec.name, settings.mode)),
+        metrics={"test": final["test"]}, rows_left_out=data.left_out, warnings=list(data.warnings),
         test_predictions=predictions_of(data.part("test"), np.load(folder.test_scores_file())))
     return cite(result, data.spec, data.record)

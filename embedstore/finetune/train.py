@@ -22,11 +22,11 @@ import torch
 
 from embedstore.errors import UsageError
 from embedstore.finetune.data import SliceImages, batches
-from embedstore.finetune.modes import LORA_TARGETS, MODES, prepare_backbone
+from embedstore.finetune.modes import prepare_backbone
+from embedstore.finetune.options import HEAD_LR_GRID, LORA_TARGETS
 from embedstore.models.build import cls_and_patch_mean, rebuild_model
 from embedstore.models.spec import ModelSpec
 
-HEAD_LR_GRID = (1e-3, 5e-3, 1e-2, 5e-2)  # the study's head learning rates, chosen on val
 FULL_BACKBONE_LR = 1e-5  # the study's backbone rate for a full fine-tune
 MOMENTUM = 0.9
 HEAD_INIT_STD = 0.01
@@ -47,23 +47,6 @@ class TrainSettings:
         if self.backbone_lr is not None:
             return self.backbone_lr
         return FULL_BACKBONE_LR if self.mode == "full" else head_lr
-
-
-def check_settings(settings: TrainSettings, world: int = 1) -> None:
-    """UsageError for settings no training can run with, before anything is read or written."""
-    if settings.mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {settings.mode!r}")
-    if settings.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, not {settings.epochs}")
-    if settings.batch_size < world or settings.batch_size % world:
-        raise UsageError(f"--batch-size {settings.batch_size} must be a multiple of the {world} training workers "
-                         "(each takes an equal share of every batch)")
-    if not settings.head_lrs or not min(settings.head_lrs) > 0:
-        raise UsageError(f"--head-lrs takes learning rates above 0, not {','.join(map(str, settings.head_lrs))}")
-    if settings.backbone_lr is not None and not settings.backbone_lr > 0:
-        raise UsageError(f"--backbone-lr must be above 0, not {settings.backbone_lr}")
-    if settings.decode_workers < 0:
-        raise UsageError(f"--decode-workers must be 0 or more, not {settings.decode_workers}")
 
 
 @dataclass

@@ -12,9 +12,8 @@ import torch
 from embedstore.errors import UsageError
 from embedstore.intensity import PREPROCESS_VERSION, IntensityConfig
 from embedstore.models.registry import ModelName, resolve_model
-from embedstore.models.spec import INTERPOLATIONS, ModelSpec
+from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelSpec
 from embedstore.models.weights import build_from_file, build_from_hub, build_random, weights_digest
-from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_LAYERS = 4  # the reference study's "last 4 blocks" linear-probe input
 
@@ -113,8 +112,9 @@ def load_model(name: str, weights: str = "hub", image_size: int = 224, seed: int
         path = Path(weights)
         model, source, weights_file = build_from_file(resolved, image_size, path), "file", str(path.resolve())
     model.eval().requires_grad_(False)
-    spec = describe(resolved, model, image_size, source, weights_file, seed if source == "random" else 0,
-                    intensity or IntensityConfig(), layers, patch_layers, mean, std)
+    spec = describe(resolved, model, image_size, source, weights_file, seed=seed if source == "random" else 0,
+                    intensity=intensity or IntensityConfig(), layers=layers, patch_layers=patch_layers, mean=mean,
+                    std=std)
     return LoadedModel(spec, model)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,9 +11,17 @@ import torch
 from embedstore.errors import UsageError
 from embedstore.models.build import LoadedModel
 from embedstore.models.engines import EmbeddingForward, autocast, build_engine, forward_padded
-from embedstore.preprocess import normalize
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(n, 1 or 3, S, S) in [0, 1] → (n, 3, S, S) normalised by the model's mean and std, on the batch's device."""
+    if batch.shape[1] == 1:
+        batch = batch.expand(-1, 3, -1, -1)
+    mean = torch.tensor(mean, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    return (batch - mean) / std
 
 
 @dataclass
@@ -24,8 +33,12 @@ class Embeddings:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    """The device `requested` names (auto: CUDA when there is one); UsageError for a name that is no
+    device, or CUDA where none is visible."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", requested):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {requested!r}")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {requested} requested but CUDA is not available")
     return torch.device(requested)

@@ -15,10 +15,13 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields
 
-from embedstore import __version__
 from embedstore.intensity import IntensityConfig
+from embedstore.version import __version__
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what the resize step can do (always antialiased)
+# the normalisation of a model whose pretrained_cfg names none (and DINOv2's own)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

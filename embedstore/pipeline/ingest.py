@@ -23,7 +23,6 @@ from embedstore.pipeline.on_ray import RayActors, embed_on_ray
 from embedstore.pipeline.plan import Plan, plan_remaining
 from embedstore.pipeline.progress import IngestProgress, count_files, spinner, status
 from embedstore.pipeline.runner import UNIT_SLICES, UnitRunner, plan_units, unit_slices_for
-from embedstore.pipeline.series import refresh_series
 from embedstore.preprocess import DecodeSettings
 from embedstore.sources.catalog import build_catalog, declared_modality
 from embedstore.sources.discover import check_sources, discover
@@ -33,6 +32,8 @@ from embedstore.sources.records import Failure, ReadTask
 from embedstore.store import Store, check_store_path, check_store_writable
 from embedstore.store.info import record_summary
 from embedstore.store.privacy import AS_READ, HASHED, pseudonymise
+from embedstore.store.series import refresh_series
+from embedstore.store.upgrade import add_item_columns
 
 DEFAULT_COMMIT_ROWS = 4096
 EXECUTORS = ("local", "ray")
@@ -115,6 +116,43 @@ class IngestSummary:
         return asdict(self)
 
 
+def check_options(options: IngestOptions) -> tuple[IntensityConfig, str | None, object]:
+    """The intensity mapping, declared modality and device an ingest asks for; UsageError for a wrong
+    request, before anything is loaded or written."""
+    if options.batch_size < 1 or (options.workers is not None and options.workers < 0):
+        raise UsageError("--batch-size must be at least 1 and --workers at least 0")
+    if options.axis not in AXES:
+        raise UsageError(f"unknown axis {options.axis!r}: use one of {', '.join(AXES)}")
+    modality = declared_modality(options.modality)
+    if options.max_pixels < 1:
+        raise UsageError("--max-pixels must be at least 1")
+    intensity = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
+    if options.executor not in EXECUTORS:
+        raise UsageError(f"unknown executor {options.executor!r}: use one of {', '.join(EXECUTORS)}")
+    device = pick_device(options.device)
+    check_precision(options.precision)
+    candidate_engines(options.engine, device)  # an unknown engine is a wrong request: nothing written yet
+    return intensity, modality, device
+
+
+def open_for_models(store_path: Path, options: IngestOptions, specs: list[ModelSpec]) -> tuple[Store, bytes | None]:
+    """The store, created if need be, holding every model's spec; and the patient key that hashes
+    PatientIDs (None with --keep-patient-id). A key or layers the store was not made with are refused."""
+    patient_ids = AS_READ if options.keep_patient_id else HASHED
+    store = Store.open(store_path, create=True, patient_ids=patient_ids)
+    store.check_patient_ids(patient_ids)
+    key = store.patient_key() if patient_ids == HASHED else None
+    add_item_columns(store)  # a store written before the items said the kind and axis of their files
+    if not options.overwrite:
+        for spec in specs:  # every model checked before any is added
+            store.check_layers(spec)
+    for spec in specs:
+        if options.overwrite:
+            store.drop_model(spec.model_id)
+        store.add_model(spec)
+    return store, key
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
@@ -126,8 +164,9 @@ def load_models(options: IngestOptions, intensity: IntensityConfig) -> list[Load
     if len(options.models) > 1 and options.weights not in ("hub", "random"):
         raise UsageError("--weights PATH is one checkpoint: ingest one --model with it at a time")
     patch_layers = () if not options.keep_patches else options.patch_layers
-    loaded = [load_model(name, options.weights, options.image_size, options.seed, intensity, options.layers,
-                         patch_layers, options.mean, options.std) for name in options.models]
+    loaded = [load_model(name, options.weights, options.image_size, options.seed, intensity=intensity,
+                         layers=options.layers, patch_layers=patch_layers, mean=options.mean, std=options.std)
+              for name in options.models]
     ids = [m.model_id for m in loaded]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
@@ -148,39 +187,16 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     store_path = Path(store_path)
     check_store_path(store_path, create=True)
     check_store_writable(store_path)
-    if options.batch_size < 1 or (options.workers is not None and options.workers < 0):
-        raise UsageError("--batch-size must be at least 1 and --workers at least 0")
-    if options.axis not in AXES:
-        raise UsageError(f"unknown axis {options.axis!r}: use one of {', '.join(AXES)}")
-    modality = declared_modality(options.modality)
-    if options.max_pixels < 1:
-        raise UsageError("--max-pixels must be at least 1")
-    intensity = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
-    if options.executor not in EXECUTORS:
-        raise UsageError(f"unknown executor {options.executor!r}: use one of {', '.join(EXECUTORS)}")
-    device = pick_device(options.device)
-    check_precision(options.precision)
-    candidate_engines(options.engine, device)  # an unknown engine is a wrong request: nothing written yet
+    intensity, modality, device = check_options(options)
     with spinner(f"loading {', '.join(options.models)} ({options.weights} weights)", options.show_progress):
         models = loaded or load_models(options, intensity)
     loading_seconds = time.perf_counter() - wall_started
     notes = [RANDOM_WEIGHTS_NOTE] if options.weights == "random" else []
     specs = [m.spec for m in models]
     workers = default_workers(device.type) if options.workers is None else options.workers
-    settings = DecodeSettings(intensity, options.image_size, tuple(sorted({s.interpolation for s in specs})),
-                              options.max_pixels)
+    settings = DecodeSettings.for_specs(specs, options.max_pixels)
 
-    patient_ids = AS_READ if options.keep_patient_id else HASHED
-    store = Store.open(store_path, create=True, patient_ids=patient_ids)
-    store.check_patient_ids(patient_ids)
-    key = store.patient_key() if patient_ids == HASHED else None  # a key the store was not made with is refused
-    if not options.overwrite:
-        for spec in specs:  # every model checked before any is added
-            store.check_layers(spec)
-    for spec in specs:
-        if options.overwrite:
-            store.drop_model(spec.model_id)
-        store.add_model(spec)
+    store, key = open_for_models(store_path, options, specs)
     run_id = new_run_id()
     model_ids = [s.model_id for s in specs]
     store.start_run(run_id, model_ids, {**asdict(options), "workers": workers, "device": str(device),
@@ -195,11 +211,10 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
         # Every check has passed: from here on, lines on stderr cannot mix with a wrong request's one line.
         status(f"loaded {', '.join(options.models)} ({options.weights} weights) in {loading_seconds:.1f} s",
                options.show_progress)
-        for note in notes:
-            status(f"note: {note}", options.show_progress)
-        status(f"reading catalog: {len(found):,} files", options.show_progress)
+        for line in [*(f"note: {note}" for note in notes), f"reading catalog: {len(found):,} files"]:
+            status(line, options.show_progress)
         catalog = build_catalog(found, pool.map, options.axis, options.max_pixels, modality)
-        if patient_ids == HASHED:
+        if key is not None:
             pseudonymise_patients(catalog.tasks, key)
         plan = plan_remaining(catalog.tasks, [store.committed_keys(m) for m in model_ids])
         units = plan_units(plan.tasks, plan.missing, unit_slices_for(specs, options.unit_slices))
@@ -213,38 +228,42 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
                 outcome = embed_on_ray(job, store, actors, units, progress, stage_seconds)
             else:
                 progress.phase("preparing")
-                embedders = [Embedder(m, options.device, options.precision, options.engine, options.batch_size)
-                             for m in models]
+                runner = UnitRunner(models, [Embedder(m, options.device, options.precision, options.engine,
+                                                      options.batch_size) for m in models],
+                                    store.patches_root, run_id, options.batch_size)
                 progress.phase("embedding")
-                runner = UnitRunner(models, embedders, store.patches_root, run_id, options.batch_size)
                 outcome = embed_locally(job, store, runner, pool, units, progress, stage_seconds)
         failures.extend(outcome.failures)
 
-    tried_paths = sorted({task.path for task in plan.tasks} | {f.path for f in failures})
-    store.forget_failures(tried_paths, run_id)
-    series_started = time.perf_counter()
-    with store.commit_lock():  # a concurrent ingest's refresh would upsert the same series rows
-        refresh_series(store, model_ids)
-    stage_seconds["series"] = time.perf_counter() - series_started
-    seconds = time.perf_counter() - started
-    embedded = outcome.n_embedded
-    standing = failures + earlier
+    close_run(store, run_id, model_ids, sorted({task.path for task in plan.tasks} | {f.path for f in failures}),
+              stage_seconds)
+    seconds, standing = time.perf_counter() - started, failures + earlier
     n_failed, n_duplicates = count_files(standing)
     summary = IngestSummary(
         run_id=run_id, model_ids=model_ids, store=str(store_path), workers=workers, n_found=catalog.n_items,
         engine=outcome.engine, engine_notes=outcome.engine_notes,
-        n_embedded=embedded, embedded_by_model={m: outcome.embedded.get(m, 0) for m in model_ids},
+        n_embedded=outcome.n_embedded, embedded_by_model={m: outcome.embedded.get(m, 0) for m in model_ids},
         committed_by_model={m: outcome.committed.get(m, 0) for m in model_ids},
         n_skipped=plan.n_skipped, n_failed_slices=outcome.n_failed_slices, n_failed=n_failed,
         failures_by_reason=dict(Counter(f.reason for f in standing if f.reason != DUPLICATE_INSTANCE)),
         n_duplicates=n_duplicates, n_warned_files=outcome.n_warned_files, seconds=seconds,
-        wall_seconds=time.perf_counter() - wall_started, slices_per_s=embedded / seconds if seconds > 0 else 0.0,
+        wall_seconds=time.perf_counter() - wall_started, slices_per_s=outcome.n_embedded / seconds if seconds > 0 else 0.0,
         stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()}, notes=notes,
     )
     store.finish_run(run_id, sum(outcome.committed.values()), plan.n_skipped, n_failed, summary.slices_per_s,
                      stage_seconds)
     record_summary(store)
     return summary
+
+
+def close_run(store: Store, run_id: str, model_ids: list[str], tried_paths: list[str], stage_seconds: Counter) -> None:
+    """What the run's rows change around them: the failures of files it read again forgotten (it
+    recorded their outcome anew), and the series rows of its models refreshed."""
+    store.forget_failures(tried_paths, run_id)
+    series_started = time.perf_counter()
+    with store.commit_lock():  # a concurrent ingest's refresh would upsert the same series rows
+        refresh_series(store, model_ids)
+    stage_seconds["series"] = time.perf_counter() - series_started
 
 
 @dataclass

@@ -23,21 +23,21 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from embedstore.inference.batching import SliceBatcher
 from embedstore.models.build import LoadedModel
 from embedstore.models.embedder import Embedder, Embeddings
 from embedstore.models.spec import ModelSpec, cls_column
-from embedstore.pipeline.batching import SliceBatcher
 from embedstore.pipeline.progress import IngestProgress
 from embedstore.preprocess import DecodedFile
 from embedstore.sources.records import Failure, ReadTask, SliceItem
-from embedstore.store import Store, sql_literal
+from embedstore.store import Store, among
 from embedstore.store.patches import PatchShardWriter
 from embedstore.store.schema import ITEMS_SCHEMA, SEARCH_COLUMNS, model_slices_schema, slices_table_name
 
 UNIT_SLICES = 256  # slices per work unit (a longer series is one unit on its own)
 UNIT_PATCH_BYTES = 512 * 1024 * 1024  # smaller units where patch tokens are large (448 px, 5 layers, ViT-L)
 ITEM_GEOMETRY = ("frame", "rows", "cols", "pixel_spacing", "slice_thickness", "image_position",
-                 "image_orientation", "slice_position")
+                 "image_orientation", "slice_position", "kind", "axis")
 
 
 @dataclass
@@ -293,7 +293,7 @@ class RowCommitter:
         shards = sorted({s for s in rows.column("patch_shard").to_pylist() if s is not None})
         if not shards:
             return
-        condition = f"patch_shard IN ({', '.join(sql_literal(s) for s in shards)})"
+        condition = among("patch_shard", shards)
         referenced = set(self.store.rows(slices_table_name(model_id), condition, ["patch_shard"])
                          .column("patch_shard").to_pylist())
         for shard in shards:

@@ -212,8 +212,9 @@ def measure_recall(store: Store, model_id: str, table_name: str, column: str, pa
             break
         parameters = replace(parameters, nprobes=min(parameters.num_partitions, 2 * parameters.nprobes))
     _, ann_rows_p50_ms = search_sample(None)
-    return IndexReport(table_name, column, n_rows, parameters, build_seconds, recall, ann_p50_ms, ann_rows_p50_ms,
-                       float(np.median(exact_ms)))
+    return IndexReport(table=table_name, column=column, rows=n_rows, parameters=parameters, build_seconds=build_seconds,
+                       recall_at_10=recall, ann_p50_ms=ann_p50_ms, ann_rows_p50_ms=ann_rows_p50_ms,
+                       exact_p50_ms=float(np.median(exact_ms)))
 
 
 def remember_index(store: Store, report: IndexReport) -> None:

@@ -22,10 +22,10 @@ import pyarrow as pa
 from embedstore.errors import UsageError
 from embedstore.search.exact import exact_top_k
 from embedstore.search.index import ann_search, index_for
+from embedstore.search.where import validated_where
+from embedstore.store import Store, equals
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import Vectors, feature_columns, l2_normalised, load_vectors
-from embedstore.search.where import validated_where
-from embedstore.store import Store, sql_literal
 
 LEVELS = ("slice", "series", "study")
 
@@ -82,7 +82,7 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
     own = query.own_key if level == "slice" else query.own_series
     index = index_for(store, table, feature) if level != "study" else None
     if index is not None:
-        return _search_index(store, table, feature, pooled[0], k, index, level, condition, own)
+        return _search_index(store, table, feature, pooled[0], k, index, level=level, condition=condition, own=own)
     candidates = load_vectors(store, query.model_id, feature, "series" if level == "series" else "slice", condition,
                               DESCRIPTION_COLUMNS)
     if level == "study":
@@ -113,9 +113,11 @@ def _identity(vectors: Vectors, level: str, row: int) -> str:
 
 
 def _hit(rank: int, similarity: float, level: str, row: dict) -> Hit:
-    return Hit(rank, similarity, level, row["key"], row["study_uid"], row.get("series_uid"), row.get("path"),
-               row.get("slice_index"), row.get("modality"), row.get("body_part"), row.get("series_description"),
-               row.get("study_date"), row.get("n_slices"))
+    return Hit(rank=rank, similarity=similarity, level=level, key=row["key"], study_uid=row["study_uid"],
+               series_uid=row.get("series_uid"), path=row.get("path"), slice_index=row.get("slice_index"),
+               modality=row.get("modality"), body_part=row.get("body_part"),
+               series_description=row.get("series_description"), study_date=row.get("study_date"),
+               n_slices=row.get("n_slices"))
 
 
 def _rank_studies(query: Query, slices: Vectors, k: int) -> list[Hit]:
@@ -141,9 +143,10 @@ def _study_hit(rank: int, similarity: float, study_uid: str, rows: list[dict]) -
         values = sorted({row[column] for row in rows if row.get(column)})
         return separator.join(values) if values else None
 
-    return Hit(rank, similarity, "study", study_uid, study_uid, None, None, None, distinct("modality", "/"),
-               distinct("body_part", "/"), distinct("series_description", "; "), distinct("study_date", ", "),
-               len(rows), len({row["series_uid"] for row in rows}))
+    return Hit(rank=rank, similarity=similarity, level="study", key=study_uid, study_uid=study_uid, series_uid=None,
+               path=None, slice_index=None, modality=distinct("modality", "/"), body_part=distinct("body_part", "/"),
+               series_description=distinct("series_description", "; "), study_date=distinct("study_date", ", "),
+               n_slices=len(rows), n_series=len({row["series_uid"] for row in rows}))
 
 
 # ------------------------------------------------------------------------------------- queries
@@ -175,16 +178,54 @@ def _stored(store: Store, model_id: str | None, feature: str, column: str, value
     model_id = store.resolve_model_id(model_id)
     feature_columns(store.spec(model_id), feature)  # a wrong feature says so, not "no such slice"
     try:
-        return model_id, load_vectors(store, model_id, feature, where=f"{column} = {sql_literal(value)}")
+        return model_id, load_vectors(store, model_id, feature, where=equals(column, value))
     except UsageError:
         raise UsageError(f"no {what} {value!r} of model {model_id} in store {store.path}") from None
 
 
 def query_by_vectors(store: Store, description: str, model_id: str, columns: dict[str, np.ndarray],
                      feature: str = "cls") -> Query:
-    """A query from freshly embedded slices (`pipeline.embed_file`): stored-column name → (n, D)."""
+    """A query from freshly embedded slices (`inference.embed`): stored-column name → (n, D)."""
     parts = feature_columns(store.spec(model_id), feature)
     return Query(description, model_id, np.concatenate([columns[part] for part in parts], axis=1))
+
+
+def query_by_image(store: Store, image, feature: str = "cls", model_id: str | None = None) -> Query:
+    """An image file as the query, embedded with the store's model and preprocessing."""
+    from embedstore.inference.embed import embed_file  # torch and timm: only when an image is asked about
+
+    model_id = store.resolve_model_id(model_id)
+    columns = embed_file(store, image, model_id)
+    return query_by_vectors(store, image_description(image, columns), model_id, columns, feature)
+
+
+def query_by_matrix(store: Store, vector, feature: str = "cls", model_id: str | None = None) -> Query:
+    """Vectors of one's own as the query: (D,) or (n, D) in the feature's width."""
+    model_id = store.resolve_model_id(model_id)
+    spec = store.spec(model_id)
+    width = len(feature_columns(spec, feature)) * spec.embed_dim
+    matrix = np.asarray(vector, dtype=np.float32)
+    matrix = matrix.reshape(1, -1) if matrix.ndim == 1 else matrix
+    if matrix.ndim != 2 or matrix.shape[1] != width or not len(matrix):
+        raise UsageError(f"vector must have shape ({width},) or (n, {width}) for feature {feature} of model "
+                         f"{model_id}, not {np.shape(vector)}")
+    return Query("a given vector", model_id, matrix)
+
+
+QUERIES = {"key": query_by_key, "series_uid": query_by_series, "study_uid": query_by_study,
+           "image": query_by_image, "vector": query_by_matrix}
+
+
+def query_for(store: Store, sources: dict[str, tuple[str, object]], feature: str = "cls",
+              model_id: str | None = None) -> Query:
+    """The query of the one source given. `sources` maps each way of asking a caller offers, named
+    as the caller names it (--key, key, ...), to (kind, value), kind one of QUERIES; UsageError
+    unless exactly one value is given."""
+    given = [(kind, value) for kind, value in sources.values() if value is not None]
+    if len(given) != 1:
+        raise UsageError(f"give exactly one of {', '.join(sources)}")
+    kind, value = given[0]
+    return QUERIES[kind](store, value, feature, model_id)
 
 
 def hits_as_dicts(hits: list[Hit]) -> list[dict]:

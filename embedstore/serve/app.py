@@ -37,23 +37,40 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from embedstore import __version__
 from embedstore.errors import InputError, StoreDamagedError, UsageError
 from embedstore.search import similar
 from embedstore.search.degenerate import stored_feature_warning
 from embedstore.search.where import validated_where
 from embedstore.serve.public import FILTER_COLUMNS, ITEM_FIELDS, PublicIds
+from embedstore.serve.responses import (
+    FacetsResponse,
+    ItemResponse,
+    Member,
+    ModelInfo,
+    ModelsResponse,
+    SearchResponse,
+    SearchResult,
+    SeriesResponse,
+    SeriesSummary,
+    StudyResponse,
+    StudySeries,
+    UploadResponse,
+)
 from embedstore.serve.thumbnails import ThumbnailCache
 from embedstore.sources.discover import check_input_file, kind_by_name
 from embedstore.sources.limits import UPLOAD_MAX_PIXELS
-from embedstore.store import Store, sql_literal
+from embedstore.store import Store, among, equals
 from embedstore.store.schema import series_table_name, slices_table_name
+from embedstore.store.upgrade import check_item_columns
 from embedstore.store.vectors import feature_columns
+from embedstore.version import __version__
 
 STATIC = Path(__file__).parent / "static"
 STRIP_LENGTH = 6  # slices shown for a series or study result
 UPLOADS_KEPT = 8  # embedded uploads kept for further searches (each up to --max-upload-mb)
 READ_CHUNK = 1 << 20
+STORED_QUERIES = ("key", "series_uid", "study_uid")  # searches by what the store holds (and uploads)
+SERIES_FIELDS = tuple(name for name in ITEM_FIELDS if name != "slice_index")  # what a series row shows of them
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,10 @@ class ServeSettings:
     max_upload_mb: float = 50.0
     max_pixels: int = UPLOAD_MAX_PIXELS  # per uploaded frame, refused from the header before decoding
     cache_folder: Path | None = None  # default: <store>.serve-cache beside the store
+
+    def __post_init__(self):
+        if self.max_upload_mb <= 0 or self.max_pixels < 1:
+            raise UsageError("--max-upload-mb and --max-pixels must be positive")
 
 
 def cache_folder_for(store: Path) -> Path:
@@ -123,6 +144,7 @@ class Service:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.store = Store.open(settings.store)
+        check_item_columns(self.store)  # thumbnails read slices back by their kind and axis
         cache = settings.cache_folder or cache_folder_for(settings.store)
         self.ids = PublicIds(self.store, cache, settings.show_paths)
         self.thumbnails = ThumbnailCache(cache / "thumbnails")
@@ -172,9 +194,9 @@ class Service:
 
     # ------------------------------------------------------------------ search
     def query(self, request: SearchRequest, model_id: str, feature: str) -> similar.Query:
-        given = [name for name in ("key", "series_uid", "study_uid", "upload_id") if getattr(request, name)]
+        given = [name for name in (*STORED_QUERIES, "upload_id") if getattr(request, name)]
         if len(given) != 1:
-            raise HTTPException(400, "give exactly one of key, series_uid, study_uid, upload_id")
+            raise HTTPException(400, f"give exactly one of {', '.join(STORED_QUERIES)}, upload_id")
         try:
             feature_columns(self.store.spec(model_id), feature)
         except UsageError as error:
@@ -184,14 +206,12 @@ class Service:
                                             self.upload_vectors(request.upload_id, model_id), feature)
         name = given[0]
         stored = self.stored_or_404(getattr(request, name), name.replace("_", " "))
-        build = {"key": similar.query_by_key, "series_uid": similar.query_by_series,
-                 "study_uid": similar.query_by_study}[name]
-        try:
-            return build(self.store, stored, feature, model_id)
+        try:  # the one dispatch the command line and the Python API use too
+            return similar.query_for(self.store, {name: (name, stored)}, feature, model_id)
         except UsageError as error:
             raise HTTPException(404, self.message(error).replace(stored, getattr(request, name))) from None
 
-    def search(self, request: SearchRequest) -> dict:
+    def search(self, request: SearchRequest) -> SearchResponse:
         model_id = self.model_id(request.model)
         feature = request.feature or self.default_feature(model_id)[0]
         query = self.query(request, model_id, feature)
@@ -202,31 +222,33 @@ class Service:
         except UsageError as error:
             raise HTTPException(400, self.message(error)) from None
         strips = self.strips(hits, request.level)
-        return {"model_id": model_id, "level": request.level, "feature": feature, "where": where,
-                "results": [self.result(hit, model_id, strips.get(hit.key)) for hit in hits]}
+        return SearchResponse(model_id=model_id, level=request.level, feature=feature, where=where,
+                              results=[self.result(hit, model_id, strips.get(hit.key)) for hit in hits])
 
     def filter_schema(self, table: str) -> pa.Schema:
         schema = self.store.schema(table)
         return pa.schema([field for field in schema if field.name in FILTER_COLUMNS])
 
-    def result(self, hit: similar.Hit, model_id: str, strip: list[str] | None) -> dict:
-        item = {"rank": hit.rank, "score": hit.similarity, "level": hit.level, "key": self.ids.public(hit.key),
-                "series_uid": self.ids.public(hit.series_uid), "study_uid": self.ids.public(hit.study_uid),
-                **{name: getattr(hit, name) for name in ITEM_FIELDS}, "n_slices": hit.n_slices,
-                "n_series": hit.n_series}
+    def result(self, hit: similar.Hit, model_id: str, strip: list[str] | None) -> SearchResult:
         keys = [hit.key] if hit.level == "slice" else strip or []
-        item["thumbnail"] = self.thumbnail_url(keys[len(keys) // 2], model_id) if keys else None
-        item["strip"] = [self.thumbnail_url(key, model_id) for key in keys] if hit.level != "slice" else []
-        if self.settings.show_paths:
-            item["path"] = hit.path
-        return item
+        return SearchResult(
+            rank=hit.rank, score=hit.similarity, level=hit.level, key=self.ids.public(hit.key),
+            series_uid=self.ids.public(hit.series_uid), study_uid=self.ids.public(hit.study_uid),
+            **{name: getattr(hit, name) for name in ITEM_FIELDS}, n_slices=hit.n_slices, n_series=hit.n_series,
+            thumbnail=self.thumbnail_url(keys[len(keys) // 2], model_id) if keys else None,
+            strip=[self.thumbnail_url(key, model_id) for key in keys] if hit.level != "slice" else [],
+            **self.shown_path(hit.path))
+
+    def shown_path(self, path: str) -> dict:
+        """The `path` field, only with --show-paths (absent, not null, otherwise)."""
+        return {"path": path} if self.settings.show_paths else {}
 
     def strips(self, hits: list[similar.Hit], level: str) -> dict[str, list[str]]:
         """For series and study results: up to STRIP_LENGTH slice keys each, evenly spread in slice order."""
         if level == "slice" or not hits:
             return {}
         column = "series_uid" if level == "series" else "study_uid"
-        members = self.store.rows("items", f"{column} IN ({', '.join(sql_literal(hit.key) for hit in hits)})",
+        members = self.store.rows("items", among(column, [hit.key for hit in hits]),
                                   ["key", "study_uid", "series_uid", "slice_index"]).to_pylist()
         grouped: dict[str, list[dict]] = {}
         for row in members:
@@ -239,7 +261,7 @@ class Service:
         return strips
 
     # ------------------------------------------------------------------ uploads
-    def add_upload(self, data: bytes, filename: str, model_id: str) -> dict:
+    def add_upload(self, data: bytes, filename: str, model_id: str) -> UploadResponse:
         suffix = upload_suffix(filename)
         upload_id = upload_id_of(data, suffix)
         with self.lock:
@@ -249,13 +271,13 @@ class Service:
             while len(self.uploads) > UPLOADS_KEPT:
                 self.uploads.popitem(last=False)
         vectors = self.upload_vectors(upload_id, model_id, Path(filename).name)
-        return {"upload_id": upload_id, "model_id": model_id, "slices": int(len(vectors["cls"]))}
+        return UploadResponse(upload_id=upload_id, model_id=model_id, slices=len(vectors["cls"]))
 
     def upload_vectors(self, upload_id: str, model_id: str, name: str | None = None) -> dict[str, np.ndarray]:
         """An upload's slices embedded by the model (once per model), read by the ingest's readers;
         a 400 saying why when it cannot be, naming the file as this request named it (`name`)."""
+        from embedstore.inference.embed import embed_with
         from embedstore.models.build import rebuild_model  # torch and timm: only once an upload comes
-        from embedstore.pipeline.embed_file import embed_with
 
         with self.lock:
             upload = self.uploads.get(upload_id)
@@ -279,56 +301,54 @@ class Service:
     def item_row(self, public_key: str) -> dict:
         """The `items` row behind a public key; 404 when there is none."""
         key = self.stored_or_404(public_key, "slice with key")
-        rows = self.store.rows("items", f"key = {sql_literal(key)}").to_pylist()
+        rows = self.store.rows("items", equals("key", key)).to_pylist()
         if not rows:
             raise HTTPException(404, f"no slice with key {public_key!r} in this store")
         return rows[0]
 
-    def item(self, public_key: str) -> dict:
+    def item(self, public_key: str) -> ItemResponse:
         row = self.item_row(public_key)
-        key = row["key"]
-        item = {"key": public_key, "series_uid": self.ids.public(row["series_uid"]),
-                "study_uid": self.ids.public(row["study_uid"]), **{name: row[name] for name in ITEM_FIELDS},
-                "rows": row["rows"], "cols": row["cols"], "pixel_spacing": row["pixel_spacing"],
-                "slice_thickness": row["slice_thickness"], "thumbnail": self.thumbnail_url(key, self.model_id(None))}
-        if self.settings.show_paths:
-            item["path"] = row["path"]
-        return item
+        return ItemResponse(
+            key=public_key, series_uid=self.ids.public(row["series_uid"]), study_uid=self.ids.public(row["study_uid"]),
+            **{name: row[name] for name in ITEM_FIELDS}, rows=row["rows"], cols=row["cols"],
+            pixel_spacing=row["pixel_spacing"], slice_thickness=row["slice_thickness"],
+            thumbnail=self.thumbnail_url(row["key"], self.model_id(None)), **self.shown_path(row["path"]))
 
-    def series(self, public_uid: str) -> dict:
+    def series(self, public_uid: str) -> SeriesResponse:
         uid = self.stored_or_404(public_uid, "series")
-        rows = self.store.rows("series", f"series_uid = {sql_literal(uid)}").to_pylist()
+        rows = self.store.rows("series", equals("series_uid", uid)).to_pylist()
         if not rows:
             raise HTTPException(404, f"no series {public_uid!r} in this store")
-        return {**self.series_summary(rows[0]), "members": self.members("series_uid", uid)}
+        return SeriesResponse(**self.series_summary(rows[0]).model_dump(), members=self.members("series_uid", uid))
 
-    def study(self, public_uid: str) -> dict:
+    def study(self, public_uid: str) -> StudyResponse:
         uid = self.stored_or_404(public_uid, "study")
-        rows = self.store.rows("series", f"study_uid = {sql_literal(uid)}").to_pylist()
+        rows = self.store.rows("series", equals("study_uid", uid)).to_pylist()
         if not rows:
             raise HTTPException(404, f"no study {public_uid!r} in this store")
         rows.sort(key=lambda row: (row["series_description"] or "", row["series_uid"]))
-        by_series: dict[str, list[dict]] = {}
+        by_series: dict[str, list[Member]] = {}
         for member in self.members("study_uid", uid):
-            by_series.setdefault(member["series_uid"], []).append(member)
+            by_series.setdefault(member.series_uid, []).append(member)
         series = []
         for row in rows:
             own = by_series.get(self.ids.public(row["series_uid"]), [])
-            series.append({**self.series_summary(row), "thumbnail": own[len(own) // 2]["thumbnail"] if own else None})
-        return {"study_uid": public_uid, "study_date": rows[0]["study_date"],
-                "modality": "/".join(sorted({row["modality"] for row in rows if row["modality"]})) or None,
-                "n_series": len(rows), "n_slices": sum(row["n_slices"] for row in rows), "series": series}
+            series.append(StudySeries(**self.series_summary(row).model_dump(),
+                                      thumbnail=own[len(own) // 2].thumbnail if own else None))
+        return StudyResponse(study_uid=public_uid, study_date=rows[0]["study_date"],
+                             modality="/".join(sorted({row["modality"] for row in rows if row["modality"]})) or None,
+                             n_series=len(rows), n_slices=sum(row["n_slices"] for row in rows), series=series)
 
-    def series_summary(self, row: dict) -> dict:
-        return {"series_uid": self.ids.public(row["series_uid"]), "study_uid": self.ids.public(row["study_uid"]),
-                **{name: row[name] for name in ITEM_FIELDS if name in row}, "n_slices": row["n_slices"],
-                "slice_spacing": row["slice_spacing"]}
+    def series_summary(self, row: dict) -> SeriesSummary:
+        return SeriesSummary(series_uid=self.ids.public(row["series_uid"]), study_uid=self.ids.public(row["study_uid"]),
+                             **{name: row[name] for name in SERIES_FIELDS},
+                             n_slices=row["n_slices"], slice_spacing=row["slice_spacing"])
 
-    def members(self, column: str, uid: str) -> list[dict]:
+    def members(self, column: str, uid: str) -> list[Member]:
         model_id = self.model_id(None)
-        rows = self.store.rows("items", f"{column} = {sql_literal(uid)}", ["key", "series_uid", "slice_index"])
-        return [{"key": self.ids.public(row["key"]), "series_uid": self.ids.public(row["series_uid"]),
-                 "slice_index": row["slice_index"], "thumbnail": self.thumbnail_url(row["key"], model_id)}
+        rows = self.store.rows("items", equals(column, uid), ["key", "series_uid", "slice_index"])
+        return [Member(key=self.ids.public(row["key"]), series_uid=self.ids.public(row["series_uid"]),
+                       slice_index=row["slice_index"], thumbnail=self.thumbnail_url(row["key"], model_id))
                 for row in sorted(rows.to_pylist(), key=lambda row: (row["series_uid"], row["slice_index"]))]
 
     # ------------------------------------------------------------------ thumbnails and facets
@@ -341,15 +361,32 @@ class Service:
             raise HTTPException(404, f"slice {public_key!r} cannot be read again from its file "
                                      f"({type(error).__name__})") from None
 
-    def facets(self) -> dict:
+    def facets(self) -> FacetsResponse:
         rows = self.store.rows("series", None, ["modality", "body_part", "study_date"])
 
         def values(name: str) -> list[str]:
             return sorted({value for value in rows.column(name).to_pylist() if value}) if rows.num_rows else []
 
         dates = values("study_date")
-        return {"modality": values("modality"), "body_part": values("body_part"),
-                "study_date": [dates[0], dates[-1]] if dates else None}
+        return FacetsResponse(modality=values("modality"), body_part=values("body_part"),
+                              study_date=[dates[0], dates[-1]] if dates else None)
+
+
+async def read_upload(request: Request, max_mb: float) -> bytes:
+    """The request body, refused (413) as soon as it is known to be over `max_mb`: from its declared
+    length, or while it streams in."""
+    limit = int(max_mb * (1 << 20))
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"the upload is larger than {max_mb:g} MB")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise HTTPException(413, f"the upload is larger than {max_mb:g} MB")
+    if not body:
+        raise HTTPException(400, "the upload is empty: send the file as the request body")
+    return bytes(body)
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -376,50 +413,40 @@ def create_app(settings: ServeSettings) -> FastAPI:
     api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
 
     @api.get("/models")
-    def models() -> dict:
+    def models() -> ModelsResponse:
         specs = service.store.specs().values()
-        return {"models": [{"model_id": spec.model_id, "name": spec.name, "architecture": spec.timm_name,
-                            "weights": spec.weights_source, "image_size": spec.image_size,
-                            "embed_dim": spec.embed_dim, "window": spec.window,
-                            "default_feature": service.default_feature(spec.model_id)[0],
-                            "default_feature_note": service.default_feature(spec.model_id)[1]} for spec in specs]}
+        return ModelsResponse(models=[ModelInfo(
+            model_id=spec.model_id, name=spec.name, architecture=spec.timm_name, weights=spec.weights_source,
+            image_size=spec.image_size, embed_dim=spec.embed_dim, window=spec.window,
+            default_feature=service.default_feature(spec.model_id)[0],
+            default_feature_note=service.default_feature(spec.model_id)[1]) for spec in specs])
 
     @api.get("/facets")
-    def facets() -> dict:
+    def facets() -> FacetsResponse:
         return service.facets()
 
-    @api.post("/search")
-    def search(request: SearchRequest) -> dict:
+    @api.post("/search", response_model_exclude_unset=True)
+    def search(request: SearchRequest) -> SearchResponse:
         return service.search(request)
 
     @api.post("/uploads", openapi_extra={"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def upload(request: Request, filename: str = "upload", model: str | None = None) -> dict:
+    async def upload(request: Request, filename: str = "upload", model: str | None = None) -> UploadResponse:
         """The file is the request body (DICOM, NIfTI, PNG, JPEG, TIFF); `filename` gives its suffix."""
-        limit = int(settings.max_upload_mb * (1 << 20))
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, f"the upload is larger than {settings.max_upload_mb:g} MB")
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise HTTPException(413, f"the upload is larger than {settings.max_upload_mb:g} MB")
-        if not body:
-            raise HTTPException(400, "the upload is empty: send the file as the request body")
+        body = await read_upload(request, settings.max_upload_mb)
         model_id = service.model_id(model)
-        return await run_in_threadpool(service.add_upload, bytes(body), filename, model_id)
+        return await run_in_threadpool(service.add_upload, body, filename, model_id)
 
-    @api.get("/items/{key:path}")
-    def item(key: str) -> dict:
+    @api.get("/items/{key:path}", response_model_exclude_unset=True)
+    def item(key: str) -> ItemResponse:
         return service.item(key)
 
     @api.get("/series/{uid:path}")
-    def series(uid: str) -> dict:
+    def series(uid: str) -> SeriesResponse:
         return service.series(uid)
 
     @api.get("/studies/{uid:path}")
-    def study(uid: str) -> dict:
+    def study(uid: str) -> StudyResponse:
         return service.study(uid)
 
     app.include_router(api)
@@ -451,6 +478,16 @@ def check_exposure(host: str, token: str | None) -> None:
     if token is not None and len(token) < 16:
         raise UsageError("--token must be at least 16 characters (e.g. python -c 'import secrets; "
                          "print(secrets.token_urlsafe(24))')")
+
+
+def service_token(token: str | None, token_file: Path | None) -> str | None:
+    """The token every request must carry: given (--token, EMBEDSTORE_TOKEN) or read from a file,
+    not both."""
+    if token_file is None:
+        return token
+    if token is not None:
+        raise UsageError("give the token once: --token (or EMBEDSTORE_TOKEN) or --token-file")
+    return read_token_file(token_file)
 
 
 def read_token_file(path: Path) -> str:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from embedstore.inference.readback import read_unit_slice
 from embedstore.intensity import IntensityConfig
-from embedstore.pipeline.readback import read_unit_slice
 
 THUMBNAIL_SIZE = 256  # px on the long side
 

@@ -18,7 +18,12 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 from embedstore.errors import (
-    CORRUPT_STREAM, INVALID_HEADER, NO_PIXEL_DATA, TRUNCATED, UNSUPPORTED_TRANSFER_SYNTAX, InputError,
+    CORRUPT_STREAM,
+    INVALID_HEADER,
+    NO_PIXEL_DATA,
+    TRUNCATED,
+    UNSUPPORTED_TRANSFER_SYNTAX,
+    InputError,
 )
 from embedstore.sources.dicom import PIXEL_KEYWORDS, parse_dicom
 

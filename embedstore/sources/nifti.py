@@ -111,6 +111,8 @@ def volume_items(layout: NiftiLayout, modality: str | None = None) -> list[Slice
             position = origin + index * step_slice
             items.append(SliceItem(
                 item_id=f"nifti:{path}:{axis}{tag}:{index}",
+                kind="nifti",
+                axis=axis,
                 path=path,
                 study_uid=f"file:{path}",
                 series_uid=series,

@@ -36,7 +36,7 @@ class RasterLayout:
 def raster_item(path: str, page: int = 0, modality: str | None = None) -> SliceItem:
     file_id = f"file:{path}"
     return SliceItem(item_id=file_id if page == 0 else f"{file_id}#p{page}", path=path, study_uid=file_id,
-                     series_uid=file_id, slice_index=page, frame=page, modality=modality)
+                     series_uid=file_id, slice_index=page, frame=page, modality=modality, kind="raster")
 
 
 def raster_layout(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> RasterLayout:

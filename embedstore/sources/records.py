@@ -33,6 +33,8 @@ class SliceItem:
     image_orientation: tuple[float, ...] | None = None  # row and column direction cosines (6)
     slice_position: float | None = None  # mm along the slice normal: the key of the series order
     intensity: str | None = None  # set by the decode stage: what the intensity mapping did
+    kind: str = "dicom"  # the reader its file needs: dicom | nifti | raster
+    axis: str | None = None  # the slicing axis of a NIfTI slice (axial, coronal, sagittal)
 
 
 @dataclass

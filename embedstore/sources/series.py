@@ -101,6 +101,7 @@ def _ordered_items(series_uid: str, frames: list[tuple[DicomHeader, int]]) -> li
         header, frame = entry
         items.append(SliceItem(
             item_id=f"dicom:{header.sop_uid}:{frame}",
+            kind="dicom",
             path=header.path,
             study_uid=header.study_uid,
             series_uid=series_uid,

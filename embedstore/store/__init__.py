@@ -35,19 +35,37 @@ os.environ.setdefault("LANCE_LOG", "error")  # keep Lance's informational warnin
 
 import pyarrow as pa  # noqa: E402
 
-from embedstore import __version__  # noqa: E402
 from embedstore.errors import StoreDamagedError, StoreFormatError, UsageError  # noqa: E402
 from embedstore.models.spec import ModelSpec  # noqa: E402
 from embedstore.store.digests import row_digests  # noqa: E402
 from embedstore.store.privacy import (  # noqa: E402
-    AS_READ, FINGERPRINT_FILE, FINGERPRINT_TEMP, HASHED, KEY_FILE, KEY_TEMP, key_fingerprint, patient_id_key,
-    read_fingerprint, write_fingerprint,
+    AS_READ,
+    FINGERPRINT_FILE,
+    FINGERPRINT_TEMP,
+    HASHED,
+    KEY_FILE,
+    KEY_TEMP,
+    key_fingerprint,
+    patient_id_key,
+    read_fingerprint,
+    write_fingerprint,
 )
 from embedstore.store.schema import (  # noqa: E402
-    FAILURES_SCHEMA, ITEMS_SCHEMA, MODELS_SCHEMA, ROW_DIGEST, RUNS_SCHEMA, SERIES_SCHEMA, SLICES_PREFIX,
-    STORE_FORMAT_VERSION, model_series_schema, model_slices_schema, series_table_name, slices_table_name,
+    FAILURES_SCHEMA,
+    ITEMS_SCHEMA,
+    MODELS_SCHEMA,
+    ROW_DIGEST,
+    RUNS_SCHEMA,
+    SERIES_SCHEMA,
+    SLICES_PREFIX,
+    STORE_FORMAT_VERSION,
+    model_series_schema,
+    model_slices_schema,
+    series_table_name,
+    slices_table_name,
     with_row_digest,
 )
+from embedstore.version import __version__  # noqa: E402
 
 MANIFEST = "embedstore.json"
 MANIFEST_TEMP = MANIFEST + ".tmp"
@@ -73,8 +91,28 @@ if TYPE_CHECKING:
     from embedstore.sources.records import Failure
 
 
+COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def sql_literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def equals(column: str, value: str) -> str:
+    """A filter keeping the rows whose `column` is `value`: the one way code (not a user's --where,
+    which where.py parses) writes a filter, so no value is ever pasted into SQL unquoted."""
+    return f"{checked_column(column)} = {sql_literal(value)}"
+
+
+def among(column: str, values) -> str:
+    """A filter keeping the rows whose `column` is one of `values` (at least one)."""
+    return f"{checked_column(column)} IN ({', '.join(sql_literal(value) for value in values)})"
+
+
+def checked_column(column: str) -> str:
+    if not COLUMN_NAME.fullmatch(column):
+        raise ValueError(f"not a column name: {column!r}")
+    return column
 
 
 def now_utc() -> datetime:
@@ -348,7 +386,7 @@ class Store:
                 if self.has_table(name):
                     self.db.drop_table(name)
             shutil.rmtree(self.patches_root / model_id, ignore_errors=True)
-            self.table("models").delete(f"model_id = {sql_literal(model_id)}")
+            self.table("models").delete(equals("model_id", model_id))
             self._specs = None
 
     # ---------------------------------------------------------------- reading
@@ -396,13 +434,12 @@ class Store:
         with self.commit_lock():
             runs = self.rows("runs", columns=["run_id", "started_at"]).to_pylist()
             started = {run["run_id"]: run["started_at"] for run in runs}
-            older = ", ".join(sql_literal(run_id) for run_id, at in started.items() if at < started[keep_run_id])
+            older = [run_id for run_id, at in started.items() if at < started[keep_run_id]]
             if not older:
                 return
             table = self.table("failures")
             for start in range(0, len(paths), 500):
-                group = ", ".join(sql_literal(p) for p in paths[start:start + 500])
-                table.delete(f"path IN ({group}) AND run_id IN ({older})")
+                table.delete(f"{among('path', paths[start:start + 500])} AND {among('run_id', older)}")
 
     def start_run(self, run_id: str, model_ids: list[str], config: dict) -> None:
         with self.commit_lock():
@@ -415,7 +452,7 @@ class Store:
                    slices_per_s: float, stage_seconds: dict[str, float]) -> None:
         with self.commit_lock():
             self.table("runs").update(
-                where=f"run_id = {sql_literal(run_id)}",
+                where=equals("run_id", run_id),
                 values={"ended_at": now_utc(), "n_embedded": n_embedded, "n_skipped": n_skipped,
                         "n_failed": n_failed, "slices_per_s": float(slices_per_s),
                         "stage_seconds": json.dumps({k: round(v, 3) for k, v in stage_seconds.items()})},

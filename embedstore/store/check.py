@@ -29,12 +29,12 @@ from embedstore.store import (
     PATCHES_DIR,
     READ_ERRORS,
     Store,
+    among,
     check_store_path,
     error_text,
     key_column,
     now_utc,
     read_manifest,
-    sql_literal,
     write_manifest,
 )
 from embedstore.store.digests import file_sha256, read_shard_checksums, row_digests
@@ -402,7 +402,7 @@ def delete_rows(store: Store, drops: dict[str, set[int]]) -> dict[str, int]:
 def refresh_series(store: Store) -> None:
     """Series rows after rows were dropped: a series with no slice left loses its model row, the
     others are recomputed (their slice counts changed)."""
-    from embedstore.pipeline.series import refresh_series as refresh
+    from embedstore.store.series import refresh_series as refresh
 
     with store.commit_lock():
         model_ids = list(store.specs())
@@ -411,8 +411,7 @@ def refresh_series(store: Store) -> None:
             stored = store.rows(series_table_name(model_id), columns=["key"])
             empty = sorted(set(stored.column("key").to_pylist()) - set(slices.column("series_uid").to_pylist()))
             for start in range(0, len(empty), DELETE_GROUP):
-                group = ", ".join(sql_literal(uid) for uid in empty[start:start + DELETE_GROUP])
-                store.table(series_table_name(model_id)).delete(f"key IN ({group})")
+                store.table(series_table_name(model_id)).delete(among("key", empty[start:start + DELETE_GROUP]))
         refresh(store, model_ids)
 
 

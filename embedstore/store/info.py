@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from embedstore.errors import REASONS, UsageError
-from embedstore.store import TABLES_DIR, Store, directory_bytes, sql_literal
+from embedstore.store import TABLES_DIR, Store, directory_bytes, equals
 from embedstore.store.schema import slices_table_name
 
 SUMMARY_FILE = "summary.json"
@@ -129,7 +129,7 @@ def list_failures(store: Store, reason: str | None = None) -> list[dict]:
     """Failure rows, oldest first, optionally of one reason code."""
     if reason is not None and reason not in REASONS:
         raise UsageError(f"unknown failure reason {reason!r}: use one of {', '.join(REASONS)}")
-    rows = store.rows("failures", f"reason = {sql_literal(reason)}" if reason else None)
+    rows = store.rows("failures", equals("reason", reason) if reason else None)
     failures = sorted(rows.to_pylist(), key=lambda row: (row["time"], row["path"]))
     for row in failures:
         row["time"] = row["time"].isoformat()

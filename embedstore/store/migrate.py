@@ -37,17 +37,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
 
-from embedstore import __version__
 from embedstore.errors import StoreFormatError, UsageError
 from embedstore.intensity import IntensityConfig
-from embedstore.models.spec import ModelSpec, patch_array
-from embedstore.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from embedstore.store import MANIFEST, Store, check_store_path, now_utc, sql_literal
+from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, patch_array
+from embedstore.store import MANIFEST, Store, check_store_path, equals, now_utc
 from embedstore.store.info import record_summary
 from embedstore.store.patches import read_patches
 from embedstore.store.privacy import HASHED
 from embedstore.store.schema import (
     FAILURES_SCHEMA,
+    ITEM_READER_COLUMNS,
     ITEMS_SCHEMA,
     MODELS_SCHEMA,
     RUNS_SCHEMA,
@@ -60,6 +59,8 @@ from embedstore.store.schema import (
     series_table_name,
     slices_table_name,
 )
+from embedstore.store.upgrade import add_item_columns, lacks_item_columns, with_reader_columns
+from embedstore.version import __version__
 
 FROM_VERSION = 2
 STAGING_PREFIX = "migrate-"
@@ -87,9 +88,30 @@ class MigrationReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def lines(self) -> list[str]:
+        models = "; ".join(f"{old} -> {new}" for old, new in self.models.items())
+        indexes = (f"; {len(self.indexes_dropped)} ANN indexes not carried over: rebuild them with `embedstore index`"
+                   if self.indexes_dropped else "")
+        return [f"migrated {self.store} to format 3: {len(self.models)} models" + (f" ({models})" if models else "")
+                + f", {self.items:,} items, {sum(self.slices.values()):,} slice rows, {self.series:,} series, "
+                f"{self.failures:,} failures, {self.runs:,} runs, {self.patch_shards:,} patch shards{indexes}"]
 
-def migrate_store(path: str | Path) -> MigrationReport:
-    """Convert the format-2 store at `path` to format 3 in place; UsageError for anything else."""
+
+@dataclass
+class ItemsUpgrade:
+    """A format-3 store whose items gained their reader columns (kind, axis)."""
+
+    store: str
+    items: int
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"upgraded {self.store}: {self.items:,} items now say the kind and axis of their files"]
+
+
+def migrate_store(path: str | Path) -> MigrationReport | ItemsUpgrade:
+    """Bring the store at `path` to this embedstore's format in place: a format-2 store to format 3,
+    a format-3 store's items to their reader columns; UsageError when there is nothing to do."""
     path = Path(path)
     check_store_path(path, create=False)
     manifest = json.loads((path / MANIFEST).read_text())
@@ -97,7 +119,13 @@ def migrate_store(path: str | Path) -> MigrationReport:
     if manifest.get("format") != "embedstore":
         raise StoreFormatError(f"{path} is not an embedstore store (its {MANIFEST} names no embedstore format)")
     if version == STORE_FORMAT_VERSION:
-        raise UsageError(f"store {path} is already at format version {STORE_FORMAT_VERSION}: nothing to migrate")
+        store = Store.open(path)
+        if not lacks_item_columns(store):
+            raise UsageError(f"store {path} is already at format version {STORE_FORMAT_VERSION}: nothing to migrate")
+        with store.ingest_lock(exclusive=True):
+            items = add_item_columns(store)
+            record_summary(store)
+        return ItemsUpgrade(str(path), items)
     if version != FROM_VERSION:
         raise StoreFormatError(f"store {path} has format version {version!r}; migrate converts version "
                                f"{FROM_VERSION} only: re-ingest older stores")
@@ -164,8 +192,9 @@ def build(store: Store) -> dict:
                                                                  old_runs.column("model_id").to_pylist()]))
     n_runs = stage(store, "runs", old_runs)
     indexes = sorted(store.manifest.get("indexes", {}))
-    report = MigrationReport(str(store.path), mapping, n_items, slice_counts, n_series, n_failures, n_runs,
-                             0, indexes, notes)
+    report = MigrationReport(store=str(store.path), models=mapping, items=n_items, slices=slice_counts,
+                             series=n_series, failures=n_failures, runs=n_runs, patch_shards=0,
+                             indexes_dropped=indexes, notes=notes)
     blocks = {old: patch_block(spec) for old, spec in specs.items()}
     return {"report": report.to_dict(), "blocks": blocks}
 
@@ -184,7 +213,7 @@ def model_order(store: Store, runs: list[dict]) -> list[str]:
         if not store.has_table(name):
             continue
         table = store.table(name)
-        if table.count_rows() == sum(table.count_rows(f"model_id = {sql_literal(m)}") for m in ordered):
+        if table.count_rows() == sum(table.count_rows(equals("model_id", m)) for m in ordered):
             continue  # every row belongs to a model with a run: no need to read the column
         found = set()
         for batch in table.search().select(["model_id"]).limit(None).to_batches(BATCH_ROWS * 16):
@@ -195,7 +224,7 @@ def model_order(store: Store, runs: list[dict]) -> list[str]:
 
 def kept_patches(store: Store, old_id: str, config: dict | None) -> bool:
     """Whether the model kept patch tokens: its rows say so; without rows, its run config does."""
-    where = f"model_id = {sql_literal(old_id)}"
+    where = equals("model_id", old_id)
     if store.has_table("slices") and store.table("slices").count_rows(where):
         return store.table("slices").count_rows(f"{where} AND patch_shard IS NOT NULL") > 0
     return bool((config or {}).get("keep_patches", True))
@@ -285,7 +314,7 @@ def copy_slices(store: Store, old_id: str, spec: ModelSpec, seen_items: set[str]
     if not store.has_table("slices"):
         return 0, 0, per_series
     old_prefix, new_prefix = old_id + "/", spec.model_id + "/"
-    query = store.table("slices").search().where(f"model_id = {sql_literal(old_id)}").limit(None)
+    query = store.table("slices").search().where(equals("model_id", old_id)).limit(None)
     for batch in query.to_batches(BATCH_ROWS):
         rows = pa.Table.from_batches([batch])
         chosen = rows
@@ -294,8 +323,8 @@ def copy_slices(store: Store, old_id: str, spec: ModelSpec, seen_items: set[str]
             fresh = [i for i, item in enumerate(item_ids) if item not in seen_items and not seen_items.add(item)]
             chosen = rows.take(pa.array(fresh, pa.int64()))
         if chosen.num_rows:
-            items.add(pa.table({name: chosen.column("item_id" if name == "key" else name)
-                                for name in ITEMS_SCHEMA.names}).cast(ITEMS_SCHEMA))
+            items.add(with_reader_columns(pa.table({name: chosen.column("item_id" if name == "key" else name)
+                                                    for name in ITEMS_SCHEMA.names if name not in ITEM_READER_COLUMNS})))
             added += chosen.num_rows
         shards = []
         for shard in rows.column("patch_shard").to_pylist():

@@ -66,8 +66,11 @@ ITEMS_SCHEMA = pa.schema([
     pa.field("image_orientation", mm_list(6)),  # row, column direction cosines
     pa.field("slice_position", pa.float64()),  # mm along the slice normal
     pa.field("run_id", pa.string(), nullable=False),  # the run that first embedded it
+    pa.field("kind", pa.string()),  # the reader its file needs: dicom | nifti | raster
+    pa.field("axis", pa.string()),  # a NIfTI slice's slicing axis (axial, coronal, sagittal); null otherwise
 ])
 ITEM_COLUMNS = tuple(ITEMS_SCHEMA.names)
+ITEM_READER_COLUMNS = ("kind", "axis")  # added to format 3 after its first release: `embedstore migrate` adds them
 
 SERIES_SCHEMA = pa.schema([
     pa.field("series_uid", pa.string(), nullable=False),

@@ -66,19 +66,29 @@ def load_vectors(store: Store, model_id: str | None = None, feature: str = "cls"
     """One model's vectors at slice level, or series level (the mean of each series' slice
     vectors, as the model's series table stores them). `where` is an already validated filter;
     `extra_columns` are metadata columns wanted in `.rows` beside the identity columns."""
+    return load_features(store, model_id, (feature,), level, where, extra_columns)[0]
+
+
+def load_features(store: Store, model_id: str | None, features, level: str = "slice", where: str | None = None,
+                  extra_columns: tuple[str, ...] = ()) -> list[Vectors]:
+    """Several features of the same rows, read in one pass: one Vectors per feature, in order."""
     if level not in LEVELS:
         raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     spec = store.spec(store.resolve_model_id(model_id))
-    parts = feature_columns(spec, feature)
+    parts = {feature: feature_columns(spec, feature) for feature in features}
+    stored = list(dict.fromkeys(column for columns in parts.values() for column in columns))
     table, identity = (slices_table_name(spec.model_id), SLICE_COLUMNS) if level == "slice" else \
         (series_table_name(spec.model_id), SERIES_COLUMNS)
     identity = identity + [name for name in extra_columns if name not in identity]
-    rows = store.rows(table, where, identity + parts)
+    rows = store.rows(table, where, identity + stored)
     if not rows.num_rows:
         raise UsageError(f"no {level} vectors of model {spec.model_id} match" + (f" {where}" if where else ""))
     rows = rows.sort_by("key")  # a stable order, whatever the fragments' order on disk
-    matrix = np.concatenate([column_matrix(rows.column(part)) for part in parts], axis=1)
-    return Vectors(spec.model_id, feature, level, rows.select(identity), np.ascontiguousarray(matrix, dtype=np.float32))
+    matrices = {column: column_matrix(rows.column(column)) for column in stored}
+    identity_rows = rows.select(identity)
+    return [Vectors(spec.model_id, feature, level, identity_rows,
+                    np.ascontiguousarray(np.concatenate([matrices[c] for c in parts[feature]], axis=1), dtype=np.float32))
+            for feature in features]
 
 
 def column_matrix(column: pa.ChunkedArray) -> np.ndarray:

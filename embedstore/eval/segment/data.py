@@ -23,16 +23,23 @@ import torch.nn.functional as F
 from embedstore.errors import UsageError
 from embedstore.eval.labels import carve_val, check_patient_splits, patient_splits, read_labels
 from embedstore.eval.segment.masks import (
-    MaskError, check_class_values, mask_kind, parse_classes, read_dicom_seg, read_mask_image, read_mask_volume,
+    MaskError,
+    check_class_values,
+    mask_kind,
+    parse_classes,
+    read_dicom_seg,
+    read_mask_image,
+    read_mask_volume,
 )
+from embedstore.inference.readback import stored_slice
 from embedstore.models.spec import ModelSpec
-from embedstore.pipeline.readback import stored_slice
 from embedstore.store import Store
 from embedstore.store.schema import slices_table_name
+from embedstore.store.upgrade import check_item_columns
 
 STORED_COLUMNS = ["key", "path", "patient_id", "study_uid", "series_uid", "sop_uid", "slice_index", "modality",
                   "body_part", "patch_shard", "patch_offset"]
-ITEM_COLUMNS = ["key", "frame", "rows", "cols", "image_position"]
+ITEM_COLUMNS = ["key", "frame", "rows", "cols", "image_position", "kind", "axis"]
 NO_STORED_ROW = "no_stored_row"
 NOT_ONE_SLICE = "not_one_slice"
 
@@ -135,6 +142,7 @@ def problem_counts(problems: list[MaskProblem]) -> str:
 
 def _stored_rows(store: Store, spec: ModelSpec) -> list[dict]:
     rows = store.rows(slices_table_name(spec.model_id), None, STORED_COLUMNS).to_pylist()
+    check_item_columns(store)
     items = {item["key"]: item for item in store.rows("items", None, ITEM_COLUMNS).to_pylist()}
     return [{**row, **items[row["key"]]} for row in rows if row["patch_shard"] is not None]
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DECODER_LAYERS = {"linear": 1, "unet": 5}  # how many of the last stored blocks each decoder reads
+from embedstore.eval.options import DECODER_LAYERS
+
 LINEAR_INIT_STD = 0.01  # the study's init of the linear head
 NORM_MAX_GROUPS = 8
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedstore.pipeline.readback import stored_slice
+from embedstore.inference.readback import stored_slice
 
 
 class PredictionWriter:

@@ -14,21 +14,27 @@ import torch
 import torch.nn.functional as F
 
 from embedstore.errors import UsageError
+from embedstore.eval.citation import cite
+from embedstore.eval.labels import LabelsSpec, as_labels_spec
+from embedstore.eval.options import DECODER_LAYERS, SegmentOptions
 from embedstore.eval.results import SegmentResult, lr_key
 from embedstore.eval.segment.data import SegmentationSet, native_masks, segmentation_set
-from embedstore.eval.segment.decoders import DECODER_LAYERS
 from embedstore.eval.segment.metrics import SegmentationScorer
 from embedstore.eval.segment.predictions import PredictionWriter
 from embedstore.eval.segment.tokens import StoredTokens, as_tensors, ordered_batches
 from embedstore.eval.segment.train import (
-    LEARNING_RATES, LOSSES, DecoderShape, Progress, TrainSettings, input_size_dice, train_decoders,
+    LEARNING_RATES,
+    DecoderShape,
+    Progress,
+    TrainSettings,
+    input_size_dice,
+    train_decoders,
 )
+from embedstore.inference.readback import read_back, stored_slice
+from embedstore.models.embedder import pick_device
 from embedstore.models.spec import ModelSpec
-from embedstore.eval.citation import cite
-from embedstore.pipeline.readback import read_back, stored_slice
 from embedstore.store import Store
 
-SCORE_AT = ("native", "input")
 N_OVERLAYS = 6  # test slices drawn in --report: the most labelled slice of each of the first volumes
 
 
@@ -56,29 +62,22 @@ def required_blocks(spec: ModelSpec, decoder: str) -> tuple[int, ...]:
     return blocks
 
 
-def check_settings(settings: TrainSettings, seeds: tuple[int, ...], score_at: str) -> None:
-    if settings.loss not in LOSSES:
-        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, not {settings.loss!r}")
-    if settings.epochs < 1 or settings.batch_size < 1:
-        raise UsageError(f"--epochs and --batch-size must be at least 1, not {settings.epochs} and "
-                         f"{settings.batch_size}")
-    if not seeds:
-        raise UsageError("--seeds needs at least one seed")
-    if score_at not in SCORE_AT:
-        raise UsageError(f"--score-at must be one of {', '.join(SCORE_AT)}, not {score_at!r}")
+def train_settings(options: SegmentOptions) -> TrainSettings:
+    return TrainSettings(options.decoder, options.epochs, options.batch_size, options.loss,
+                         pick_device(options.device).type)
 
 
-def segment_evaluation(store: Store, labels: str | Path, model_id: str | None = None, classes: str | None = None,
-                       settings: TrainSettings = TrainSettings(), seeds: tuple[int, ...] = (0,),
-                       split_by: str | None = None, ratios=(0.7, 0.1, 0.2), split_seed: int = 0,
-                       score_at: str = "native", predictions: Path | None = None,
+def segment_evaluation(store: Store, labels: LabelsSpec | str | Path, options: SegmentOptions = SegmentOptions(),
+                       model_id: str | None = None, predictions: Path | None = None,
                        progress: Progress | None = None) -> SegmentResult:
-    """Train, choose, refit and test a segmentation probe on the store's patch tokens; predictions
-    of the first seed go to `predictions` when given."""
-    check_settings(settings, seeds, score_at)
+    """Train, choose, refit and test a segmentation probe on the store's patch tokens, once per seed
+    of the options; the labels spec's seed makes the split. Predictions of the first seed go to
+    `predictions` when given."""
+    labels = as_labels_spec(labels)
+    settings, seeds, score_at = train_settings(options), options.seeds, options.score_at
     spec = store.spec(store.resolve_model_id(model_id))
     blocks = required_blocks(spec, settings.decoder)
-    data = segmentation_set(store, spec, labels, classes, split_by, ratios, split_seed)
+    data = segmentation_set(store, spec, labels.path, options.classes, labels.split_by, labels.ratios, labels.seed)
     shape = DecoderShape(spec.embed_dim, spec.grid, max(data.class_names) + 1, spec.image_size)
     source = StoredTokens(store.patches_root, data.rows, blocks)
     runs, overlays = [], []
@@ -99,14 +98,16 @@ def segment_evaluation(store: Store, labels: str | Path, model_id: str | None = 
         overlays += run_overlays
         runs.append({"seed": seed, "val_dice": {lr_key(lr): score for lr, score in zip(LEARNING_RATES, val_dice)},
                      "chosen_learning_rate": chosen, "train_seconds": round(trained, 2), "test": test})
-    split = {"source": f"--split-by patient (seed {split_seed}, ratios {list(ratios)})" if split_by else "labels CSV",
-             "val_carved_from_train": data.val_carved_from_train, "volumes": data.volume_counts()}
+    split = {"source": f"--split-by patient (seed {labels.seed}, ratios {list(labels.ratios)})" if labels.split_by
+             else "labels CSV", "val_carved_from_train": data.val_carved_from_train, "volumes": data.volume_counts()}
     result = SegmentResult(
-        "segment", spec.model_id, "patch tokens of blocks " + ",".join(map(str, blocks)), "slice",
-        list(data.class_names.values()), False, data.counts(), settings.decoder, list(blocks), data.class_names,
-        settings.loss, settings.epochs, settings.batch_size, list(LEARNING_RATES), list(seeds), score_at, split,
-        data.problem_counts(), [problem.line for problem in data.problems], runs, summarise(runs),
-        runs[0]["test"]["empty_class_rule"], overlays=overlays)
+        task="segment", model_id=spec.model_id, feature="patch tokens of blocks " + ",".join(map(str, blocks)),
+        level="slice", classes=list(data.class_names.values()), multilabel=False, counts=data.counts(),
+        decoder=settings.decoder, blocks=list(blocks), class_values=data.class_names, loss=settings.loss,
+        epochs=settings.epochs, batch_size=settings.batch_size, learning_rates=list(LEARNING_RATES),
+        seeds=list(seeds), score_at=score_at, split=split, mask_problems=data.problem_counts(),
+        mask_problem_lines=[problem.line for problem in data.problems], runs=runs, metrics=summarise(runs),
+        empty_class_rule=runs[0]["test"]["empty_class_rule"], overlays=overlays)
     return cite(result, spec)  # the masks' own accounting is in split and mask_problems
 
 

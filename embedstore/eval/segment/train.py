@@ -15,7 +15,6 @@ from embedstore.eval.segment.decoders import build_decoder
 from embedstore.eval.segment.tokens import InMemoryTokens, StoredTokens, ordered_batches, shuffled_batches
 
 LEARNING_RATES = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1)
-LOSSES = ("dice", "dicece")
 MOMENTUM = 0.9
 
 Progress = Callable[[int, int], None]  # (rows trained, rows in all)

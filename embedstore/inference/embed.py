@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from embedstore.errors import InputError, UsageError
+from embedstore.inference.batching import SliceBatcher
 from embedstore.models.build import LoadedModel, rebuild_model
 from embedstore.models.embedder import Embedder
 from embedstore.models.spec import ModelSpec, cls_column
-from embedstore.pipeline.batching import SliceBatcher
 from embedstore.preprocess import DecodeSettings, decode_task
 from embedstore.sources.catalog import build_catalog
 from embedstore.sources.discover import check_sources, discover
@@ -43,7 +43,7 @@ def embed_with(loaded: LoadedModel, spec: ModelSpec, path: str | Path, axis: str
         raise UsageError(f"{path} cannot be embedded: {reason.reason}: {reason.message}")
     if not catalog.tasks:
         raise UsageError(f"{path} cannot be embedded: it holds no image slices")
-    settings = DecodeSettings(spec.intensity, spec.image_size, (spec.interpolation,), max_pixels)
+    settings = DecodeSettings.for_specs([spec], max_pixels)
     batcher = SliceBatcher(max(1, catalog.n_items))
     for task in catalog.tasks:
         try:

@@ -12,9 +12,13 @@ import pyarrow as pa
 
 from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.sources.series import spacing_stats
-from embedstore.store import Store, sql_literal
+from embedstore.store import Store, among
 from embedstore.store.schema import (
-    SERIES_SCHEMA, SERIES_SEARCH_COLUMNS, model_series_schema, series_table_name, slices_table_name,
+    SERIES_SCHEMA,
+    SERIES_SEARCH_COLUMNS,
+    model_series_schema,
+    series_table_name,
+    slices_table_name,
 )
 from embedstore.store.vectors import column_matrix
 
@@ -61,7 +65,7 @@ def groups(uids: list[str]):
 
 
 def in_series(uids: list[str]) -> str:
-    return f"series_uid IN ({', '.join(sql_literal(u) for u in uids)})"
+    return among("series_uid", uids)
 
 
 def ordered_groups(slices: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:

@@ -27,16 +27,8 @@ class StoredSlice:
 
 
 def stored_slice(item: dict) -> StoredSlice:
-    """Where a stored row (key, path, frame) reads from; the key says the file's kind."""
-    key = item["key"]
-    kind = "dicom" if key.startswith("dicom:") else "nifti" if key.startswith("nifti:") else "raster"
-    return StoredSlice(key, item["path"], kind, nifti_axis(key) if kind == "nifti" else "axial", int(item["frame"]))
-
-
-def nifti_axis(key: str) -> str:
-    """The slicing axis in a NIfTI key: nifti:<path>:<axis>[:t<volume>]:<n> (the path may hold ':')."""
-    parts = key.rsplit(":", 3)
-    return parts[-3] if parts[-2].startswith("t") and parts[-2][1:].isdigit() else parts[-2]
+    """Where a stored item row (key, path, frame, kind, axis) reads from."""
+    return StoredSlice(item["key"], item["path"], item["kind"], item["axis"] or "axial", int(item["frame"]))
 
 
 def slice_item(item: dict, where: StoredSlice) -> SliceItem:
@@ -59,7 +51,7 @@ def read_back(items: list[dict], spec: ModelSpec) -> np.ndarray:
     """(n, C, S, S) float32 in [0, 1], in the order of `items` (stored rows with key, path, frame,
     study_uid, series_uid, slice_index, modality, body_part): each slice decoded from its file as the
     ingest decoded it for this model. Rows of one file are read with one decode."""
-    settings = DecodeSettings(spec.intensity, spec.image_size, (spec.interpolation,))
+    settings = DecodeSettings.for_specs([spec])
     tasks: dict[tuple[str, str], tuple[ReadTask, list[int]]] = {}
     for position, item in enumerate(items):
         where = stored_slice(item)

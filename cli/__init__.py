@@ -1,1 +1,0 @@
-"""The `embedstore` command line: parse, call the embedstore library, print."""

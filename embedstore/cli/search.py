@@ -1,0 +1,89 @@
+"""`embedstore search`, `index` and `export`: the stored vectors queried, indexed, written out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from embedstore.cli.options import FeatureOption, LevelOption, ModelIdOption, StoreArgument, WhereOption
+from embedstore.cli.render import out, print_hits, print_index_report, warn
+
+
+def search(
+    store: StoreArgument,
+    image: Optional[Path] = typer.Option(None, "--image", help="Query by an image file (embedded with the store's model)."),
+    key: Optional[str] = typer.Option(None, "--key", help="Query by a stored slice's key."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="Query by a stored series."),
+    study_uid: Optional[str] = typer.Option(None, "--study-uid", help="Query by a stored study."),
+    k: int = typer.Option(10, "--k", "-k", help="Results to return."),
+    level: str = typer.Option("slice", help="slice, series or study (best match per query slice, averaged)."),
+    where: WhereOption = None,
+    feature: FeatureOption = "cls",
+    model_id: ModelIdOption = None,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The stored slices, series or studies most similar to a query."""
+    from embedstore.search import similar
+    from embedstore.search.degenerate import stored_feature_warning
+    from embedstore.store import Store
+
+    opened = Store.open(store)
+    sources = {"--image": ("image", image), "--key": ("key", key), "--series-uid": ("series_uid", series_uid),
+               "--study-uid": ("study_uid", study_uid)}
+    query = similar.query_for(opened, sources, feature, model_id)
+    hits = similar.search(opened, query, k, level, feature, where)
+    warn(stored_feature_warning(opened, query.model_id, feature, "series" if level == "series" else "slice"))
+    if as_json:
+        print(json.dumps({"query": query.description, "model_id": query.model_id, "level": level,
+                          "feature": feature, "where": where, "hits": similar.hits_as_dicts(hits)}, indent=2))
+    else:
+        print_hits(hits, level, query.description, where)
+
+
+def index(
+    store: StoreArgument,
+    index_type: str = typer.Option("ivf_flat", "--type", help="ivf_flat, or for a smaller index ivf_sq, ivf_pq or "
+                                                             "ivf_hnsw_sq."),
+    feature: str = typer.Option("cls", "--feature", "--column", help="The feature to index: cls or patch_mean "
+                                "(--column is its former name)."),
+    level: LevelOption = "slice",
+    model_id: ModelIdOption = None,
+) -> None:
+    """Build an ANN index with parameters chosen from the table size, and measure its recall@10."""
+    from embedstore.search.index import NoIndex, build_index
+    from embedstore.store import Store
+
+    report = build_index(Store.open(store), model_id, feature, level, index_type)
+    if isinstance(report, NoIndex):
+        out.print(report.reason)
+    else:
+        print_index_report(report)
+
+
+def export(
+    store: StoreArgument,
+    destination: Path = typer.Argument(..., metavar="OUT", help="parquet: the file to write; npy: a new or empty "
+                                       "directory."),
+    export_format: str = typer.Option(..., "--format", help="parquet (metadata columns and a `vector` column) or npy "
+                                      "(OUT/vectors.npy, (n, D) float32, and OUT/rows.parquet, row i for vector i)."),
+    model_id: ModelIdOption = None,
+    feature: FeatureOption = "cls",
+    level: LevelOption = "slice",
+    where: WhereOption = None,
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels CSV (as for eval): adds label and split "
+                                          "columns; rows it does not name keep null."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (never one inside the store "
+                                   "or an input file)."),
+) -> None:
+    """Write one model's vectors with their metadata as Parquet or NumPy, for other tools."""
+    from embedstore.export import export_vectors
+    from embedstore.store import Store
+
+    summary = export_vectors(Store.open(store), destination, export_format, model_id=model_id, feature=feature,
+                             level=level, where=where, labels=labels, overwrite=overwrite)
+    print(f"{summary.n_rows:,} {summary.level} vectors ({summary.feature}, {summary.dim}-d) of "
+          f"{summary.model_id} written to {summary.out}"
+          + (f"; {summary.n_labelled:,} labelled" if summary.n_labelled is not None else ""))

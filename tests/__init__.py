@@ -1,0 +1,1 @@
+"""embedstore's tests (a package, so that tests/support.py imports as tests.support)."""

@@ -1,0 +1,65 @@
+"""The command line kept its shape when it moved into the package (embedstore/cli/): every command and
+every option of each, as `--help` showed them before (tests/data/cli_help_before.json, 120 columns),
+save the help-text fixes listed in HELP_FIXES; and no top-level `cli` module is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BEFORE = json.loads((REPO / "tests" / "data" / "cli_help_before.json").read_text())
+FEATURE_HELP = ("cls, patch_mean, clsN (final-norm CLS of the last N blocks, concatenated), cls+patch_mean or "
+                "clsN+patch_mean.")
+MODEL_ID_HELP = "The model (any unique prefix of its id), when the store holds several."
+# (command, before, after), whitespace collapsed: one help text per option declared once.
+HELP_FIXES = [
+    ("search", "cls, patch_mean, clsN (CLS of the last N blocks), or cls/clsN+patch_mean.", FEATURE_HELP),
+    ("export", "cls, patch_mean, clsN (CLS of the last N blocks), or cls/clsN+patch_mean.", FEATURE_HELP),
+    ("export", "Filter on metadata columns, e.g. \"modality = 'CT'\".",
+     "Filter on metadata columns, e.g. \"modality = 'CT' AND body_part = 'CHEST'\"."),
+    ("index", "--level <str> slice or series.", "--level <str> slice, or series (mean of its slice vectors)."),
+    ("index", "The model whose vectors measure the recall.", MODEL_ID_HELP),
+    ("eval knn", " Default cls, the DINOv2 kNN protocol's input.", ""),
+    ("eval fewshot", " Default cls, as for kNN.", ""),
+    ("migrate", "interrupted).", "interrupted); give an older format-3 store's items their kind and axis columns."),
+    ("migrate", "A format-2 store directory.", "A format-2 store directory, or a format-3 one written before its items "
+     "said the kind and axis of their files."),
+    *((command, "The model to evaluate, when the store holds several.", MODEL_ID_HELP)
+      for command in ("eval knn", "eval linear", "eval fewshot", "eval segment", "finetune")),
+]
+
+
+def collapsed(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("command", list(BEFORE))
+def test_every_command_keeps_its_options_and_their_help(command):
+    words = [] if command == "(main)" else command.split()
+    env = {**os.environ, "COLUMNS": "120", "TERM": "dumb", "NO_COLOR": "1"}
+    shown = subprocess.run([str(Path(sys.executable).parent / "embedstore"), *words, "--help"], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    expected = collapsed(BEFORE[command])
+    for fixed, before, after in HELP_FIXES:
+        if fixed == command:
+            assert before in expected, (command, before)
+            expected = expected.replace(before, after)
+    assert collapsed(shown.stdout) == expected
+
+
+def test_no_top_level_cli_module_is_installed(tmp_path):
+    """`pip install embedstore` installs the `embedstore` package only: a `cli` of another project is safe."""
+    found = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('cli'))"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert found.stdout.strip() == "None", found.stdout
+    entry = subprocess.run([sys.executable, "-c", "from importlib.metadata import entry_points; "
+                            "print(entry_points(group='console_scripts')['embedstore'].value)"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert entry.stdout.strip() == "embedstore.cli.main:main"
