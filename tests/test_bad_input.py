@@ -215,7 +215,8 @@ def wrong_request_outcome(case: str, directory: Path, monkeypatch, capsys) -> tu
     return code, stderr
 
 
-@pytest.mark.parametrize("case", list(WRONG_REQUESTS))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in IN_A_PROCESS else case
+                                  for case in WRONG_REQUESTS])
 def test_wrong_request_is_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
     directory = tmp_path / case
     directory.mkdir()
@@ -268,6 +269,7 @@ def test_rerun_embeds_nothing_and_keeps_one_failure_row_per_bad_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- C: bad data, CLI
+@pytest.mark.slow
 def test_cli_ingest_of_bad_archive_reports_failures_and_info_lists_them(tmp_path):
     archive, _ = build_bad_archive(tmp_path)
     store_path = tmp_path / "store"

@@ -19,6 +19,8 @@ from embedstore import samples
 from embedstore.pipeline.ingest import ingest
 from tests.support import ingest_options, run_cli_here
 
+pytestmark = pytest.mark.slow  # every test here runs a suite
+
 REPO = Path(__file__).resolve().parents[1]
 
 SUITE = """

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from embedstore.store import Store
 from embedstore.store.schema import slices_table_name
+
+pytestmark = pytest.mark.slow  # runs the whole demo: ingest, index, evaluations, a report
 
 
 def test_demo_offline_runs_to_the_end(tmp_path):

@@ -60,6 +60,7 @@ def test_an_engine_that_cannot_be_built_gives_way(loaded, monkeypatch):
                                      "compile unavailable (RuntimeError: no C++ compiler)"]
 
 
+@pytest.mark.slow
 def test_compiled_engine_matches_eager_including_a_short_last_batch(loaded):
     eager = Embedder(loaded, "cpu", engine="eager")
     compiled = Embedder(loaded, "cpu", engine="compile", batch_size=4)

@@ -22,6 +22,8 @@ from embedstore.pipeline.ingest import ingest
 from embedstore.store import Store
 from tests.support import TEST_IMAGE_SIZE, ingest_options, run_cli_here, write_csv
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -363,6 +363,7 @@ def ingest_peak(source: Path, store: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bombs_stay_under_the_memory_of_a_normal_ingest(tmp_path):
     ct = tmp_path / "ct"
     samples.write_ct_series(ct, n_slices=8, size=128)

@@ -249,6 +249,7 @@ def test_second_model_in_same_store_is_kept_apart(fresh_copy, ingested):
     assert store.rows(series_table_name(model_id)).column("key").to_pylist() == [png_key]
 
 
+@pytest.mark.slow
 def test_worker_processes_give_identical_rows(mixed_archive, ingested, tmp_path):
     summary = ingest([mixed_archive.root], tmp_path / "s", ingest_options(workers=2, batch_size=5))
     assert summary.n_embedded == 18

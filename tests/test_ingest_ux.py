@@ -87,6 +87,7 @@ def write_labels(path: Path, store_path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- codec noise
+@pytest.mark.slow
 def test_codec_output_stays_off_the_terminal_and_is_counted_or_kept_with_the_failure(tmp_path):
     test_files = Path(get_testdata_file("CT_small.dcm")).parent
     archive = tmp_path / "archive"
@@ -140,6 +141,7 @@ def test_a_cut_copy_is_truncated_an_intact_copy_a_duplicate_and_a_rerun_counts_t
     assert counts(rerun) == counts(first)
 
 
+@pytest.mark.slow
 def test_cli_names_each_phase_its_bar_and_summary_agree_and_a_quiet_rerun_counts_the_same(tmp_path):
     ct_with_copies(tmp_path / "archive")
     (tmp_path / "archive" / "notes.dcm").write_text("not an image\n" * 20)
@@ -251,6 +253,7 @@ def index_store(tmp_path_factory) -> Path:
     return root / "store"
 
 
+@pytest.mark.slow
 def test_index_warns_on_degenerate_vectors_and_on_missed_recall(index_store, monkeypatch, capsys):
     from embedstore.search.index import TARGET_RECALL, index_warnings
     from embedstore.store import Store

@@ -184,6 +184,7 @@ def assert_one_row_per_item(store_path: Path, n_items: int) -> None:
         assert {row[key]: row["n_slices"] for row in rows} == per_series, table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("existing", [True, False], ids=["existing-store", "new-store"])
 def test_two_ingests_of_one_archive_at_once_give_one_row_per_item(mixed_archive, tmp_path, existing):
     from embedstore.pipeline.ingest import ingest

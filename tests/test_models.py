@@ -149,6 +149,7 @@ def test_meta_checkpoint_layout_is_meta(meta_checkpoint):
         assert not torch.equal(state["cls_token"], meta_checkpoint.source.cls_token)
 
 
+@pytest.mark.slow
 def test_meta_checkpoint_gives_the_source_embeddings(meta_checkpoint):
     loaded = load_model(meta_checkpoint.name, weights=str(meta_checkpoint.path), image_size=META_SIZE)
     assert loaded.grid == (37, 37) and loaded.embed_dim == meta_checkpoint.source.embed_dim

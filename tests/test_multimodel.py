@@ -223,6 +223,7 @@ WRONG_MULTI_MODEL_REQUESTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(WRONG_MULTI_MODEL_REQUESTS))
 def test_wrong_model_requests_are_one_line_exit_2_before_anything_is_written(case, tmp_path):
     from embedstore import samples

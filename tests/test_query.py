@@ -585,6 +585,7 @@ def synthetic_store(path, n: int, dim: int = 384, seed: int = 17, spread: float 
     return store
 
 
+@pytest.mark.slow
 def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
     from embedstore.search.index import build_index, index_for
     from embedstore.search.similar import query_by_key, search
@@ -628,6 +629,7 @@ def test_index_is_built_from_the_table_size_and_reaches_its_recall(tmp_path):
     assert index_for(reopened, slices_table_name(other.model_id), "cls") is None  # its own, unindexed table
 
 
+@pytest.mark.slow
 def test_index_probes_are_raised_until_the_recall_reaches_its_target(tmp_path):
     from embedstore.search.index import TARGET_RECALL, build_index, choose_parameters
 
@@ -639,6 +641,7 @@ def test_index_probes_are_raised_until_the_recall_reaches_its_target(tmp_path):
     assert Store.open(tmp_path / "store").manifest["indexes"][f"{table}.cls"]["nprobes"] == report.parameters.nprobes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index_type", ["ivf_sq", "ivf_pq", "ivf_hnsw_sq"])
 def test_smaller_index_types_reach_the_recall_target_too(tmp_path, index_type):
     from embedstore.search.index import TARGET_RECALL, build_index, index_for

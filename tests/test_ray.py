@@ -23,6 +23,8 @@ from embedstore.store.patches import read_patches  # noqa: E402
 from embedstore.store.schema import slices_table_name  # noqa: E402
 from tests.support import TEST_IMAGE_SIZE, ingest_options, slice_rows, slices_table  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts Ray
+
 REPO = Path(__file__).resolve().parents[1]
 
 

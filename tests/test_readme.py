@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs every command the README shows
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMMAND_TIMEOUT_S = 900

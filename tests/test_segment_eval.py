@@ -59,6 +59,7 @@ def labels_rows(labels: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_linear_probe_learns_png_phantoms_and_writes_what_it_scored(png_task, tmp_path, monkeypatch, capsys):
     store, labels = png_task
     out = tmp_path / "result.json"
@@ -91,6 +92,7 @@ def test_linear_probe_learns_png_phantoms_and_writes_what_it_scored(png_task, tm
     assert "global dice" in stdout and "chosen on val" in stdout
 
 
+@pytest.mark.slow
 def test_nifti_predictions_overlay_their_volumes(nifti_task, tmp_path):
     from embedstore.eval.labels import LabelsSpec
     from embedstore.eval.options import SegmentOptions
@@ -119,6 +121,7 @@ def test_nifti_predictions_overlay_their_volumes(nifti_task, tmp_path):
     assert pooled == pytest.approx(test["global_dice"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_unet_trains_on_five_stored_layers(png_task):
     from embedstore.eval.labels import LabelsSpec
     from embedstore.eval.options import SegmentOptions

@@ -235,6 +235,7 @@ def responses_of_every_route(client, archive_png) -> list[str]:
     return texts
 
 
+@pytest.mark.slow
 def test_no_name_id_or_path_leaves_the_server(patient_store, tmp_path):
     path, archive = patient_store
     client = client_for(path, tmp_path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import numbers
 import re
 import shutil
 import tempfile
@@ -94,11 +95,14 @@ if TYPE_CHECKING:
 COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def sql_literal(value: str) -> str:
+def sql_literal(value: str | int) -> str:
+    """A typed value as SQL: an integer as a number, anything else as a quoted string."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy's integers too
+        return str(value)
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def equals(column: str, value: str) -> str:
+def equals(column: str, value: str | int) -> str:
     """A filter keeping the rows whose `column` is `value`: the one way code (not a user's --where,
     which where.py parses) writes a filter, so no value is ever pasted into SQL unquoted."""
     return f"{checked_column(column)} = {sql_literal(value)}"

@@ -392,8 +392,7 @@ def delete_rows(store: Store, drops: dict[str, set[int]]) -> dict[str, int]:
         for name, rowids in sorted(drops.items()):
             ordered = sorted(rowids)
             for start in range(0, len(ordered), DELETE_GROUP):
-                group = ", ".join(str(r) for r in ordered[start:start + DELETE_GROUP])
-                store.table(name).delete(f"_rowid IN ({group})")
+                store.table(name).delete(among("_rowid", ordered[start:start + DELETE_GROUP]))
             if ordered:
                 removed[name] = len(ordered)
     return removed
