@@ -35,17 +35,17 @@ from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import LEVELS, Vectors, load_vectors
 
 if TYPE_CHECKING:
-    from embedstore.search.similar import Hit
+    from embedstore.search.similar import Hit, Hits
 
-__all__ = ["EmbedStore", "Hit", "Vectors", "open_store"]
+__all__ = ["EmbedStore", "Hit", "Hits", "Vectors", "open_store"]
 
 
 def __getattr__(name: str):
-    """`embedstore.api.Hit` without importing search (and torch) when a store is only opened."""
-    if name == "Hit":
-        from embedstore.search.similar import Hit
+    """`embedstore.api.Hit` and `Hits` without importing search (and torch) when a store is only opened."""
+    if name in ("Hit", "Hits"):
+        from embedstore.search import similar
 
-        return Hit
+        return getattr(similar, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -155,11 +155,14 @@ class EmbedStore:
     # ------------------------------------------------------------------ search
     def search(self, key: str | None = None, series_uid: str | None = None, image: str | Path | None = None,
                vector: np.ndarray | None = None, k: int = 10, level: str = "slice", model: str | None = None,
-               feature: str = "cls", where: str | None = None, study_uid: str | None = None) -> list[Hit]:
+               feature: str = "cls", where: str | None = None, study_uid: str | None = None) -> Hits:
         """The k stored slices, series or studies (`level`) most similar (cosine) to one query:
         a stored slice (`key`), series (`series_uid`) or study (`study_uid`), an image file embedded
         on the fly with the store's model and preprocessing (`image`), or your own `vector` (D,) or
         vectors (n, D) in the feature's width. The query's own slice, series or study is left out.
+        The result is a list of Hit with `.plan`: how the search ran (`plan.name`: exact,
+        exact-filtered, index or index+probes N; `plan.rows_kept`: rows the filter kept). A filter
+        that keeps no row gives an empty list, with its plan.
 
         Example::
 

@@ -1,5 +1,5 @@
 """What the tests share besides fixtures: the generated archives, ingest options for tests, the
-command run in this process, labels CSVs, DICOM SEG and hostile files. Importable as `tests.support`
+command run in this process, labels CSVs, DICOM SEG, hostile files and synthetic stores. Importable as `tests.support`
 (tests is a package), in the test processes and in the scripts they start."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embedstore import samples
+from embedstore.store import Store
+from embedstore.store.schema import slices_table_name
 
 BOMB_SIDE = 60000  # an RLE file of 8 KB declaring 60000 x 60000
 TEST_IMAGE_SIZE = 56  # 4×4 patches of 14 px: the real architecture, cheap on a CPU
@@ -193,3 +196,52 @@ def write_rle_bomb(path: Path, side: int = BOMB_SIDE, bits: int = 8) -> Path:
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# ------------------------------------------------------------------------------ synthetic stores
+
+def clustered(n_per_class: int, n_classes: int, dim: int, seed: int, spread: float = 0.6):
+    """Unit-ish vectors around one random centre per class: kNN has a known right answer."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    vectors = centres[labels] + spread * rng.normal(size=(len(labels), dim))
+    order = rng.permutation(len(labels))
+    return vectors[order].astype(np.float32), labels[order]
+
+
+def synthetic_spec(dim: int, name: str = "synthetic"):
+    """The spec of a model of width `dim` that keeps no per-block CLS and no patch tokens."""
+    from embedstore.intensity import PREPROCESS_VERSION
+    from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+
+    return ModelSpec(name=name, timm_name=name, weights_source="random", weights_digest="0" * 12,
+                     weights_file=None, seed=0, image_size=224, patch_size=14, grid_h=16, grid_w=16,
+                     num_prefix_tokens=1, embed_dim=dim, num_blocks=0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     interpolation="bicubic", window="auto", mr_percentiles=(5.0, 95.0),
+                     preprocess_version=PREPROCESS_VERSION, cls_layers=(), patch_layers=())
+
+
+def add_synthetic_slices(store: Store, spec, items, vectors: np.ndarray) -> None:
+    """Commit items and one model's vector rows (cls = patch_mean = vectors) as ingest commits them."""
+    from embedstore.models.embedder import Embeddings
+    from embedstore.pipeline.runner import item_rows, vector_rows
+
+    store.add_model(spec)
+    embeddings = Embeddings(vectors, vectors, np.zeros((len(vectors), 0, spec.embed_dim), np.float32), None)
+    store.insert_new("items", item_rows(items, "run"))
+    store.insert_new(slices_table_name(spec.model_id),
+                     vector_rows(spec, items, [embeddings], None, [None] * len(items), "run"))
+
+
+def synthetic_store(path, n: int, dim: int = 384, seed: int = 17, spread: float = 0.8) -> Store:
+    """A real store holding n slices of clustered vectors (written as ingest writes them)."""
+    from embedstore.sources.records import SliceItem
+
+    vectors, labels = clustered(n // 20, 20, dim, seed=seed, spread=spread)
+    store = Store.open(path, create=True)
+    items = [SliceItem(f"synthetic:{i}", f"/archive/{i}.png", f"study{i // 10}", f"series{i // 5}", i % 5,
+                       modality="CT" if labels[i] % 2 else "MR", rows=1, cols=1, intensity="minmax")
+             for i in range(len(vectors))]
+    add_synthetic_slices(store, synthetic_spec(dim), items, vectors)
+    return store

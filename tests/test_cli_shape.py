@@ -17,7 +17,8 @@ BEFORE = json.loads((REPO / "tests" / "data" / "cli_help_before.json").read_text
 FEATURE_HELP = ("cls, patch_mean, clsN (final-norm CLS of the last N blocks, concatenated), cls+patch_mean or "
                 "clsN+patch_mean.")
 MODEL_ID_HELP = "The model (any unique prefix of its id), when the store holds several."
-# (command, before, after), whitespace collapsed: one help text per option declared once.
+# (command, before, after), whitespace collapsed: the help fixes of the one-shape change (one help text per
+# option declared once), and options added since.
 HELP_FIXES = [
     ("search", "cls, patch_mean, clsN (CLS of the last N blocks), or cls/clsN+patch_mean.", FEATURE_HELP),
     ("export", "cls, patch_mean, clsN (CLS of the last N blocks), or cls/clsN+patch_mean.", FEATURE_HELP),
@@ -27,6 +28,10 @@ HELP_FIXES = [
     ("index", "The model whose vectors measure the recall.", MODEL_ID_HELP),
     ("eval knn", " Default cls, the DINOv2 kNN protocol's input.", ""),
     ("eval fewshot", " Default cls, as for kNN.", ""),
+    # issue 23 (after this shape): search says how it ran
+    ("search", "--json Print JSON instead of a table.", "--json Print JSON instead of a table (with the plan that "
+     "ran). --explain Say how the search ran: exactly or through the index, with how many probes, over how many of "
+     "the rows the filter keeps."),
     ("migrate", "interrupted).", "interrupted); give an older format-3 store's items their kind and axis columns."),
     ("migrate", "A format-2 store directory.", "A format-2 store directory, or a format-3 one written before its items "
      "said the kind and axis of their files."),

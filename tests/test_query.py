@@ -16,22 +16,23 @@ from sklearn.neighbors import NearestNeighbors
 from embedstore.errors import UsageError
 from embedstore.eval.knn import choose_search, knn_scores
 from embedstore.eval.labels import LabelledVectors, check_splits, split_by_patient
-from embedstore.search.exact import DEFAULT_BUDGET_BYTES, block_top_k, exact_top_k, int8_rerank_top_k, search_device
+from embedstore.search.exact import (
+    DEFAULT_BUDGET_BYTES,
+    block_top_k,
+    exact_top_k,
+    int8_rerank_top_k,
+    search_device,
+)
 from embedstore.store import Store
 from embedstore.store.schema import slices_table_name
 from embedstore.store.vectors import load_vectors
-from tests.support import run_cli_here
-
-
-def clustered(n_per_class: int, n_classes: int, dim: int, seed: int, spread: float = 0.6):
-    """Unit-ish vectors around one random centre per class: kNN has a known right answer."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(n_classes, dim))
-    labels = np.repeat(np.arange(n_classes), n_per_class)
-    vectors = centres[labels] + spread * rng.normal(size=(len(labels), dim))
-    order = rng.permutation(len(labels))
-    return vectors[order].astype(np.float32), labels[order]
-
+from tests.support import (
+    add_synthetic_slices,
+    clustered,
+    run_cli_here,
+    synthetic_spec,
+    synthetic_store,
+)
 
 # ------------------------------------------------------------------------------ exact search
 
@@ -546,43 +547,6 @@ def test_eval_fewshot_from_the_command_line_writes_json_and_a_plot(ingested, tmp
 
 
 # ------------------------------------------------------------------------------------- index
-
-
-def synthetic_spec(dim: int, name: str = "synthetic"):
-    """The spec of a model of width `dim` that keeps no per-block CLS and no patch tokens."""
-    from embedstore.intensity import PREPROCESS_VERSION
-    from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
-
-    return ModelSpec(name=name, timm_name=name, weights_source="random", weights_digest="0" * 12,
-                     weights_file=None, seed=0, image_size=224, patch_size=14, grid_h=16, grid_w=16,
-                     num_prefix_tokens=1, embed_dim=dim, num_blocks=0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     interpolation="bicubic", window="auto", mr_percentiles=(5.0, 95.0),
-                     preprocess_version=PREPROCESS_VERSION, cls_layers=(), patch_layers=())
-
-
-def add_synthetic_slices(store: Store, spec, items, vectors: np.ndarray) -> None:
-    """Commit items and one model's vector rows (cls = patch_mean = vectors) as ingest commits them."""
-    from embedstore.models.embedder import Embeddings
-    from embedstore.pipeline.runner import item_rows, vector_rows
-
-    store.add_model(spec)
-    embeddings = Embeddings(vectors, vectors, np.zeros((len(vectors), 0, spec.embed_dim), np.float32), None)
-    store.insert_new("items", item_rows(items, "run"))
-    store.insert_new(slices_table_name(spec.model_id),
-                     vector_rows(spec, items, [embeddings], None, [None] * len(items), "run"))
-
-
-def synthetic_store(path, n: int, dim: int = 384, seed: int = 17, spread: float = 0.8) -> Store:
-    """A real store holding n slices of clustered vectors (written as ingest writes them)."""
-    from embedstore.sources.records import SliceItem
-
-    vectors, labels = clustered(n // 20, 20, dim, seed=seed, spread=spread)
-    store = Store.open(path, create=True)
-    items = [SliceItem(f"synthetic:{i}", f"/archive/{i}.png", f"study{i // 10}", f"series{i // 5}", i % 5,
-                       modality="CT" if labels[i] % 2 else "MR", rows=1, cols=1, intensity="minmax")
-             for i in range(len(vectors))]
-    add_synthetic_slices(store, synthetic_spec(dim), items, vectors)
-    return store
 
 
 @pytest.mark.slow

@@ -149,6 +149,9 @@ def print_index_report(report) -> None:
     out.print(f"recall@10 against exact search: {report.recall_at_10:.3f}; "
               f"p50 latency {report.ann_p50_ms:.1f} ms, {report.ann_rows_p50_ms:.1f} ms fetching the result columns "
               f"(exact: {report.exact_p50_ms:.1f} ms)")
+    for measured in report.filtered:
+        out.print(f"filtered to {measured['share']:.1%} of the rows ({measured['rows_kept']:,}): recall@10 "
+                  f"{measured['recall_at_10']:.3f} with plan {measured['plan']}")
     for warning in report.warnings:
         warn(warning)
 

@@ -23,7 +23,9 @@ def search(
     where: WhereOption = None,
     feature: FeatureOption = "cls",
     model_id: ModelIdOption = None,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table (with the plan that ran)."),
+    explain: bool = typer.Option(False, "--explain", help="Say how the search ran: exactly or through the index, "
+                                 "with how many probes, over how many of the rows the filter keeps."),
 ) -> None:
     """The stored slices, series or studies most similar to a query."""
     from embedstore.search import similar
@@ -38,9 +40,12 @@ def search(
     warn(stored_feature_warning(opened, query.model_id, feature, "series" if level == "series" else "slice"))
     if as_json:
         print(json.dumps({"query": query.description, "model_id": query.model_id, "level": level,
-                          "feature": feature, "where": where, "hits": similar.hits_as_dicts(hits)}, indent=2))
-    else:
-        print_hits(hits, level, query.description, where)
+                          "feature": feature, "where": where, "plan": hits.plan.to_dict(),
+                          "hits": similar.hits_as_dicts(hits)}, indent=2))
+        return
+    if explain:
+        out.print(hits.plan.explain())
+    print_hits(hits, level, query.description, where)
 
 
 def index(

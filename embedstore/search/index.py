@@ -24,7 +24,8 @@ import numpy as np
 from embedstore.errors import UsageError
 from embedstore.search.degenerate import stored_feature_warning
 from embedstore.search.exact import exact_top_k
-from embedstore.store import Store
+from embedstore.search.plan import choose_plan
+from embedstore.store import Store, among
 from embedstore.store.info import record_summary
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import load_vectors
@@ -35,12 +36,15 @@ RECALL_QUERIES = 200
 RECALL_K = 10
 TARGET_RECALL = 0.95
 EXACT_LATENCY_QUERIES = 20
+# shares of the rows that `embedstore index` keeps with a filter on whole studies (a B-tree column)
+# to report the recall of filtered searches, which their plans must hold too
+FILTER_SHARES = (0.1, 0.01)
+FILTERED_RECALL_QUERIES = 50
 MIN_ROWS = 256  # below this an index gains nothing over exact search
 # Low-cardinality columns `--where` filters on most: a bitmap index makes their prefilter a lookup.
 FILTER_BITMAPS = ("modality", "body_part")
 # a query by key, series or study finds its rows through a B-tree: 13 → 8 ms per query on 100k rows
 LOOKUP_BTREES = ("key", "series_uid", "study_uid")
-MAX_FILTER_PROBE_FACTOR = 4.0
 
 
 @dataclass
@@ -64,6 +68,8 @@ class IndexReport:
     ann_rows_p50_ms: float  # the same, fetching the columns a search shows
     exact_p50_ms: float
     warnings: list[str] = field(default_factory=list)  # why its answers may mean little
+    # recall@10 of filtered searches as their plan runs them: share, rows_kept, plan, recall_at_10
+    filtered: list[dict] = field(default_factory=list)
 
 
 def choose_parameters(n_rows: int, dim: int, index_type: str) -> IndexParameters:
@@ -129,7 +135,10 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
             table.create_index(name, config=BTree(), replace=True)
     build_seconds = time.perf_counter() - started
     report = measure_recall(store, model_id, table_name, column, parameters, n_rows, build_seconds)
-    report.warnings = index_warnings(store, model_id, column, level, report.recall_at_10)
+    report.warnings = index_warnings(store, model_id, column, level, report.recall_at_10) + [
+        f"filtered to {measured['share']:.1%} of the rows, recall@10 is {measured['recall_at_10']:.3f} with plan "
+        f"{measured['plan']}: below {TARGET_RECALL}" for measured in report.filtered
+        if measured["recall_at_10"] < TARGET_RECALL]
     remember_index(store, report)
     return report
 
@@ -151,23 +160,14 @@ RESULT_COLUMNS = {"slices": ["key", "path", "study_uid", "series_uid", "slice_in
 
 
 def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k: int, parameters: IndexParameters,
-               where: str | None, columns: list[str] | None = None) -> list[dict]:
+               where: str | None, columns: list[str] | None = None, nprobes: int | None = None) -> list[dict]:
     """Rows (`columns`, by default those a result shows, and `_distance`, the cosine distance) of
-    the index's top k. Each column fetched costs time (about 0.7 ms at 1M rows here), so only
-    these are read: fetching the stored vectors too doubles the latency.
-
-    A filter runs as a prefilter on the same table (bitmap-indexed for modality and body part).
-    It keeps a share f of the rows, so the k nearest that pass it lie farther out, in more
-    partitions: the probes are raised by √(1/f) (at most MAX_FILTER_PROBE_FACTOR). For a filter
-    keeping half the rows of 1M, that held recall@10 at the unfiltered level, where 1/f cost twice
-    the latency for recall it did not need (benchmarks/filtered_search.py)."""
-    nprobes = parameters.nprobes
-    if where:
-        share = store.count(table_name, where) / max(1, store.count(table_name))
-        nprobes = min(parameters.num_partitions,
-                      math.ceil(nprobes * min(MAX_FILTER_PROBE_FACTOR, math.sqrt(1.0 / max(share, 1e-9)))))
+    the index's top k, probing `nprobes` partitions (by default the measured ones; a filtered
+    search's plan raises them, search/plan.py). Each column fetched costs time (about 0.7 ms at
+    1M rows here), so only these are read: fetching the stored vectors too doubles the latency.
+    A filter runs as a prefilter on the same table (bitmap-indexed for modality and body part)."""
     search = store.table(table_name).search(query.astype(np.float32), vector_column_name=column) \
-        .distance_type("cosine").nprobes(nprobes) \
+        .distance_type("cosine").nprobes(nprobes or parameters.nprobes) \
         .select((columns or RESULT_COLUMNS[table_name.split("-", 1)[0]]) + ["_distance"])
     if parameters.refine_factor:
         search = search.refine_factor(parameters.refine_factor)
@@ -214,14 +214,46 @@ def measure_recall(store: Store, model_id: str, table_name: str, column: str, pa
     _, ann_rows_p50_ms = search_sample(None)
     return IndexReport(table=table_name, column=column, rows=n_rows, parameters=parameters, build_seconds=build_seconds,
                        recall_at_10=recall, ann_p50_ms=ann_p50_ms, ann_rows_p50_ms=ann_rows_p50_ms,
-                       exact_p50_ms=float(np.median(exact_ms)))
+                       exact_p50_ms=float(np.median(exact_ms)),
+                       filtered=filtered_recall(store, table_name, column, parameters, vectors,
+                                                queries[:FILTERED_RECALL_QUERIES]))
+
+
+def filtered_recall(store: Store, table_name: str, column: str, parameters: IndexParameters, vectors,
+                    queries: np.ndarray) -> list[dict]:
+    """recall@10 against exact search among the kept rows, of searches filtered to whole studies
+    holding about each of FILTER_SHARES of the rows, run as their plan runs them (search/plan.py)."""
+    studies = np.array(vectors.rows.column("study_uid").to_pylist(), dtype=object)
+    names, counts = np.unique(studies, return_counts=True)
+    order = np.random.default_rng(1).permutation(len(names))
+    keys = np.array(vectors.rows.column("key").to_pylist(), dtype=object)
+    measured = []
+    for target in FILTER_SHARES:
+        taken = order[:np.searchsorted(np.cumsum(counts[order]), target * len(studies)) + 1]
+        kept = np.flatnonzero(np.isin(studies, names[taken]))
+        if len(kept) >= len(studies) / 2:
+            continue  # too few studies for a selective filter on them
+        condition = among("study_uid", names[taken].tolist())
+        plan = choose_plan(store, table_name, condition, parameters)
+        _, truth = exact_top_k(queries, vectors.matrix[kept], RECALL_K)
+        if plan.uses_index:
+            found = [{row["key"] for row in ann_search(store, table_name, column, query, RECALL_K, parameters,
+                                                         condition, columns=["key"], nprobes=plan.nprobes)}
+                     for query in queries]
+        else:  # compared one by one: what the exact plan does
+            found = [set(keys[kept][row]) for row in truth]
+        recall = np.mean([len(got & set(keys[kept][row])) / min(RECALL_K, len(kept))
+                          for got, row in zip(found, truth)])
+        measured.append({"share": round(len(kept) / len(studies), 4), "rows_kept": int(len(kept)),
+                         "plan": plan.name, "recall_at_10": round(float(recall), 4)})
+    return measured
 
 
 def remember_index(store: Store, report: IndexReport) -> None:
     indexes = store.manifest.setdefault("indexes", {})
     indexes[f"{report.table}.{report.column}"] = {**asdict(report.parameters), "recall_at_10": report.recall_at_10,
                                                   "ann_p50_ms": report.ann_p50_ms, "exact_p50_ms": report.exact_p50_ms,
-                                                  "rows": report.rows}
+                                                  "rows": report.rows, "filtered": report.filtered}
     store.write_manifest()
     record_summary(store)
 

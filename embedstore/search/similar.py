@@ -9,7 +9,8 @@ Levels:
   first, however many other slices it has).
 The query's own slice, series or study is left out of its results. Slice and series search use
 the column's ANN index when `embedstore index` built one, and exact search otherwise (and always
-for the study level).
+for the study level); a filter's selectivity decides how (search/plan.py), and the hits carry the
+plan that ran.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow as pa
 from embedstore.errors import UsageError
 from embedstore.search.exact import exact_top_k
 from embedstore.search.index import ann_search, index_for
+from embedstore.search.plan import SearchPlan, choose_plan
 from embedstore.search.where import validated_where
 from embedstore.store import Store, equals
 from embedstore.store.schema import series_table_name, slices_table_name
@@ -52,6 +54,14 @@ class Hit:
 DESCRIPTION_COLUMNS = ("body_part", "series_description", "study_date")
 
 
+class Hits(list):
+    """The hits of one search, best first (a list of Hit), and `plan`: how the search ran."""
+
+    def __init__(self, hits, plan: SearchPlan):
+        super().__init__(hits)
+        self.plan = plan
+
+
 @dataclass
 class Query:
     description: str
@@ -69,20 +79,32 @@ def image_description(image, columns: dict) -> str:
 
 
 def search(store: Store, query: Query, k: int = 10, level: str = "slice", feature: str = "cls",
-           where: str | None = None) -> list[Hit]:
+           where: str | None = None) -> Hits:
+    """The k best hits at `level` among the rows `where` keeps, and the plan that found them."""
     if level not in LEVELS:
         raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     if k < 1:
         raise UsageError("--k must be at least 1")
     table = series_table_name(query.model_id) if level == "series" else slices_table_name(query.model_id)
     condition = validated_where(where, store.schema(table)) if where else None
-    if condition and not store.count(table, condition):
-        return []  # a filter that keeps no row: no result, not an error
+    index = index_for(store, table, feature) if level != "study" else None
+    plan = choose_plan(store, table, condition, index)
+    if not plan.rows_kept:
+        return Hits([], plan)  # a filter that keeps no row: no result, not an error
+    return Hits(_ranked(store, query, k, level, feature, condition, plan, index), plan)
+
+
+def _ranked(store: Store, query: Query, k: int, level: str, feature: str, condition: str | None, plan: SearchPlan,
+            index) -> list[Hit]:
     pooled = query.vectors.mean(0, keepdims=True)
     own = query.own_key if level == "slice" else query.own_series
-    index = index_for(store, table, feature) if level != "study" else None
-    if index is not None:
-        return _search_index(store, table, feature, pooled[0], k, index, level=level, condition=condition, own=own)
+    table = series_table_name(query.model_id) if level == "series" else slices_table_name(query.model_id)
+    if plan.uses_index:
+        rows = ann_search(store, table, feature, pooled[0], k + (1 if own else 0), index, condition,
+                          nprobes=plan.nprobes)
+        identity = "key" if level == "slice" else "series_uid"
+        rows = [row for row in rows if row[identity] != own][:k]  # the query's own item asked for and dropped
+        return [_hit(rank, 1.0 - float(row["_distance"]), level, row) for rank, row in enumerate(rows, 1)]
     candidates = load_vectors(store, query.model_id, feature, "series" if level == "series" else "slice", condition,
                               DESCRIPTION_COLUMNS)
     if level == "study":
@@ -96,15 +118,6 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
     table_rows = rows.to_pylist()
     return [_hit(rank, float(score), level, table_rows[i]) for rank, (score, i) in
             enumerate(zip(scores[0], indices[0]), 1)]
-
-
-def _search_index(store: Store, table: str, column: str, vector: np.ndarray, k: int, index, level: str,
-                  condition: str | None, own: str | None) -> list[Hit]:
-    """The ANN index's answer (the query's own item asked for and dropped)."""
-    rows = ann_search(store, table, column, vector, k + (1 if own else 0), index, condition)
-    identity = "key" if level == "slice" else "series_uid"
-    rows = [row for row in rows if row[identity] != own][:k]
-    return [_hit(rank, 1.0 - float(row["_distance"]), level, row) for rank, row in enumerate(rows, 1)]
 
 
 def _identity(vectors: Vectors, level: str, row: int) -> str:

@@ -52,11 +52,21 @@ class SearchResult(SliceMetadata):
     path: str | None = None
 
 
+class SearchPlanInfo(BaseModel):
+    """How the search ran, chosen from the share of rows the filter keeps."""
+
+    path: str = Field(description="exact, exact-filtered, index, or index+probes N")
+    rows_kept: int = Field(description="rows the filter keeps (every row without one)")
+    rows_total: int
+    nprobes: int | None = Field(description="index partitions probed, on the index paths")
+
+
 class SearchResponse(BaseModel):
     model_id: str
     level: str
     feature: str
     where: str | None = Field(description="the filter as applied")
+    plan: SearchPlanInfo
     results: list[SearchResult]
 
 
