@@ -159,6 +159,11 @@ RESULT_COLUMNS = {"slices": ["key", "path", "study_uid", "series_uid", "slice_in
                              "study_date", "n_slices"]}  # by table kind (its name's prefix)
 
 
+def result_columns(table_name: str) -> list[str]:
+    """The columns a search result shows, for a model's slices or series table."""
+    return RESULT_COLUMNS[table_name.split("-", 1)[0]]
+
+
 def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k: int, parameters: IndexParameters,
                where: str | None, columns: list[str] | None = None, nprobes: int | None = None) -> list[dict]:
     """Rows (`columns`, by default those a result shows, and `_distance`, the cosine distance) of
@@ -168,7 +173,7 @@ def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k:
     A filter runs as a prefilter on the same table (bitmap-indexed for modality and body part)."""
     search = store.table(table_name).search(query.astype(np.float32), vector_column_name=column) \
         .distance_type("cosine").nprobes(nprobes or parameters.nprobes) \
-        .select((columns or RESULT_COLUMNS[table_name.split("-", 1)[0]]) + ["_distance"])
+        .select((columns or result_columns(table_name)) + ["_distance"])
     if parameters.refine_factor:
         search = search.refine_factor(parameters.refine_factor)
     if where:

@@ -394,12 +394,14 @@ class Store:
             self._specs = None
 
     # ---------------------------------------------------------------- reading
-    def rows(self, table: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    def rows(self, table: str, where: str | None = None, columns: list[str] | None = None,
+             with_row_ids: bool = False) -> pa.Table:
+        """The rows `where` keeps, in `columns`; with `_rowid` (Lance's row address) when asked."""
         if not self.has_table(table):
             return pa.table({})
         dataset = self.dataset(table)
         with reading(self.path, table):
-            return dataset.to_table(columns=columns or None, filter=where or None)
+            return dataset.to_table(columns=columns or None, filter=where or None, with_row_id=with_row_ids)
 
     def committed_keys(self, model_id: str) -> set[str]:
         rows = self.rows(slices_table_name(model_id), columns=["key"])
