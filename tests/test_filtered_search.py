@@ -18,18 +18,24 @@ from embedstore.store.series import refresh_series
 from embedstore.store.vectors import load_vectors
 from tests.support import run_cli_here, synthetic_store
 
+pytestmark = pytest.mark.slow  # every test here builds ANN indexes
+
 N_ROWS = 4000  # 63 partitions of about 63 rows, searched with 20 probes
 
 
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory):
     """A store of 4,000 clustered slices (5 per series, 10 per study) with an index on its slices and
-    one on its series."""
+    one on its series, without their flat copies (kept rows are read from the table, as in a store
+    indexed before the copies: EXACT_ROWS applies)."""
+    from embedstore.store.vector_cache import drop_vector_cache
+
     path = tmp_path_factory.mktemp("filtered") / "store"
     store = synthetic_store(path, N_ROWS)
     refresh_series(store, [store.resolve_model_id(None)])
     build_index(store)
     build_index(store, level="series")
+    drop_vector_cache(store)
     return path
 
 
@@ -126,3 +132,40 @@ def test_index_reports_the_recall_of_filtered_searches(tmp_path):
     assert all(measured["recall_at_10"] >= 0.95 for measured in report.filtered), report.filtered
     table = next(t for t in store.table_names() if t.startswith("slices-"))
     assert Store.open(tmp_path / "store").manifest["indexes"][f"{table}.cls"]["filtered"] == report.filtered
+
+
+def test_the_flat_copy_answers_as_the_table_and_a_damaged_copy_is_found_and_removed(tmp_path):
+    from embedstore.models.embedder import Embeddings
+    from embedstore.pipeline.runner import item_rows, vector_rows
+    from embedstore.sources.records import SliceItem
+    from embedstore.store.check import BAD_VECTOR_COPY, check_store
+    from embedstore.store.vector_cache import cache_folder, has_vector_cache
+
+    store = synthetic_store(tmp_path / "store", N_ROWS)
+    build_index(store)
+    table = next(t for t in store.table_names() if t.startswith("slices-"))
+    assert has_vector_cache(store, table, "cls")
+    # rows added after the index live in a fragment without a copy: read from the table, still found
+    point = new_points(store, 1)[0]
+    late = [SliceItem(f"late:{i}", f"/archive/late{i}.png", "study-late", "series-late", i, modality="CT", rows=1,
+                      cols=1, intensity="minmax") for i in range(3)]
+    copies = np.repeat(point[None], 3, axis=0)
+    spec = store.spec(store.resolve_model_id(None))
+    embeddings = Embeddings(copies, copies, np.zeros((3, 0, spec.embed_dim), np.float32), None)
+    store.insert_new("items", item_rows(late, "run"))
+    store.insert_new(table, vector_rows(spec, late, [embeddings], None, [None] * 3, "run"))
+    where = among("series_uid", ["series7", "series-late"])
+    copied = search(Store.open(tmp_path / "store"), query_by_matrix(store, point), k=6, where=where)
+    keys, expected = [hit.key for hit in copied], exact_keys(store, point, where, 6)
+    assert copied.plan.copied and set(keys[:3]) == set(expected[:3]) == {"late:0", "late:1", "late:2"}  # 3 ties
+    assert keys[3:] == expected[3:]
+    # a flipped byte in a copy: check names it, repair removes the copies, searches read the table
+    damaged = sorted(cache_folder(store, table, "cls").glob("*.npy"))[0]
+    data = bytearray(damaged.read_bytes())
+    data[-7] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    report = check_store(tmp_path / "store")
+    assert [finding.kind for finding in report.findings] == [BAD_VECTOR_COPY]
+    assert check_store(tmp_path / "store", repair=True).repaired
+    again = search(Store.open(tmp_path / "store"), query_by_matrix(store, point), k=6, where=where)
+    assert not again.plan.copied and [hit.key for hit in again][3:] == keys[3:]

@@ -28,6 +28,17 @@ def search_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def unit_top_k(query: np.ndarray, unit_database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, indices) of the k best cosine matches of one query among rows already scaled to
+    unit length, best first: one matrix-vector product, nothing normalised again."""
+    query = np.asarray(query, dtype=np.float32).ravel()
+    scores = unit_database @ (query / max(float(np.linalg.norm(query)), 1e-12))
+    k = min(k, len(scores))
+    best = np.argpartition(-scores, k - 1)[:k]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return scores[best], best
+
+
 def exact_top_k(queries: np.ndarray, database: np.ndarray, k: int, metric: str = "cosine",
                 budget_bytes: int = DEFAULT_BUDGET_BYTES, device: torch.device | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from embedstore.search.plan import choose_plan
 from embedstore.store import Store, among
 from embedstore.store.info import record_summary
 from embedstore.store.schema import series_table_name, slices_table_name
+from embedstore.store.vector_cache import has_vector_cache, write_vector_cache
 from embedstore.store.vectors import load_vectors
 
 INDEX_TYPES = ("ivf_flat", "ivf_sq", "ivf_pq", "ivf_hnsw_sq")
@@ -133,6 +134,7 @@ def build_index(store: Store, model_id: str | None = None, column: str = "cls", 
     for name in LOOKUP_BTREES:
         if name in table.schema.names:
             table.create_index(name, config=BTree(), replace=True)
+    write_vector_cache(store, table_name, column)  # exact search among a selective filter's rows reads it
     build_seconds = time.perf_counter() - started
     report = measure_recall(store, model_id, table_name, column, parameters, n_rows, build_seconds)
     report.warnings = index_warnings(store, model_id, column, level, report.recall_at_10) + [
@@ -239,7 +241,7 @@ def filtered_recall(store: Store, table_name: str, column: str, parameters: Inde
         if len(kept) >= len(studies) / 2:
             continue  # too few studies for a selective filter on them
         condition = among("study_uid", names[taken].tolist())
-        plan = choose_plan(store, table_name, condition, parameters)
+        plan = choose_plan(store, table_name, condition, parameters, has_vector_cache(store, table_name, column))
         _, truth = exact_top_k(queries, vectors.matrix[kept], RECALL_K)
         if plan.uses_index:
             found = [{row["key"] for row in ann_search(store, table_name, column, query, RECALL_K, parameters,

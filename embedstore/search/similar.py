@@ -21,12 +21,13 @@ import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import UsageError
-from embedstore.search.exact import exact_top_k
+from embedstore.search.exact import exact_top_k, unit_top_k
 from embedstore.search.index import ann_search, index_for, result_columns
 from embedstore.search.plan import SearchPlan, choose_plan
 from embedstore.search.where import validated_where
 from embedstore.store import Store, among, equals
 from embedstore.store.schema import series_table_name, slices_table_name
+from embedstore.store.vector_cache import has_vector_cache, read_unit_vectors
 from embedstore.store.vectors import Vectors, column_matrix, feature_columns, l2_normalised, load_vectors
 
 LEVELS = ("slice", "series", "study")
@@ -88,7 +89,7 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
     table = series_table_name(query.model_id) if level == "series" else slices_table_name(query.model_id)
     condition = validated_where(where, store.schema(table)) if where else None
     index = index_for(store, table, feature) if level != "study" else None
-    plan = choose_plan(store, table, condition, index)
+    plan = choose_plan(store, table, condition, index, index is not None and has_vector_cache(store, table, feature))
     if not plan.rows_kept:
         return Hits([], plan)  # a filter that keeps no row: no result, not an error
     return Hits(_ranked(store, query, k, level, feature, condition, plan, index), plan)
@@ -118,20 +119,29 @@ def _table_and_own(query: Query, level: str) -> tuple[str, str | None]:
 
 def _compared_one_by_one(store: Store, query: Query, feature: str, k: int, level: str,
                          condition: str | None) -> list[Hit]:
-    """Exact search among the rows `condition` keeps. Only their vectors and row ids are read (each
-    column costs a read per scattered row: at 1M rows the keys too would make it half as fast
-    again); the columns a result shows are read for the best k + 1 alone, by row id."""
+    """Exact search among the rows `condition` keeps. Only their vectors and row ids are read, from
+    the column's flat copy when `embedstore index` made one (each column read from the table costs
+    a read per scattered row); the columns a result shows are read for the best k + 1 alone."""
     table, own = _table_and_own(query, level)
     parts = feature_columns(store.spec(query.model_id), feature)
-    kept = store.rows(table, condition, parts, with_row_ids=True)
-    matrix = np.concatenate([column_matrix(kept.column(part)) for part in parts], axis=1).astype(np.float32)
-    if not len(matrix):
-        return []
-    scores, indices = exact_top_k(query.vectors.mean(0, keepdims=True), matrix, min(k + 1, len(matrix)))
-    row_ids = kept.column("_rowid").to_numpy()[indices[0]]
+    pooled = query.vectors.mean(0)
+    if len(parts) == 1 and has_vector_cache(store, table, parts[0]):  # the flat copy: a memory map, not row reads
+        kept_ids = store.rows(table, condition, [], with_row_ids=True).column("_rowid").to_numpy()
+        if not len(kept_ids):
+            return []
+        scores, best = unit_top_k(pooled, read_unit_vectors(store, table, parts[0], kept_ids), k + 1)
+    else:
+        kept = store.rows(table, condition, parts, with_row_ids=True)
+        kept_ids = kept.column("_rowid").to_numpy()
+        if not len(kept_ids):
+            return []
+        matrix = np.concatenate([column_matrix(kept.column(part)) for part in parts], axis=1)
+        found, indices = exact_top_k(pooled[None], matrix, k + 1)
+        scores, best = found[0], indices[0]
+    row_ids = kept_ids[best]
     described = store.rows(table, among("_rowid", row_ids.tolist()), [*result_columns(table), "_rowid"])
     by_id = {row["_rowid"]: row for row in described.to_pylist()}
-    ranked = [(float(score), by_id[row_id]) for score, row_id in zip(scores[0], row_ids.tolist())]
+    ranked = [(float(score), by_id[row_id]) for score, row_id in zip(scores, row_ids.tolist())]
     identity = "key" if level == "slice" else "series_uid"
     ranked = [(score, row) for score, row in ranked if row[identity] != own][:k]
     return [_hit(rank, score, level, row) for rank, (score, row) in enumerate(ranked, 1)]

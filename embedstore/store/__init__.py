@@ -75,6 +75,7 @@ LOCK_FILE = ".lock"
 COMMIT_LOCK = ".commit.lock"
 TABLES_DIR = "tables"
 PATCHES_DIR = "patches"
+VECTOR_COPIES_DIR = "vector-cache"  # flat copies of indexed columns (store/vector_cache.py)
 SHARED_TABLES = {"items": ITEMS_SCHEMA, "series": SERIES_SCHEMA, "models": MODELS_SCHEMA,
                  "failures": FAILURES_SCHEMA, "runs": RUNS_SCHEMA}
 # What a directory holds while another process creates a store in it, or after a creation was cut short.
@@ -389,6 +390,7 @@ class Store:
             for name in (slices_table_name(model_id), series_table_name(model_id)):
                 if self.has_table(name):
                     self.db.drop_table(name)
+                shutil.rmtree(self.path / VECTOR_COPIES_DIR / name, ignore_errors=True)  # its index's flat copies
             shutil.rmtree(self.patches_root / model_id, ignore_errors=True)
             self.table("models").delete(equals("model_id", model_id))
             self._specs = None
@@ -396,12 +398,13 @@ class Store:
     # ---------------------------------------------------------------- reading
     def rows(self, table: str, where: str | None = None, columns: list[str] | None = None,
              with_row_ids: bool = False) -> pa.Table:
-        """The rows `where` keeps, in `columns`; with `_rowid` (Lance's row address) when asked."""
+        """The rows `where` keeps, in `columns` (every column when None; none but `_rowid` when empty);
+        with `_rowid` (Lance's row address: fragment id << 32 | offset) when asked."""
         if not self.has_table(table):
             return pa.table({})
         dataset = self.dataset(table)
         with reading(self.path, table):
-            return dataset.to_table(columns=columns or None, filter=where or None, with_row_id=with_row_ids)
+            return dataset.to_table(columns=columns, filter=where or None, with_row_id=with_row_ids)
 
     def committed_keys(self, model_id: str) -> set[str]:
         rows = self.rows(slices_table_name(model_id), columns=["key"])

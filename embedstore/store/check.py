@@ -38,6 +38,7 @@ from embedstore.store import (
     write_manifest,
 )
 from embedstore.store.digests import file_sha256, read_shard_checksums, row_digests
+from embedstore.store.vector_cache import damaged_cache_files, drop_vector_cache
 from embedstore.store.info import record_summary
 from embedstore.store.privacy import (
     AS_READ,
@@ -72,6 +73,7 @@ BAD_CHUNK = "bad_chunk"  # a patch file that fails its checksum or does not deco
 BAD_OFFSET = "bad_offset"  # a vector row pointing past the end of its shard
 MISSING_PATIENT_KEY = "missing_patient_key"  # hashed patient IDs, and neither key file nor key variable
 WRONG_PATIENT_KEY = "wrong_patient_key"  # the key present is not the one the store's IDs were hashed with
+BAD_VECTOR_COPY = "bad_vector_copy"  # a file of an indexed column's flat copy that fails its SHA-256
 
 
 @dataclass
@@ -148,6 +150,8 @@ def check_store(path: str | Path, repair: bool = False) -> CheckReport:
         if audit.unreadable:
             audit = audit_store(store)  # the rewritten tables, row by row
         removed = delete_rows(store, audit.drops)
+        if any(finding.kind == BAD_VECTOR_COPY for finding in audit.findings):
+            drop_vector_cache(store)  # derived data: searches read the table until the next index
         refresh_series(store)
         remaining = audit_store(store).findings
         if not remaining:
@@ -174,6 +178,10 @@ def audit_store(store: Store) -> Audit:
     for name, rows in tables.items():
         if key_column(name) is not None:
             find_duplicates(name, rows, audit)
+    for path in damaged_cache_files(store):
+        audit.findings.append(Finding(BAD_VECTOR_COPY, str(path.relative_to(store.path)), "fails its SHA-256 (a copy "
+                                      "of stored vectors: --repair removes the copies, `embedstore index` writes "
+                                      "them again)", 0))
     return audit
 
 
