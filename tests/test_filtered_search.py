@@ -60,12 +60,15 @@ def exact_keys(store: Store, point: np.ndarray, where: str, k: int, level: str =
     return [keys[i] for i in top[0]]
 
 
-def test_a_selective_filter_returns_exactly_the_exact_neighbours_among_the_kept_rows(indexed):
+@pytest.mark.parametrize("where, kept", [
+    ("series_uid = 'series7' AND slice_index < 4", 4),  # 0.1% of the rows
+    (among("series_uid", ["series7", "series300"]), 10),  # 0.25%
+])
+def test_a_selective_filter_returns_exactly_the_exact_neighbours_among_the_kept_rows(indexed, where, kept):
     store = Store.open(indexed)
-    where = among("series_uid", ["series7", "series300"])  # 10 of 4,000 rows: 0.25%
     for point in new_points(store, 5):
         hits = search(store, query_by_matrix(store, point), k=8, where=where)
-        assert hits.plan.name == "exact-filtered" and hits.plan.rows_kept == 10 and hits.plan.rows_total == N_ROWS
+        assert hits.plan.name == "exact-filtered" and hits.plan.rows_kept == kept and hits.plan.rows_total == N_ROWS
         assert [hit.key for hit in hits] == exact_keys(store, point, where, 8)
 
 
