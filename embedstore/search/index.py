@@ -23,13 +23,13 @@ import numpy as np
 
 from embedstore.errors import UsageError
 from embedstore.search.degenerate import stored_feature_warning
-from embedstore.search.exact import exact_top_k
+from embedstore.search.exact import exact_top_k, unit_top_k
 from embedstore.search.plan import choose_plan
 from embedstore.store import Store, among
 from embedstore.store.info import record_summary
 from embedstore.store.schema import series_table_name, slices_table_name
-from embedstore.store.vector_cache import has_vector_cache, write_vector_cache
-from embedstore.store.vectors import load_vectors
+from embedstore.store.vector_cache import has_vector_cache, read_unit_vectors, write_vector_cache
+from embedstore.store.vectors import column_matrix, load_vectors
 
 INDEX_TYPES = ("ivf_flat", "ivf_sq", "ivf_pq", "ivf_hnsw_sq")
 INDEXABLE = ("cls", "patch_mean")
@@ -183,6 +183,31 @@ def ann_search(store: Store, table_name: str, column: str, query: np.ndarray, k:
     return search.limit(k).to_list()
 
 
+def exact_search(store: Store, table_name: str, parts: list[str], query: np.ndarray, k: int, where: str | None,
+                 copied: bool = False, columns: list[str] | None = None) -> list[dict]:
+    """Rows, as `ann_search` gives them, of the exact top k among the rows `where` keeps (the stored
+    columns `parts` concatenated). Only the kept rows' vectors and row ids are read: from the
+    indexed column's flat copy when `copied` (a memory map), else from the table, where each
+    column costs a read per scattered row; the shown columns are read for the top k alone."""
+    if copied and len(parts) == 1:
+        kept_ids = store.rows(table_name, where, [], with_row_ids=True).column("_rowid").to_numpy()
+        if not len(kept_ids):
+            return []
+        scores, best = unit_top_k(query, read_unit_vectors(store, table_name, parts[0], kept_ids), k)
+    else:
+        kept = store.rows(table_name, where, list(parts), with_row_ids=True)
+        kept_ids = kept.column("_rowid").to_numpy()
+        if not len(kept_ids):
+            return []
+        found, indices = exact_top_k(query[None], np.concatenate([column_matrix(kept.column(part)) for part in parts],
+                                                                   axis=1), k)
+        scores, best = found[0], indices[0]
+    row_ids = kept_ids[best].tolist()
+    described = store.rows(table_name, among("_rowid", row_ids), [*(columns or result_columns(table_name)), "_rowid"])
+    by_id = {row.pop("_rowid"): row for row in described.to_pylist()}
+    return [{**by_id[row_id], "_distance": 1.0 - float(score)} for score, row_id in zip(scores, row_ids)]
+
+
 def measure_recall(store: Store, model_id: str, table_name: str, column: str, parameters: IndexParameters,
                    n_rows: int, build_seconds: float) -> IndexReport:
     """recall@10 of the index against exact search, with the probes doubled until it reaches
@@ -247,8 +272,9 @@ def filtered_recall(store: Store, table_name: str, column: str, parameters: Inde
             found = [{row["key"] for row in ann_search(store, table_name, column, query, RECALL_K, parameters,
                                                          condition, columns=["key"], nprobes=plan.nprobes)}
                      for query in queries]
-        else:  # compared one by one: what the exact plan does
-            found = [set(keys[kept][row]) for row in truth]
+        else:
+            found = [{row["key"] for row in exact_search(store, table_name, [column], query, RECALL_K, condition,
+                                                           copied=plan.copied, columns=["key"])} for query in queries]
         recall = np.mean([len(got & set(keys[kept][row])) / min(RECALL_K, len(kept))
                           for got, row in zip(found, truth)])
         measured.append({"share": round(len(kept) / len(studies), 4), "rows_kept": int(len(kept)),

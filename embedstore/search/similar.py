@@ -21,14 +21,13 @@ import numpy as np
 import pyarrow as pa
 
 from embedstore.errors import UsageError
-from embedstore.search.exact import exact_top_k, unit_top_k
-from embedstore.search.index import ann_search, index_for, result_columns
+from embedstore.search.index import ann_search, exact_search, index_for
 from embedstore.search.plan import SearchPlan, choose_plan
 from embedstore.search.where import validated_where
-from embedstore.store import Store, among, equals
+from embedstore.store import Store, equals
 from embedstore.store.schema import series_table_name, slices_table_name
-from embedstore.store.vector_cache import has_vector_cache, read_unit_vectors
-from embedstore.store.vectors import Vectors, column_matrix, feature_columns, l2_normalised, load_vectors
+from embedstore.store.vector_cache import has_vector_cache
+from embedstore.store.vectors import Vectors, feature_columns, l2_normalised, load_vectors
 
 LEVELS = ("slice", "series", "study")
 
@@ -86,65 +85,32 @@ def search(store: Store, query: Query, k: int = 10, level: str = "slice", featur
         raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     if k < 1:
         raise UsageError("--k must be at least 1")
-    table = series_table_name(query.model_id) if level == "series" else slices_table_name(query.model_id)
+    table, own = _table_and_own(query, level)
     condition = validated_where(where, store.schema(table)) if where else None
     index = index_for(store, table, feature) if level != "study" else None
-    plan = choose_plan(store, table, condition, index, index is not None and has_vector_cache(store, table, feature))
+    copied = index is not None and condition is not None and has_vector_cache(store, table, feature)
+    plan = choose_plan(store, table, condition, index, copied)
     if not plan.rows_kept:
         return Hits([], plan)  # a filter that keeps no row: no result, not an error
-    return Hits(_ranked(store, query, k, level, feature, condition, plan, index), plan)
-
-
-def _ranked(store: Store, query: Query, k: int, level: str, feature: str, condition: str | None, plan: SearchPlan,
-            index) -> list[Hit]:
-    if plan.uses_index:
-        table, own = _table_and_own(query, level)
-        rows = ann_search(store, table, feature, query.vectors.mean(0), k + (1 if own else 0), index, condition,
-                          nprobes=plan.nprobes)
-        identity = "key" if level == "slice" else "series_uid"
-        rows = [row for row in rows if row[identity] != own][:k]  # the query's own item asked for and dropped
-        return [_hit(rank, 1.0 - float(row["_distance"]), level, row) for rank, row in enumerate(rows, 1)]
     if level == "study":
-        candidates = load_vectors(store, query.model_id, feature, "slice", condition, DESCRIPTION_COLUMNS)
-        return _rank_studies(query, candidates, k)
-    return _compared_one_by_one(store, query, feature, k, level, condition)
+        return Hits(_rank_studies(query, load_vectors(store, query.model_id, feature, "slice", condition,
+                                                      DESCRIPTION_COLUMNS), k), plan)
+    pooled, wanted = query.vectors.mean(0), k + (1 if own else 0)  # the query's own row asked for and dropped
+    if plan.uses_index:
+        rows = ann_search(store, table, feature, pooled, wanted, index, condition, nprobes=plan.nprobes)
+    else:
+        rows = exact_search(store, table, feature_columns(store.spec(query.model_id), feature), pooled, wanted,
+                            condition, copied=plan.copied)
+    identity = "key" if level == "slice" else "series_uid"
+    rows = [row for row in rows if row[identity] != own][:k]
+    return Hits([_hit(rank, 1.0 - float(row["_distance"]), level, row) for rank, row in enumerate(rows, 1)], plan)
 
 
 def _table_and_own(query: Query, level: str) -> tuple[str, str | None]:
-    """The table a slice or series search ranks, and the query's own row there (left out)."""
+    """The table a search ranks (a study search ranks slices), and the query's own row there."""
     if level == "series":
         return series_table_name(query.model_id), query.own_series
     return slices_table_name(query.model_id), query.own_key
-
-
-def _compared_one_by_one(store: Store, query: Query, feature: str, k: int, level: str,
-                         condition: str | None) -> list[Hit]:
-    """Exact search among the rows `condition` keeps. Only their vectors and row ids are read, from
-    the column's flat copy when `embedstore index` made one (each column read from the table costs
-    a read per scattered row); the columns a result shows are read for the best k + 1 alone."""
-    table, own = _table_and_own(query, level)
-    parts = feature_columns(store.spec(query.model_id), feature)
-    pooled = query.vectors.mean(0)
-    if len(parts) == 1 and has_vector_cache(store, table, parts[0]):  # the flat copy: a memory map, not row reads
-        kept_ids = store.rows(table, condition, [], with_row_ids=True).column("_rowid").to_numpy()
-        if not len(kept_ids):
-            return []
-        scores, best = unit_top_k(pooled, read_unit_vectors(store, table, parts[0], kept_ids), k + 1)
-    else:
-        kept = store.rows(table, condition, parts, with_row_ids=True)
-        kept_ids = kept.column("_rowid").to_numpy()
-        if not len(kept_ids):
-            return []
-        matrix = np.concatenate([column_matrix(kept.column(part)) for part in parts], axis=1)
-        found, indices = exact_top_k(pooled[None], matrix, k + 1)
-        scores, best = found[0], indices[0]
-    row_ids = kept_ids[best]
-    described = store.rows(table, among("_rowid", row_ids.tolist()), [*result_columns(table), "_rowid"])
-    by_id = {row["_rowid"]: row for row in described.to_pylist()}
-    ranked = [(float(score), by_id[row_id]) for score, row_id in zip(scores, row_ids.tolist())]
-    identity = "key" if level == "slice" else "series_uid"
-    ranked = [(score, row) for score, row in ranked if row[identity] != own][:k]
-    return [_hit(rank, score, level, row) for rank, (score, row) in enumerate(ranked, 1)]
 
 
 def _hit(rank: int, similarity: float, level: str, row: dict) -> Hit:
