@@ -74,6 +74,7 @@ def test_each_slice_is_decoded_once_for_both_models(two_model_store):
         assert sorted(keys) == sorted(items)
 
 
+@pytest.mark.slow  # ingests each model into a store of its own
 def test_eval_knn_of_either_model_equals_a_store_holding_it_alone(two_model_store, tmp_path):
     from embedstore.eval.evaluate import knn_evaluation
     from embedstore.eval.options import KnnOptions

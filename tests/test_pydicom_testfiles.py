@@ -77,6 +77,7 @@ def ingested(tmp_path_factory):
     return files, summary, embedded, failures
 
 
+@pytest.mark.slow  # ingests every file of pydicom's test set
 def test_every_file_is_embedded_or_a_specific_failure(ingested):
     files, summary, embedded, failures = ingested
     unaccounted = [p.name for p in files if str(p) not in embedded and str(p) not in failures]

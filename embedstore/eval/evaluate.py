@@ -5,7 +5,7 @@ metrics with their provenance."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
 from typing import Callable
@@ -57,11 +57,10 @@ def labelled_features(store: Store, labels: LabelsSpec | str | Path, features, l
         data = split_by_patient(data, labels.ratios, labels.seed)
     check_splits(data)
     check_classes(data)
+    # every feature holds the same rows in the same order: the joined rows pick theirs too
     rows = np.isin(np.asarray(loaded[0].rows.column("key").to_pylist(), dtype=object), np.asarray(data.keys))
-    return ({vectors.feature: Labelled(vectors, LabelledVectors(vectors.matrix[rows], data.targets, data.classes,
-                                                                data.multilabel, data.patients, data.splits,
-                                                                data.keys))
-             for vectors in loaded}, record.describe(data))
+    return ({vectors.feature: Labelled(vectors, replace(data, matrix=vectors.matrix[rows])) for vectors in loaded},
+            record.describe(data))
 
 
 def labelled_vectors(store: Store, labels: LabelsSpec | str | Path, feature: str = "cls", level: str = "slice",

@@ -224,7 +224,8 @@ class Service:
             raise HTTPException(400, self.message(error)) from None
         strips = self.strips(hits, request.level)
         return SearchResponse(model_id=model_id, level=request.level, feature=feature, where=where,
-                              plan=SearchPlanInfo(**hits.plan.to_dict()), results=[self.result(hit, model_id, strips.get(hit.key)) for hit in hits])
+                              plan=SearchPlanInfo(**hits.plan.to_dict()),
+                              results=[self.result(hit, model_id, strips.get(hit.key)) for hit in hits])
 
     def filter_schema(self, table: str) -> pa.Schema:
         schema = self.store.schema(table)

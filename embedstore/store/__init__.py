@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import numbers
+import os
 import re
 import shutil
 import tempfile
