@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # embedstore from this checkout
@@ -208,16 +207,16 @@ class StoreSink:
 
     def run(self, pool, tasks) -> int:
         """Every task through the runner and committer; the rows committed."""
+        from embedstore.pipeline.local import embed_locally
         from embedstore.pipeline.progress import IngestProgress
-        from embedstore.pipeline.runner import UNIT_SLICES, plan_units, unit_slices_for
+        from embedstore.pipeline.runner import UNIT_SLICES, WorkUnit, unit_slices_for
 
-        wanted = {item.item_id for task in tasks for item in task.items}
-        units = plan_units(tasks, [wanted], unit_slices_for([self.spec], UNIT_SLICES))
-        decoded = pool.decode(task for unit in units for task in unit.tasks)
-        with IngestProgress(len(wanted), enabled=False) as progress:
-            for unit in units:
-                self.committer.take(self.runner.run(unit, list(islice(decoded, len(unit.tasks)))), progress)
-            self.committer.flush()
+        size = unit_slices_for([self.spec], UNIT_SLICES)
+        units = [WorkUnit(n, tasks[start:start + size],
+                          [{item.item_id for task in tasks[start:start + size] for item in task.items}])
+                 for n, start in enumerate(range(0, len(tasks), size))]
+        with IngestProgress(sum(unit.n_items for unit in units), enabled=False) as progress:
+            embed_locally(self.runner, pool, units, progress, self.committer)
         if self.committer.failures:
             raise RuntimeError(f"a generated slice failed: {self.committer.failures[0].message}")
         return self.committer.committed[self.spec.model_id]

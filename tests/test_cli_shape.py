@@ -37,6 +37,17 @@ HELP_FIXES = [
      "said the kind and axis of their files."),
     *((command, "The model to evaluate, when the store holds several.", MODEL_ID_HELP)
       for command in ("eval knn", "eval linear", "eval fewshot", "eval segment", "finetune")),
+    # a command added since: read-only SQL over the store's tables
+    ("(main)", "export Write one model's vectors with their metadata as Parquet or...",
+     "export Write one model's vectors with their metadata as Parquet or... sql Query the store's tables with SQL "
+     "(DuckDB, read-only): items,..."),
+    # issue 24: the catalog alone, and its header reads tuned from ingest
+    ("(main)", "Embed every slice under SRC into STORE; reruns embed only...",
+     "Embed every slice under SRC into STORE; reruns embed only... catalog Read every header under SRC into STORE's "
+     "files table,..."),
+    ("ingest", "Default: up to 8 with CUDA, cores/8 on CPU.", "Default: up to 8 with CUDA, cores/8 on CPU. "
+     "--header-workers <int> Processes reading headers (Ray: tasks at once); 0 reads in this process. Default: every "
+     "core. --header-batch <int> Files per header-reading task. Default: 256 locally, 2048 on Ray."),
 ]
 
 

@@ -368,12 +368,12 @@ def every_text_in(store_path: Path) -> str:
     store = Store.open(store_path)
     texts = [json.dumps(store.manifest)]
     names = store.db.list_tables().tables
-    assert {"items", "series", "models", "runs", "failures"} <= set(names)
+    assert {"items", "series", "models", "runs", "failures", "files"} <= set(names)
     assert any(name.startswith("slices-") for name in names) and any(name.startswith("series-") for name in names)
     for name in names:
         table = store.rows(name)
         vectors = [f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)]
-        assert name in ("items", "series", "models", "runs", "failures") or {"cls", "patch_mean"} <= set(vectors)
+        assert name in ("items", "series", "models", "runs", "failures", "files") or {"cls", "patch_mean"} <= set(vectors)
         texts.append(json.dumps(table.drop_columns(vectors).to_pylist(), default=str))
     return "\n".join(texts)
 

@@ -9,9 +9,13 @@ from typing import Optional
 import typer
 
 from embedstore.cli.options import check_output, parse_numbers
-from embedstore.cli.render import print_summary
+from embedstore.cli.render import print_catalog, print_summary
 from embedstore.errors import UsageError
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
+
+HEADER_WORKERS = typer.Option(None, help="Processes reading headers (Ray: tasks at once); 0 reads in this process. "
+                              "Default: every core.")
+HEADER_BATCH = typer.Option(None, help="Files per header-reading task. Default: 256 locally, 2048 on Ray.")
 
 
 def ingest(
@@ -47,6 +51,8 @@ def ingest(
     batch_size: int = typer.Option(32, help="Slices per model batch."),
     workers: Optional[int] = typer.Option(
         None, help="Decode worker processes; 0 decodes inline. Default: up to 8 with CUDA, cores/8 on CPU."),
+    header_workers: Optional[int] = HEADER_WORKERS,
+    header_batch: Optional[int] = HEADER_BATCH,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     engine: str = typer.Option("auto", help="auto (tensorrt → compile → eager on CUDA; eager on CPU), eager, compile "
@@ -73,11 +79,40 @@ def ingest(
         modality=modality, max_pixels=max_pixels, keep_patient_id=keep_patient_id,
         executor="ray" if ray_address else executor, ray_address=ray_address, ray_actors=ray_actors,
         batch_size=batch_size, workers=workers, device=device, engine=engine,
-        precision=precision, overwrite=overwrite, show_progress=progress,
+        precision=precision, overwrite=overwrite, show_progress=progress, header_workers=header_workers,
+        header_batch=header_batch,
     )
     check_output(json_out, "--json")
     summary = run_ingest(sources, store, options)
     print_summary(summary)
+    if json_out:
+        json_out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def catalog(
+    sources: list[str] = typer.Argument(..., metavar="SRC...", help="Files or directories (searched recursively)."),
+    store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
+    axis: str = typer.Option("axial", help="NIfTI slicing axis the slices are counted along."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Most values a frame may declare; larger files are "
+                                   "too_large."),
+    keep_patient_id: bool = typer.Option(
+        False, "--keep-patient-id", help="Store PatientID as read. Default: a keyed hash (see README)."),
+    header_workers: Optional[int] = HEADER_WORKERS,
+    header_batch: Optional[int] = HEADER_BATCH,
+    executor: str = typer.Option("local", help="local (this machine's cores) or ray (Ray tasks on every node)."),
+    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (implies --executor ray)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", "-o", help="Also write the catalog summary as JSON here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Say what it is doing on stderr."),
+) -> None:
+    """Read every header under SRC into STORE's files table, embedding nothing; reruns read only new
+    and changed files."""
+    from embedstore.catalog.scan import CatalogOptions
+    from embedstore.pipeline.catalog_job import catalog_archive
+
+    options = CatalogOptions(axis, max_pixels, header_workers, "ray" if ray_address else executor, header_batch)
+    check_output(json_out, "--json")
+    summary = catalog_archive(sources, store, options, keep_patient_id, ray_address, progress)
+    print_catalog(summary.to_dict())
     if json_out:
         json_out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
 

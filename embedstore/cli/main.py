@@ -14,7 +14,7 @@ import click
 import typer
 from typer.core import TyperArgument
 
-from embedstore.cli import bench, demo, evaluate, finetune, ingest, manage, search, serve
+from embedstore.cli import bench, demo, evaluate, finetune, ingest, manage, search, serve, sql
 from embedstore.cli.render import fail
 from embedstore.errors import StoreDamagedError, UsageError
 from embedstore.version import __version__
@@ -56,9 +56,9 @@ def shared_options(version: bool = typer.Option(False, "--version", callback=pri
 
 
 # In the order `embedstore --help` lists them.
-COMMANDS = (ingest.ingest, manage.info, manage.models, manage.failures, search.search, search.index, search.export,
-            finetune.finetune, bench.bench, bench.report, manage.vacuum, manage.check, manage.migrate, serve.serve,
-            demo.demo)
+COMMANDS = (ingest.ingest, ingest.catalog, manage.info, manage.models, manage.failures, search.search, search.index,
+            search.export, sql.sql, finetune.finetune, bench.bench, bench.report, manage.vacuum, manage.check,
+            manage.migrate, serve.serve, demo.demo)
 for command in COMMANDS:
     app.command()(command)
 app.add_typer(evaluate.eval_app, name="eval")

@@ -6,9 +6,12 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 UNWRAPPED_WIDTH = 100_000  # piped output: wide enough that no line (a path, an id) is ever wrapped
 LEVEL_PLURALS = {"slice": "slices", "series": "series", "study": "studies"}
+SHOWN_ROWS = 50  # of a query's rows; --csv and --json write them all
+SHOWN_VALUES = 4  # of a vector's values
 
 
 def stdout_console() -> Console:
@@ -61,11 +64,30 @@ def print_summary(summary) -> None:
         table.add_row("codec warnings", f"{summary.n_warned_files:,} file{plural} decoded with codec warnings")
     for note in summary.notes:
         table.add_row("note", note)
+    table.add_row("files catalogued", catalog_line(summary.catalog))
+    if summary.first_row_seconds is not None:
+        table.add_row("first row", f"committed {summary.first_row_seconds:.1f} s after the start")
     table.add_row("decode workers", str(summary.workers) if summary.workers else "0 (inline)")
     table.add_row("engine", summary.engine + "".join(f"\n{note}" for note in summary.engine_notes))
     table.add_row("time", f"{summary.seconds:.1f} s; {summary.wall_seconds:.1f} s in all, model loading included")
     table.add_row("slices/s", f"{summary.slices_per_s:,.1f}")
     table.add_row("stage seconds", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))
+    out.print(table)
+
+
+def catalog_line(catalog: dict) -> str:
+    """What a catalog read: every file listed is read, unchanged, or failed; gone files are kept."""
+    workers = catalog["header_workers"] or "0 (inline)"
+    return (f"{catalog['files_listed']:,} listed: {catalog['files_read']:,} read ({catalog['files_failed']:,} "
+            f"failed, {catalog['files_changed']:,} changed since the last run), {catalog['files_unchanged']:,} "
+            f"unchanged; {catalog['files_gone']:,} gone (kept in the store); {catalog['files_per_s']:,.0f} files/s "
+            f"on {workers} {catalog['executor']} header workers, {catalog['header_tasks']:,} tasks")
+
+
+def print_catalog(catalog: dict) -> None:
+    table = two_columns("catalog")
+    table.add_row("files", catalog_line(catalog))
+    table.add_row("time", f"{catalog['seconds']:.1f} s; headers {catalog['read_seconds']:.1f} s")
     out.print(table)
 
 
@@ -234,3 +256,28 @@ def print_neighbours(neighbours: list, query_key: str, feature: str, shown_from)
         table.add_row(str(rank), f"{neighbour.similarity:.4f}", str(neighbour.modality),
                       str(neighbour.slice_index), Path(neighbour.path).relative_to(shown_from).as_posix())
     out.print(table)
+
+
+def print_rows(rows, limit: int = SHOWN_ROWS) -> None:
+    """A query's rows (an Arrow table), the first `limit` of them, each value as text (never as markup)."""
+    table = Table()
+    for name in rows.column_names:
+        table.add_column(Text(name), overflow="fold")
+    shown = rows.slice(0, limit)
+    for values in zip(*(shown.column(index).to_pylist() for index in range(shown.num_columns))):
+        table.add_row(*(Text(cell_text(value)) for value in values))
+    out.print(table)
+    left_out = rows.num_rows - shown.num_rows
+    out.print(f"{rows.num_rows:,} row{'' if rows.num_rows == 1 else 's'}"
+              + (f"; {left_out:,} more not shown (--csv OUT or --json OUT writes them all)" if left_out else ""))
+
+
+def cell_text(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        head = ", ".join(cell_text(item) for item in value[:SHOWN_VALUES])
+        return f"[{head}, … {len(value)} values]" if len(value) > SHOWN_VALUES else f"[{head}]"
+    return str(value)

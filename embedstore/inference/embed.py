@@ -37,7 +37,7 @@ def embed_with(loaded: LoadedModel, spec: ModelSpec, path: str | Path, axis: str
     found, failures = discover(check_sources([path]))
     if not found and not failures:
         raise UsageError(f"{path} cannot be embedded: it is not a file embedstore reads ({READABLE})")
-    catalog = build_catalog(found, axis=axis, max_pixels=max_pixels)
+    catalog = build_catalog(found, axis, max_pixels)
     if failures or catalog.failures:
         reason = (failures + catalog.failures)[0]
         raise UsageError(f"{path} cannot be embedded: {reason.reason}: {reason.message}")

@@ -5,38 +5,42 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from embedstore.catalog.plan import CatalogPlanner
+from embedstore.catalog.reading import HeaderSettings
+from embedstore.catalog.rows import RowSettings
+from embedstore.catalog.scan import CatalogOptions, CatalogScan
 from embedstore.errors import DUPLICATE_INSTANCE, UsageError
 from embedstore.intensity import IntensityConfig
 from embedstore.models.build import LoadedModel, load_model
 from embedstore.models.embedder import Embedder, check_precision, pick_device
 from embedstore.models.engines import candidate_engines
 from embedstore.models.spec import ModelSpec
+from embedstore.pipeline.catalog_job import check_catalog_options, open_for_writing
 from embedstore.pipeline.decode import DecodePool
 from embedstore.pipeline.local import embed_locally
-from embedstore.pipeline.on_ray import RayActors, embed_on_ray
-from embedstore.pipeline.plan import Plan, plan_remaining
-from embedstore.pipeline.progress import IngestProgress, count_files, spinner, status
-from embedstore.pipeline.runner import UNIT_SLICES, UnitRunner, plan_units, unit_slices_for
+from embedstore.pipeline.on_ray import RayActors, embed_on_ray, engine_of
+from embedstore.pipeline.progress import IngestProgress, spinner, status
+from embedstore.pipeline.runner import UNIT_SLICES, EmbedOutcome, RowCommitter, UnitRunner, unit_slices_for
+from embedstore.pipeline.stream import SeriesFeed, UnitStream
 from embedstore.preprocess import DecodeSettings
-from embedstore.sources.catalog import build_catalog, declared_modality
-from embedstore.sources.discover import check_sources, discover
+from embedstore.sources.catalog import declared_modality
+from embedstore.sources.discover import check_sources
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
-from embedstore.sources.nifti import AXES
-from embedstore.sources.records import Failure, ReadTask
-from embedstore.store import Store, check_store_path, check_store_writable
+from embedstore.sources.records import Failure
+from embedstore.store import Store, check_store_path, check_store_writable, new_run_id, sql_literal
 from embedstore.store.info import record_summary
-from embedstore.store.privacy import AS_READ, HASHED, pseudonymise
+from embedstore.store.leases import LeaseBook, clear_leases
+from embedstore.store.schema import slices_table_name
 from embedstore.store.series import refresh_series
 from embedstore.store.upgrade import add_item_columns
 
 DEFAULT_COMMIT_ROWS = 4096
-EXECUTORS = ("local", "ray")
+LEASE_POLL_SECONDS = 1.0  # how often a writer looks again at series another writer holds
 RANDOM_WEIGHTS_NOTE = ("--weights random: the CLS vector of a random ViT is almost the same for every image; "
                        "search, index and evaluate patch_mean instead")
 
@@ -81,6 +85,8 @@ class IngestOptions:
     ray_address: str | None = None  # join this Ray cluster; None starts a local one
     ray_actors: int | None = None  # embedding actors; None: one per GPU, else one
     unit_slices: int = UNIT_SLICES  # Ray: slices per work unit (a series is never split)
+    header_workers: int | None = None  # processes (or Ray tasks at once) reading headers; None: every core
+    header_batch: int | None = None  # files per header task; None: 256 locally, 2048 on Ray
     show_progress: bool = True
 
 
@@ -111,6 +117,8 @@ class IngestSummary:
     slices_per_s: float
     stage_seconds: dict[str, float]
     notes: list[str]  # what to know about the run's vectors (e.g. random weights)
+    catalog: dict  # the catalog's CatalogSummary: files listed, read, unchanged, changed, gone, files/s
+    first_row_seconds: float | None  # from the start of the run to its first committed row
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,14 +129,9 @@ def check_options(options: IngestOptions) -> tuple[IntensityConfig, str | None, 
     request, before anything is loaded or written."""
     if options.batch_size < 1 or (options.workers is not None and options.workers < 0):
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
-    if options.axis not in AXES:
-        raise UsageError(f"unknown axis {options.axis!r}: use one of {', '.join(AXES)}")
+    check_catalog_options(catalog_options(options))  # axis, --max-pixels, header reads, executor
     modality = declared_modality(options.modality)
-    if options.max_pixels < 1:
-        raise UsageError("--max-pixels must be at least 1")
     intensity = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
-    if options.executor not in EXECUTORS:
-        raise UsageError(f"unknown executor {options.executor!r}: use one of {', '.join(EXECUTORS)}")
     device = pick_device(options.device)
     check_precision(options.precision)
     candidate_engines(options.engine, device)  # an unknown engine is a wrong request: nothing written yet
@@ -138,10 +141,7 @@ def check_options(options: IngestOptions) -> tuple[IntensityConfig, str | None, 
 def open_for_models(store_path: Path, options: IngestOptions, specs: list[ModelSpec]) -> tuple[Store, bytes | None]:
     """The store, created if need be, holding every model's spec; and the patient key that hashes
     PatientIDs (None with --keep-patient-id). A key or layers the store was not made with are refused."""
-    patient_ids = AS_READ if options.keep_patient_id else HASHED
-    store = Store.open(store_path, create=True, patient_ids=patient_ids)
-    store.check_patient_ids(patient_ids)
-    key = store.patient_key() if patient_ids == HASHED else None
+    store, key = open_for_writing(store_path, options.keep_patient_id)
     add_item_columns(store)  # a store written before the items said the kind and axis of their files
     if not options.overwrite:
         for spec in specs:  # every model checked before any is added
@@ -151,10 +151,6 @@ def open_for_models(store_path: Path, options: IngestOptions, specs: list[ModelS
             store.drop_model(spec.model_id)
         store.add_model(spec)
     return store, key
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
 def load_models(options: IngestOptions, intensity: IntensityConfig) -> list[LoadedModel]:
@@ -194,66 +190,173 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     notes = [RANDOM_WEIGHTS_NOTE] if options.weights == "random" else []
     specs = [m.spec for m in models]
     workers = default_workers(device.type) if options.workers is None else options.workers
-    settings = DecodeSettings.for_specs(specs, options.max_pixels)
 
     store, key = open_for_models(store_path, options, specs)
     run_id = new_run_id()
-    model_ids = [s.model_id for s in specs]
-    store.start_run(run_id, model_ids, {**asdict(options), "workers": workers, "device": str(device),
-                                        "sources": [str(p) for p in source_paths]})
+    config = {**asdict(options), "workers": workers, "device": str(device), "sources": [str(p) for p in source_paths]}
+    store.start_run(run_id, [s.model_id for s in specs], config)
+    job = EmbedJob(options, specs, run_id, str(store.patches_root), DecodeSettings.for_specs(specs, options.max_pixels))
+    # The catalog thread writes through a Store of its own: a Store's commit lock is held per object.
+    scan = CatalogScan(Store.open(store_path), source_paths, catalog_options(options),
+                       HeaderSettings(options.axis, options.max_pixels, RowSettings(run_id, key)))
+    status_lines = [f"loaded {', '.join(options.models)} ({options.weights} weights) in {loading_seconds:.1f} s",
+                    *(f"note: {note}" for note in notes)]
     started = time.perf_counter()
-    stage_seconds: Counter = Counter()
-
-    job = EmbedJob(options, specs, run_id, str(store.patches_root), settings)
-    with store.ingest_lock(), DecodePool(workers, settings) as pool, \
-            (RayActors(job) if options.executor == "ray" else nullcontext()) as actors:
-        found, discover_failures = discover(source_paths)
-        # Every check has passed: from here on, lines on stderr cannot mix with a wrong request's one line.
-        status(f"loaded {', '.join(options.models)} ({options.weights} weights) in {loading_seconds:.1f} s",
-               options.show_progress)
-        for line in [*(f"note: {note}" for note in notes), f"reading catalog: {len(found):,} files"]:
-            status(line, options.show_progress)
-        catalog = build_catalog(found, pool.map, options.axis, options.max_pixels, modality)
-        if key is not None:
-            pseudonymise_patients(catalog.tasks, key)
-        plan = plan_remaining(catalog.tasks, [store.committed_keys(m) for m in model_ids])
-        units = plan_units(plan.tasks, plan.missing, unit_slices_for(specs, options.unit_slices))
-        stage_seconds["catalog"] = time.perf_counter() - started
-        failures: list[Failure] = discover_failures + catalog.failures
-        store.add_failures(failures, run_id)
-        earlier = earlier_failures(store, catalog.tasks, plan)
-        status(f"{plan.n_todo:,} slices to embed, {plan.n_skipped:,} already in store", options.show_progress)
-        with IngestProgress(plan.n_todo, options.show_progress, failures + earlier) as progress:
-            if actors is not None:
-                outcome = embed_on_ray(job, store, actors, units, progress, stage_seconds)
-            else:
-                progress.phase("preparing")
-                runner = UnitRunner(models, [Embedder(m, options.device, options.precision, options.engine,
-                                                      options.batch_size) for m in models],
-                                    store.patches_root, run_id, options.batch_size)
-                progress.phase("embedding")
-                outcome = embed_locally(job, store, runner, pool, units, progress, stage_seconds)
-        failures.extend(outcome.failures)
-
-    close_run(store, run_id, model_ids, sorted({task.path for task in plan.tasks} | {f.path for f in failures}),
-              stage_seconds)
-    seconds, standing = time.perf_counter() - started, failures + earlier
-    n_failed, n_duplicates = count_files(standing)
-    summary = IngestSummary(
-        run_id=run_id, model_ids=model_ids, store=str(store_path), workers=workers, n_found=catalog.n_items,
-        engine=outcome.engine, engine_notes=outcome.engine_notes,
-        n_embedded=outcome.n_embedded, embedded_by_model={m: outcome.embedded.get(m, 0) for m in model_ids},
-        committed_by_model={m: outcome.committed.get(m, 0) for m in model_ids},
-        n_skipped=plan.n_skipped, n_failed_slices=outcome.n_failed_slices, n_failed=n_failed,
-        failures_by_reason=dict(Counter(f.reason for f in standing if f.reason != DUPLICATE_INSTANCE)),
-        n_duplicates=n_duplicates, n_warned_files=outcome.n_warned_files, seconds=seconds,
-        wall_seconds=time.perf_counter() - wall_started, slices_per_s=outcome.n_embedded / seconds if seconds > 0 else 0.0,
-        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()}, notes=notes,
-    )
-    store.finish_run(run_id, sum(outcome.committed.values()), plan.n_skipped, n_failed, summary.slices_per_s,
-                     stage_seconds)
+    with store.ingest_lock():
+        run = embed_archive(job, store, scan, models, workers, modality, status_lines)
+    clear_leases(store)
+    summary = summarise(run, store, scan, workers, notes)
+    summary.seconds, summary.wall_seconds = time.perf_counter() - started, time.perf_counter() - wall_started
+    summary.slices_per_s = summary.n_embedded / summary.seconds if summary.seconds > 0 else 0.0
+    if run.committer.first_commit_at is not None:
+        summary.first_row_seconds = round(run.committer.first_commit_at - wall_started, 3)
+    store.finish_run(run_id, sum(summary.committed_by_model.values()), summary.n_skipped, summary.n_failed,
+                     summary.slices_per_s, run.stage_seconds)
     record_summary(store)
     return summary
+
+
+@dataclass
+class EmbeddedArchive:
+    """What the embedding phase leaves for the summary."""
+
+    planner: CatalogPlanner
+    committer: RowCommitter
+    outcome: EmbedOutcome
+    stage_seconds: Counter
+    discovered: list[Failure]  # what the walk found unusable
+
+
+def embed_archive(job: "EmbedJob", store: Store, scan: CatalogScan, models: list[LoadedModel], workers: int,
+                  modality: str | None, status_lines: list[str]) -> EmbeddedArchive:
+    """Catalog and embed at once: series go to the embedders while headers are still read, then
+    everything else the catalog says some model lacks, then what needs a second look."""
+    options, run_id, model_ids = job.options, job.run_id, [s.model_id for s in job.specs]
+    stage_seconds: Counter = Counter()
+    leases = LeaseBook(store, run_id, model_ids)
+    committer = RowCommitter(store, run_id, model_ids, options.commit_rows, stage_seconds, on_commit=leases.finish)
+    with DecodePool(workers, job.settings) as pool, \
+            (RayActors(job) if options.executor == "ray" else nullcontext()) as actors:
+        listing = scan.list()
+        # Every check has passed: from here on, lines on stderr cannot mix with a wrong request's one line.
+        comparison = scan.comparison
+        for line in [*status_lines, f"catalog: {listing.files.num_rows:,} files, {comparison.to_read.num_rows:,} "
+                     f"headers to read, {comparison.n_unchanged:,} unchanged, {comparison.gone.num_rows:,} gone"]:
+            status(line, options.show_progress)
+        earlier_failed = set(store.rows("failures", columns=["path"]).column("path").to_pylist())
+        store.add_failures(listing.failures, run_id)
+        planner = CatalogPlanner(store, listing.files, model_ids, options.axis, modality)
+        with IngestProgress(0, options.show_progress, listing.failures) as progress:
+            embed = Distributor(job, store, models, pool, actors, progress, committer)
+            feed = SeriesFeed(scan, planner, progress, earlier_failed).start()
+            stream = UnitStream(leases, len(model_ids), unit_slices_for(job.specs, options.unit_slices), progress,
+                                earlier_failed)
+            embed(stream.units(feed.series()))
+            stage_seconds["catalog"] = scan.read_seconds
+            embed_again(planner, feed, stream, embed, run_id)
+            committer.record_failures(stream.failures, progress)
+            committer.flush()
+        outcome = committer.outcome(*embed.engine())
+    tried = feed.retried | stream.retried | ({f.path for f in listing.failures + stream.failures} & earlier_failed)
+    close_run(store, run_id, model_ids, sorted(tried), stage_seconds)
+    return EmbeddedArchive(planner, committer, outcome, stage_seconds, listing.failures)
+
+
+class Distributor:
+    """`Distributor(...)(units)` runs units through the run's distributor; `.engine()` names what ran."""
+
+    def __init__(self, job: "EmbedJob", store: Store, models: list[LoadedModel], pool: DecodePool, actors,
+                 progress: IngestProgress, committer: RowCommitter):
+        self.pool, self.actors, self.progress, self.committer, self.job = pool, actors, progress, committer, job
+        self.runner = None
+        if actors is None:
+            options = job.options
+            progress.phase("preparing")
+            self.runner = UnitRunner(models, [Embedder(m, options.device, options.precision, options.engine,
+                                                       options.batch_size) for m in models],
+                                     store.patches_root, job.run_id, options.batch_size)
+
+    def __call__(self, units) -> None:
+        self.progress.phase("embedding")
+        if self.actors is not None:
+            embed_on_ray(self.job, self.actors, units, self.progress, self.committer)
+        else:
+            embed_locally(self.runner, self.pool, units, self.progress, self.committer)
+
+    def engine(self) -> tuple[str, list[str]]:
+        if self.actors is not None:
+            return engine_of(self.actors)
+        return self.runner.embedders[0].engine.name, self.runner.embedders[0].engine.notes
+
+
+def summarise(run: EmbeddedArchive, store: Store, scan: CatalogScan, workers: int, notes: list[str]) -> IngestSummary:
+    """The run's summary; times are the caller's to fill in."""
+    model_ids, outcome = run.planner.model_ids, run.outcome
+    counts = run.planner.counts(run.committer.run_id)
+    standing = standing_failures(store, run.planner.listing, run.discovered)
+    n_duplicates = standing.pop(DUPLICATE_INSTANCE, 0)
+    return IngestSummary(
+        run_id=run.committer.run_id, model_ids=model_ids, store=str(store.path), workers=workers,
+        n_found=counts.n_found, engine=outcome.engine, engine_notes=outcome.engine_notes,
+        n_embedded=outcome.n_embedded, embedded_by_model={m: outcome.embedded.get(m, 0) for m in model_ids},
+        committed_by_model={m: outcome.committed.get(m, 0) for m in model_ids},
+        n_skipped=counts.n_skipped, n_failed_slices=outcome.n_failed_slices, n_failed=sum(standing.values()),
+        failures_by_reason=dict(standing), n_duplicates=n_duplicates, n_warned_files=outcome.n_warned_files,
+        seconds=0.0, wall_seconds=0.0, slices_per_s=0.0,
+        stage_seconds={k: round(v, 3) for k, v in run.stage_seconds.items()}, notes=notes,
+        catalog=scan.summary().to_dict(), first_row_seconds=None,
+    )
+
+
+def catalog_options(options: IngestOptions) -> CatalogOptions:
+    return CatalogOptions(options.axis, options.max_pixels, options.header_workers, options.executor,
+                          options.header_batch)
+
+
+def embed_again(planner: CatalogPlanner, feed: SeriesFeed, stream: UnitStream, embed, run_id: str) -> None:
+    """What the first pass could not finish: series that went on in a later folder after they were
+    embedded (their rows of this run dropped, the whole series planned again), and series another
+    writer held (looked at again until it has finished them, or died and left them)."""
+    if feed.reopened:
+        forget_run_rows(planner.store, feed.reopened, run_id, planner.model_ids)
+        embed(stream.units(planner.remaining(only=feed.reopened)))
+    while stream.deferred:
+        waiting = set(stream.deferred)
+        stream.deferred.clear()  # what is still held comes back; what the other writer finished does not
+        embed(stream.units(planner.remaining(only=waiting)))
+        if stream.deferred:
+            time.sleep(LEASE_POLL_SECONDS)
+
+
+def forget_run_rows(store: Store, parts: set[str], run_id: str, model_ids: list[str]) -> None:
+    """This run's rows of the given series (any geometry split of them), from items and every model."""
+    for chunk in chunks(sorted(parts), 200):
+        series = " OR ".join(f"series_uid = {sql_literal(uid)} OR series_uid LIKE {sql_literal(uid + '#%')}"
+                             for uid in chunk)
+        condition = f"run_id = {sql_literal(run_id)} AND ({series})"
+        with store.commit_lock():
+            for table in ["items", *(slices_table_name(m) for m in model_ids)]:
+                store.table(table).delete(condition)
+
+
+def chunks(values: list, size: int):
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def standing_failures(store: Store, listing, discovered: list[Failure]) -> Counter:
+    """Files failed, by reason: the failures rows of the listed files (this run's, and earlier
+    runs' for files it did not try again) and what the walk found unusable."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("failures", store.dataset("failures"))
+    con.register("listing", listing.select(["path"]))
+    rows = con.sql("SELECT reason, count(DISTINCT path) FROM failures SEMI JOIN listing USING (path) "
+                   "GROUP BY reason").fetchall()
+    counts = Counter({reason: int(n) for reason, n in rows})
+    counts.update(failure.reason for failure in discovered)
+    return counts
 
 
 def close_run(store: Store, run_id: str, model_ids: list[str], tried_paths: list[str], stage_seconds: Counter) -> None:
@@ -275,26 +378,3 @@ class EmbedJob:
     run_id: str
     patches_root: str
     settings: DecodeSettings
-
-
-def earlier_failures(store: Store, tasks: list[ReadTask], plan: Plan) -> list[Failure]:
-    """The stored failures of files this run does not read again: every slice of their instance is
-    stored (from them, or from another copy). They still count in the run's summary, so that a rerun
-    reports what the first run did."""
-    remaining = {task.path for task in plan.tasks}
-    unread = {path for task in tasks if task.path not in remaining for path in (task.path, *task.alternates)}
-    if not unread:
-        return []
-    rows = store.rows("failures", columns=["path", "stage", "reason", "message"]).to_pylist()
-    return [Failure(**row) for row in rows if row["path"] in unread]
-
-
-def pseudonymise_patients(tasks: list[ReadTask], key: bytes) -> None:
-    """Replace each PatientID read from the files by its keyed hash, before anything is written."""
-    hashed: dict[str, str | None] = {}
-    for task in tasks:
-        for item in task.items:
-            if item.patient_id is not None:
-                if item.patient_id not in hashed:
-                    hashed[item.patient_id] = pseudonymise(item.patient_id, key)
-                item.patient_id = hashed[item.patient_id]

@@ -3,24 +3,33 @@ through the same `UnitRunner` the Ray actors run, commit with the same `RowCommi
 
 from __future__ import annotations
 
-from collections import Counter
-from itertools import islice
+from collections import deque
+from typing import Iterable
 
 from embedstore.pipeline.decode import DecodePool
 from embedstore.pipeline.progress import IngestProgress
 from embedstore.pipeline.runner import RowCommitter, UnitRunner, WorkUnit
 
 
-def embed_locally(job, store, runner: UnitRunner, pool: DecodePool, units: list[WorkUnit],
-                  progress: IngestProgress, stage_seconds: Counter):
-    """Embed the plan's units in this process; returns the run's EmbedOutcome."""
-    committer = RowCommitter(store, job.run_id, [s.model_id for s in job.specs], job.options.commit_rows,
-                             stage_seconds)
+def embed_locally(runner: UnitRunner, pool: DecodePool, units: Iterable[WorkUnit], progress: IngestProgress,
+                  committer: RowCommitter) -> None:
+    """Embed units as they come (the catalog may still be producing them) in this process."""
+    started: deque[WorkUnit] = deque()
+
+    def tasks():
+        for unit in units:
+            started.append(unit)  # before its first task: a result always finds its unit here
+            yield from unit.tasks
+
     # One ordered stream over every unit's tasks keeps the decode workers busy across unit borders.
-    decoded = pool.decode(task for unit in units for task in unit.tasks)
-    for unit in units:
-        committer.take(runner.run(unit, list(islice(decoded, len(unit.tasks))), progress.advance), progress)
+    unit, decoded = None, []
+    for result in pool.decode(tasks()):
+        if unit is None:
+            unit = started.popleft()
+        decoded.append(result)
+        if len(decoded) == len(unit.tasks):
+            committer.take(runner.run(unit, decoded, progress.advance), progress)
+            unit, decoded = None, []
     committer.flush()
-    stage_seconds.update(pool.stage_seconds)
-    engine = runner.embedders[0].engine
-    return committer.outcome(engine.name, engine.notes)
+    committer.stage_seconds.update(pool.stage_seconds)
+    pool.stage_seconds.clear()

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import Counter, deque
+from typing import Iterable
 
 from embedstore.errors import WORKER_CRASHED, UsageError
 from embedstore.pipeline.decode import decode_or_fail
 from embedstore.pipeline.progress import IngestProgress
-from embedstore.pipeline.runner import EmbedOutcome, RowCommitter, UnitOutput, UnitRunner, WorkUnit
+from embedstore.pipeline.runner import RowCommitter, UnitOutput, UnitRunner, WorkUnit
 from embedstore.sources.records import Failure
 
 UNITS_IN_FLIGHT_PER_ACTOR = 2  # one embedding, one waiting: the actor never idles, memory stays bounded
@@ -118,9 +118,9 @@ class RayActors:
             ray.kill(actor)
 
 
-def embed_on_ray(job, store, actors: RayActors, units: list[WorkUnit], progress: IngestProgress,
-                 stage_seconds: Counter) -> EmbedOutcome:
-    """Embed the plan's units on the run's Ray actors; returns the run's EmbedOutcome."""
+def embed_on_ray(job, actors: RayActors, units: Iterable[WorkUnit], progress: IngestProgress,
+                 committer: RowCommitter) -> None:
+    """Embed units as they come (the catalog may still be producing them) on the run's Ray actors."""
     import ray
 
     # Beside GPUs, decode tasks on the CPUs feed the actors. Without GPUs the actors' threads hold
@@ -128,17 +128,22 @@ def embed_on_ray(job, store, actors: RayActors, units: list[WorkUnit], progress:
     # CPU actors decode their units themselves, as the local executor decodes inline.
     decode = ray.remote(num_cpus=1, max_retries=ACTOR_RESTARTS)(decode_unit) if actors.gpus else None
     settings_ref = ray.put(job.settings)
-    committer = RowCommitter(store, job.run_id, [s.model_id for s in job.specs], job.options.commit_rows,
-                             stage_seconds)
-    pending = deque(units)
+    pending = iter(units)
     in_flight: dict = {}  # result ref → (unit, actor index)
     load = [0] * len(actors.handles)
-    while pending or in_flight:
-        while pending and min(load) < UNITS_IN_FLIGHT_PER_ACTOR:
-            unit, actor = pending.popleft(), load.index(min(load))
+    more = True
+    while more or in_flight:
+        while more and min(load) < UNITS_IN_FLIGHT_PER_ACTOR:
+            unit = next(pending, None)
+            if unit is None:
+                more = False
+                break
+            actor = load.index(min(load))
             decoded = decode.remote(unit, settings_ref) if decode else None
             in_flight[actors.handles[actor].embed_unit.remote(unit, decoded)] = (unit, actor)
             load[actor] += 1
+        if not in_flight:
+            continue
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         unit, actor = in_flight.pop(ready[0])
         load[actor] -= 1
@@ -146,8 +151,12 @@ def embed_on_ray(job, store, actors: RayActors, units: list[WorkUnit], progress:
         committer.take(output, progress)
         progress.advance(output.n_items)  # a unit at a time: its batches ran in an actor
     committer.flush()
-    engine, notes = ray.get(actors.handles[0].engine_in_use.remote())
-    return committer.outcome(engine, notes)
+
+
+def engine_of(actors: RayActors) -> tuple[str, list[str]]:
+    import ray
+
+    return ray.get(actors.handles[0].engine_in_use.remote())
 
 
 def _result_or_failure(ray, ref, unit: WorkUnit) -> UnitOutput:
@@ -158,5 +167,5 @@ def _result_or_failure(ray, ref, unit: WorkUnit) -> UnitOutput:
     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
             ray.exceptions.RayTaskError) as error:
         message = f"embedding actor failed on this unit {ACTOR_RESTARTS + 1} times: {str(error)[:300]}"
-        return UnitOutput(unit.unit_id, None, {}, [Failure(t.path, "embed", WORKER_CRASHED, message) for t in unit.tasks],
-                          unit.n_items, 0, {})
+        failures = [Failure(t.path, "embed", WORKER_CRASHED, message) for t in unit.tasks]
+        return UnitOutput(unit.unit_id, None, {}, failures, unit.n_items, 0, {}, parts=unit.parts)

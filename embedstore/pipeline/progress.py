@@ -59,9 +59,9 @@ class IngestProgress:
     """The embedding bar. `failures`: the files that failed before it starts (discover, catalog,
     and those of earlier runs that this run does not read again)."""
 
-    def __init__(self, total: int, enabled: bool = True, failures: list[Failure] | None = None):
+    def __init__(self, total: int = 0, enabled: bool = True, failures: list[Failure] | None = None):
         self.total = total
-        self.enabled = enabled and total > 0
+        self.enabled = enabled
         self.n_failed_files, self.n_duplicate_files = count_files(failures or [])
         self._terminal = private_stderr() if self.enabled else sys.stderr
         self._progress = Progress(
@@ -84,6 +84,11 @@ class IngestProgress:
     def phase(self, text: str) -> None:
         """What the bar says it is doing (e.g. preparing the model before the first slice)."""
         self._progress.update(self._task, description=text)
+
+    def grow(self, n: int) -> None:
+        """More slices planned: the catalog hands series on while it is read."""
+        self.total += n
+        self._progress.update(self._task, total=self.total)
 
     def advance(self, n: int) -> None:
         self._progress.advance(self._task, n)

@@ -46,6 +46,7 @@ class WorkUnit:
     tasks: list[ReadTask] = field(default_factory=list)
     # Per model (by position in the ingest's model list), the item ids of this unit it still lacks.
     wanted: list[set[str]] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)  # the series (or files) whose leases the unit holds
 
     @property
     def n_items(self) -> int:
@@ -58,26 +59,6 @@ def unit_slices_for(specs: list[ModelSpec], requested: int) -> int:
     return max(8, min(requested, UNIT_PATCH_BYTES // max(1, patch_bytes)))
 
 
-def plan_units(tasks: list[ReadTask], missing: list[set[str]], unit_slices: int = UNIT_SLICES) -> list[WorkUnit]:
-    """Consecutive tasks grouped into units of about `unit_slices`; a series is never split (the
-    catalog lists a series' files together). `missing`: per model, the item ids it lacks."""
-    units: list[WorkUnit] = []
-    current, series_of_last = WorkUnit(0), None
-    for task in tasks:
-        series = task.items[0].series_uid
-        if current.n_items >= unit_slices and series != series_of_last:
-            units.append(current)
-            current = WorkUnit(len(units))
-        current.tasks.append(task)
-        series_of_last = series
-    if current.tasks:
-        units.append(current)
-    for unit in units:
-        ids = {item.item_id for task in unit.tasks for item in task.items}
-        unit.wanted = [ids & model_missing for model_missing in missing]
-    return units
-
-
 @dataclass
 class UnitOutput:
     unit_id: int
@@ -88,6 +69,7 @@ class UnitOutput:
     n_items: int  # slices embedded (by at least one model)
     seconds: dict[str, float]
     n_warned_files: int = 0  # files embedded whose readers or codecs printed warnings
+    parts: list[str] = field(default_factory=list)  # the unit's parts: their leases end at the commit
 
 
 class UnitRunner:
@@ -117,7 +99,7 @@ class UnitRunner:
                 n_warned_files += bool(result.codec_output)
         n_items = batcher.pending()
         if not n_items:
-            return UnitOutput(unit.unit_id, None, {}, failures, n_failed_items, 0, dict(seconds))
+            return UnitOutput(unit.unit_id, None, {}, failures, n_failed_items, 0, dict(seconds), parts=unit.parts)
         writers = [ModelRows(loaded, self.patches_root, self.run_id, unit.unit_id, wanted)
                    for loaded, wanted in zip(self.models, unit.wanted)]
         items: list[SliceItem] = []
@@ -142,7 +124,7 @@ class UnitRunner:
         vectors = {writer.spec.model_id: writer.close() for writer in writers if writer.n_rows}
         seconds["write_patches"] += time.perf_counter() - started
         return UnitOutput(unit.unit_id, item_rows(items, self.run_id), vectors, failures, n_failed_items,
-                          len(items), dict(seconds), n_warned_files)
+                          len(items), dict(seconds), n_warned_files=n_warned_files, parts=unit.parts)
 
 
 class ModelRows:
@@ -228,10 +210,15 @@ class EmbedOutcome:
 
 class RowCommitter:
     """Gathers unit rows and commits them in transactions of about `commit_rows`, so the number of
-    table versions follows the rows, not the batches or units."""
+    table versions follows the rows, not the batches or units. `on_commit(parts)` hears which
+    units' parts each commit ended (their leases)."""
 
-    def __init__(self, store: Store, run_id: str, model_ids: list[str], commit_rows: int, stage_seconds: Counter):
+    def __init__(self, store: Store, run_id: str, model_ids: list[str], commit_rows: int, stage_seconds: Counter,
+                 on_commit: Callable[[list[str]], None] | None = None):
         self.store, self.run_id, self.model_ids = store, run_id, model_ids
+        self.on_commit = on_commit
+        self.first_commit_at: float | None = None  # time.perf_counter() of the first rows committed
+        self._pending_parts: list[str] = []
         self.commit_rows = commit_rows
         self.stage_seconds = stage_seconds
         self.items: list[pa.Table] = []
@@ -254,6 +241,7 @@ class RowCommitter:
         self._pending_failures.extend(output.failures)
         self.n_failed_slices += output.n_failed_items
         self.n_warned_files += output.n_warned_files
+        self._pending_parts.extend(output.parts)
         progress.failed(output.n_failed_items, output.failures)
         if output.items is not None:
             self.items.append(output.items)
@@ -264,6 +252,12 @@ class RowCommitter:
             self.n_embedded += output.n_items
         if self.n_pending >= self.commit_rows:
             self.flush()
+
+    def record_failures(self, failures: list[Failure], progress: IngestProgress) -> None:
+        """Failures found while planning (files that contradict their series), committed with the rows."""
+        self.failures.extend(failures)
+        self._pending_failures.extend(failures)
+        progress.failed(0, failures)
 
     def outcome(self, engine: str, engine_notes: list[str]) -> EmbedOutcome:
         return EmbedOutcome(self.embedded, self.committed, self.failures, engine, engine_notes, self.n_embedded,
@@ -279,12 +273,17 @@ class RowCommitter:
                         rows = pa.concat_tables(tables)
                         added = self.store.insert_new(slices_table_name(model_id), rows)
                         self.committed[model_id] += added
+                        if added and self.first_commit_at is None:
+                            self.first_commit_at = time.perf_counter()
                         if added < rows.num_rows:
                             self.remove_unreferenced_shards(model_id, rows)
                 self.items, self.n_pending = [], 0
                 self.vectors = {m: [] for m in self.model_ids}
             self.store.add_failures(self._pending_failures, self.run_id)
         self._pending_failures = []
+        if self.on_commit is not None and self._pending_parts:
+            self.on_commit(self._pending_parts)
+        self._pending_parts = []
         self.stage_seconds["commit"] += time.perf_counter() - started
 
     def remove_unreferenced_shards(self, model_id: str, rows: pa.Table) -> None:

@@ -4,20 +4,21 @@ A SOP instance found in several files (copies, re-exports in another transfer sy
 task: the first file, with the others as alternates for the decode stage to fall back on.
 
 Building it reads DICOM, NIfTI and raster headers (never pixel data), so a file that declares more
-than `max_pixels` values per frame is refused before anything decodes it. `map_fn` lets the caller
-run the header reads in its worker pool; it defaults to the built-in `map`. A modality declared for
-NIfTI and raster files (`--modality`) is set on their items; DICOM files keep their own.
+than `max_pixels` values per frame is refused before anything decodes it. A modality declared for
+NIfTI and raster files (`--modality`) is set on their items; DICOM files keep their own. This is the
+in-memory catalog of a few files (a query image); an ingest keeps its catalog in the store
+(embedstore/catalog/) and plans each series with `catalog_of_scanned` from there.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Callable, Iterable
+from typing import Iterable
 
 from embedstore.errors import DECODE_ERROR, InputError, UsageError
-from embedstore.sources.codec_output import captured_output, with_output
+from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
 from embedstore.sources.dicom import DicomHeader, read_header
 from embedstore.sources.discover import FoundFile
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
@@ -54,9 +55,17 @@ def scan_file(found: FoundFile, axis: str = "axial",
     """The catalog facts of a file from its header: DICOM attributes, NIfTI slice geometry along
     `axis`, raster page sizes (each checked against `max_pixels`).
     What the readers print (pydicom's warnings on odd values) goes into a failure's message, or
-    nowhere: never onto the terminal."""
-    with captured_output() as output:
-        scanned = _read_facts(found, axis, max_pixels)
+    nowhere: never onto the terminal. A DICOM header is parsed by pydicom alone, which only warns:
+    catching its warnings is enough, and pointing descriptor 2 at a temporary file per header
+    would cost more than the read itself."""
+    if found.kind == "dicom":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scanned = _read_facts(found, axis, max_pixels)
+        output = CodecOutput([f"{w.category.__name__}: {w.message}" for w in caught])
+    else:
+        with captured_output() as output:
+            scanned = _read_facts(found, axis, max_pixels)
     if isinstance(scanned, Failure):
         scanned.message = with_output(scanned.message, output)
     return scanned
@@ -75,14 +84,21 @@ def _read_facts(found: FoundFile, axis: str, max_pixels: int) -> DicomHeader | N
         return Failure(found.path, "read", DECODE_ERROR, f"{type(error).__name__}: {error}")
 
 
-def build_catalog(files: list[FoundFile], map_fn: Callable[..., Iterable] = map, axis: str = "axial",
-                  max_pixels: int = DEFAULT_MAX_PIXELS, modality: str | None = None) -> Catalog:
+def build_catalog(files: list[FoundFile], axis: str = "axial", max_pixels: int = DEFAULT_MAX_PIXELS,
+                  modality: str | None = None) -> Catalog:
     """Read tasks for every slice in `files`; NIfTI volumes are cut along `axis`; NIfTI and raster
     items get the declared `modality`."""
+    return catalog_of_scanned(((found, scan_file(found, axis, max_pixels)) for found in files), axis, modality)
+
+
+def catalog_of_scanned(scanned_files: Iterable[tuple[FoundFile, DicomHeader | NiftiLayout | RasterLayout | Failure]],
+                       axis: str = "axial", modality: str | None = None) -> Catalog:
+    """Read tasks from header facts already read: DICOM files grouped into series and ordered, a
+    SOP instance held by several files read from the first (the others its alternates)."""
     catalog = Catalog()
     dicom_series: dict[str, list[DicomHeader]] = defaultdict(list)
     alternates: dict[str, list[str]] = defaultdict(list)  # SOPInstanceUID → later files holding it
-    for found, scanned in zip(files, map_fn(partial(scan_file, axis=axis, max_pixels=max_pixels), files)):
+    for found, scanned in scanned_files:
         if isinstance(scanned, Failure):
             catalog.failures.append(scanned)
         elif found.kind == "dicom":

@@ -32,6 +32,8 @@ NEVER_IMAGES = {"DICOMDIR"}
 class FoundFile:
     kind: str  # "dicom" | "nifti" | "raster"
     path: str
+    size: int = 0  # bytes, and modification time: what a rerun compares to read only changed files
+    mtime_ns: int = 0
 
 
 def kind_by_name(name: str) -> str | None:
@@ -98,28 +100,38 @@ def discover(sources: list[Path]) -> tuple[list[FoundFile], list[Failure]]:
     be an input: empty files, broken links, special files, what cannot be read."""
     found: list[FoundFile] = []
     failures: list[Failure] = []
-    for entry in _walk(sources):
-        if isinstance(entry, Failure):
-            failures.append(entry)
-            continue
-        path, size = entry
-        try:
-            kind = file_kind(path)
-        except OSError as error:
-            failures.append(Failure(str(path), "discover", UNREADABLE, f"file cannot be read: {error.strerror}"))
-            continue
-        if kind is None:
-            continue
-        if size == 0:
-            failures.append(Failure(str(path), "discover", EMPTY_FILE, "file is empty (0 bytes)"))
-            continue
-        found.append(FoundFile(kind, str(path)))
+    for entry in iter_found(sources):
+        (failures if isinstance(entry, Failure) else found).append(entry)
     return found, failures
 
 
-def _walk(sources: list[Path]) -> Iterator[tuple[Path, int] | Failure]:
-    """(path, size) of every regular file under `sources`, and failures for what is not one. Order
-    as os.walk's: a folder's files, then its subfolders, each sorted by name."""
+def iter_found(sources: list[Path]) -> Iterator[FoundFile | Failure]:
+    """`discover` as a stream, in the same order: nothing is held per file, so an archive of any
+    size is listed in constant memory."""
+    for entry in _walk(sources):
+        if isinstance(entry, Failure):
+            yield entry
+            continue
+        path, info = entry
+        try:
+            kind = file_kind(path)
+        except OSError as error:
+            yield Failure(str(path), "discover", UNREADABLE, f"file cannot be read: {error.strerror}")
+            continue
+        if kind is None:
+            continue
+        if info.st_size == 0:
+            yield Failure(str(path), "discover", EMPTY_FILE, "file is empty (0 bytes)")
+            continue
+        yield FoundFile(kind, str(path), info.st_size, info.st_mtime_ns)
+
+
+def _walk(sources: list[Path]) -> Iterator[tuple[Path, os.stat_result] | Failure]:
+    """(path, stat) of every regular file under `sources`, and failures for what is not one. Order
+    as os.walk's: a folder's files, then its subfolders, each sorted by name. A file is listed once
+    even when a source names it and a source folder holds it: only the named files are remembered
+    (remembering every file would grow with the archive)."""
+    named_files = {source for source in sources if source.is_file()}
     seen: set[Path] = set()
     walked: set[tuple[int, int]] = set()  # (device, inode) of every folder listed
     pending = [(source, False) for source in reversed(sources)]  # a stack of (path, found in a listing)
@@ -152,8 +164,9 @@ def _walk(sources: list[Path]) -> Iterator[tuple[Path, int] | Failure]:
         elif hidden or path in seen:
             continue
         elif stat.S_ISREG(info.st_mode):
-            seen.add(path)
-            yield path, info.st_size
+            if path in named_files:
+                seen.add(path)
+            yield path, info
         else:
             yield Failure(str(path), "discover", NOT_A_FILE, f"{_file_type(info.st_mode)}, not a file: never opened")
 

@@ -88,12 +88,21 @@ def nifti_layout(path: str, axis: str = "axial", max_pixels: int = DEFAULT_MAX_P
     for source_axis, (target_axis, _) in enumerate(orientation):
         canonical_shape[int(target_axis)] = shape[source_axis]
     affine = image.affine @ inv_ornt_aff(orientation, shape[:3])
-    slicing_axis = int(np.flatnonzero(VIEWS[axis][3])[0])
+    along = slicing_axis(axis)
     n_volumes = int(shape[3]) if len(shape) == 4 else 1
-    slice_shape = tuple(int(n) for i, n in enumerate(canonical_shape) if i != slicing_axis)
-    check_declared_size(slice_shape, canonical_shape[slicing_axis] * n_volumes, max_pixels)
-    return NiftiLayout(path, axis, int(canonical_shape[slicing_axis]), n_volumes,
+    slice_shape = tuple(int(n) for i, n in enumerate(canonical_shape) if i != along)
+    check_declared_size(slice_shape, canonical_shape[along] * n_volumes, max_pixels)
+    return NiftiLayout(path, axis, int(canonical_shape[along]), n_volumes,
                        tuple(int(n) for n in canonical_shape), affine)
+
+
+def slicing_axis(axis: str) -> int:
+    return int(np.flatnonzero(VIEWS[axis][3])[0])
+
+
+def slice_count(canonical_shape: tuple[int, int, int], axis: str) -> int:
+    """Slices per volume along `axis` of a canonical (RAS+) grid."""
+    return int(canonical_shape[slicing_axis(axis)])
 
 
 def volume_items(layout: NiftiLayout, modality: str | None = None) -> list[SliceItem]:

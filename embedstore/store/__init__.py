@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -53,6 +54,7 @@ from embedstore.store.privacy import (  # noqa: E402
 )
 from embedstore.store.schema import (  # noqa: E402
     FAILURES_SCHEMA,
+    FILES_SCHEMA,
     ITEMS_SCHEMA,
     MODELS_SCHEMA,
     ROW_DIGEST,
@@ -77,7 +79,7 @@ TABLES_DIR = "tables"
 PATCHES_DIR = "patches"
 VECTOR_COPIES_DIR = "vector-cache"  # flat copies of indexed columns (store/vector_cache.py)
 SHARED_TABLES = {"items": ITEMS_SCHEMA, "series": SERIES_SCHEMA, "models": MODELS_SCHEMA,
-                 "failures": FAILURES_SCHEMA, "runs": RUNS_SCHEMA}
+                 "failures": FAILURES_SCHEMA, "runs": RUNS_SCHEMA, "files": FILES_SCHEMA}
 # What a directory holds while another process creates a store in it, or after a creation was cut short.
 CREATION_FILES = {COMMIT_LOCK, LOCK_FILE, TABLES_DIR, MANIFEST_TEMP, KEY_FILE, KEY_TEMP, FINGERPRINT_FILE,
                   FINGERPRINT_TEMP}
@@ -120,13 +122,19 @@ def checked_column(column: str) -> str:
     return column
 
 
+def new_run_id() -> str:
+    """A run's id: when it started, and a random tail that two runs started in one second differ by."""
+    return now_utc().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
 def key_column(table: str) -> str | None:
     """The column a table's rows are unique on; None for the logs (`failures`, `runs`)."""
-    return {"models": "model_id", "series": "series_uid", "failures": None, "runs": None}.get(table, "key")
+    return {"models": "model_id", "series": "series_uid", "files": "path", "failures": None,
+            "runs": None}.get(table, "key")
 
 
 @contextmanager
@@ -310,6 +318,12 @@ class Store:
             return []
         return sorted(entry.name.removesuffix(".lance") for entry in self.tables_root.iterdir()
                       if entry.name.endswith(".lance") and entry.is_dir())
+
+    def create_table_if_missing(self, name: str, schema: pa.Schema) -> None:
+        """A table added to the store's format after this store was made (e.g. `files`)."""
+        if not self.has_table(name):
+            with self.commit_lock():
+                self.db.create_table(name, schema=schema, exist_ok=True)
 
     def has_table(self, name: str) -> bool:
         return (self.tables_root / table_folder(name)).is_dir()

@@ -156,6 +156,37 @@ MODELS_SCHEMA = pa.schema([
     pa.field("embedstore_version", pa.string(), nullable=False),
 ])
 
+# The catalog (embedstore/catalog/): one row per file found under an ingest's sources, with what
+# its header says, written as headers are read. A rerun reads again only files whose size or mtime
+# changed; `reason` is set (and the header columns null) for a file whose header could not be used.
+FILES_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("size", pa.int64(), nullable=False),
+    pa.field("mtime_ns", pa.int64(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # dicom | nifti | raster
+    pa.field("reason", pa.string()),  # a failure's reason code; null for a usable header
+    pa.field("message", pa.string()),
+    pa.field("sop_uid", pa.string()),
+    pa.field("series_uid", pa.string()),  # as in the header: ingest may split it by geometry
+    pa.field("study_uid", pa.string()),
+    pa.field("patient_id", pa.string()),  # pseudonymised as the store's items are
+    pa.field("modality", pa.string()),
+    pa.field("body_part", pa.string()),
+    pa.field("series_description", pa.string()),
+    pa.field("study_date", pa.string()),  # YYYY-MM-DD
+    pa.field("rows", pa.int32()),
+    pa.field("cols", pa.int32()),
+    pa.field("n_frames", pa.int32()),  # DICOM frames; raster pages; NIfTI volumes
+    pa.field("instance_number", pa.int32()),
+    pa.field("pixel_spacing", pa.list_(pa.float64())),
+    pa.field("slice_thickness", pa.float64()),
+    pa.field("positions", pa.list_(pa.list_(pa.float64()))),  # ImagePositionPatient per frame
+    pa.field("orientations", pa.list_(pa.list_(pa.float64()))),  # ImageOrientationPatient per frame
+    pa.field("layout", pa.string()),  # JSON: NIfTI grid and affine, raster page sizes
+    pa.field("catalog_run", pa.string(), nullable=False),  # the run that read the header
+    pa.field("reader", pa.string(), nullable=False),  # host:pid of the process that read it
+])
+
 FAILURES_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
     pa.field("stage", pa.string(), nullable=False),

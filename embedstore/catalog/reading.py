@@ -1,0 +1,134 @@
+"""Header reads on every core, or on every node of a Ray cluster.
+
+Files go out in chunks; each chunk comes back as `files` rows (catalog/rows.py), in submission order,
+with a bounded number of chunks in flight, so memory stays flat however large the archive. Header
+reads are parsing and I/O with no model beside them: locally they use a process per core; on Ray
+each chunk is a task that also commits its rows to the store's `files` table itself, so the driver
+only hands out paths and collects the facts it groups into series.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+
+from embedstore.catalog.rows import RowSettings, file_row, reader_name, rows_table
+from embedstore.sources.catalog import scan_file
+from embedstore.sources.discover import FoundFile
+from embedstore.store import Store
+
+LOCAL_CHUNK_FILES = 256  # files per chunk sent to a local worker: messaging stays small beside reading
+RAY_CHUNK_FILES = 2048  # files per Ray task: each task is a commit to the `files` table
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class HeaderSettings:
+    axis: str
+    max_pixels: int
+    rows: RowSettings
+
+
+def read_chunk(files: list[FoundFile], settings: HeaderSettings) -> pa.Table:
+    """The `files` rows of a chunk: each file's header facts, or why it has none."""
+    reader = reader_name()
+    return rows_table([file_row(found, scan_file(found, settings.axis, settings.max_pixels), settings.rows, reader)
+                       for found in files])
+
+
+def read_and_commit_chunk(files: list[FoundFile], settings: HeaderSettings, store_path: str) -> pa.Table:
+    """A Ray task: the chunk's rows, committed to the store's `files` table before they are returned."""
+    rows = read_chunk(files, settings)
+    commit_rows(Store.open(store_path), rows)
+    return rows
+
+
+def commit_rows(store: Store, rows: pa.Table) -> None:
+    """Rows in the `files` table, one per path: a file read again replaces its row, and two
+    writers cataloguing one archive at once leave one row per file."""
+    if rows.num_rows:
+        store.upsert("files", rows, key="path")
+
+
+class LocalHeaderReaders:
+    """Header reads in `workers` processes (spawned: they import pydicom, never torch), or inline
+    with `workers=0`."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.chunk_files = LOCAL_CHUNK_FILES
+        self.in_flight = max(1, workers) * CHUNKS_IN_FLIGHT_PER_WORKER  # a queue per worker: none idles
+        self.commits_rows = False  # the driver commits what comes back
+        self.n_tasks = 0
+        self._executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                          if workers else None)
+
+    def submit(self, files: list[FoundFile], settings: HeaderSettings) -> Future:
+        self.n_tasks += 1
+        if self._executor is None:
+            future: Future = Future()
+            future.set_result(read_chunk(files, settings))
+            return future
+        return self._executor.submit(read_chunk, files, settings)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class RayHeaderReaders:
+    """Header reads as Ray tasks spread over the cluster, each committing its chunk's rows."""
+
+    def __init__(self, store_path: str, tasks_at_once: int | None):
+        import ray
+
+        # Every CPU of the cluster, not of the driver's machine, unless told.
+        self.workers = tasks_at_once or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.in_flight = self.workers
+        self.chunk_files = RAY_CHUNK_FILES
+        self.commits_rows = True
+        self.n_tasks = 0
+        self._task = ray.remote(num_cpus=1, max_retries=3)(read_and_commit_chunk)
+        self._store_path = store_path
+
+    def submit(self, files: list[FoundFile], settings: HeaderSettings) -> "RayResult":
+        self.n_tasks += 1
+        return RayResult(self._task.remote(files, settings, self._store_path))
+
+    def close(self) -> None:
+        pass
+
+
+class RayResult:
+    def __init__(self, ref):
+        self.ref = ref
+
+    def result(self) -> pa.Table:
+        import ray
+
+        return ray.get(self.ref)
+
+
+def read_in_order(readers: LocalHeaderReaders | RayHeaderReaders, files: Iterable[FoundFile],
+                  settings: HeaderSettings, chunk_files: int | None = None) -> Iterator[pa.Table]:
+    """The rows of every file, chunk by chunk in the order given, with a bounded number in flight."""
+    size = chunk_files or readers.chunk_files
+    limit = readers.in_flight
+    in_flight: deque = deque()
+    chunk: list[FoundFile] = []
+    for found in files:
+        chunk.append(found)
+        if len(chunk) == size:
+            in_flight.append(readers.submit(chunk, settings))
+            chunk = []
+            if len(in_flight) >= limit:
+                yield in_flight.popleft().result()
+    if chunk:
+        in_flight.append(readers.submit(chunk, settings))
+    while in_flight:
+        yield in_flight.popleft().result()
