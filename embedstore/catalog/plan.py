@@ -14,6 +14,7 @@ ingest plans it again whole once the catalog has ended.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -29,6 +30,7 @@ from embedstore.store import Store, among, sql_literal
 from embedstore.store.schema import slices_table_name
 
 PLAN_BATCH_ROWS = 8192  # rows per Arrow batch streamed out of DuckDB
+PLAN_MEMORY = "512MB"  # DuckDB's share of the driver while it plans (beyond it, it spills to disk)
 
 
 @dataclass
@@ -214,9 +216,7 @@ def _catalog_query(store: Store, listing: pa.Table, model_ids: list[str], axis: 
                    other_than_run: str | None = None):
     """A DuckDB connection and the CTEs that end in `marked`: the listed, usable files with their
     `part`, `n_items` and, per model m, `done_m` (its committed items of the file's instance)."""
-    import duckdb
-
-    con = duckdb.connect()
+    con = planning_connection()
     con.register("files", store.dataset("files"))
     con.register("listing", listing.select(["path", "position"]))
     along = slicing_axis(axis)
@@ -237,6 +237,19 @@ def _catalog_query(store: Store, listing: pa.Table, model_ids: list[str], axis: 
     selected = ", ".join(["f.*", *columns])
     ctes.append(f"marked AS (SELECT {selected} FROM f {' '.join(joins)})")
     return con, ", ".join(ctes)
+
+
+def planning_connection():
+    """An in-memory DuckDB that spills what does not fit in `PLAN_MEMORY` to a temporary folder: the
+    anti-joins and the series sort cover every file of the archive, and the driver's memory must not
+    grow with it."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{PLAN_MEMORY}'")
+    con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/embedstore-duckdb-{os.getpid()}'")
+    con.execute("SET preserve_insertion_order = false")  # the plan orders what it needs ordered
+    return con
 
 
 def _lacking(model_ids: list[str]) -> str:

@@ -93,7 +93,10 @@ class RayHeaderReaders:
         self.chunk_files = RAY_CHUNK_FILES
         self.commits_rows = True
         self.n_tasks = 0
-        self._task = ray.remote(num_cpus=1, max_retries=3)(read_and_commit_chunk)
+        # No CPU reserved: the embedding actors may hold every CPU of the cluster, and header reads
+        # must not wait for them to finish (they wait for the catalog). The number in flight is
+        # bounded here instead, and SPREAD puts the tasks on every node.
+        self._task = ray.remote(num_cpus=0, max_retries=3, scheduling_strategy="SPREAD")(read_and_commit_chunk)
         self._store_path = store_path
 
     def submit(self, files: list[FoundFile], settings: HeaderSettings) -> "RayResult":

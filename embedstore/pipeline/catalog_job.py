@@ -12,7 +12,6 @@ from embedstore.catalog.reading import HeaderSettings
 from embedstore.catalog.rows import RowSettings
 from embedstore.catalog.scan import CatalogOptions, CatalogScan, CatalogSummary
 from embedstore.errors import UsageError
-from embedstore.pipeline.on_ray import start_ray
 from embedstore.pipeline.progress import status
 from embedstore.sources.discover import check_sources
 from embedstore.sources.nifti import AXES
@@ -49,6 +48,8 @@ def catalog_archive(sources: list[str | Path], store_path: str | Path, options: 
     check_store_writable(store_path)
     check_catalog_options(options)
     if options.executor == "ray":
+        from embedstore.pipeline.on_ray import start_ray  # here: it loads the model code (torch), 3 s
+
         start_ray(ray_address)
     store, key = open_for_writing(store_path, keep_patient_id)
     run_id = new_run_id()

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from embedstore.catalog.plan import CatalogPlanner
+from embedstore.catalog.plan import CatalogPlanner, planning_connection
 from embedstore.catalog.reading import HeaderSettings
 from embedstore.catalog.rows import RowSettings
 from embedstore.catalog.scan import CatalogOptions, CatalogScan
@@ -347,9 +347,7 @@ def chunks(values: list, size: int):
 def standing_failures(store: Store, listing, discovered: list[Failure]) -> Counter:
     """Files failed, by reason: the failures rows of the listed files (this run's, and earlier
     runs' for files it did not try again) and what the walk found unusable."""
-    import duckdb
-
-    con = duckdb.connect()
+    con = planning_connection()
     con.register("failures", store.dataset("failures"))
     con.register("listing", listing.select(["path"]))
     rows = con.sql("SELECT reason, count(DISTINCT path) FROM failures SEMI JOIN listing USING (path) "

@@ -34,6 +34,7 @@ from embedstore.store import Store, among
 from embedstore.store.patches import PatchShardWriter
 from embedstore.store.schema import ITEMS_SCHEMA, SEARCH_COLUMNS, model_slices_schema, slices_table_name
 
+COMMIT_SECONDS = 30.0
 UNIT_SLICES = 256  # slices per work unit (a longer series is one unit on its own)
 UNIT_PATCH_BYTES = 512 * 1024 * 1024  # smaller units where patch tokens are large (448 px, 5 layers, ViT-L)
 ITEM_GEOMETRY = ("frame", "rows", "cols", "pixel_spacing", "slice_thickness", "image_position",
@@ -218,6 +219,7 @@ class RowCommitter:
         self.store, self.run_id, self.model_ids = store, run_id, model_ids
         self.on_commit = on_commit
         self.first_commit_at: float | None = None  # time.perf_counter() of the first rows committed
+        self._last_flush = time.perf_counter()
         self._pending_parts: list[str] = []
         self.commit_rows = commit_rows
         self.stage_seconds = stage_seconds
@@ -250,8 +252,15 @@ class RowCommitter:
                 self.embedded[model_id] += rows.num_rows
             self.n_pending += output.n_items
             self.n_embedded += output.n_items
-        if self.n_pending >= self.commit_rows:
+        if self.n_pending >= self.commit_rows or self._commit_due():
             self.flush()
+
+    def _commit_due(self) -> bool:
+        """The first rows go in at once (a large archive shows committed work within seconds), then at
+        least every COMMIT_SECONDS (a killed run loses little) however slowly rows come."""
+        if not self.n_pending:
+            return False
+        return self.first_commit_at is None or time.perf_counter() - self._last_flush >= COMMIT_SECONDS
 
     def record_failures(self, failures: list[Failure], progress: IngestProgress) -> None:
         """Failures found while planning (files that contradict their series), committed with the rows."""
@@ -264,7 +273,7 @@ class RowCommitter:
                             self.n_failed_slices, self.n_warned_files)
 
     def flush(self) -> None:
-        started = time.perf_counter()
+        started = self._last_flush = time.perf_counter()
         with self.store.commit_lock():  # a concurrent ingest's commit of the same keys waits, then skips them
             if self.items:
                 self.store.insert_new("items", pa.concat_tables(self.items))
