@@ -262,12 +262,13 @@ def knn_metrics(store_path: Path, labels: Path) -> dict:
 
 
 def flip_vector_bytes(store: Store, model_id: str, row: dict, count: int = 4000) -> Path:
-    """Flip `count` bytes of the largest data file of the model's slices table, from where this
-    row's `cls` vector is stored: the numbers change, the file still reads."""
+    """Flip `count` bytes of the data file of the model's slices table that holds this row's `cls`
+    vector, from where it is stored: the numbers change, the file still reads."""
+    vector = np.asarray(row["cls"], dtype="<f4").tobytes()
     files = (store.path / "tables" / f"{slices_table_name(model_id)}.lance" / "data").glob("*.lance")
-    data_file = max(files, key=lambda f: f.stat().st_size)
+    (data_file,) = [f for f in files if vector in f.read_bytes()]
     data = bytearray(data_file.read_bytes())
-    start = data.find(np.asarray(row["cls"], dtype="<f4").tobytes())
+    start = data.find(vector)
     assert start >= 0
     for index in range(start, min(start + count, len(data))):
         data[index] ^= 0xFF
