@@ -5,6 +5,7 @@ as tasks that commit their own rows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -136,14 +137,10 @@ def kill_when_partly_catalogued(command: list[str], store_path: Path, total: int
         # catalog's group and commits its rows a moment later, so every descendant is killed by pid.
         started = descendants(process.pid)
         for pid in started:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # the catalog and what it started in its group
-        except ProcessLookupError:
-            pass
         process.wait()
     deadline = time.monotonic() + 60
     while any(alive(pid) for pid in started) and time.monotonic() < deadline:
@@ -221,6 +218,14 @@ def model_ids_for(**overrides) -> list[str]:
 
     options = ingest_options(**{"keep_patches": False, **overrides})
     return [m.model_id for m in load_models(options, check_options(options)[0])]
+
+
+def finished_ingests(processes: list, outs: list[Path], store_path: Path) -> tuple[str, list[dict]]:
+    """The store's model and each ingest's summary, once every one has exited 0."""
+    results = [process.communicate(timeout=SUBPROCESS_TIMEOUT_S) for process in processes]
+    for process, (_, stderr) in zip(processes, results):
+        assert process.returncode == 0, stderr[-3000:]
+    return only_model(Store.open(store_path)), [json.loads(out.read_text()) for out in outs]
 
 
 def series_uid_of(path: Path) -> str:
@@ -361,12 +366,7 @@ def test_three_concurrent_ingests_share_the_work(tmp_path, monkeypatch, capsys):
                            TEST_IMAGE_SIZE, "--no-patches", "--no-progress", "--workers", 0, "--header-workers", 0,
                            "--json", out),
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
-    results = [process.communicate(timeout=SUBPROCESS_TIMEOUT_S) for process in processes]
-    for process, (_, stderr) in zip(processes, results):
-        assert process.returncode == 0, stderr[-3000:]
-
-    summaries = [json.loads(out.read_text()) for out in outs]
-    model_id = only_model(Store.open(store_path))
+    model_id, summaries = finished_ingests(processes, outs, store_path)
     embedded = [summary["embedded_by_model"][model_id] for summary in summaries]
     committed = [summary["committed_by_model"][model_id] for summary in summaries]
     # 240 slices are less than one work unit (UNIT_SLICES): whichever ingest plans first claims every
@@ -414,12 +414,7 @@ def test_concurrent_ingests_split_the_series_between_them(tmp_path, monkeypatch,
         assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
         time.sleep(0.05)
     go.touch()
-    results = [process.communicate(timeout=SUBPROCESS_TIMEOUT_S) for process in processes]
-    for process, (_, stderr) in zip(processes, results):
-        assert process.returncode == 0, stderr[-3000:]
-
-    summaries = [json.loads(out.read_text()) for out in outs]
-    model_id = only_model(Store.open(store_path))
+    model_id, summaries = finished_ingests(processes, outs, store_path)
     embedded = [summary["embedded_by_model"][model_id] for summary in summaries]
     assert n_slices <= sum(embedded) <= 1.1 * n_slices, embedded
     assert sum(1 for n in embedded if n > 0) >= 2, f"one ingest embedded everything: {embedded}"

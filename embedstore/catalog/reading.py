@@ -104,7 +104,7 @@ class RayHeaderReaders:
         return RayResult(self._task.remote(files, settings, self._store_path))
 
     def close(self) -> None:
-        pass
+        """Nothing to release: Ray owns the task workers (the local readers' close ends a pool)."""
 
 
 class RayResult:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from embedstore.sources.dicom import DicomHeader
 from embedstore.sources.discover import FoundFile
-from embedstore.sources.nifti import NiftiLayout
+from embedstore.sources.nifti import NiftiLayout, slice_count
 from embedstore.sources.raster import RasterLayout
 from embedstore.sources.records import Failure
 from embedstore.store.privacy import pseudonymise
@@ -96,8 +96,6 @@ def raster_layout_of(row: dict) -> RasterLayout:
 
 def nifti_layout_of(row: dict, axis: str) -> NiftiLayout:
     """The layout along `axis` of a NIfTI file catalogued along any axis: the grid is canonical."""
-    from embedstore.sources.nifti import slice_count
-
     layout = json.loads(row["layout"])
     shape = tuple(layout["shape"])
     return NiftiLayout(row["path"], axis, slice_count(shape, axis), layout["n_volumes"], shape,

@@ -19,6 +19,7 @@ import pyarrow as pa
 from embedstore.catalog.listing import Comparison, Listing, compare_with_catalog, list_sources
 from embedstore.catalog.reading import HeaderSettings, LocalHeaderReaders, RayHeaderReaders, commit_rows, read_in_order
 from embedstore.sources.discover import FoundFile
+from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.store import Store
 from embedstore.store.schema import FILES_SCHEMA
 
@@ -35,7 +36,7 @@ def default_header_workers() -> int:
 @dataclass
 class CatalogOptions:
     axis: str = "axial"
-    max_pixels: int = 2**28
+    max_pixels: int = DEFAULT_MAX_PIXELS
     header_workers: int | None = None  # None: every core
     executor: str = "local"  # local | ray
     chunk_files: int | None = None  # files per header task; None: the reader's default

@@ -118,12 +118,6 @@ class DecodePool:
             )
         return self._executor
 
-    def map(self, fn: Callable, items: list, chunksize: int = 64) -> Iterator:
-        """Ordered map of a picklable function over items (used for header reads)."""
-        if self.workers == 0 or len(items) < 2 * chunksize:
-            return map(fn, items)
-        return self._pool().map(fn, items, chunksize=chunksize)
-
     def decode(self, tasks: Iterable[ReadTask]) -> Iterator[tuple[ReadTask, DecodedFile | list[Failure]]]:
         chunks = chunk_tasks(tasks)
         if self.workers == 0:

@@ -32,7 +32,7 @@ from embedstore.sources.catalog import declared_modality
 from embedstore.sources.discover import check_sources
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.records import Failure
-from embedstore.store import Store, check_store_path, check_store_writable, new_run_id, sql_literal
+from embedstore.store import Store, check_store_path, check_store_writable, new_run_id
 from embedstore.store.info import record_summary
 from embedstore.store.leases import LeaseBook, clear_leases
 from embedstore.store.schema import slices_table_name
@@ -205,11 +205,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     with store.ingest_lock():
         run = embed_archive(job, store, scan, models, workers, modality, status_lines)
     clear_leases(store)
-    summary = summarise(run, store, scan, workers, notes)
-    summary.seconds, summary.wall_seconds = time.perf_counter() - started, time.perf_counter() - wall_started
-    summary.slices_per_s = summary.n_embedded / summary.seconds if summary.seconds > 0 else 0.0
-    if run.committer.first_commit_at is not None:
-        summary.first_row_seconds = round(run.committer.first_commit_at - wall_started, 3)
+    summary = summarise(run, store, scan, workers, notes, started, wall_started)
     store.finish_run(run_id, sum(summary.committed_by_model.values()), summary.n_skipped, summary.n_failed,
                      summary.slices_per_s, run.stage_seconds)
     record_summary(store)
@@ -289,9 +285,11 @@ class Distributor:
         return self.runner.embedders[0].engine.name, self.runner.embedders[0].engine.notes
 
 
-def summarise(run: EmbeddedArchive, store: Store, scan: CatalogScan, workers: int, notes: list[str]) -> IngestSummary:
-    """The run's summary; times are the caller's to fill in."""
+def summarise(run: EmbeddedArchive, store: Store, scan: CatalogScan, workers: int, notes: list[str],
+              started: float, wall_started: float) -> IngestSummary:
+    """The run's summary; `started` (the catalog's start) and `wall_started` are perf_counter times."""
     model_ids, outcome = run.planner.model_ids, run.outcome
+    seconds, first_commit = time.perf_counter() - started, run.committer.first_commit_at
     counts = run.planner.counts(run.committer.run_id)
     standing = standing_failures(store, run.planner.listing, run.discovered)
     n_duplicates = standing.pop(DUPLICATE_INSTANCE, 0)
@@ -302,9 +300,11 @@ def summarise(run: EmbeddedArchive, store: Store, scan: CatalogScan, workers: in
         committed_by_model={m: outcome.committed.get(m, 0) for m in model_ids},
         n_skipped=counts.n_skipped, n_failed_slices=outcome.n_failed_slices, n_failed=sum(standing.values()),
         failures_by_reason=dict(standing), n_duplicates=n_duplicates, n_warned_files=outcome.n_warned_files,
-        seconds=0.0, wall_seconds=0.0, slices_per_s=0.0,
+        seconds=seconds, wall_seconds=time.perf_counter() - wall_started,
+        slices_per_s=outcome.n_embedded / seconds if seconds > 0 else 0.0,
         stage_seconds={k: round(v, 3) for k, v in run.stage_seconds.items()}, notes=notes,
-        catalog=scan.summary().to_dict(), first_row_seconds=None,
+        catalog=scan.summary().to_dict(),
+        first_row_seconds=round(first_commit - wall_started, 3) if first_commit is not None else None,
     )
 
 
@@ -318,7 +318,8 @@ def embed_again(planner: CatalogPlanner, feed: SeriesFeed, stream: UnitStream, e
     embedded (their rows of this run dropped, the whole series planned again), and series another
     writer held (looked at again until it has finished them, or died and left them)."""
     if feed.reopened:
-        forget_run_rows(planner.store, feed.reopened, run_id, planner.model_ids)
+        planner.store.forget_run_series(run_id, sorted(feed.reopened),
+                                        ["items", *(slices_table_name(m) for m in planner.model_ids)])
         embed(stream.units(planner.remaining(only=feed.reopened)))
     while stream.deferred:
         waiting = set(stream.deferred)
@@ -326,22 +327,6 @@ def embed_again(planner: CatalogPlanner, feed: SeriesFeed, stream: UnitStream, e
         embed(stream.units(planner.remaining(only=waiting)))
         if stream.deferred:
             time.sleep(LEASE_POLL_SECONDS)
-
-
-def forget_run_rows(store: Store, parts: set[str], run_id: str, model_ids: list[str]) -> None:
-    """This run's rows of the given series (any geometry split of them), from items and every model."""
-    for chunk in chunks(sorted(parts), 200):
-        series = " OR ".join(f"series_uid = {sql_literal(uid)} OR series_uid LIKE {sql_literal(uid + '#%')}"
-                             for uid in chunk)
-        condition = f"run_id = {sql_literal(run_id)} AND ({series})"
-        with store.commit_lock():
-            for table in ["items", *(slices_table_name(m) for m in model_ids)]:
-                store.table(table).delete(condition)
-
-
-def chunks(values: list, size: int):
-    for start in range(0, len(values), size):
-        yield values[start:start + size]
 
 
 def standing_failures(store: Store, listing, discovered: list[Failure]) -> Counter:

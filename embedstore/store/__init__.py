@@ -464,6 +464,16 @@ class Store:
             for start in range(0, len(paths), 500):
                 table.delete(f"{among('path', paths[start:start + 500])} AND {among('run_id', older)}")
 
+    def forget_run_series(self, run_id: str, series_uids: list[str], tables: list[str]) -> None:
+        """Drop this run's rows of the given series (any geometry split of them, `<uid>#...`) from
+        `tables`: a series the run embedded in part before the rest of it turned up."""
+        for start in range(0, len(series_uids), 200):
+            series = " OR ".join(f"{equals('series_uid', uid)} OR series_uid LIKE {sql_literal(uid + '#%')}"
+                                 for uid in series_uids[start:start + 200])
+            with self.commit_lock():
+                for table in tables:
+                    self.table(table).delete(f"{equals('run_id', run_id)} AND ({series})")
+
     def start_run(self, run_id: str, model_ids: list[str], config: dict) -> None:
         with self.commit_lock():
             self.table("runs").add(pa.Table.from_pylist(
