@@ -568,3 +568,27 @@ def test_a_killed_ray_catalog_resumes_where_it_stopped(tmp_path):
     rerun = catalog_here([archive], store_path)
     assert rerun.files_read == total - present and rerun.files_unchanged == present
     assert_one_row_per_file(store_path, archive)
+
+
+def test_two_catalogs_of_one_new_archive_leave_one_row_per_file(tmp_path):
+    """A scan appends the rows of files new at listing while nobody else has written the table; the
+    second scan listed the same new files, finds the table moved on, and merges instead."""
+    from embedstore.catalog.reading import HeaderSettings
+    from embedstore.catalog.rows import RowSettings
+    from embedstore.catalog.scan import CatalogOptions, CatalogScan
+    from embedstore.pipeline.catalog_job import open_for_writing
+
+    archive = tmp_path / "archive"
+    for i in range(2):
+        write_series(archive, f"s{i}", 6, seed=i)
+    store_path = tmp_path / "store"
+    catalog_here([archive / "s0"], store_path)
+    store, key = open_for_writing(store_path, False)
+    settings = HeaderSettings("axial", 10**8, RowSettings("run", key))
+    first, second = (CatalogScan(store, [archive], CatalogOptions(header_workers=0), settings) for _ in range(2))
+    first.list()
+    second.list()
+    assert first.comparison.n_new == second.comparison.n_new == 6
+    first.read()
+    second.read()
+    assert_one_row_per_file(store_path, archive)

@@ -53,6 +53,7 @@ class Comparison:
     to_read: pa.Table  # new or changed files, LISTING_SCHEMA, in walk order
     n_unchanged: int
     n_changed: int
+    n_new: int  # to read, and not in the table at all
     gone: pa.Table  # `path` of catalogued files under the sources that are no longer there
 
 
@@ -60,7 +61,7 @@ def compare_with_catalog(store: Store, listing: pa.Table, sources: list[Path]) -
     """Split the listing by what the `files` table already says about each file."""
     known = store.rows("files", columns=["path", "size", "mtime_ns", "reason"])
     if not known.num_rows:
-        return Comparison(listing, 0, 0, pa.table({"path": pa.array([], pa.string())}))
+        return Comparison(listing, 0, 0, listing.num_rows, pa.table({"path": pa.array([], pa.string())}))
     known = known.rename_columns(["path", "known_size", "known_mtime_ns", "known_reason"])
     joined = listing.join(known, "path", join_type="left outer")
     new = pc.is_null(joined["known_size"])
@@ -73,7 +74,7 @@ def compare_with_catalog(store: Store, listing: pa.Table, sources: list[Path]) -
     n_changed = pc.sum(changed).as_py() or 0
     missing = known.select(["path"]).join(listing.select(["path"]), "path", join_type="left anti")
     gone = missing.filter(under_any(missing["path"], sources))
-    return Comparison(to_read, listing.num_rows - to_read.num_rows, n_changed, gone)
+    return Comparison(to_read, listing.num_rows - to_read.num_rows, n_changed, pc.sum(new).as_py() or 0, gone)
 
 
 def under_any(paths: pa.ChunkedArray, sources: list[Path]) -> pa.ChunkedArray:

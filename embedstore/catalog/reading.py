@@ -55,6 +55,27 @@ def commit_rows(store: Store, rows: pa.Table) -> None:
         store.upsert("files", rows, key="path")
 
 
+class FilesCommitter:
+    """`commit_rows` for one scan's driver, appending while that is safe: when every file to read was
+    new at listing and the table is still at the version this scan last saw, no other writer can have
+    added one of its paths, so the rows go in without a merge on path (a merge reads every key of the
+    table: at 10^6 files it cost a fifth of the catalog's time). Once another writer has committed,
+    rows are merged for the rest of the scan."""
+
+    def __init__(self, store: Store, appendable_from_version: int | None):
+        self.store = store
+        self.version = appendable_from_version  # None: merge
+
+    def commit(self, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        if self.version is not None:
+            self.version = self.store.append_at_version("files", rows, self.version)
+            if self.version is not None:
+                return
+        commit_rows(self.store, rows)
+
+
 class LocalHeaderReaders:
     """Header reads in `workers` processes (spawned: they import pydicom, never torch), or inline
     with `workers=0`."""

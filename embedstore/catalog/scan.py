@@ -17,7 +17,7 @@ from typing import Callable
 import pyarrow as pa
 
 from embedstore.catalog.listing import Comparison, Listing, compare_with_catalog, list_sources
-from embedstore.catalog.reading import HeaderSettings, LocalHeaderReaders, RayHeaderReaders, commit_rows, read_in_order
+from embedstore.catalog.reading import FilesCommitter, HeaderSettings, LocalHeaderReaders, RayHeaderReaders, read_in_order
 from embedstore.sources.discover import FoundFile
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.store import Store
@@ -70,6 +70,7 @@ class CatalogScan:
         self.listing: Listing | None = None
         self.comparison: Comparison | None = None
         self.known_parts: set[str] = set()
+        self.files_version = 0  # of the `files` table when this scan compared with it
         self.n_read = self.n_failed = self.n_tasks = 0
         self.read_seconds = self.seconds = 0.0
         self._started = time.perf_counter()
@@ -79,6 +80,7 @@ class CatalogScan:
         self._started = time.perf_counter()
         self.store.create_table_if_missing("files", FILES_SCHEMA)
         self.listing = list_sources(self.sources)
+        self.files_version = self.store.table("files").version  # before the comparison reads it
         self.comparison = compare_with_catalog(self.store, self.listing.files, self.sources)
         if self.comparison.n_unchanged or self.comparison.n_changed:
             series = self.store.rows("files", "series_uid IS NOT NULL", ["series_uid"]).column("series_uid")
@@ -95,6 +97,8 @@ class CatalogScan:
             few = self.comparison.to_read.num_rows < SMALL_CATALOG_FILES
             readers = LocalHeaderReaders(0 if few else self.workers)
         self.workers = readers.workers
+        all_new = self.comparison.n_new == self.comparison.to_read.num_rows
+        committer = FilesCommitter(self.store, self.files_version if all_new else None)
         pending: list[pa.Table] = []
         try:
             for rows in read_in_order(readers, self._to_read(), self.settings, self.options.chunk_files):
@@ -108,10 +112,10 @@ class CatalogScan:
                     continue
                 pending.append(rows)
                 if sum(t.num_rows for t in pending) >= COMMIT_FILES:
-                    commit_rows(self.store, pa.concat_tables(pending))
+                    committer.commit(pa.concat_tables(pending))
                     pending = []
             if pending:
-                commit_rows(self.store, pa.concat_tables(pending))
+                committer.commit(pa.concat_tables(pending))
         finally:
             readers.close()
             self.n_tasks = readers.n_tasks

@@ -440,6 +440,16 @@ class Store:
         with self.commit_lock():
             self.table(table).merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(rows)
 
+    def append_at_version(self, table: str, rows: pa.Table, version: int) -> int | None:
+        """Append `rows` if `table` is still at `version`, i.e. nobody has written it since; the
+        version the append made, or None (nothing written) when the table has moved on."""
+        with self.commit_lock():
+            handle = self.table(table)
+            if handle.version != version:
+                return None
+            handle.add(rows)
+            return handle.version
+
     def add_failures(self, failures: list[Failure], run_id: str) -> None:
         if not failures:
             return
