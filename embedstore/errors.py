@@ -1,4 +1,4 @@
-"""The two kinds of error embedstore distinguishes.
+"""The kinds of error embedstore distinguishes.
 
 `UsageError` is a wrong request (bad argument, missing path, unknown model): the CLI prints its
 message on one line and exits with code 2, before anything is written.
@@ -16,6 +16,11 @@ class UsageError(Exception):
 
 class StoreFormatError(UsageError):
     """A directory that is not a store this version of embedstore can read."""
+
+
+class SourceUnavailableError(Exception):
+    """A source that stopped answering mid-run (a DICOMweb server gone): the run stops with what it
+    committed, the CLI prints one line naming the source and exits with code 1; a rerun finishes."""
 
 
 class StoreDamagedError(Exception):
@@ -41,11 +46,12 @@ BROKEN_LINK = "broken_link"  # a symbolic link to nothing, or a loop of links
 NOT_A_FILE = "not_a_file"  # a FIFO, socket or device: never opened, since reading one can block forever
 UNREADABLE = "unreadable"  # the file or folder cannot be read (permission denied, I/O error)
 DECODE_ERROR = "decode_error"  # an unexpected reader exception: a bug to report, not a data category
+RETRIEVE_FAILED = "retrieve_failed"  # a DICOMweb server would not give the instance or its metadata (HTTP status)
 
 REASONS = (
     EMPTY_FILE, NOT_DICOM, NOT_IMAGE, TRUNCATED, INVALID_HEADER, NO_PIXEL_DATA, UNSUPPORTED_TRANSFER_SYNTAX,
     CORRUPT_STREAM, CORRUPT_NIFTI, INCONSISTENT_SERIES, DUPLICATE_INSTANCE, WORKER_CRASHED, TOO_LARGE, BROKEN_LINK,
-    NOT_A_FILE, UNREADABLE, DECODE_ERROR,
+    NOT_A_FILE, UNREADABLE, DECODE_ERROR, RETRIEVE_FAILED,
 )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedstore.sources.discover import iter_found
+from embedstore.sources.discover import Source, iter_found
 from embedstore.sources.records import Failure
 from embedstore.store import Store
 
@@ -30,7 +30,7 @@ class Listing:
     failures: list[Failure]  # what the walk found that cannot be an input (discover stage)
 
 
-def list_sources(sources: list[Path]) -> Listing:
+def list_sources(sources: list[Source]) -> Listing:
     blocks, failures = [], []
     block: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
     position = 0
@@ -57,7 +57,7 @@ class Comparison:
     gone: pa.Table  # `path` of catalogued files under the sources that are no longer there
 
 
-def compare_with_catalog(store: Store, listing: pa.Table, sources: list[Path]) -> Comparison:
+def compare_with_catalog(store: Store, listing: pa.Table, sources: list[Source]) -> Comparison:
     """Split the listing by what the `files` table already says about each file."""
     known = store.rows("files", columns=["path", "size", "mtime_ns", "reason"])
     if not known.num_rows:
@@ -77,9 +77,11 @@ def compare_with_catalog(store: Store, listing: pa.Table, sources: list[Path]) -
     return Comparison(to_read, listing.num_rows - to_read.num_rows, n_changed, pc.sum(new).as_py() or 0, gone)
 
 
-def under_any(paths: pa.ChunkedArray, sources: list[Path]) -> pa.ChunkedArray:
-    """Which paths lie under one of the sources (a folder) or are one of them (a file)."""
-    inside = pc.is_in(paths, pa.array([str(s) for s in sources]))
-    for source in sources:
-        inside = pc.or_(inside, pc.starts_with(paths, str(source).rstrip("/") + "/"))
+def under_any(paths: pa.ChunkedArray, sources: list[Source]) -> pa.ChunkedArray:
+    """Which paths lie under one of the sources (a folder, a DICOMweb service) or are one of them (a
+    file). A DICOMweb source narrowed by a query covers nothing: what it leaves out is not gone."""
+    roots = [str(s) if isinstance(s, Path) else s.root for s in sources if isinstance(s, Path) or not s.narrowed]
+    inside = pc.is_in(paths, pa.array(roots, pa.string()))
+    for root in roots:
+        inside = pc.or_(inside, pc.starts_with(paths, root.rstrip("/") + "/"))
     return inside

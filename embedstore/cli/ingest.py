@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,10 +17,26 @@ from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 HEADER_WORKERS = typer.Option(None, help="Processes reading headers (Ray: tasks at once); 0 reads in this process. "
                               "Default: every core.")
 HEADER_BATCH = typer.Option(None, help="Files per header-reading task. Default: 256 locally, 2048 on Ray.")
+SOURCES = typer.Argument(..., metavar="SRC...", help="Files or directories (searched recursively), or a PACS's "
+                         "DICOMweb service: dicomweb+http(s)://HOST/PATH.")
+QUERY = typer.Option(None, help="QIDO filters for DICOMweb sources, KEYWORD=VALUE&... (e.g. "
+                     "'ModalitiesInStudy=CT&StudyDate=20240101-20241231'; series attributes such as Modality "
+                     "narrow the series).")
+TOKEN = typer.Option(None, help="Bearer token for DICOMweb sources (or set EMBEDSTORE_DICOMWEB_TOKEN; basic auth: "
+                     "EMBEDSTORE_DICOMWEB_USER and EMBEDSTORE_DICOMWEB_PASSWORD). Never stored.")
+
+
+def use_token(token: str | None) -> None:
+    """The token goes to the environment, where this process's requests and its workers' find it:
+    never into an option the store records."""
+    from embedstore.sources.dicomweb import TOKEN_ENV  # here: the CLI's import stays light
+
+    if token:
+        os.environ[TOKEN_ENV] = token
 
 
 def ingest(
-    sources: list[str] = typer.Argument(..., metavar="SRC...", help="Files or directories (searched recursively)."),
+    sources: list[str] = SOURCES,
     store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
     model: list[str] = typer.Option(
         ["dinov2_vits14"], "--model", metavar="NAME", help="dinov2_vit{s,b,l,g}14[_reg] or any timm model name; "
@@ -63,6 +80,8 @@ def ingest(
     ray_address: Optional[str] = typer.Option(
         None, help="Join this Ray cluster (implies --executor ray); without it Ray starts a local one."),
     ray_actors: Optional[int] = typer.Option(None, help="Embedding actors on Ray. Default: one per GPU, else one."),
+    query: Optional[str] = QUERY,
+    token: Optional[str] = TOKEN,
     json_out: Optional[Path] = typer.Option(None, "--json", "-o", help="Also write the run summary as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="Show the phase and a progress bar on stderr while it runs."),
@@ -80,9 +99,10 @@ def ingest(
         executor="ray" if ray_address else executor, ray_address=ray_address, ray_actors=ray_actors,
         batch_size=batch_size, workers=workers, device=device, engine=engine,
         precision=precision, overwrite=overwrite, show_progress=progress, header_workers=header_workers,
-        header_batch=header_batch,
+        header_batch=header_batch, query=query,
     )
     check_output(json_out, "--json")
+    use_token(token)
     summary = run_ingest(sources, store, options)
     print_summary(summary)
     if json_out:
@@ -90,7 +110,7 @@ def ingest(
 
 
 def catalog(
-    sources: list[str] = typer.Argument(..., metavar="SRC...", help="Files or directories (searched recursively)."),
+    sources: list[str] = SOURCES,
     store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
     axis: str = typer.Option("axial", help="NIfTI slicing axis the slices are counted along."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Most values a frame may declare; larger files are "
@@ -101,6 +121,8 @@ def catalog(
     header_batch: Optional[int] = HEADER_BATCH,
     executor: str = typer.Option("local", help="local (this machine's cores) or ray (Ray tasks on every node)."),
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (implies --executor ray)."),
+    query: Optional[str] = QUERY,
+    token: Optional[str] = TOKEN,
     json_out: Optional[Path] = typer.Option(None, "--json", "-o", help="Also write the catalog summary as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Say what it is doing on stderr."),
 ) -> None:
@@ -111,7 +133,8 @@ def catalog(
 
     options = CatalogOptions(axis, max_pixels, header_workers, "ray" if ray_address else executor, header_batch)
     check_output(json_out, "--json")
-    summary = catalog_archive(sources, store, options, keep_patient_id, ray_address, progress)
+    use_token(token)
+    summary = catalog_archive(sources, store, options, keep_patient_id, ray_address, progress, query)
     print_catalog(summary.to_dict())
     if json_out:
         json_out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")

@@ -16,7 +16,7 @@ from typer.core import TyperArgument
 
 from embedstore.cli import bench, demo, evaluate, finetune, ingest, manage, search, serve, sql
 from embedstore.cli.render import fail
-from embedstore.errors import StoreDamagedError, UsageError
+from embedstore.errors import SourceUnavailableError, StoreDamagedError, UsageError
 from embedstore.version import __version__
 
 try:  # typer >= 0.2x bundles its own click, whose exceptions are not the click package's
@@ -74,6 +74,8 @@ def main() -> None:
         fail(error.format_message())
     except UsageError as error:
         fail(str(error))
+    except SourceUnavailableError as error:
+        fail(str(error), code=1)
     except (StoreDamagedError, RuntimeError, ValueError) as error:  # Lance's errors on a damaged file
         from embedstore.store import as_damage  # a store file that cannot be read: one line, exit code 1
 

@@ -41,8 +41,8 @@ def open_for_writing(store_path: Path, keep_patient_id: bool) -> tuple[Store, by
 
 def catalog_archive(sources: list[str | Path], store_path: str | Path, options: CatalogOptions,
                     keep_patient_id: bool = False, ray_address: str | None = None,
-                    show_progress: bool = True) -> CatalogSummary:
-    source_paths = check_sources(sources)
+                    show_progress: bool = True, query: str | None = None) -> CatalogSummary:
+    source_paths = check_sources(sources, query)
     store_path = Path(store_path)
     check_store_path(store_path, create=True)
     check_store_writable(store_path)

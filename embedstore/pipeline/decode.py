@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, InputError
+from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, InputError, SourceUnavailableError
 from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
 from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
 from embedstore.sources.dicom import parse_dicom
@@ -59,6 +59,8 @@ def _attempt(read: Callable[[], T], path: str) -> tuple[T | Failure, CodecOutput
             result = read()
         except InputError as error:
             result = Failure(path, error.stage, error.reason, error.message)
+        except SourceUnavailableError:  # no fault of this file's: the run stops
+            raise
         except Exception as error:  # a reader bug or an odd file must not end the run
             result = Failure(path, "decode", DECODE_ERROR, f"{type(error).__name__}: {error}")
     if isinstance(result, Failure):

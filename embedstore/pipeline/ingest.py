@@ -14,7 +14,7 @@ from embedstore.catalog.plan import CatalogPlanner, planning_connection
 from embedstore.catalog.reading import HeaderSettings
 from embedstore.catalog.rows import RowSettings
 from embedstore.catalog.scan import CatalogOptions, CatalogScan
-from embedstore.errors import DUPLICATE_INSTANCE, UsageError
+from embedstore.errors import DUPLICATE_INSTANCE, SourceUnavailableError, UsageError
 from embedstore.intensity import IntensityConfig
 from embedstore.models.build import LoadedModel, load_model
 from embedstore.models.embedder import Embedder, check_precision, pick_device
@@ -72,6 +72,7 @@ class IngestOptions:
     mr_percentiles: tuple[float, float] = (5.0, 95.0)
     axis: str = "axial"  # NIfTI slicing axis
     modality: str | None = None  # declared for NIfTI and raster sources (DICOM files state their own)
+    query: str | None = None  # QIDO filters for DICOMweb sources (KEYWORD=VALUE&...)
     max_pixels: int = DEFAULT_MAX_PIXELS  # the most values a frame may declare; larger files are too_large
     keep_patient_id: bool = False  # store PatientID as read instead of a keyed hash
     batch_size: int = 32
@@ -179,7 +180,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     the store is created or touched, so a wrong request writes nothing.
     """
     wall_started = time.perf_counter()
-    source_paths = check_sources(sources)
+    source_paths = check_sources(sources, options.query)
     store_path = Path(store_path)
     check_store_path(store_path, create=True)
     check_store_writable(store_path)
@@ -247,7 +248,12 @@ def embed_archive(job: "EmbedJob", store: Store, scan: CatalogScan, models: list
             feed = SeriesFeed(scan, planner, progress, earlier_failed).start()
             stream = UnitStream(leases, len(model_ids), unit_slices_for(job.specs, options.unit_slices), progress,
                                 earlier_failed)
-            embed(stream.units(feed.series()))
+            try:
+                embed(stream.units(feed.series()))
+            except SourceUnavailableError as error:  # what is embedded is kept; a rerun does the rest
+                committer.flush()
+                raise SourceUnavailableError(f"{error}; this run committed {sum(committer.committed.values()):,} "
+                                             "rows: run the same command again to finish") from None
             stage_seconds["catalog"] = scan.read_seconds
             embed_again(planner, feed, stream, embed, run_id)
             committer.record_failures(stream.failures, progress)

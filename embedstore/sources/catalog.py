@@ -17,9 +17,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from embedstore.errors import DECODE_ERROR, InputError, UsageError
+from embedstore.errors import DECODE_ERROR, InputError, SourceUnavailableError, UsageError
 from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
 from embedstore.sources.dicom import DicomHeader, read_header
+from embedstore.sources.dicomweb import is_dicomweb, read_remote_header
 from embedstore.sources.discover import FoundFile
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.nifti import NiftiLayout, nifti_layout, volume_items
@@ -74,12 +75,16 @@ def scan_file(found: FoundFile, axis: str = "axial",
 def _read_facts(found: FoundFile, axis: str, max_pixels: int) -> DicomHeader | NiftiLayout | RasterLayout | Failure:
     try:
         if found.kind == "dicom":
+            if is_dicomweb(found.path):
+                return read_remote_header(found.path, max_pixels)
             return read_header(found.path, max_pixels)
         if found.kind == "raster":
             return raster_layout(found.path, max_pixels)
         return nifti_layout(found.path, axis, max_pixels)
     except InputError as error:
         return Failure(found.path, "read", error.reason, error.message)
+    except SourceUnavailableError:  # no fault of this file's: the run stops
+        raise
     except Exception as error:  # a reader bug or an odd file must not end the run
         return Failure(found.path, "read", DECODE_ERROR, f"{type(error).__name__}: {error}")
 

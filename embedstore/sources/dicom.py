@@ -19,7 +19,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import pydicom
 from pydicom import config
@@ -148,11 +148,18 @@ def read_header(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomHeader:
 
 def _read_header_with_pydicom(path: str, max_pixels: int) -> DicomHeader:
     ds = parse_dicom(path, header_only=True)
+    return header_of_dataset(path, ds, max_pixels,
+                             has_pixels=lambda: any(keyword in parse_dicom(path) for keyword in PIXEL_KEYWORDS))
+
+
+def header_of_dataset(path: str, ds: Dataset, max_pixels: int, has_pixels: Callable[[], bool]) -> DicomHeader:
+    """The header facts of a dataset read without its pixel data (from a file, or a DICOMweb
+    server's metadata); `has_pixels()` says, when Rows or Columns are missing, whether it has an image."""
     if sop_class_has_no_image(ds):
         name = getattr(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID"), "name", "object")
         raise InputError(NO_PIXEL_DATA, f"{name} holds no image")
     if "Rows" not in ds or "Columns" not in ds:
-        if any(keyword in parse_dicom(path) for keyword in PIXEL_KEYWORDS):  # rare: worth a full read
+        if has_pixels():  # rare: worth a full read
             raise InputError(INVALID_HEADER, "pixel data without Rows/Columns: the image cannot be laid out")
         raise InputError(NO_PIXEL_DATA, f"{ds.get('Modality') or 'DICOM object'} without an image (no Rows/Columns)")
     if "SOPInstanceUID" not in ds:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from embedstore.errors import BROKEN_LINK, EMPTY_FILE, NOT_A_FILE, UNREADABLE, UsageError
+from embedstore.sources.dicomweb import DicomwebSource, check_source, dicomweb_source, is_dicomweb
 from embedstore.sources.records import Failure
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -27,12 +28,15 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 # checked for the DICOM magic bytes (PACS exports often have no suffix at all).
 NEVER_IMAGES = {"DICOMDIR"}
 
+Source = Path | DicomwebSource  # a folder or file, or a DICOMweb service
+
 
 @dataclass(frozen=True)
 class FoundFile:
     kind: str  # "dicom" | "nifti" | "raster"
-    path: str
+    path: str  # a file, or a DICOMweb instance (sources/dicomweb.py)
     size: int = 0  # bytes, and modification time: what a rerun compares to read only changed files
+    # (0 for a DICOMweb instance: a SOP instance never changes under its UID)
     mtime_ns: int = 0
 
 
@@ -66,16 +70,25 @@ def has_dicom_magic(path: Path) -> bool:
         return handle.read(132)[128:132] == b"DICM"
 
 
-def check_sources(sources: list[str | Path]) -> list[Path]:
-    """Absolute source paths; UsageError for one that does not exist."""
+def check_sources(sources: list[str | Path], query: str | None = None) -> list[Source]:
+    """Absolute source paths and DICOMweb sources (each asked once, so that an unreachable server
+    or refused credentials stop the run before anything is written); UsageError for a path that
+    does not exist."""
     if not sources:
         raise UsageError("no source paths given")
-    resolved = []
+    resolved: list[Source] = []
     for source in sources:
+        if isinstance(source, str) and is_dicomweb(source):
+            remote = dicomweb_source(source, query)
+            check_source(remote)
+            resolved.append(remote)
+            continue
         path = Path(source)
         if not path.exists():
             raise UsageError(f"source path {source} does not exist")
         resolved.append(path.resolve())
+    if query and not any(isinstance(source, DicomwebSource) for source in resolved):
+        raise UsageError("--query narrows a DICOMweb source (dicomweb+http://...); no source is one")
     return resolved
 
 
@@ -105,9 +118,17 @@ def discover(sources: list[Path]) -> tuple[list[FoundFile], list[Failure]]:
     return found, failures
 
 
-def iter_found(sources: list[Path]) -> Iterator[FoundFile | Failure]:
+def iter_found(sources: list[Source]) -> Iterator[FoundFile | Failure]:
     """`discover` as a stream, in the same order: nothing is held per file, so an archive of any
-    size is listed in constant memory."""
+    size is listed in constant memory. A DICOMweb source's instances come after the folders."""
+    folders = [source for source in sources if isinstance(source, Path)]
+    yield from _found_files(folders)
+    for source in sources:
+        if isinstance(source, DicomwebSource):
+            yield from (FoundFile("dicom", path) for path in source.instances())
+
+
+def _found_files(sources: list[Path]) -> Iterator[FoundFile | Failure]:
     for entry in _walk(sources):
         if isinstance(entry, Failure):
             yield entry
