@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pydicom
@@ -86,6 +87,23 @@ def test_a_pacs_ingest_equals_the_folder_ingest_and_a_rerun_downloads_nothing(pa
     assert again.n_embedded == 0 and again.catalog["files_read"] == 0
     assert server.retrievals() == before
 
+    # read-back: the service's thumbnails come from the PACS, the same pixels as from the files
+    key = next(row["key"] for row in items_of(tmp_path / "pacs") if row["modality"] == "CT")
+    url = f"/thumbnails/{quote(key, safe='')}.png"
+    from_files = thumbnail_client(tmp_path / "folder", tmp_path / "cache-folder").get(url)
+    from_server = thumbnail_client(tmp_path / "pacs", tmp_path / "cache-pacs").get(url)
+    assert from_server.status_code == from_files.status_code == 200
+    assert from_server.content == from_files.content
+    assert server.retrievals() == before + 1
+
+
+def thumbnail_client(store_path: Path, cache: Path):
+    from fastapi.testclient import TestClient
+
+    from embedstore.serve.app import ServeSettings, create_app
+
+    return TestClient(create_app(ServeSettings(store_path, cache_folder=cache)))
+
 
 def test_a_query_narrows_the_ingest_to_its_series(pacs, tmp_path):
     server, _ = pacs
@@ -158,6 +176,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_a_server_that_dies_mid_ingest_stops_the_run_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
     archive = tmp_path / "archive"
     # Six series of 60: a first work unit of five (UNIT_SLICES 256), committed before the server goes.
