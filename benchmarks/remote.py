@@ -68,7 +68,7 @@ def main() -> None:
     with Orthanc(scratch / "orthanc") as pacs:
         pacs.upload(paths)
         for workers in args.workers:
-            disk, remote, stages = [], [], []
+            disk, remote = [], []
             for repeat in range(args.repeats):
                 disk.append(embedstore_ingest(str(archive), scratch / f"disk-{workers}-{repeat}", workers, args))
                 remote.append(embedstore_ingest(pacs.dicomweb, scratch / f"pacs-{workers}-{repeat}", workers, args))

@@ -50,7 +50,7 @@ HELP_FIXES = [
      "core. --header-batch <int> Files per header-reading task. Default: 256 locally, 2048 on Ray."),
     # issue 25: a PACS's DICOMweb service as a source
     ("ingest", "SRC... Files or directories (searched recursively).", "SRC... Files or directories (searched "
-     "recursively), or a PACS's DICOMweb service: dicomweb+http(s)://HOST/PATH."),
+     "recursively), a PACS's DICOMweb service (dicomweb+http(s)://HOST/PATH) or a bucket (s3://BUCKET/PREFIX)."),
     ("ingest", "Default: one per GPU, else one.", "Default: one per GPU, else one. " + "--query <str> QIDO filters for DICOMweb sources, KEYWORD=VALUE&... (e.g. 'ModalitiesInStudy=CT&St udyDate=20240101-20241231'; series attributes such as Modality narrow the series). --token <str> Bearer token for DICOMweb sources (or set EMBEDSTORE_DICOMWEB_TOKEN; basic auth: EMBEDSTORE_DICOMWEB_USER and EMBEDSTORE_DICOMWEB_PASSWORD). Never stored."),
 ]
 

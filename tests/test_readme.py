@@ -39,6 +39,10 @@ SKIPPED = {
     "curl -LO https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth": "network: a download",
     "embedstore ingest /data/archive --store /data/store --model dinov2_vitb14 --weights dinov2_vitb14_pretrain.pth":
         "network: the checkpoint the curl line downloads",
+    'embedstore ingest dicomweb+https://pacs.example.org/dicom-web --store /data/store --query '
+    '"ModalitiesInStudy=CT&StudyDate=20240101-20241231"': "network: a PACS (tests/test_dicomweb.py runs one)",
+    "embedstore ingest s3://bucket/archive/ --store /data/store": "network: a bucket (tests/test_object_sources.py "
+                                                                  "runs an S3 server)",
 }
 DEMO = "embedstore demo --store embedstore-demo"
 

@@ -17,8 +17,8 @@ from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 HEADER_WORKERS = typer.Option(None, help="Processes reading headers (Ray: tasks at once); 0 reads in this process. "
                               "Default: every core.")
 HEADER_BATCH = typer.Option(None, help="Files per header-reading task. Default: 256 locally, 2048 on Ray.")
-SOURCES = typer.Argument(..., metavar="SRC...", help="Files or directories (searched recursively), or a PACS's "
-                         "DICOMweb service: dicomweb+http(s)://HOST/PATH.")
+SOURCES = typer.Argument(..., metavar="SRC...", help="Files or directories (searched recursively), a PACS's "
+                         "DICOMweb service (dicomweb+http(s)://HOST/PATH) or a bucket (s3://BUCKET/PREFIX).")
 QUERY = typer.Option(None, help="QIDO filters for DICOMweb sources, KEYWORD=VALUE&... (e.g. "
                      "'ModalitiesInStudy=CT&StudyDate=20240101-20241231'; series attributes such as Modality "
                      "narrow the series).")

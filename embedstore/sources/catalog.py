@@ -21,6 +21,7 @@ from embedstore.errors import DECODE_ERROR, InputError, SourceUnavailableError, 
 from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
 from embedstore.sources.dicom import DicomHeader, read_header
 from embedstore.sources.dicomweb import is_dicomweb, read_remote_header
+from embedstore.sources.objects import is_object, read_object_header, scanned_object
 from embedstore.sources.discover import FoundFile
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.nifti import NiftiLayout, nifti_layout, volume_items
@@ -74,6 +75,10 @@ def scan_file(found: FoundFile, axis: str = "axial",
 
 def _read_facts(found: FoundFile, axis: str, max_pixels: int) -> DicomHeader | NiftiLayout | RasterLayout | Failure:
     try:
+        if is_object(found.path):
+            if found.kind == "dicom":
+                return read_object_header(found, max_pixels)
+            return scanned_object(found, lambda local: _read_facts(local, axis, max_pixels))
         if found.kind == "dicom":
             if is_dicomweb(found.path):
                 return read_remote_header(found.path, max_pixels)

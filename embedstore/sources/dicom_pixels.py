@@ -26,7 +26,6 @@ from embedstore.errors import (
     InputError,
 )
 from embedstore.sources.dicom import PIXEL_KEYWORDS, parse_dicom
-from embedstore.sources.dicomweb import is_dicomweb, retrieved
 
 try:  # GDCM prints its own diagnostics to stderr; a failure row says what matters
     import gdcm
@@ -57,15 +56,11 @@ class DicomPixels:
 
 
 def read_dicom_pixels(path: str, frames: list[int], apply_voi_lut: bool = False) -> DicomPixels:
-    """The requested frames of one file (or DICOMweb instance); InputError with a specific reason
-    when that is impossible.
+    """The requested frames of one file; InputError with a specific reason when that is impossible.
 
     With `apply_voi_lut`, a VOI LUT Sequence in the file (common in X-ray) is applied here, since
     it is not a window the preprocessing could apply later.
     """
-    if is_dicomweb(path):
-        with retrieved(path) as local:
-            return read_dicom_pixels(local, frames, apply_voi_lut)
     ds = parse_dicom(path, stage="decode")
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         if "Rows" in ds:

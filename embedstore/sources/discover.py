@@ -16,11 +16,14 @@ import stat
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Union
 
 from embedstore.errors import BROKEN_LINK, EMPTY_FILE, NOT_A_FILE, UNREADABLE, UsageError
 from embedstore.sources.dicomweb import DicomwebSource, check_source, dicomweb_source, is_dicomweb
 from embedstore.sources.records import Failure
+
+if TYPE_CHECKING:
+    from embedstore.sources.objects import BucketSource
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
@@ -28,13 +31,13 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 # checked for the DICOM magic bytes (PACS exports often have no suffix at all).
 NEVER_IMAGES = {"DICOMDIR"}
 
-Source = Path | DicomwebSource  # a folder or file, or a DICOMweb service
+Source = Union[Path, DicomwebSource, "BucketSource"]  # a folder or file, a DICOMweb service, a bucket
 
 
 @dataclass(frozen=True)
 class FoundFile:
     kind: str  # "dicom" | "nifti" | "raster"
-    path: str  # a file, or a DICOMweb instance (sources/dicomweb.py)
+    path: str  # a file, a DICOMweb instance (sources/dicomweb.py) or an object (sources/objects.py)
     size: int = 0  # bytes, and modification time: what a rerun compares to read only changed files
     # (0 for a DICOMweb instance: a SOP instance never changes under its UID)
     mtime_ns: int = 0
@@ -63,17 +66,20 @@ def file_kind(path: Path) -> str | None:
     return "dicom" if has_dicom_magic(path) else None
 
 
+DICOM_MAGIC_OFFSET = 128  # "DICM" follows the preamble
+
+
 def has_dicom_magic(path: Path) -> bool:
     """Whether the file starts with DICOM's preamble; OSError when it cannot be read. Only for
     regular files: opening a FIFO would block."""
     with open(path, "rb") as handle:
-        return handle.read(132)[128:132] == b"DICM"
+        return handle.read(DICOM_MAGIC_OFFSET + 4)[DICOM_MAGIC_OFFSET:] == b"DICM"
 
 
 def check_sources(sources: list[str | Path], query: str | None = None) -> list[Source]:
-    """Absolute source paths and DICOMweb sources (each asked once, so that an unreachable server
-    or refused credentials stop the run before anything is written); UsageError for a path that
-    does not exist."""
+    """Absolute source paths, DICOMweb services and buckets (each asked once, so that an unreachable
+    server or refused credentials stop the run before anything is written); UsageError for a path
+    that does not exist."""
     if not sources:
         raise UsageError("no source paths given")
     resolved: list[Source] = []
@@ -82,6 +88,13 @@ def check_sources(sources: list[str | Path], query: str | None = None) -> list[S
             remote = dicomweb_source(source, query)
             check_source(remote)
             resolved.append(remote)
+            continue
+        if isinstance(source, str) and source.startswith("s3://"):
+            from embedstore.sources import objects  # here: it imports this module
+
+            bucket = objects.bucket_source(source)
+            objects.check_source(bucket)
+            resolved.append(bucket)
             continue
         path = Path(source)
         if not path.exists():
@@ -126,6 +139,8 @@ def iter_found(sources: list[Source]) -> Iterator[FoundFile | Failure]:
     for source in sources:
         if isinstance(source, DicomwebSource):
             yield from (FoundFile("dicom", path) for path in source.instances())
+        elif not isinstance(source, Path):
+            yield from source.objects()
 
 
 def _found_files(sources: list[Path]) -> Iterator[FoundFile | Failure]:

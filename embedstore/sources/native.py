@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from embedstore.sources.dicom_pixels import read_dicom_pixels
+from embedstore.sources.dicomweb import is_dicomweb, retrieved
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.nifti import read_nifti_slices
+from embedstore.sources.objects import downloaded, is_object
 from embedstore.sources.raster import read_raster
 from embedstore.sources.records import NativeSlices, ReadTask
 
 
 def read_native(task: ReadTask, apply_voi_lut: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> NativeSlices:
     """The task's slices in native units (the file read once), in the order of task.items; the
-    modality as the items state it (DICOM, or declared), else as inferred (NIfTI)."""
+    modality as the items state it (DICOM, or declared), else as inferred (NIfTI). A DICOMweb
+    instance or an object in a bucket is fetched to a temporary file first."""
+    with readable(task.path) as path:
+        return _read_native(task, path, apply_voi_lut, max_pixels)
+
+
+@contextmanager
+def readable(path: str) -> Iterator[str]:
+    """A local file with the contents `path` names, for the time of the `with`."""
+    if is_dicomweb(path):
+        with retrieved(path) as local:
+            yield local
+    elif is_object(path):
+        with downloaded(path) as local:
+            yield local
+    else:
+        yield path
+
+
+def _read_native(task: ReadTask, path: str, apply_voi_lut: bool, max_pixels: int) -> NativeSlices:
     frames = [item.frame for item in task.items]
     first = task.items[0]
     if task.kind == "dicom":
-        read = read_dicom_pixels(task.path, frames, apply_voi_lut)
+        read = read_dicom_pixels(path, frames, apply_voi_lut)
         return NativeSlices(read.pixels, first.modality, read.windows, read.monochrome1, first.body_part,
                             read.voi_lut_applied)
     if task.kind == "nifti":
-        volume, modality = read_nifti_slices(task.path, task.axis, first.modality)
+        volume, modality = read_nifti_slices(path, task.axis, first.modality)
         return NativeSlices(volume[frames], modality)
-    return NativeSlices(read_raster(task.path, frames, max_pixels), first.modality)
+    return NativeSlices(read_raster(path, frames, max_pixels), first.modality)
