@@ -2,14 +2,16 @@
 
 Work goes out in chunks of a few files (small files would otherwise cost more in messaging than
 in decoding) with a bounded number of chunks in flight, so memory stays flat however large the
-archive. Results come back in submission order. `workers=0` decodes inline, for tiny jobs and tests.
+archive. Results come back in submission order. `workers=0` decodes inline, for tiny jobs and tests
+(a PACS's instances and a bucket's objects fetched ahead in a few threads: their time is the network's).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import Counter, deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -18,12 +20,15 @@ from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, 
 from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
 from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
 from embedstore.sources.dicom import parse_dicom
+from embedstore.sources.native import FETCHES, fetch, is_remote
 from embedstore.sources.records import Failure, ReadTask
 
 T = TypeVar("T")
 
 CHUNK_SLICES = 8  # files are grouped until a chunk holds this many slices
 CHUNKS_IN_FLIGHT_PER_WORKER = 4
+REMOTE_CHUNKS_AHEAD = 4  # inline decoding of a PACS or a bucket: chunks fetched ahead, in threads
+REMOTE_FETCHES = 8  # fetches at once
 
 
 def _init_worker() -> None:
@@ -99,6 +104,7 @@ class DecodePool:
         self.settings = settings
         self.stage_seconds: Counter = Counter()  # read_decode and preprocess, summed over workers
         self._executor: ProcessPoolExecutor | None = None
+        self._threads: ThreadPoolExecutor | None = None  # inline retrievals of remote sources
 
     def __enter__(self) -> "DecodePool":
         if self.workers:
@@ -109,6 +115,13 @@ class DecodePool:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+            self._threads = None
+            for path, ahead in list(FETCHES.items()):  # fetched for a run that stopped: not to be read
+                del FETCHES[path]
+                if not ahead.cancelled() and ahead.exception() is None:
+                    os.unlink(ahead.result())
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -123,10 +136,7 @@ class DecodePool:
     def decode(self, tasks: Iterable[ReadTask]) -> Iterator[tuple[ReadTask, DecodedFile | list[Failure]]]:
         chunks = chunk_tasks(tasks)
         if self.workers == 0:
-            for chunk in chunks:
-                results = decode_chunk(chunk, self.settings)
-                self._account(results)
-                yield from zip(chunk, results)
+            yield from self._decode_here(chunks)
             return
         in_flight: deque[tuple[list[ReadTask], Future]] = deque()
         limit = self.workers * CHUNKS_IN_FLIGHT_PER_WORKER
@@ -136,6 +146,33 @@ class DecodePool:
                 yield from self._collect(*in_flight.popleft())
         while in_flight:
             yield from self._collect(*in_flight.popleft())
+
+    def _decode_here(self, chunks: Iterable[list[ReadTask]]) -> Iterator[tuple[ReadTask, DecodedFile | list[Failure]]]:
+        """Inline decoding, chunk by chunk. A PACS's instances and a bucket's objects (their time is
+        the network's) are fetched ahead in threads, REMOTE_CHUNKS_AHEAD chunks ahead; decoding stays
+        in this thread (the codecs' output is caught by redirecting this process's descriptors)."""
+        waiting: deque[list[ReadTask]] = deque()
+        for chunk in chunks:
+            remote = is_remote(chunk[0].path)
+            if remote:
+                self._fetch_ahead(chunk)
+            waiting.append(chunk)
+            # fetched chunks wait while the next ones are fetched; a file's chunk is decoded at once
+            while len(waiting) > (REMOTE_CHUNKS_AHEAD - 1 if remote else 0):
+                yield from self._decode_inline(waiting.popleft())
+        while waiting:
+            yield from self._decode_inline(waiting.popleft())
+
+    def _fetch_ahead(self, chunk: list[ReadTask]) -> None:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(REMOTE_FETCHES, thread_name_prefix="fetch")
+        for task in chunk:
+            FETCHES[task.path] = self._threads.submit(fetch, task.path)
+
+    def _decode_inline(self, chunk: list[ReadTask]) -> Iterator[tuple[ReadTask, DecodedFile | list[Failure]]]:
+        results = decode_chunk(chunk, self.settings)
+        self._account(results)
+        return zip(chunk, results)
 
     def _submit(self, chunk: list[ReadTask]) -> Future:
         try:

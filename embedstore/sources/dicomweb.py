@@ -181,10 +181,9 @@ def read_remote_header(path: str, max_pixels: int) -> DicomHeader:
     return header_of_dataset(path, ds, max_pixels, has_pixels=lambda: has_pixels)
 
 
-@contextmanager
-def retrieved(path: str) -> Iterator[str]:
-    """A local file holding the instance as the server stores it (its transfer syntax), for the
-    time of the `with`: the readers and codecs get a file as from a folder."""
+def retrieve(path: str) -> str:
+    """A temporary file holding the instance as the server stores it (its transfer syntax), for the
+    readers and codecs to decode as a file from a folder; the caller removes it."""
     url, study, series, sop = split_instance_path(path)
     try:
         ds = client_for(url).retrieve_instance(study, series, sop)
@@ -196,11 +195,8 @@ def retrieved(path: str) -> Iterator[str]:
         raise InputError(RETRIEVE_FAILED, f"WADO-RS answer is not a DICOM instance: {error}", "decode") from None
     handle, local = tempfile.mkstemp(suffix=".dcm", prefix="embedstore-wado-")
     os.close(handle)
-    try:
-        ds.save_as(local, enforce_file_format=True)
-        yield local
-    finally:
-        os.unlink(local)
+    ds.save_as(local, enforce_file_format=True)
+    return local
 
 
 @lru_cache(maxsize=4)  # a series' instances come in consecutive chunks: one fetch per series and process

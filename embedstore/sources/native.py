@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Iterator
 
 from embedstore.sources.dicom_pixels import read_dicom_pixels
-from embedstore.sources.dicomweb import is_dicomweb, retrieved
+from embedstore.sources.dicomweb import is_dicomweb, retrieve
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.nifti import read_nifti_slices
-from embedstore.sources.objects import downloaded, is_object
+from embedstore.sources.objects import download, is_object
 from embedstore.sources.raster import read_raster
 from embedstore.sources.records import NativeSlices, ReadTask
 
@@ -22,17 +24,33 @@ def read_native(task: ReadTask, apply_voi_lut: bool = False, max_pixels: int = D
         return _read_native(task, path, apply_voi_lut, max_pixels)
 
 
+def is_remote(path: str) -> bool:
+    """A PACS instance or a bucket object: reading it waits on the network."""
+    return is_dicomweb(path) or is_object(path)
+
+
+def fetch(path: str) -> str:
+    """A temporary file holding a PACS instance or a bucket object; the caller removes it."""
+    return retrieve(path) if is_dicomweb(path) else download(path)
+
+
+# Remote files being fetched ahead (DecodePool), by path: `readable` takes a fetch from here, or its
+# error (a failure of that file, or the source gone), instead of fetching itself.
+FETCHES: dict[str, Future] = {}
+
+
 @contextmanager
 def readable(path: str) -> Iterator[str]:
     """A local file with the contents `path` names, for the time of the `with`."""
-    if is_dicomweb(path):
-        with retrieved(path) as local:
-            yield local
-    elif is_object(path):
-        with downloaded(path) as local:
-            yield local
-    else:
+    if not is_remote(path):
         yield path
+        return
+    ahead = FETCHES.pop(path, None)
+    local = ahead.result() if ahead is not None else fetch(path)
+    try:
+        yield local
+    finally:
+        os.unlink(local)
 
 
 def _read_native(task: ReadTask, path: str, apply_voi_lut: bool, max_pixels: int) -> NativeSlices:

@@ -105,23 +105,30 @@ def read_object_header(found: FoundFile, max_pixels: int) -> DicomHeader:
         except InputError as error:
             if error.reason != TRUNCATED or found.size <= HEADER_BYTES:
                 raise
-    with downloaded(found.path) as local:  # a header longer than the range: read the object whole
+    local = download(found.path)  # a header longer than the range: read the object whole
+    try:
         return replace(read_header(local, max_pixels), path=found.path)
+    finally:
+        os.unlink(local)
 
 
-@contextmanager
-def downloaded(path: str) -> Iterator[str]:
-    """A local file holding the object for the time of the `with`."""
+def download(path: str) -> str:
+    """A temporary file holding the object, for the readers and codecs; the caller removes it."""
     bucket, key = split(path)
     data = _get(store_for(bucket), path, key)
-    with _temporary(data, suffix=_suffix(key)) as local:
-        yield local
+    handle, local = tempfile.mkstemp(suffix=_suffix(key), prefix="embedstore-object-")
+    with os.fdopen(handle, "wb") as out:
+        out.write(data)
+    return local
 
 
 def scanned_object(found: FoundFile, scan) -> object:
     """`scan(local FoundFile)` of a NIfTI or raster object downloaded whole, its path made the object's."""
-    with downloaded(found.path) as local:
+    local = download(found.path)
+    try:
         scanned = scan(FoundFile(found.kind, local, found.size, found.mtime_ns))
+    finally:
+        os.unlink(local)
     if isinstance(scanned, Failure):
         return replace(scanned, path=found.path, message=scanned.message.replace(local, found.path))
     return replace(scanned, path=found.path)
