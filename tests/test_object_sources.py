@@ -124,3 +124,19 @@ def test_bad_bucket_requests_are_one_line_and_write_nothing(s3_environment, tmp_
                                 monkeypatch, capsys)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not store_path.exists()
+
+
+def test_an_instance_in_a_folder_and_a_bucket_is_one_item(s3_environment, tmp_path):
+    server = s3_environment
+    server.make_bucket("copies")
+    paths = samples.write_ct_series(tmp_path / "folder", n_slices=3, size=64, seed=12)
+    for path in paths:
+        server.put("copies", f"series/{path.name}", path.read_bytes())
+    from embedstore.pipeline.ingest import ingest
+
+    summary = ingest([tmp_path / "folder", "s3://copies/series"], tmp_path / "store",
+                     ingest_options(keep_patches=False, header_workers=0))
+    assert summary.n_embedded == 3
+    duplicates = Store.open(tmp_path / "store").rows("failures", "reason = 'duplicate_instance'",
+                                                       ["path"]).column("path").to_pylist()
+    assert sorted(duplicates) == sorted(f"s3://copies/series/{path.name}" for path in paths)

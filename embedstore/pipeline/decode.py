@@ -20,7 +20,7 @@ from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, 
 from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
 from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
 from embedstore.sources.dicom import parse_dicom
-from embedstore.sources.native import FETCHES, fetch, is_remote
+from embedstore.sources.native import FETCHES, fetch, is_remote, readable
 from embedstore.sources.records import Failure, ReadTask
 
 T = TypeVar("T")
@@ -76,9 +76,14 @@ def _attempt(read: Callable[[], T], path: str) -> tuple[T | Failure, CodecOutput
 def _unused_copy(path: str, sop_uid: str, used: str) -> Failure:
     """A copy of an instance that was embedded from another file: a duplicate if it parses, else
     what is wrong with it (a copy cut short is `truncated`, never a duplicate)."""
-    parsed, _ = _attempt(partial(parse_dicom, path), path)
+    parsed, _ = _attempt(partial(_parse_copy, path), path)
     return parsed if isinstance(parsed, Failure) else \
         Failure(path, "read", DUPLICATE_INSTANCE, f"SOP instance {sop_uid} is embedded from {used}")
+
+
+def _parse_copy(path: str) -> None:
+    with readable(path) as local:  # a copy in a PACS or a bucket is fetched to be parsed
+        parse_dicom(local)
 
 
 def decode_chunk(tasks: list[ReadTask], settings: DecodeSettings) -> list:
