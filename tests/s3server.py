@@ -1,11 +1,11 @@
-"""An S3-protocol server for the tests: moto's server mode (PyPI `moto[server]`) on a free loopback
+"""An S3-protocol server for the tests: moto's server mode (PyPI `moto[s3]` with flask) on a free loopback
 port, started and stopped by the tests; the code under test talks to it with its real clients, told
 where through the standard AWS environment variables."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,13 +19,14 @@ from tests.orthanc import free_port
 START_TIMEOUT_S = 30
 
 
-def moto_server() -> str | None:
-    found = Path(sys.executable).parent / "moto_server"
-    return str(found) if found.exists() else shutil.which("moto_server")
+def s3_server_missing() -> str | None:
+    """Why moto's server cannot run here, or None."""
+    missing = [name for name in ("moto", "flask", "flask_cors") if importlib.util.find_spec(name) is None]
+    return f"{', '.join(missing)} not installed" if missing else None
 
 
-needs_s3_server = pytest.mark.skipif(moto_server() is None, reason="moto's S3 server is not installed "
-                                     "(pip install 'moto[server]', part of the dev extra)")
+needs_s3_server = pytest.mark.skipif(s3_server_missing() is not None, reason="moto's S3 server is not installed "
+                                     "(pip install 'moto[s3]' flask flask-cors, part of the dev extra)")
 
 
 class S3Server:
@@ -48,8 +49,8 @@ class S3Server:
     def __enter__(self) -> "S3Server":
         self.folder.mkdir(parents=True, exist_ok=True)
         with (self.folder / "moto.log").open("a") as log:
-            self.process = subprocess.Popen([moto_server(), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                             str(self.port)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.folder / "moto.log").read_text()[-2000:]

@@ -179,8 +179,8 @@ main()
 @pytest.mark.slow
 def test_a_server_that_dies_mid_ingest_stops_the_run_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
     archive = tmp_path / "archive"
-    # Six series of 60: a first work unit of five (UNIT_SLICES 256), committed before the server goes.
-    paths = [p for s in range(6) for p in samples.write_ct_series(archive / f"s{s}", n_slices=60, size=64, seed=s)]
+    # Six series of 52: a first work unit of five (260 >= UNIT_SLICES 256), committed before the server goes.
+    paths = [p for s in range(6) for p in samples.write_ct_series(archive / f"s{s}", n_slices=52, size=64, seed=s)]
     store_path = tmp_path / "store"
     server = Orthanc(tmp_path / "orthanc").start()
     try:
@@ -188,7 +188,7 @@ def test_a_server_that_dies_mid_ingest_stops_the_run_and_a_rerun_finishes(tmp_pa
         ingest = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(size=TEST_IMAGE_SIZE), server.dicomweb,
                                    str(store_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
-        while server.retrievals() < 320 and time.monotonic() < deadline and ingest.poll() is None:
+        while server.retrievals() < 270 and time.monotonic() < deadline and ingest.poll() is None:
             time.sleep(0.05)
         server.stop()
         _, err = ingest.communicate(timeout=120)
@@ -200,7 +200,7 @@ def test_a_server_that_dies_mid_ingest_stops_the_run_and_a_rerun_finishes(tmp_pa
     finally:
         server.stop()
     keys = Store.open(store_path).rows("items", columns=["key"]).column("key").to_pylist()
-    assert len(keys) == len(set(keys)) == 360
-    assert 0 < summary.n_embedded < 360
+    assert len(keys) == len(set(keys)) == 312
+    assert 0 < summary.n_embedded < 312
     code, out, _ = run_cli_here(["check", str(store_path), "--json"], monkeypatch, capsys)
     assert code == 0 and json.loads(out)["clean"]

@@ -34,8 +34,6 @@ import requests.auth
 from retrying import RetryError
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset, FileMetaDataset
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from embedstore.errors import RETRIEVE_FAILED, InputError, SourceUnavailableError, UsageError
 from embedstore.sources.dicom import DicomHeader, header_of_dataset
@@ -212,18 +210,14 @@ def _series_metadata(url: str, study: str, series: str) -> dict[str, dict]:
 
 @lru_cache(maxsize=8)
 def client_for(url: str, retries: int = RETRIES):
-    """A client for one service, its session retrying refused connections and timeouts (urllib3)
-    and 5xx answers (dicomweb-client) `retries` times, credentials from the environment."""
+    """A client for one service, retrying a request `retries` times with exponential backoff on
+    refused connections, timeouts and 408/429/5xx answers, credentials from the environment."""
     from dicomweb_client import DICOMwebClient  # here: `embedstore --help` need not import it
 
     for name in ("retrying", "dicomweb_client"):  # each retry is a warning: on the terminal, noise; failures say it
         logging.getLogger(name).setLevel(logging.ERROR)
 
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=Retry(total=retries, connect=retries, read=retries, status=0,
-                                            backoff_factor=BACKOFF_S, allowed_methods=["GET"]))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
     session.auth = EnvironmentCredentials()
     client = DICOMwebClient(url, session=session, timeout=TIMEOUT_S)
     client.set_http_retry_params(retry=retries > 0, max_attempts=retries + 1,
