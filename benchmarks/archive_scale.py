@@ -108,31 +108,16 @@ def slice_pixels(seed: int = 0) -> list[bytes]:
 
 
 def template_dataset(values: dict[str, str], pixels: bytes):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from embedstore import samples
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.StudyTime, ds.SeriesTime = "101500", "101700"
-    ds.Modality, ds.Manufacturer, ds.StudyDescription = "CT", "embedstore", "CT GENERATED"
+    ds = samples.scanner_ct_header(SIZE)
+    ds.SeriesTime, ds.StudyDescription = "101700", "CT GENERATED"
     ds.PatientName, ds.PatientSex = "Anonymous^Patient", "O"
     ds.KVP, ds.SliceThickness = "120", SPACING_MM
     ds.StudyID = "1"
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.Rows = ds.Columns = SIZE
     ds.PixelSpacing = [0.7, 0.7]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 40, 400
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
     for keyword, value in values.items():
-        setattr(meta if keyword.startswith("MediaStorage") else ds, keyword, value)
+        setattr(ds.file_meta if keyword.startswith("MediaStorage") else ds, keyword, value)
     ds.PixelData = pixels
     return ds
 

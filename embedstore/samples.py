@@ -76,6 +76,27 @@ def ct_series_hu(n_slices: int, size: int, seed: int) -> np.ndarray:
     return np.stack(slices)
 
 
+def scanner_ct_header(size: int, syntax: str = ExplicitVRLittleEndian) -> Dataset:
+    """The header a CT scanner writes for a uint16 slice of size x size, without identity, dates,
+    position or pixels (the benchmarks and header tests fill those in)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.StudyTime, ds.Modality, ds.Manufacturer = "101500", "CT", "embedstore"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    return ds
+
+
 def write_ct_series(directory: Path, n_slices: int = 8, size: int = 64, seed: int = 0,
                     patient_id: str = "PAT-CT", patient_name: str = "Doe^Jane",
                     slope: float = 1.0, intercept: float = -1024.0, spacing: float = 2.5,

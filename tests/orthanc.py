@@ -136,7 +136,7 @@ class RefusingProxy:
                 self.wfile.write(answer.content)
 
             def log_message(self, *args):
-                pass
+                """Quiet: http.server would log every request on stderr."""
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

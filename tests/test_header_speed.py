@@ -19,8 +19,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from embedstore import samples
 from embedstore.errors import InputError
@@ -36,31 +36,18 @@ def write_ct_files(directory: Path, n: int, syntax: str = ExplicitVRLittleEndian
     """n 32 x 32 uint16 CT slices of one series, with the header a scanner writes (UIDs, geometry,
     rescale, window, dates, descriptions)."""
     directory.mkdir(parents=True, exist_ok=True)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.StudyDate, ds.StudyTime, ds.Modality, ds.Manufacturer = "20240131", "101500", "CT", "embedstore"
+    ds = samples.scanner_ct_header(32, syntax)
+    ds.StudyDate = "20240131"
     ds.StudyDescription, ds.SeriesDescription = "Thorax", "Thorax 1.0 B30f"
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Doe^Jane", "PAT-0042", "19700101", "F"
     ds.BodyPartExamined, ds.SliceThickness, ds.KVP = "CHEST", 1.0, 120
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SeriesNumber, ds.FrameOfReferenceUID = 3, generate_uid()
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows = ds.Columns = 32
     ds.PixelSpacing = [0.703125, 0.703125]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 40, 400
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
     ds.PixelData = np.arange(32 * 32, dtype=np.uint16).tobytes()
     paths = []
     for index in range(n):
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = index + 1
         ds.ImagePositionPatient = [-175.0, -180.5, round(-300.0 + index * 1.25, 2)]
         ds.SliceLocation = ds.ImagePositionPatient[2]
