@@ -115,11 +115,7 @@ def read_object_header(found: FoundFile, max_pixels: int) -> DicomHeader:
 def download(path: str) -> str:
     """A temporary file holding the object, for the readers and codecs; the caller removes it."""
     bucket, key = split(path)
-    data = _get(store_for(bucket), path, key)
-    handle, local = tempfile.mkstemp(suffix=_suffix(key), prefix="embedstore-object-")
-    with os.fdopen(handle, "wb") as out:
-        out.write(data)
-    return local
+    return _written(_get(store_for(bucket), path, key), _suffix(key))
 
 
 def scanned_object(found: FoundFile, scan) -> object:
@@ -194,12 +190,18 @@ def _dicom_magic(store, key: str) -> bool:
         return False
 
 
+def _written(data: bytes, suffix: str) -> str:
+    """A temporary file holding `data`; the caller removes it."""
+    handle, local = tempfile.mkstemp(suffix=suffix, prefix="embedstore-object-")
+    with os.fdopen(handle, "wb") as out:
+        out.write(data)
+    return local
+
+
 @contextmanager
 def _temporary(data: bytes, suffix: str = ".dcm") -> Iterator[str]:
-    handle, local = tempfile.mkstemp(suffix=suffix, prefix="embedstore-object-")
+    local = _written(data, suffix)
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
         yield local
     finally:
         os.unlink(local)
