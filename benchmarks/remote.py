@@ -10,9 +10,14 @@ instances, so they are the retrieval concurrency). Prints slices/s of both (the 
 --json figures, counted after the model is loaded), their ratio (median of the rounds), where the
 PACS run's time goes by stage, and one JSON line.
 
-Object-storage stores (s3://) are not part of embedstore yet, so this benchmark has no S3 half.
+Then the store half: search latency on a store in S3-compatible object storage against a local store
+of the same --store-rows synthetic rows (benchmarks/synthetic.py: ViT-B width, 768), side by side in one
+process: moto's S3 server on a loopback port (tests/s3server.py), one opened store per side, the same
+--queries slice keys; p50 of exact search (every vector read from the table), then of search through
+an IVF index built by `embedstore index` on each, with the seconds the index took to build.
 
     python benchmarks/remote.py [--series 4] [--slices 64] [--size 512] [--workers 0 2] [--repeats 2]
+                                [--store-rows 100000] [--queries 20] [--skip pacs|store]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,20 +57,30 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="decode (and retrieval) processes")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--store-rows", type=int, default=100_000, help="rows of the S3 and local stores searched")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--skip", choices=["pacs", "store"], action="append", default=[])
     args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="remote-bench-"))
+    figures: dict = {"benchmark": "remote"}
+    if "pacs" not in args.skip:
+        figures["pacs"] = pacs_versus_disk(args, scratch)
+    if "store" not in args.skip:
+        figures["store"] = search_on_s3_versus_local(args, scratch)
+    print(json.dumps(figures))
 
+
+def pacs_versus_disk(args, scratch: Path) -> dict:
     from embedstore import samples
     from tests.orthanc import Orthanc, orthanc_missing
 
     if orthanc_missing():
         raise SystemExit(f"cannot run: {orthanc_missing()}")
-    scratch = Path(tempfile.mkdtemp(prefix="remote-bench-"))
     archive = scratch / "archive"
     paths = [path for series in range(args.series)
              for path in samples.write_ct_series(archive / f"s{series}", n_slices=args.slices, size=args.size,
                                                  seed=series)]
-    figures: dict = {"benchmark": "remote", "slices": len(paths), "size": args.size, "model": args.model,
-                     "image_size": args.image_size}
+    figures: dict = {"slices": len(paths), "size": args.size, "model": args.model, "image_size": args.image_size}
     with Orthanc(scratch / "orthanc") as pacs:
         pacs.upload(paths)
         for workers in args.workers:
@@ -86,7 +102,56 @@ def main() -> None:
         row = figures[f"workers_{workers}"]
         print(f"{workers:>8} {row['disk_slices_per_s']:>14,.1f} {row['pacs_slices_per_s']:>14,.1f} "
               f"{row['pacs_vs_disk']:>12.2f}")
-    print(json.dumps(figures))
+    return figures
+
+
+def search_on_s3_versus_local(args, scratch: Path) -> dict:
+    import os
+
+    import numpy as np
+
+    from synthetic import write_synthetic_store  # this folder is on the path: the script's own
+    from embedstore.search.index import build_index
+    from embedstore.search.similar import query_by_key, search
+    from embedstore.store import Store
+    from tests.s3server import S3Server, s3_server_missing
+
+    if s3_server_missing():
+        raise SystemExit(f"cannot run the store half: {s3_server_missing()}")
+    keys = [f"synthetic:{i}" for i in np.random.default_rng(1).choice(args.store_rows, args.queries, replace=False)]
+    figures: dict = {"rows": args.store_rows, "queries": args.queries}
+    with S3Server(scratch / "s3") as server:
+        os.environ.update({**server.environment, "EMBEDSTORE_CACHE": str(scratch / "cache"),
+                           "EMBEDSTORE_PATIENT_ID_KEY": os.urandom(32).hex()})
+        server.make_bucket("bench")
+        places = {"local": str(scratch / "store"), "s3": "s3://bench/store"}
+        for side, where in places.items():
+            started = time.perf_counter()
+            model_id = write_synthetic_store(where, args.store_rows, (1.0,))[0][0]
+            figures[f"{side}_write_s"] = round(time.perf_counter() - started, 1)
+
+        def p50_ms(store: Store) -> float:
+            times = []
+            for key in keys:
+                started = time.perf_counter()
+                hits = search(store, query_by_key(store, key, "cls", model_id), k=10, feature="cls")
+                times.append((time.perf_counter() - started) * 1000)
+                assert len(hits) == 10
+            return round(statistics.median(times), 1)
+
+        for plan in ("exact", "indexed"):
+            for side, where in places.items():
+                if plan == "indexed":
+                    started = time.perf_counter()
+                    build_index(Store.open(where), model_id, "cls")
+                    figures[f"{side}_index_build_s"] = round(time.perf_counter() - started, 1)
+                figures[f"{side}_{plan}_p50_ms"] = p50_ms(Store.open(where))
+            figures[f"s3_vs_local_{plan}"] = round(figures[f"s3_{plan}_p50_ms"] / figures[f"local_{plan}_p50_ms"], 2)
+    print(f"search over {args.store_rows:,} rows (768-d), {args.queries} queries, p50 ms: "
+          f"exact local {figures['local_exact_p50_ms']} / S3 {figures['s3_exact_p50_ms']} "
+          f"({figures['s3_vs_local_exact']}x); indexed local {figures['local_indexed_p50_ms']} / S3 "
+          f"{figures['s3_indexed_p50_ms']} ({figures['s3_vs_local_indexed']}x)")
+    return figures
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def check_out(out: Path, format: str, store: Path, inputs: list[Path], overwrite
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: its directory {out.parent} does not exist")
-    resolved, store = out.resolve(), store.resolve()
-    if resolved == store or resolved.is_relative_to(store):
+    resolved = out.resolve()
+    if isinstance(store, Path) and (resolved == store.resolve() or resolved.is_relative_to(store.resolve())):
         raise UsageError(f"{out} is inside the store {store}: export writes outside it")
     for file in written_files(resolved, format):
         if any(file == source.resolve() for source in inputs):

@@ -52,6 +52,12 @@ HELP_FIXES = [
     ("ingest", "SRC... Files or directories (searched recursively).", "SRC... Files or directories (searched "
      "recursively), a PACS's DICOMweb service (dicomweb+http(s)://HOST/PATH) or a bucket (s3://BUCKET/PREFIX)."),
     ("ingest", "Default: one per GPU, else one.", "Default: one per GPU, else one. " + "--query <str> QIDO filters for DICOMweb sources, KEYWORD=VALUE&... (e.g. 'ModalitiesInStudy=CT&St udyDate=20240101-20241231'; series attributes such as Modality narrow the series). --token <str> Bearer token for DICOMweb sources (or set EMBEDSTORE_DICOMWEB_TOKEN; basic auth: EMBEDSTORE_DICOMWEB_USER and EMBEDSTORE_DICOMWEB_PASSWORD). Never stored."),
+    # issue 25: stores in S3-compatible object storage
+    ("ingest", "--store <path> Store directory (created if missing).",
+     "--store <str> Store directory, or s3://BUCKET/PREFIX (created if missing)."),
+    *((command, "STORE Store directory.", "STORE Store directory, or s3://BUCKET/PREFIX.")
+      for command in ("info", "models", "failures", "search", "index", "export", "eval knn", "eval linear",
+                      "eval fewshot", "eval segment", "finetune", "report", "vacuum", "check", "serve")),
 ]
 
 

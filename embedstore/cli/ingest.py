@@ -37,7 +37,7 @@ def use_token(token: str | None) -> None:
 
 def ingest(
     sources: list[str] = SOURCES,
-    store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
+    store: str = typer.Option(..., "--store", help="Store directory, or s3://BUCKET/PREFIX (created if missing)."),
     model: list[str] = typer.Option(
         ["dinov2_vits14"], "--model", metavar="NAME", help="dinov2_vit{s,b,l,g}14[_reg] or any timm model name; "
         "repeat it to embed every slice with several models (each slice is decoded once)."),
@@ -111,7 +111,7 @@ def ingest(
 
 def catalog(
     sources: list[str] = SOURCES,
-    store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
+    store: str = typer.Option(..., "--store", help="Store directory, or s3://BUCKET/PREFIX (created if missing)."),
     axis: str = typer.Option("axial", help="NIfTI slicing axis the slices are counted along."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Most values a frame may declare; larger files are "
                                    "too_large."),

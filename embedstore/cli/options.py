@@ -11,7 +11,7 @@ import typer
 
 from embedstore.errors import UsageError
 
-StoreArgument = Annotated[Path, typer.Argument(metavar="STORE", help="Store directory.")]
+StoreArgument = Annotated[str, typer.Argument(metavar="STORE", help="Store directory, or s3://BUCKET/PREFIX.")]
 ModelIdOption = Annotated[Optional[str], typer.Option(
     "--model-id", help="The model (any unique prefix of its id), when the store holds several.")]
 FEATURE_HELP = ("cls, patch_mean, clsN (final-norm CLS of the last N blocks, concatenated), cls+patch_mean or "

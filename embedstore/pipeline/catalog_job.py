@@ -16,6 +16,7 @@ from embedstore.pipeline.progress import status
 from embedstore.sources.discover import check_sources
 from embedstore.sources.nifti import AXES
 from embedstore.store import Store, check_store_path, check_store_writable, new_run_id
+from embedstore.store.location import store_root
 from embedstore.store.privacy import AS_READ, HASHED
 
 
@@ -43,7 +44,7 @@ def catalog_archive(sources: list[str | Path], store_path: str | Path, options: 
                     keep_patient_id: bool = False, ray_address: str | None = None,
                     show_progress: bool = True, query: str | None = None) -> CatalogSummary:
     source_paths = check_sources(sources, query)
-    store_path = Path(store_path)
+    store_path = store_root(store_path)
     check_store_path(store_path, create=True)
     check_store_writable(store_path)
     check_catalog_options(options)

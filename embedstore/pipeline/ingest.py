@@ -35,6 +35,7 @@ from embedstore.sources.records import Failure
 from embedstore.store import Store, check_store_path, check_store_writable, new_run_id
 from embedstore.store.info import record_summary
 from embedstore.store.leases import LeaseBook, clear_leases
+from embedstore.store.location import store_root
 from embedstore.store.schema import slices_table_name
 from embedstore.store.series import refresh_series
 from embedstore.store.upgrade import add_item_columns
@@ -181,7 +182,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     """
     wall_started = time.perf_counter()
     source_paths = check_sources(sources, options.query)
-    store_path = Path(store_path)
+    store_path = store_root(store_path)
     check_store_path(store_path, create=True)
     check_store_writable(store_path)
     intensity, modality, device = check_options(options)

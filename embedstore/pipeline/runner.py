@@ -12,7 +12,6 @@ its item and its patches.
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -31,6 +30,7 @@ from embedstore.pipeline.progress import IngestProgress
 from embedstore.preprocess import DecodedFile
 from embedstore.sources.records import Failure, ReadTask, SliceItem
 from embedstore.store import Store, among
+from embedstore.store.location import remove_tree, store_root
 from embedstore.store.patches import PatchShardWriter
 from embedstore.store.schema import ITEMS_SCHEMA, SEARCH_COLUMNS, model_slices_schema, slices_table_name
 
@@ -79,7 +79,7 @@ class UnitRunner:
     def __init__(self, models: list[LoadedModel], embedders: list[Embedder], patches_root: Path, run_id: str,
                  batch_size: int):
         self.models, self.embedders = models, embedders
-        self.patches_root, self.run_id, self.batch_size = Path(patches_root), run_id, batch_size
+        self.patches_root, self.run_id, self.batch_size = store_root(patches_root), run_id, batch_size
 
     def run(self, unit: WorkUnit, decoded: list[tuple[ReadTask, DecodedFile | list[Failure]]],
             on_batch: Callable[[int], None] | None = None) -> UnitOutput:
@@ -306,4 +306,4 @@ class RowCommitter:
                          .column("patch_shard").to_pylist())
         for shard in shards:
             if shard not in referenced:
-                shutil.rmtree(self.store.patches_root / shard, ignore_errors=True)
+                remove_tree(self.store.patches_root / shard)

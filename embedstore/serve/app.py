@@ -61,6 +61,7 @@ from embedstore.serve.thumbnails import ThumbnailCache
 from embedstore.sources.discover import check_input_file, kind_by_name
 from embedstore.sources.limits import UPLOAD_MAX_PIXELS
 from embedstore.store import Store, among, equals
+from embedstore.store.location import is_object_store, local_folder, store_root
 from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.upgrade import check_item_columns
 from embedstore.store.vectors import feature_columns
@@ -76,7 +77,7 @@ SERIES_FIELDS = tuple(name for name in ITEM_FIELDS if name != "slice_index")  # 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    store: Path
+    store: str | Path
     token: str | None = None
     show_paths: bool = False
     max_upload_mb: float = 50.0
@@ -88,7 +89,11 @@ class ServeSettings:
             raise UsageError("--max-upload-mb and --max-pixels must be positive")
 
 
-def cache_folder_for(store: Path) -> Path:
+def cache_folder_for(store: str | Path) -> Path:
+    """Where the service keeps its thumbnails: beside a local store; for a store in object storage,
+    in the user's local cache."""
+    if is_object_store(store):
+        return local_folder(store_root(store), "serve-cache")
     store = Path(store).resolve()
     return store.parent / f"{store.name}.serve-cache"
 
@@ -164,7 +169,8 @@ class Service:
     def message(self, error: Exception) -> str:
         """An error's text without the store's location (its folder names are not the client's business)."""
         text = str(error)
-        for location in (str(self.store.path.resolve()), str(self.store.path)):
+        path = self.store.path
+        for location in ((str(path.resolve()),) if not is_object_store(path) else ()) + (str(path),):
             text = text.replace(f" in store {location}", "").replace(location, "the store")
         return text
 

@@ -90,7 +90,7 @@ def check_source(source: BucketSource) -> None:
         next(iter(obstore.list(store_for(bucket, retries=0), prefix=f"{prefix}/" if prefix else None,
                                chunk_size=1)), None)
     except Exception as error:  # obstore's errors: NotFound, PermissionDenied, Generic (with the S3 code)
-        raise UsageError(f"cannot list {source.root}: {_s3_problem(error)}") from None
+        raise UsageError(f"cannot list {source.root}: {s3_problem(error)}") from None
 
 
 def read_object_header(found: FoundFile, max_pixels: int) -> DicomHeader:
@@ -139,8 +139,12 @@ def split(address: str) -> tuple[str, str]:
 def store_for(bucket: str, retries: int = RETRY["max_retries"]):
     """An obstore S3 store for the bucket, configured from the AWS environment as it is now (plain
     HTTP allowed only when the endpoint says http://)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    return _store(bucket, endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), retries)
+    return _store(bucket, endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"), retries)
+
+
+def endpoint_url() -> str:
+    """The S3-compatible server named by the environment; empty for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
 
 @lru_cache(maxsize=8)
@@ -158,7 +162,7 @@ def answers_of(root: str) -> Iterator[None]:
         yield
     except Exception as error:
         if type(error).__module__.startswith("obstore"):
-            raise SourceUnavailableError(f"object storage {root} stopped answering: {_s3_problem(error)}") from None
+            raise SourceUnavailableError(f"object storage {root} stopped answering: {s3_problem(error)}") from None
         raise
 
 
@@ -173,11 +177,11 @@ def _get(store, path: str, key: str, end: int | None = None) -> bytes:
     except NotFoundError:
         raise InputError(RETRIEVE_FAILED, "the object is gone from the bucket", "read") from None
     except (PermissionDeniedError, UnauthenticatedError) as error:
-        raise InputError(RETRIEVE_FAILED, f"the object cannot be read: {_s3_problem(error)}", "read") from None
+        raise InputError(RETRIEVE_FAILED, f"the object cannot be read: {s3_problem(error)}", "read") from None
     except Exception as error:  # obstore's GenericError: the server stopped answering, after retries
         if type(error).__module__.startswith("obstore"):
             raise SourceUnavailableError(f"object storage {path.rsplit('/', 1)[0]} stopped answering: "
-                                         f"{_s3_problem(error)}") from None
+                                         f"{s3_problem(error)}") from None
         raise InputError(RETRIEVE_FAILED, f"{type(error).__name__}: {error}", "read") from None
 
 
@@ -212,7 +216,7 @@ def _suffix(key: str) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1] or ".dcm"
 
 
-def _s3_problem(error: Exception) -> str:
+def s3_problem(error: Exception) -> str:
     """What an obstore error says, in one line: the S3 error code when the server gave one."""
     text = " ".join(str(error).split())
     for code, meaning in (("NoSuchBucket", "the bucket does not exist"), ("AccessDenied", "access denied"),

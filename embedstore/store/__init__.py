@@ -24,7 +24,6 @@ import json
 import numbers
 import os
 import re
-import shutil
 import tempfile
 import uuid
 import warnings
@@ -40,6 +39,17 @@ import pyarrow as pa  # noqa: E402
 from embedstore.errors import StoreDamagedError, StoreFormatError, UsageError  # noqa: E402
 from embedstore.models.spec import ModelSpec  # noqa: E402
 from embedstore.store.digests import row_digests  # noqa: E402
+from embedstore.store.location import (  # noqa: E402
+    ObjectLock,
+    check_bucket,
+    is_object_store,
+    lance_options,
+    local_folder,
+    remove_tree,
+    replace_file,
+    store_root,
+    tree_bytes,
+)
 from embedstore.store.privacy import (  # noqa: E402
     AS_READ,
     FINGERPRINT_FILE,
@@ -47,6 +57,7 @@ from embedstore.store.privacy import (  # noqa: E402
     HASHED,
     KEY_FILE,
     KEY_TEMP,
+    check_key_source,
     key_fingerprint,
     patient_id_key,
     read_fingerprint,
@@ -75,6 +86,7 @@ MANIFEST_TEMP = MANIFEST + ".tmp"
 KEY_FINGERPRINT = "patient_id_key"  # manifest entry: the fingerprint of the patient-ID key
 LOCK_FILE = ".lock"
 COMMIT_LOCK = ".commit.lock"
+WRITER_LOCK = ".writer.lock"  # object storage only: the one writer's lock object
 TABLES_DIR = "tables"
 PATCHES_DIR = "patches"
 VECTOR_COPIES_DIR = "vector-cache"  # flat copies of indexed columns (store/vector_cache.py)
@@ -139,7 +151,12 @@ def key_column(table: str) -> str | None:
 
 @contextmanager
 def exclusive_lock(path: Path):
-    """A blocking exclusive flock on `path`; the kernel drops it when its process dies."""
+    """A blocking exclusive lock on `path`: a flock, which the kernel drops when its process dies;
+    on object storage, a lock object (store/location.py)."""
+    if is_object_store(path):
+        with ObjectLock(path).held():
+            yield
+        return
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -176,7 +193,7 @@ def as_damage(error: Exception, store_path: Path | None = None, table: str | Non
     if not isinstance(error, READ_ERRORS) or not any(m in text for m in DAMAGE_MARKERS):
         return None
     store = str(store_path) if store_path else "STORE"
-    where = f"table {Path(store) / TABLES_DIR / table_folder(table)}" if table else "a table of the store"
+    where = f"table {store}/{TABLES_DIR}/{table_folder(table)}" if table else "a table of the store"
     return StoreDamagedError(f"{where} cannot be read ({text}): run `embedstore check {store}`")
 
 
@@ -196,7 +213,7 @@ class Store:
         if self._db is None:
             import lancedb
 
-            self._db = lancedb.connect(str(self.tables_root))
+            self._db = lancedb.connect(str(self.tables_root), storage_options=lance_options(self.path))
         return self._db
 
     # ---------------------------------------------------------------- opening
@@ -206,7 +223,7 @@ class Store:
 
         `patient_ids` (HASHED or AS_READ) is fixed when the store is made: one store never mixes the two.
         """
-        path = Path(path)
+        path = store_root(path)
         check_store_path(path, create)
         if create and not (path / MANIFEST).exists():
             return cls.create(path, patient_ids)
@@ -216,8 +233,11 @@ class Store:
     def create(cls, path: Path, patient_ids: str) -> "Store":
         """Make a store under the commit lock, or open the one another process made meanwhile: two
         ingests creating one store at once both succeed."""
+        if patient_ids == HASHED:
+            check_key_source(path)
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            if not is_object_store(path):  # an S3 prefix needs no making
+                path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UsageError(f"cannot create the store {path}: {error.strerror or error}") from None
         with exclusive_lock(path / COMMIT_LOCK):
@@ -283,7 +303,12 @@ class Store:
     def ingest_lock(self, exclusive: bool = False):
         """Held while an ingest writes (shared: several ingests may run at once) and by vacuum
         (exclusive: it must not take a running ingest's fresh shards for orphans). The kernel
-        drops the lock of a process that dies, even by SIGKILL."""
+        drops the lock of a process that dies, even by SIGKILL. A store in object storage takes one
+        writer at a time: there the lock is always exclusive (a lock object, see location.py)."""
+        if is_object_store(self.path):
+            with self._sole_writer():
+                yield
+            return
         with open(self.path / LOCK_FILE, "a") as handle:
             try:
                 fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -295,8 +320,23 @@ class Store:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextmanager
+    def _sole_writer(self):
+        lock = ObjectLock(self.path / WRITER_LOCK)
+        if not lock.acquire(wait=False):
+            holder = lock.holder() or {}
+            raise UsageError(f"store {self.path} is busy: a writer (host {holder.get('host', '?')}, process "
+                             f"{holder.get('pid', '?')}) holds it, and a store in object storage takes one "
+                             "writer at a time")
+        try:
+            yield
+        finally:
+            lock.release()
+
     def ingest_running(self) -> bool:
         """Whether an ingest holds the store's ingest lock now (asked without writing anything)."""
+        if is_object_store(self.path):
+            return ObjectLock(self.path / WRITER_LOCK).holder() is not None
         try:
             descriptor = os.open(self.path / LOCK_FILE, os.O_RDONLY)
         except FileNotFoundError:
@@ -333,7 +373,7 @@ class Store:
         import lance
 
         with reading(self.path, name):
-            return lance.dataset(str(self.tables_root / table_folder(name)))
+            return lance.dataset(str(self.tables_root / table_folder(name)), storage_options=lance_options(self.path))
 
     def schema(self, name: str) -> pa.Schema:
         return self.dataset(name).schema
@@ -404,8 +444,8 @@ class Store:
             for name in (slices_table_name(model_id), series_table_name(model_id)):
                 if self.has_table(name):
                     self.db.drop_table(name)
-                shutil.rmtree(self.path / VECTOR_COPIES_DIR / name, ignore_errors=True)  # its index's flat copies
-            shutil.rmtree(self.patches_root / model_id, ignore_errors=True)
+                remove_tree(local_folder(self.path, VECTOR_COPIES_DIR) / name)  # its index's flat copies
+            remove_tree(self.patches_root / model_id)
             self.table("models").delete(equals("model_id", model_id))
             self._specs = None
 
@@ -535,9 +575,9 @@ class Store:
         with self.ingest_lock(exclusive=True):
             duplicates = remove_duplicates(self)  # first: a dropped copy may leave its shard an orphan
             orphans = self.orphan_shards()
-            freed = sum(directory_bytes(shard) for shard in orphans)
+            freed = sum(tree_bytes(shard) for shard in orphans)
             for shard in orphans:
-                shutil.rmtree(shard)
+                remove_tree(shard)
             versions_before = {name: len(self.table(name).list_versions()) for name in self.table_names()}
             with warnings.catch_warnings():  # "removes every version but the latest": the exclusive lock makes it safe
                 warnings.simplefilter("ignore", UserWarning)
@@ -546,10 +586,6 @@ class Store:
             record_summary(self)
         return {"duplicate_rows_removed": duplicates, "orphan_shards_removed": len(orphans),
                 "patch_bytes_freed": freed, "table_versions_before": versions_before}
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def read_manifest(path: Path) -> dict:
@@ -571,9 +607,7 @@ def damaged_manifest(path: Path, why: str) -> StoreDamagedError:
 
 def write_manifest(path: Path, manifest: dict) -> None:
     """Replace the manifest whole: a crash leaves the old one or the new one, never half of one."""
-    temporary = path / MANIFEST_TEMP
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, path / MANIFEST)
+    replace_file(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def check_format(path: Path, manifest: dict) -> None:
@@ -589,6 +623,8 @@ def check_format(path: Path, manifest: dict) -> None:
 
 def check_store_path(path: Path, create: bool) -> None:
     """UsageError unless `path` is a store (or, with `create`, a place where one can be made)."""
+    if is_object_store(path):
+        check_bucket(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"store path {path} is a file, not a directory")
     if (path / MANIFEST).exists():
@@ -603,7 +639,10 @@ def check_store_writable(path: Path) -> None:
     """UsageError unless this process may write the store at `path`: the store directory, or the
     nearest folder above it that exists, must be a directory it can make folders in (tried with a
     folder made and removed at once: permissions alone do not tell, e.g. under /proc, for root, or
-    on a read-only mount)."""
+    on a read-only mount). For a store in object storage: its bucket answers (check_bucket)."""
+    if is_object_store(path):
+        check_bucket(path)
+        return
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise UsageError(f"store path {path} lies under {existing}, a file, not a directory")

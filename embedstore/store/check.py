@@ -28,6 +28,7 @@ from embedstore.store import (
     MANIFEST,
     PATCHES_DIR,
     READ_ERRORS,
+    VECTOR_COPIES_DIR,
     Store,
     among,
     check_store_path,
@@ -38,6 +39,7 @@ from embedstore.store import (
     write_manifest,
 )
 from embedstore.store.digests import file_sha256, read_shard_checksums, row_digests
+from embedstore.store.location import local_folder, store_root, zarr_location
 from embedstore.store.vector_cache import damaged_cache_files, drop_vector_cache
 from embedstore.store.info import record_summary
 from embedstore.store.privacy import (
@@ -128,7 +130,7 @@ class Audit:
 def check_store(path: str | Path, repair: bool = False) -> CheckReport:
     """Check the store at `path`, holding its exclusive lock (no ingest commits meanwhile); with
     `repair`, drop what is broken, then look again."""
-    path = Path(path)
+    path = store_root(path)
     check_store_path(path, create=False)
     findings, notes = [], []
     try:
@@ -178,8 +180,9 @@ def audit_store(store: Store) -> Audit:
     for name, rows in tables.items():
         if key_column(name) is not None:
             find_duplicates(name, rows, audit)
+    copies = local_folder(store.path, VECTOR_COPIES_DIR).parent  # the store, or its local cache when in S3
     for path in damaged_cache_files(store):
-        audit.findings.append(Finding(BAD_VECTOR_COPY, str(path.relative_to(store.path)), "fails its SHA-256 (a copy "
+        audit.findings.append(Finding(BAD_VECTOR_COPY, str(path.relative_to(copies)), "fails its SHA-256 (a copy "
                                       "of stored vectors: --repair removes the copies, `embedstore index` writes "
                                       "them again)", 0))
     return audit
@@ -333,7 +336,7 @@ def verify_array(path: Path, name: str, checksums: dict | None, failed: dict[str
         verdict.mark(BAD_CHUNK, f"array {name}'s zarr.json fails its checksum")
         return
     try:
-        array = zarr.open_array(str(path / name), mode="r")
+        array = zarr.open_array(**zarr_location(path / name), mode="r")
     except Exception as error:  # noqa: BLE001 - whatever zarr raises, the array cannot be read
         verdict.mark(BAD_CHUNK, f"array {name} does not open ({type(error).__name__})")
         return

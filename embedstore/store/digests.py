@@ -39,7 +39,7 @@ def vector_matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         while chunk := handle.read(READ_BYTES):
             digest.update(chunk)
     return digest.hexdigest()

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 from embedstore.errors import REASONS, UsageError
-from embedstore.store import TABLES_DIR, Store, directory_bytes, equals
+from embedstore.store import TABLES_DIR, Store, equals
+from embedstore.store.location import replace_file, tree_bytes, tree_files
 from embedstore.store.schema import slices_table_name
 
 SUMMARY_FILE = "summary.json"
-SUMMARY_TEMP = SUMMARY_FILE + ".tmp"
 
 
 def _counts(values) -> dict[str, int]:
@@ -77,12 +76,7 @@ def table_facts(store: Store) -> dict:
 def tables_stamp(store_path: Path) -> str:
     """A digest of every file under tables/ (path, size, modification time): it changes with any
     commit, index, compaction or damaged file."""
-    entries = []
-    for folder, _, files in os.walk(store_path / TABLES_DIR):
-        for name in files:
-            info = os.stat(os.path.join(folder, name))
-            entries.append(f"{os.path.relpath(os.path.join(folder, name), store_path)}\t{info.st_size}\t"
-                           f"{info.st_mtime_ns}")
+    entries = [f"{name}\t{size}\t{modified}" for name, size, modified in tree_files(store_path / TABLES_DIR)]
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
 
 
@@ -94,9 +88,7 @@ def record_summary(store: Store) -> None:
         summary = {"stamp": stamp, "facts": table_facts(store)}
         if tables_stamp(store.path) != stamp:  # a writer without the lock (a migration) moved on
             return
-        temporary = store.path / SUMMARY_TEMP
-        temporary.write_text(json.dumps(summary) + "\n")
-        os.replace(temporary, store.path / SUMMARY_FILE)
+        replace_file(store.path / SUMMARY_FILE, (json.dumps(summary) + "\n").encode())
 
 
 def recorded_facts(store: Store) -> dict | None:
@@ -119,7 +111,7 @@ def store_info(store: Store) -> dict:
         "store": str(store.path),
         "format_version": store.manifest["format_version"],
         **facts,
-        "patch_bytes": directory_bytes(store.patches_root),
+        "patch_bytes": tree_bytes(store.patches_root),
         "orphan_shards": len([shard for shard in store.patch_shards() if shard not in referenced]),
         "ingest_running": store.ingest_running(),
     }

@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 from enum import Enum
 from pathlib import Path
 
 from embedstore.store import Store, exclusive_lock
+from embedstore.store.location import is_object_store, remove_tree
 
 LEASES_DIR = "leases"
 LEASE_LOCK = ".lock"
@@ -42,8 +42,11 @@ class LeaseBook:
         self.run_id, self.seconds = run_id, seconds
         self.models = "\n".join(sorted(model_ids))
         self.host, self.pid = socket.gethostname(), os.getpid()
+        self.sole_writer = is_object_store(store.path)  # object storage takes one writer: nothing to share
 
     def claim(self, part: str) -> Claim:
+        if self.sole_writer:
+            return Claim.TAKEN
         path = self.path_of(part)
         self.root.mkdir(exist_ok=True)  # here, not once: the last ingest to end removes the folder
         try:
@@ -56,7 +59,7 @@ class LeaseBook:
 
     def finish(self, parts: list[str]) -> None:
         """Mark this run's leases of `parts` done: their rows are committed (or their files failed)."""
-        for part in parts:
+        for part in parts if not self.sole_writer else []:
             self._write(self.path_of(part), self._mine(done=True))
 
     def _claim_existing(self, path: Path) -> Claim:
@@ -116,5 +119,5 @@ def clear_leases(store: Store) -> bool:
     """Remove every lease when no ingest runs on the store (the caller has ended its own)."""
     if store.ingest_running():
         return False
-    shutil.rmtree(store.path / LEASES_DIR, ignore_errors=True)
+    remove_tree(store.path / LEASES_DIR)
     return True

@@ -17,6 +17,7 @@ from zarr.codecs import ZstdCodec
 from embedstore.errors import StoreDamagedError
 from embedstore.models.spec import patch_array
 from embedstore.store.digests import SHARD_CHECKSUMS, file_sha256, read_shard_checksums, write_shard_checksums
+from embedstore.store.location import zarr_location
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -28,7 +29,7 @@ class PatchShardWriter:
         self.path = patches_root / model_id / shard_name
         row_bytes = tokens * dim * 2
         self.chunk_rows = max(1, min(capacity, CHUNK_BYTES // row_bytes))
-        group = zarr.open_group(store=str(self.path), mode="w")
+        group = zarr.open_group(**zarr_location(self.path), mode="w")
         self.arrays = [group.create_array(
             name=patch_array(block), shape=(capacity, tokens, dim), chunks=(self.chunk_rows, tokens, dim),
             dtype="float16", compressors=ZstdCodec(level=1), fill_value=0,
@@ -89,7 +90,7 @@ class PatchReader:
             path = self.patches_root / patch_shard / patch_array(block)
             if not (path / "zarr.json").exists():
                 raise StoreDamagedError(damaged_shard(self.patches_root, path, "is missing"))
-            self._arrays[patch_shard, block] = zarr.open_array(str(path), mode="r")
+            self._arrays[patch_shard, block] = zarr.open_array(**zarr_location(path), mode="r")
         return self._arrays[patch_shard, block]
 
     def chunk_rows(self, patch_shard: str, block: int) -> int:

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from embedstore.errors import UsageError
+from embedstore.store.location import is_object_store, replace_file
 
 KEY_FILE = "patient-id.key"
 KEY_TEMP = KEY_FILE + ".tmp"
@@ -53,9 +54,7 @@ def read_fingerprint(store_path: Path) -> str | None:
 
 
 def write_fingerprint(store_path: Path, fingerprint: str) -> None:
-    temporary = store_path / FINGERPRINT_TEMP
-    temporary.write_text(fingerprint + "\n")
-    os.replace(temporary, store_path / FINGERPRINT_FILE)
+    replace_file(store_path / FINGERPRINT_FILE, (fingerprint + "\n").encode())
 
 
 def present_key(store_path: Path) -> tuple[bytes, str] | None:
@@ -80,6 +79,7 @@ def patient_id_key(store_path: Path, fingerprint: str | None, may_make: bool) ->
     if found is not None:
         key, source = found
     elif may_make:
+        check_key_source(store_path)
         key, source = make_key_file(path), str(path)
     else:
         raise UsageError(f"store {store_path} hashes patient IDs with a key that is not here ({path} is missing "
@@ -97,14 +97,20 @@ def patient_id_key(store_path: Path, fingerprint: str | None, may_make: bool) ->
     return key
 
 
+def check_key_source(store_path: Path) -> None:
+    """UsageError for a store in object storage without EMBEDSTORE_PATIENT_ID_KEY: there a key file
+    would be readable by everyone who can read the bucket, so the key never goes there."""
+    if is_object_store(store_path) and not os.environ.get(KEY_ENV):
+        raise UsageError(f"store {store_path} is in object storage, where a key file would be readable by everyone "
+                         f"who can read the bucket: set {KEY_ENV} to a secret of at least {MIN_KEY_BYTES} random "
+                         "bytes (and keep it: every later run needs it), or keep patient IDs as read with "
+                         "--keep-patient-id")
+
+
 def make_key_file(path: Path) -> bytes:
     """A new random key, written owner-only; renamed into place whole, so no reader sees half a key."""
-    temporary = path.with_name(KEY_TEMP)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     key = secrets.token_hex(32)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(key + "\n")
-    os.replace(temporary, path)
+    replace_file(path, (key + "\n").encode(), mode=0o600)
     return key.encode()
 
 

@@ -27,13 +27,14 @@ import numpy as np
 
 from embedstore.store import VECTOR_COPIES_DIR, Store, among
 from embedstore.store.digests import file_sha256
+from embedstore.store.location import local_folder
 from embedstore.store.vectors import column_matrix
 
 CHECKSUMS = "checksums.json"
 
 
 def cache_folder(store: Store, table: str, column: str) -> Path:
-    return store.path / VECTOR_COPIES_DIR / table / column
+    return local_folder(store.path, VECTOR_COPIES_DIR) / table / column
 
 
 def copy_names(fragments) -> dict[int, str]:
@@ -119,7 +120,7 @@ def has_vector_cache(store: Store, table: str, column: str) -> bool:
 def damaged_cache_files(store: Store) -> list[Path]:
     """Copies whose bytes no longer match their SHA-256 (or are gone): `check` reports them."""
     damaged = []
-    for listing in sorted((store.path / VECTOR_COPIES_DIR).glob(f"*/*/{CHECKSUMS}")):
+    for listing in sorted(local_folder(store.path, VECTOR_COPIES_DIR).glob(f"*/*/{CHECKSUMS}")):
         for name, digest in read_checksums(listing.parent).items():
             path = listing.parent / name
             if not path.exists() or file_sha256(path) != digest:
@@ -129,7 +130,7 @@ def damaged_cache_files(store: Store) -> list[Path]:
 
 def drop_vector_cache(store: Store) -> None:
     """Remove every copy (derived data: `embedstore index` writes it again)."""
-    shutil.rmtree(store.path / VECTOR_COPIES_DIR, ignore_errors=True)
+    shutil.rmtree(local_folder(store.path, VECTOR_COPIES_DIR), ignore_errors=True)
 
 
 def read_checksums(folder: Path) -> dict[str, str]:
