@@ -58,6 +58,18 @@ def test_rayjob_runs_embedstore_ingest_against_the_shared_store():
     check_cluster_spec(manifest["spec"]["rayClusterSpec"])
 
 
+def test_the_s3_rayjob_keeps_archive_and_store_in_buckets_and_credentials_in_a_secret():
+    manifest = load("kuberay/rayjob-s3.yaml")
+    entrypoint = manifest["spec"]["entrypoint"]
+    assert re.match(r"embedstore ingest s3://\S+ --store s3://\S+ ", entrypoint) and "--ray-address auto" in entrypoint
+    assert "AWS_" not in entrypoint and "EMBEDSTORE_PATIENT_ID_KEY" not in entrypoint  # Ray lists entrypoints
+    cluster = manifest["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == dockerfile_ray_version()
+    for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]:
+        assert containers(template)[0]["envFrom"] == [{"secretRef": {"name": "embedstore-s3"}}]
+        assert not mounts_data(template)  # no shared file system: the store is in the bucket
+
+
 def test_cluster_launcher_config():
     config = load("ray-cluster.yaml")
     for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "docker"):
@@ -76,5 +88,6 @@ def test_dockerfile_builds_embedstore_with_tensorrt_on_cuda():
 
 def test_the_guide_names_every_file():
     guide = (DEPLOY / "README.md").read_text()
-    for name in ("Dockerfile", "kuberay/rayjob.yaml", "kuberay/raycluster.yaml", "ray-cluster.yaml", "vacuum"):
+    for name in ("Dockerfile", "kuberay/rayjob.yaml", "kuberay/rayjob-s3.yaml", "kuberay/raycluster.yaml",
+                 "ray-cluster.yaml", "vacuum"):
         assert name in guide, name

@@ -66,11 +66,16 @@ def test_an_s3_store_holds_what_a_local_store_holds(stores):
     listed = [path.name for path in store_root(remote).iterdir()]
     assert "embedstore.json" in listed and "tables" in listed and "patches" in listed
     assert not any(name.startswith("patient-id.key") for name in listed)  # the key never enters the bucket
+    assert sorted(listed) == sorted(path.name for path in local.iterdir()
+                                    if path.name not in ("patient-id.key", ".lock", ".commit.lock", "vector-cache"))
 
     from embedstore.pipeline.ingest import ingest
 
     again = ingest([stores[3] / "archive"], remote, ingest_options(header_workers=0))
     assert again.n_embedded == 0 and again.catalog["files_read"] == 0
+    report = Store.open(remote).vacuum()  # compacts the tables and drops old versions, in the bucket
+    assert not report["duplicate_rows_removed"] and report["orphan_shards_removed"] == 0
+    assert set(slice_rows(remote)[0]) == set(remote_rows[key]) and len(slice_rows(remote)) == len(local_rows)
 
 
 def test_every_reading_command_answers_for_an_s3_store_as_for_a_local_one(stores, monkeypatch, capsys, tmp_path):
@@ -97,7 +102,7 @@ def test_every_reading_command_answers_for_an_s3_store_as_for_a_local_one(stores
         assert code == 0
         info = json.loads(info)
         answers[name] = {
-            "info": {**{field: info[field] for field in ("models", "modalities", "series")},
+            "info": {**{field: info[field] for field in ("models", "modalities", "series", "orphan_shards")},
                      "tables": {table: rows for table, rows in info["tables"].items() if table != "runs"}},
             "search": [(hit["key"], round(hit["similarity"], 6)) for hit in json.loads(found)["hits"]],
             "knn": json.loads((tmp_path / f"knn-{name}.json").read_text())["metrics"],

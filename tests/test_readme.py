@@ -43,6 +43,8 @@ SKIPPED = {
     '"ModalitiesInStudy=CT&StudyDate=20240101-20241231"': "network: a PACS (tests/test_dicomweb.py runs one)",
     "embedstore ingest s3://bucket/archive/ --store /data/store": "network: a bucket (tests/test_object_sources.py "
                                                                   "runs an S3 server)",
+    "EMBEDSTORE_PATIENT_ID_KEY=... embedstore ingest /data/archive --store s3://bucket/stores/chest-ct":
+        "network: a bucket (tests/test_object_store.py runs an S3 server)",
 }
 DEMO = "embedstore demo --store embedstore-demo"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -90,7 +89,7 @@ def check(
     raise typer.Exit(0 if report.clean or report.repaired else 1)
 
 
-def migrate(store: Path = typer.Argument(..., metavar="STORE", help="A format-2 store directory, or a format-3 "
+def migrate(store: str = typer.Argument(..., metavar="STORE", help="A format-2 store directory, or a format-3 "
                                           "one written before its items said the kind and axis of their files.")
             ) -> None:
     """Convert a format-2 store to format 3 in place, without re-embedding (rerun it if it is interrupted);

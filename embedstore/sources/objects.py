@@ -136,10 +136,10 @@ def split(address: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def store_for(bucket: str, retries: int = RETRY["max_retries"]):
-    """An obstore S3 store for the bucket, configured from the AWS environment as it is now (plain
-    HTTP allowed only when the endpoint says http://)."""
-    return _store(bucket, endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"), retries)
+def store_for(bucket: str, retries: int = RETRY["max_retries"], prefix: str | None = None):
+    """An obstore S3 store for the bucket (its keys under `prefix`, when given), configured from the
+    AWS environment as it is now (plain HTTP allowed only when the endpoint says http://)."""
+    return _store(bucket, endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"), retries, prefix)
 
 
 def endpoint_url() -> str:
@@ -148,10 +148,11 @@ def endpoint_url() -> str:
 
 
 @lru_cache(maxsize=8)
-def _store(bucket: str, endpoint: str, access_key_id: str | None, retries: int):
+def _store(bucket: str, endpoint: str, access_key_id: str | None, retries: int, prefix: str | None):
     from obstore.store import S3Store  # reads the credentials and region from the environment
 
-    return S3Store(bucket, client_options={"allow_http": endpoint.startswith("http://"), "timeout": timedelta(seconds=60)},
+    return S3Store(bucket, prefix=prefix,
+                   client_options={"allow_http": endpoint.startswith("http://"), "timeout": timedelta(seconds=60)},
                    retry_config={**RETRY, "max_retries": retries})
 
 

@@ -74,9 +74,9 @@ def table_facts(store: Store) -> dict:
 
 
 def tables_stamp(store_path: Path) -> str:
-    """A digest of every file under tables/ (path, size, modification time): it changes with any
-    commit, index, compaction or damaged file."""
-    entries = [f"{name}\t{size}\t{modified}" for name, size, modified in tree_files(store_path / TABLES_DIR)]
+    """A digest of every file under tables/ (path, size, modification time or ETag): it changes
+    with any commit, index, compaction or damaged file."""
+    entries = [f"{name}\t{size}\t{version}" for name, size, version in tree_files(store_path / TABLES_DIR)]
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
 
 

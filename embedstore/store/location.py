@@ -25,18 +25,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from embedstore.errors import UsageError
-from embedstore.sources.objects import (
-    SCHEME,
-    endpoint_url,
-    s3_problem,
-    split,
-    store_for,
-)
+from embedstore.sources.objects import CREDENTIAL_VARIABLES, SCHEME, endpoint_url, s3_problem, split, store_for
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 30.0  # six missed heartbeats: the holder is dead (or cut off, and then not writing either)
@@ -76,13 +70,15 @@ def lance_options(root) -> dict[str, str] | None:
 
 
 def zarr_location(path) -> dict:
-    """Arguments that point `zarr.open_group` / `zarr.open_array` at `path`."""
+    """Arguments that point `zarr.open_group` / `zarr.open_array` at `path`. On S3 the Zarr store is
+    rooted at `path` itself, as a folder's is: rooted higher, Zarr would write group metadata into
+    every folder above it."""
     if not is_object_store(path):
         return {"store": str(path)}
     from zarr.storage import ObjectStore
 
     bucket, key = split(str(path))
-    return {"store": ObjectStore(store_for(bucket)), "path": key}
+    return {"store": ObjectStore(store_for(bucket, prefix=key))}
 
 
 def replace_file(path, data: bytes, mode: int | None = None) -> None:
@@ -109,21 +105,22 @@ def remove_tree(path) -> None:
         path.fs.rm(found)
 
 
-def tree_files(path) -> Iterator[tuple[str, int, int]]:
-    """(path relative to `path`, size, modification time in ns) of every file under `path`."""
+def tree_files(path) -> Iterator[tuple[str, int, str]]:
+    """(path relative to `path`, size, version) of every file under `path`: the version is the
+    modification time in ns locally, the ETag (a digest of the bytes) on S3."""
     if is_object_store(path):
-        if not path.exists():
-            return
-        for name, info in path.fs.find(path.path, detail=True).items():
-            modified = info.get("last_modified") or info.get("LastModified")
-            stamp = int(modified.timestamp() * 1e9) if modified is not None else 0
-            yield name[len(path.path):].lstrip("/"), int(info["size"]), stamp
+        import obstore
+
+        bucket, key = split(str(path))
+        for page in obstore.list(store_for(bucket), prefix=f"{key}/"):
+            for found in page:
+                yield found["path"][len(key) + 1:], int(found["size"]), str(found["e_tag"])
         return
     for folder, _, files in os.walk(path):
         for name in files:
             full = os.path.join(folder, name)
             info = os.stat(full)
-            yield os.path.relpath(full, path), info.st_size, info.st_mtime_ns
+            yield os.path.relpath(full, path), info.st_size, str(info.st_mtime_ns)
 
 
 def tree_bytes(path) -> int:
@@ -145,12 +142,13 @@ def check_bucket(root) -> None:
     import obstore
 
     bucket, prefix = split(str(root))
-    if not os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_PROFILE"):
+    if not any(os.environ.get(name) for name in CREDENTIAL_VARIABLES):
         raise UsageError(f"no AWS credentials for the store {root}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                          "(or AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible server")
-    try:
-        obstore.list(store_for(bucket, retries=0), prefix=f"{prefix}/" if prefix else None, chunk_size=1).collect()
-    except Exception as error:
+    try:  # the first page of one object is enough to know
+        next(iter(obstore.list(store_for(bucket, retries=0), prefix=f"{prefix}/" if prefix else None, chunk_size=1)),
+             None)
+    except Exception as error:  # noqa: BLE001 - obstore's errors, whatever the server said: one line
         raise UsageError(f"cannot use the store {root}: {s3_problem(error)}") from None
 
 
@@ -172,11 +170,7 @@ class ObjectLock:
 
     def acquire(self, wait: bool) -> bool:
         import obstore
-        from obstore.exceptions import (
-            AlreadyExistsError,
-            NotFoundError,
-            PreconditionError,
-        )
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         self.token["since"] = time.time()
         while True:

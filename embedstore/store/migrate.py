@@ -44,6 +44,7 @@ from embedstore.store import MANIFEST, Store, check_store_path, equals, now_utc
 from embedstore.store.info import record_summary
 from embedstore.store.patches import read_patches
 from embedstore.store.privacy import HASHED
+from embedstore.store.location import is_object_store
 from embedstore.store.schema import (
     FAILURES_SCHEMA,
     ITEM_READER_COLUMNS,
@@ -112,6 +113,9 @@ class ItemsUpgrade:
 def migrate_store(path: str | Path) -> MigrationReport | ItemsUpgrade:
     """Bring the store at `path` to this embedstore's format in place: a format-2 store to format 3,
     a format-3 store's items to their reader columns; UsageError when there is nothing to do."""
+    if is_object_store(path):  # stores in object storage began after format 2 and after those columns
+        raise UsageError(f"store {path} is in object storage, where every store is written in format "
+                         f"{STORE_FORMAT_VERSION}: nothing to migrate")
     path = Path(path)
     check_store_path(path, create=False)
     manifest = json.loads((path / MANIFEST).read_text())
