@@ -14,7 +14,8 @@ Then the store half: search latency on a store in S3-compatible object storage a
 of the same --store-rows synthetic rows (benchmarks/synthetic.py: ViT-B width, 768), side by side in one
 process: moto's S3 server on a loopback port (tests/s3server.py), one opened store per side, the same
 --queries slice keys; p50 of exact search (every vector read from the table), then of search through
-an IVF index built by `embedstore index` on each, with the seconds the index took to build.
+an IVF index built by `embedstore index` on each, with the seconds the index took to build and the
+requests the S3 server served per search (query by key included), from its log.
 
     python benchmarks/remote.py [--series 4] [--slices 64] [--size 512] [--workers 0 2] [--repeats 2]
                                 [--store-rows 100000] [--queries 20] [--skip pacs|store]
@@ -130,13 +131,15 @@ def search_on_s3_versus_local(args, scratch: Path) -> dict:
             model_id = write_synthetic_store(where, args.store_rows, (1.0,))[0][0]
             figures[f"{side}_write_s"] = round(time.perf_counter() - started, 1)
 
-        def p50_ms(store: Store) -> float:
-            times = []
+        def p50_ms(store: Store, plan: str) -> float:
+            times, requests = [], server.requests()
             for key in keys:
                 started = time.perf_counter()
                 hits = search(store, query_by_key(store, key, "cls", model_id), k=10, feature="cls")
                 times.append((time.perf_counter() - started) * 1000)
                 assert len(hits) == 10
+            if str(store.path).startswith("s3://"):
+                figures[f"s3_{plan}_requests_per_search"] = round((server.requests() - requests) / len(keys))
             return round(statistics.median(times), 1)
 
         for plan in ("exact", "indexed"):
@@ -145,12 +148,13 @@ def search_on_s3_versus_local(args, scratch: Path) -> dict:
                     started = time.perf_counter()
                     build_index(Store.open(where), model_id, "cls")
                     figures[f"{side}_index_build_s"] = round(time.perf_counter() - started, 1)
-                figures[f"{side}_{plan}_p50_ms"] = p50_ms(Store.open(where))
+                figures[f"{side}_{plan}_p50_ms"] = p50_ms(Store.open(where), plan)
             figures[f"s3_vs_local_{plan}"] = round(figures[f"s3_{plan}_p50_ms"] / figures[f"local_{plan}_p50_ms"], 2)
     print(f"search over {args.store_rows:,} rows (768-d), {args.queries} queries, p50 ms: "
           f"exact local {figures['local_exact_p50_ms']} / S3 {figures['s3_exact_p50_ms']} "
           f"({figures['s3_vs_local_exact']}x); indexed local {figures['local_indexed_p50_ms']} / S3 "
-          f"{figures['s3_indexed_p50_ms']} ({figures['s3_vs_local_indexed']}x)")
+          f"{figures['s3_indexed_p50_ms']} ({figures['s3_vs_local_indexed']}x); S3 requests per search: exact "
+          f"{figures['s3_exact_requests_per_search']}, indexed {figures['s3_indexed_requests_per_search']}")
     return figures
 
 

@@ -72,6 +72,11 @@ class S3Server:
     def put(self, bucket: str, key: str, data: bytes) -> None:
         requests.put(f"{self.url}/{bucket}/{key}", data=data, timeout=30).raise_for_status()
 
+    def requests(self) -> int:
+        """Every request served so far (listings, HEADs and writes too), from the server's log."""
+        log = re.sub(r"\x1b\[[0-9;]*m", "", (self.folder / "moto.log").read_text(errors="replace"))
+        return len(re.findall(r'"(?:GET|HEAD|PUT|POST|DELETE) /\S* HTTP', log))
+
     def gets(self) -> int:
         """Object GET requests served so far (listings not counted), from the server's log."""
         log = re.sub(r"\x1b\[[0-9;]*m", "", (self.folder / "moto.log").read_text(errors="replace"))
