@@ -7,7 +7,8 @@ instance number, position along z, orientation, spacing, rescale and window), la
 `study_XXXX/series_YYYY/IM_ZZZZ.dcm`, 100 slices a series and 5 series a study. One file is built with
 pydicom; every other file is its bytes with the changing values patched in (each has a fixed length), by
 a pool of one process per core. Then, side by side in one run:
-  catalog - a bare `pydicom.dcmread(path, stop_before_pixels=True)` loop in this process (over every
+  catalog - every file read once (the page cache warmed, so that no run pays for the disk), then
+            a bare `pydicom.dcmread(path, stop_before_pixels=True)` loop in this process (over every
             file, or --bare-files of them evenly spaced), then `embedstore catalog --header-workers 0`
             (one core) on a fresh store, then the bare loop again, then `embedstore catalog` with one
             header worker per core on another fresh store; --repeats rounds, medians; the catalog's
@@ -235,6 +236,18 @@ def bare_rate(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
+def read_folder(folder: Path) -> int:
+    """Read every file under `folder` once (into the page cache); the bytes read."""
+    return sum(len(path.read_bytes()) for path in folder.rglob("*") if path.is_file())
+
+
+def warm_page_cache(archive: Path, cores: int) -> None:
+    """Every file of the archive read once, so that the catalogs measured one after the other all read
+    from memory: otherwise the first one pays for the disk and the ratio measures the cache."""
+    with Pool(cores) as pool:
+        pool.map(read_folder, sorted(archive.iterdir()))
+
+
 def run_measured(command: list[str], log: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB of the command's largest process, its children included): wait4
     gives this one child's usage, where RUSAGE_CHILDREN would keep the largest of every child so far."""
@@ -307,6 +320,7 @@ def measure_catalog(archive: Path, scratch: Path, args, cores: int) -> dict:
     fresh store; medians of each, so that a busy machine slows both sides alike."""
     step = max(1, args.files // args.bare_files)
     paths = [file_path(archive, index) for index in range(0, args.files, step)][:args.bare_files]
+    warm_page_cache(archive, cores)
     bare_rate(paths[:200])  # warm the imports
     bare, one, every = [], [], []
     for repeat in range(args.repeats):
