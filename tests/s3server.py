@@ -74,10 +74,12 @@ class S3Server:
 
     def requests(self) -> int:
         """Every request served so far (listings, HEADs and writes too), from the server's log."""
-        log = re.sub(r"\x1b\[[0-9;]*m", "", (self.folder / "moto.log").read_text(errors="replace"))
-        return len(re.findall(r'"(?:GET|HEAD|PUT|POST|DELETE) /\S* HTTP', log))
+        return len(re.findall(r'"(?:GET|HEAD|PUT|POST|DELETE) /\S* HTTP', self._log()))
 
     def gets(self) -> int:
         """Object GET requests served so far (listings not counted), from the server's log."""
-        log = re.sub(r"\x1b\[[0-9;]*m", "", (self.folder / "moto.log").read_text(errors="replace"))
-        return len(re.findall(r'"GET /[^/?\s]+/[^?\s]+ HTTP', log))
+        return len(re.findall(r'"GET /[^/?\s]+/[^?\s]+ HTTP', self._log()))
+
+    def _log(self) -> str:
+        """The server's log, its colour codes taken out."""
+        return re.sub(r"\x1b\[[0-9;]*m", "", (self.folder / "moto.log").read_text(errors="replace"))

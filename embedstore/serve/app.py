@@ -170,7 +170,8 @@ class Service:
         """An error's text without the store's location (its folder names are not the client's business)."""
         text = str(error)
         path = self.store.path
-        for location in ((str(path.resolve()),) if not is_object_store(path) else ()) + (str(path),):
+        locations = [str(path)] if is_object_store(path) else [str(path.resolve()), str(path)]
+        for location in locations:
             text = text.replace(f" in store {location}", "").replace(location, "the store")
         return text
 

@@ -77,20 +77,25 @@ def bucket_source(text: str) -> BucketSource:
 
 
 def check_source(source: BucketSource) -> None:
-    """One listing request, to fail before anything is written: no credentials, a bucket that does not
-    exist or refuses them, an endpoint that does not answer is a UsageError."""
+    check_listable(source.root, source.root)
+
+
+def check_listable(address: str, naming: str) -> None:
+    """One listing request under an s3:// address (a source's, or a store's, named `naming` in the
+    message), to fail before anything is written: no credentials, a bucket that does not exist or
+    refuses them, an endpoint that does not answer is a UsageError."""
     import obstore
 
     if not any(os.environ.get(name) for name in CREDENTIAL_VARIABLES) and \
             not os.path.exists(os.path.expanduser("~/.aws/credentials")):
-        raise UsageError(f"no AWS credentials for {source.root}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        raise UsageError(f"no AWS credentials for {naming}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                          "(or AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible server")
-    bucket, prefix = split(source.root)
+    bucket, prefix = split(address)
     try:
         next(iter(obstore.list(store_for(bucket, retries=0), prefix=f"{prefix}/" if prefix else None,
                                chunk_size=1)), None)
     except Exception as error:  # obstore's errors: NotFound, PermissionDenied, Generic (with the S3 code)
-        raise UsageError(f"cannot list {source.root}: {s3_problem(error)}") from None
+        raise UsageError(f"cannot list {naming}: {s3_problem(error)}") from None
 
 
 def read_object_header(found: FoundFile, max_pixels: int) -> DicomHeader:

@@ -639,9 +639,9 @@ def check_store_writable(path: Path) -> None:
     """UsageError unless this process may write the store at `path`: the store directory, or the
     nearest folder above it that exists, must be a directory it can make folders in (tried with a
     folder made and removed at once: permissions alone do not tell, e.g. under /proc, for root, or
-    on a read-only mount). For a store in object storage: its bucket answers (check_bucket)."""
+    on a read-only mount). A store in object storage has nothing to probe here: check_store_path,
+    which every caller runs first, has listed its bucket."""
     if is_object_store(path):
-        check_bucket(path)
         return
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not existing.is_dir():

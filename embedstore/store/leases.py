@@ -59,7 +59,9 @@ class LeaseBook:
 
     def finish(self, parts: list[str]) -> None:
         """Mark this run's leases of `parts` done: their rows are committed (or their files failed)."""
-        for part in parts if not self.sole_writer else []:
+        if self.sole_writer:
+            return
+        for part in parts:
             self._write(self.path_of(part), self._mine(done=True))
 
     def _claim_existing(self, path: Path) -> Claim:
@@ -116,7 +118,10 @@ def _read(path: Path) -> dict | None:
 
 
 def clear_leases(store: Store) -> bool:
-    """Remove every lease when no ingest runs on the store (the caller has ended its own)."""
+    """Remove every lease when no ingest runs on the store (the caller has ended its own); a store
+    in object storage has none (one writer: nothing to share)."""
+    if is_object_store(store.path):
+        return True
     if store.ingest_running():
         return False
     remove_tree(store.path / LEASES_DIR)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from embedstore.errors import UsageError
-from embedstore.sources.objects import CREDENTIAL_VARIABLES, SCHEME, endpoint_url, s3_problem, split, store_for
+from embedstore.sources.objects import SCHEME, check_listable, endpoint_url, split, store_for
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 30.0  # six missed heartbeats: the holder is dead (or cut off, and then not writing either)
@@ -139,17 +139,7 @@ def local_folder(root, name: str) -> Path:
 
 def check_bucket(root) -> None:
     """UsageError unless the store's bucket answers to this process's credentials (one listing)."""
-    import obstore
-
-    bucket, prefix = split(str(root))
-    if not any(os.environ.get(name) for name in CREDENTIAL_VARIABLES):
-        raise UsageError(f"no AWS credentials for the store {root}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                         "(or AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible server")
-    try:  # the first page of one object is enough to know
-        next(iter(obstore.list(store_for(bucket, retries=0), prefix=f"{prefix}/" if prefix else None, chunk_size=1)),
-             None)
-    except Exception as error:  # noqa: BLE001 - obstore's errors, whatever the server said: one line
-        raise UsageError(f"cannot use the store {root}: {s3_problem(error)}") from None
+    check_listable(str(root), f"the store {root}")
 
 
 class ObjectLock:
@@ -169,24 +159,8 @@ class ObjectLock:
         return store_for(self.bucket)
 
     def acquire(self, wait: bool) -> bool:
-        import obstore
-        from obstore.exceptions import AlreadyExistsError, PreconditionError
-
         self.token["since"] = time.time()
-        while True:
-            try:
-                self._etag = obstore.put(self._store, self.key, self._body(), mode="create")["e_tag"]
-                break
-            except AlreadyExistsError:
-                pass
-            try:
-                held = obstore.head(self._store, self.key)
-                if time.time() - held["last_modified"].timestamp() > STALE_AFTER_S:
-                    self._etag = obstore.put(self._store, self.key, self._body(),
-                                             mode={"e_tag": held["e_tag"]})["e_tag"]
-                    break
-            except (FileNotFoundError, PreconditionError):  # released meanwhile, or another waiter took it over
-                continue
+        while not self._try_take():
             if not wait:
                 return False
             time.sleep(LOCK_POLL_S)
@@ -194,6 +168,28 @@ class ObjectLock:
         self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=f"lock {self.key}")
         self._beat.start()
         return True
+
+    def _try_take(self) -> bool:
+        """Make the lock object, or take over a stale one; False while a live holder has it."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        while True:  # until the object is made here, or found held
+            try:
+                self._etag = obstore.put(self._store, self.key, self._body(), mode="create")["e_tag"]
+                return True
+            except AlreadyExistsError:
+                try:
+                    held = obstore.head(self._store, self.key)
+                except FileNotFoundError:  # released meanwhile: make it again
+                    continue
+            if time.time() - held["last_modified"].timestamp() <= STALE_AFTER_S:
+                return False
+            try:  # a dead holder's: taken over only if nobody rewrote it since (If-Match)
+                self._etag = obstore.put(self._store, self.key, self._body(), mode={"e_tag": held["e_tag"]})["e_tag"]
+                return True
+            except PreconditionError:  # another waiter took it over first
+                return False
 
     def release(self) -> None:
         import obstore
