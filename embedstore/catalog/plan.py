@@ -53,6 +53,8 @@ def part_of(row: dict) -> str:
 
 def failures_of(rows: pa.Table) -> list[Failure]:
     """The header failures among catalogue rows, as failures rows."""
+    if rows.column("reason").null_count == rows.num_rows:  # the usual chunk: the filter costs 0.1 ms
+        return []
     failed = rows.filter(pa.compute.is_valid(rows["reason"])).select(["path", "reason", "message"]).to_pylist()
     return [Failure(row["path"], "read", row["reason"], row["message"]) for row in failed]
 

@@ -13,7 +13,7 @@ import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 
@@ -34,16 +34,35 @@ class HeaderSettings:
     rows: RowSettings
 
 
-def read_chunk(files: list[FoundFile], settings: HeaderSettings) -> pa.Table:
+@dataclass(frozen=True)
+class FileChunk:
+    """Files to read, as the listing's columns: a list of FoundFile cost the driver about 4 µs a file
+    to build and pickle, a fifth of all it did while two workers read."""
+
+    paths: list[str]
+    sizes: list[int]
+    mtimes_ns: list[int]
+    kinds: list[str]
+
+    @classmethod
+    def of(cls, listing: pa.Table) -> "FileChunk":
+        return cls(*(listing.column(name).to_pylist() for name in ("path", "size", "mtime_ns", "kind")))
+
+    def files(self) -> list[FoundFile]:
+        return [FoundFile(kind, path, size, mtime_ns)
+                for path, size, mtime_ns, kind in zip(self.paths, self.sizes, self.mtimes_ns, self.kinds)]
+
+
+def read_chunk(chunk: FileChunk, settings: HeaderSettings) -> pa.Table:
     """The `files` rows of a chunk: each file's header facts, or why it has none."""
     reader = reader_name()
     return rows_table([file_row(found, scan_file(found, settings.axis, settings.max_pixels), settings.rows, reader)
-                       for found in files])
+                       for found in chunk.files()])
 
 
-def read_and_commit_chunk(files: list[FoundFile], settings: HeaderSettings, store_path: str) -> pa.Table:
+def read_and_commit_chunk(chunk: FileChunk, settings: HeaderSettings, store_path: str) -> pa.Table:
     """A Ray task: the chunk's rows, committed to the store's `files` table before they are returned."""
-    rows = read_chunk(files, settings)
+    rows = read_chunk(chunk, settings)
     commit_rows(Store.open(store_path), rows)
     return rows
 
@@ -89,13 +108,13 @@ class LocalHeaderReaders:
         self._executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
                           if workers else None)
 
-    def submit(self, files: list[FoundFile], settings: HeaderSettings) -> Future:
+    def submit(self, chunk: FileChunk, settings: HeaderSettings) -> Future:
         self.n_tasks += 1
         if self._executor is None:
             future: Future = Future()
-            future.set_result(read_chunk(files, settings))
+            future.set_result(read_chunk(chunk, settings))
             return future
-        return self._executor.submit(read_chunk, files, settings)
+        return self._executor.submit(read_chunk, chunk, settings)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -120,9 +139,9 @@ class RayHeaderReaders:
         self._task = ray.remote(num_cpus=0, max_retries=3, scheduling_strategy="SPREAD")(read_and_commit_chunk)
         self._store_path = store_path
 
-    def submit(self, files: list[FoundFile], settings: HeaderSettings) -> "RayResult":
+    def submit(self, chunk: FileChunk, settings: HeaderSettings) -> "RayResult":
         self.n_tasks += 1
-        return RayResult(self._task.remote(files, settings, self._store_path))
+        return RayResult(self._task.remote(chunk, settings, self._store_path))
 
     def close(self) -> None:
         """Nothing to release: Ray owns the task workers (the local readers' close ends a pool)."""
@@ -138,21 +157,14 @@ class RayResult:
         return ray.get(self.ref)
 
 
-def read_in_order(readers: LocalHeaderReaders | RayHeaderReaders, files: Iterable[FoundFile],
-                  settings: HeaderSettings, chunk_files: int | None = None) -> Iterator[pa.Table]:
-    """The rows of every file, chunk by chunk in the order given, with a bounded number in flight."""
+def read_in_order(readers: LocalHeaderReaders | RayHeaderReaders, listing: pa.Table, settings: HeaderSettings,
+                  chunk_files: int | None = None) -> Iterator[pa.Table]:
+    """The rows of every file of the listing, chunk by chunk in its order, with a bounded number in flight."""
     size = chunk_files or readers.chunk_files
-    limit = readers.in_flight
     in_flight: deque = deque()
-    chunk: list[FoundFile] = []
-    for found in files:
-        chunk.append(found)
-        if len(chunk) == size:
-            in_flight.append(readers.submit(chunk, settings))
-            chunk = []
-            if len(in_flight) >= limit:
-                yield in_flight.popleft().result()
-    if chunk:
-        in_flight.append(readers.submit(chunk, settings))
+    for start in range(0, listing.num_rows, size):
+        in_flight.append(readers.submit(FileChunk.of(listing.slice(start, size)), settings))
+        if len(in_flight) >= readers.in_flight:
+            yield in_flight.popleft().result()
     while in_flight:
         yield in_flight.popleft().result()

@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from embedstore.catalog.listing import Comparison, Listing, compare_with_catalog, list_sources
 from embedstore.catalog.reading import FilesCommitter, HeaderSettings, LocalHeaderReaders, RayHeaderReaders, read_in_order
-from embedstore.sources.discover import FoundFile
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.store import Store
 from embedstore.store.schema import FILES_SCHEMA
@@ -101,7 +100,7 @@ class CatalogScan:
         committer = FilesCommitter(self.store, self.files_version if all_new else None)
         pending: list[pa.Table] = []
         try:
-            for rows in read_in_order(readers, self._to_read(), self.settings, self.options.chunk_files):
+            for rows in read_in_order(readers, self.comparison.to_read, self.settings, self.options.chunk_files):
                 self.n_read += rows.num_rows
                 self.n_failed += rows.num_rows - rows.column("reason").null_count
                 # Handed on before they are committed: the embedders need not wait for a batch, and a
@@ -121,13 +120,6 @@ class CatalogScan:
             self.n_tasks = readers.n_tasks
             self.read_seconds = time.perf_counter() - started
             self.seconds = time.perf_counter() - self._started
-
-    def _to_read(self):
-        table = self.comparison.to_read
-        for batch in table.to_batches(max_chunksize=65536):
-            for path, size, mtime_ns, kind in zip(*(batch.column(name).to_pylist()
-                                                    for name in ("path", "size", "mtime_ns", "kind"))):
-                yield FoundFile(kind, path, size, mtime_ns)
 
     def summary(self) -> CatalogSummary:
         comparison = self.comparison
