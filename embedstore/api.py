@@ -35,6 +35,7 @@ from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import LEVELS, Vectors, load_vectors
 
 if TYPE_CHECKING:
+    from embedstore.search.regions import RegionHit
     from embedstore.search.similar import Hit, Hits
 
 __all__ = ["EmbedStore", "Hit", "Hits", "Vectors", "open_store"]
@@ -155,7 +156,9 @@ class EmbedStore:
     # ------------------------------------------------------------------ search
     def search(self, key: str | None = None, series_uid: str | None = None, image: str | Path | None = None,
                vector: np.ndarray | None = None, k: int = 10, level: str = "slice", model: str | None = None,
-               feature: str = "cls", where: str | None = None, study_uid: str | None = None) -> Hits:
+               feature: str = "cls", where: str | None = None, study_uid: str | None = None,
+               box: tuple[int, int, int, int] | None = None, block: int | None = None, per_slice: int = 1,
+               score: str = "window") -> Hits | list[RegionHit]:
         """The k stored slices, series or studies (`level`) most similar (cosine) to one query:
         a stored slice (`key`), series (`series_uid`) or study (`study_uid`), an image file embedded
         on the fly with the store's model and preprocessing (`image`), or your own `vector` (D,) or
@@ -169,13 +172,36 @@ class EmbedStore:
             for hit in store.search(key="dicom:1.2.826...:0", k=3, feature="patch_mean", where="modality = 'CT'"):
                 print(hit.rank, round(hit.similarity, 3), hit.series_uid, hit.slice_index, hit.path)
             store.search(image="query.dcm", level="study", k=5)
+
+        With `box=(x0, y0, x1, y1)` (columns then rows, in the `key` slice's or `image`'s own pixels)
+        it is a region search over the stored patch tokens (`block`, default the last stored): a list
+        of RegionHit, each a slice `key` with the matched `box` in that slice's pixels and a `score`,
+        at most `per_slice` a slice (level slice) or the best of each series or study; `score` window
+        or late (see embedstore.search.regions)::
+
+            for hit in store.search(key="dicom:1.2.826...:0", box=(120, 200, 180, 260), k=5):
+                print(hit.rank, round(hit.score, 3), hit.key, hit.box)
         """
+        if box is not None:
+            return self._search_regions(key, image, box, k, level, model, where, block, per_slice, score,
+                                        other=next((v for v in (series_uid, study_uid, vector) if v is not None), None))
         from embedstore.search import similar  # torch: only when a search runs
 
         sources = {"key": ("key", key), "series_uid": ("series_uid", series_uid), "study_uid": ("study_uid", study_uid),
                    "image": ("image", image), "vector": ("vector", vector)}
         query = similar.query_for(self.store, sources, feature, model)
         return similar.search(self.store, query, k, level, feature, where)
+
+    def _search_regions(self, key, image, box, k, level, model, where, block, per_slice, score,
+                        other) -> list[RegionHit]:
+        from embedstore.search import regions
+
+        if other is not None or (key is None) == (image is None):
+            raise UsageError("a box needs exactly one of key or image: the slice it is drawn on")
+        parsed = regions.parse_box(box)
+        query = (regions.region_query_by_key(self.store, key, parsed, model, block) if key is not None else
+                 regions.region_query_by_image(self.store, image, parsed, model, block))
+        return regions.search_regions(self.store, query, k, where, level, per_slice, score)
 
     # ------------------------------------------------------------------ export and the rest
     def export(self, out: str | Path, format: str = "parquet", model: str | None = None, feature: str = "cls",

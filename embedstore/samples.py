@@ -250,6 +250,50 @@ def write_segmentation_phantoms(root: Path, n_images: int = 0, n_volumes: int = 
     return root / "labels.csv"
 
 
+REGION_PERIOD = 4  # px: a 64 px image at the tests' 112 px input puts two periods in every 8 px token
+
+
+def region_textures(size: int) -> list[np.ndarray]:
+    """The three region classes' textures in [-1, 1]: horizontal stripes, vertical stripes, a
+    checkerboard. Classes differ in pattern, not in level: a random-weight ViT's final LayerNorm
+    makes its tokens nearly blind to a patch's brightness, not to its pattern."""
+    rows, cols = np.mgrid[0:size, 0:size]
+    wave_rows = np.where((rows // (REGION_PERIOD // 2)) % 2 == 0, 1.0, -1.0)
+    wave_cols = np.where((cols // (REGION_PERIOD // 2)) % 2 == 0, 1.0, -1.0)
+    return [wave_rows, wave_cols, wave_rows * wave_cols]
+
+
+def write_region_phantoms(root: Path, n_images: int, size: int = 64, seed: int = 0) -> list[dict]:
+    """`n_images` PNG images under `root`/images with PNG class maps under `root`/masks: two discs of
+    two different classes (1 to 3, each its own texture: `region_textures`) at random places on noise, apart from each
+    other and the edge; a disc's radius is a sixth to a fifth of the image. Returns per image its
+    path, mask path and discs (class, centre row, centre column, radius): what region search must find
+    wherever it lies."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size]
+    written = []
+    for number in range(n_images):
+        labels = np.zeros((size, size), dtype=np.uint8)
+        discs: list[tuple[int, float, float, float]] = []
+        for value in rng.choice([1, 2, 3], size=2, replace=False):
+            radius = rng.uniform(size / 6, size / 5)
+            while True:  # a place inside the image, clear of the first disc
+                centre = rng.uniform(radius + 1, size - radius - 1, 2)
+                if all(np.hypot(*(centre - (r, c))) > radius + other + 2 for _, r, c, other in discs):
+                    break
+            discs.append((int(value), float(centre[0]), float(centre[1]), float(radius)))
+            labels[np.hypot(rows - centre[0], cols - centre[1]) <= radius] = value
+        textures = np.stack([np.full((size, size), 0.0), *region_textures(size)])  # background: flat
+        image = np.where(labels > 0, 0.55, 0.15) + 0.3 * textures[labels, rows, cols]
+        image = image + rng.normal(0, PHANTOM_NOISE, labels.shape)
+        image_path, mask_path = root / "images" / f"img{number:03d}.png", root / "masks" / f"img{number:03d}.png"
+        write_png(image_path, np.clip(image, 0, 1))
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(labels).save(mask_path)
+        written.append({"path": image_path, "mask": mask_path, "discs": discs})
+    return written
+
+
 def write_stripes_task(root: Path, n_images: int, size: int = 56, label_by: str = "orientation",
                        period: float = 6.0, seed: int = 0) -> Path:
     """A two-class task under `root` and its labels CSV (returned): PNG images of stripes (random

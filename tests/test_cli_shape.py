@@ -48,6 +48,15 @@ HELP_FIXES = [
     ("ingest", "Default: up to 8 with CUDA, cores/8 on CPU.", "Default: up to 8 with CUDA, cores/8 on CPU. "
      "--header-workers <int> Processes reading headers (Ray: tasks at once); 0 reads in this process. Default: every "
      "core. --header-batch <int> Files per header-reading task. Default: 256 locally, 2048 on Ray."),
+    # issue 26: region search
+    ("search", "most similar to a query. Arguments", "most similar to a query. With --box, the regions most similar "
+     "to a box drawn on a slice, from the stored patch tokens. Arguments"),
+    ("search", "over how many of the rows the filter keeps.", "over how many of the rows the filter keeps. --box <str> "
+     "Region search: X0,Y0,X1,Y1 (columns then rows, in the --key slice's or --image's own pixels); ranks regions by "
+     "patch tokens. --block <int> With --box: the stored block whose patch tokens are compared (negative counts from "
+     "the end). Default: the last stored. --per-slice <int> With --box: most regions from one slice. [default: 1] "
+     "--score <str> With --box: window (the box's tokens against each window of that shape, in place) or late (each "
+     "token's best match anywhere, averaged). [default: window]"),
     # issue 25: a PACS's DICOMweb service as a source
     ("ingest", "SRC... Files or directories (searched recursively).", "SRC... Files or directories (searched "
      "recursively), a PACS's DICOMweb service (dicomweb+http(s)://HOST/PATH) or a bucket (s3://BUCKET/PREFIX)."),

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from embedstore.cli.options import FeatureOption, LevelOption, ModelIdOption, StoreArgument, WhereOption
-from embedstore.cli.render import out, print_hits, print_index_report, warn
+from embedstore.cli.render import out, print_hits, print_index_report, print_region_hits, warn
 
 
 def search(
@@ -26,13 +26,26 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table (with the plan that ran)."),
     explain: bool = typer.Option(False, "--explain", help="Say how the search ran: exactly or through the index, "
                                  "with how many probes, over how many of the rows the filter keeps."),
+    box: Optional[str] = typer.Option(None, "--box", help="Region search: X0,Y0,X1,Y1 (columns then rows, in the "
+                                      "--key slice's or --image's own pixels); ranks regions by patch tokens."),
+    block: Optional[int] = typer.Option(None, "--block", help="With --box: the stored block whose patch tokens are "
+                                        "compared (negative counts from the end). Default: the last stored."),
+    per_slice: int = typer.Option(1, "--per-slice", help="With --box: most regions from one slice."),
+    score: str = typer.Option("window", "--score", help="With --box: window (the box's tokens against each window "
+                              "of that shape, in place) or late (each token's best match anywhere, averaged)."),
 ) -> None:
-    """The stored slices, series or studies most similar to a query."""
+    """The stored slices, series or studies most similar to a query.
+
+    With --box, the regions most similar to a box drawn on a slice, from the stored patch tokens."""
     from embedstore.search import similar
     from embedstore.search.degenerate import stored_feature_warning
     from embedstore.store import Store
 
     opened = Store.open(store)
+    if box is not None:
+        search_regions(opened, image, key, series_uid or study_uid, box, k, level, where, model_id, block, per_slice,
+                       score, as_json)
+        return
     sources = {"--image": ("image", image), "--key": ("key", key), "--series-uid": ("series_uid", series_uid),
                "--study-uid": ("study_uid", study_uid)}
     query = similar.query_for(opened, sources, feature, model_id)
@@ -46,6 +59,26 @@ def search(
     if explain:
         out.print(hits.plan.explain())
     print_hits(hits, level, query.description, where)
+
+
+def search_regions(opened, image: Path | None, key: str | None, other: str | None, box: str, k: int, level: str,
+                   where: str | None, model_id: str | None, block: int | None, per_slice: int, score: str,
+                   as_json: bool) -> None:
+    from embedstore.errors import UsageError
+    from embedstore.search import regions
+
+    if other is not None or (image is None) == (key is None):
+        raise UsageError("--box needs exactly one of --key or --image: the slice the box is drawn on")
+    parsed = regions.parse_box(box)
+    query = (regions.region_query_by_key(opened, key, parsed, model_id, block) if key is not None else
+             regions.region_query_by_image(opened, image, parsed, model_id, block))
+    hits = regions.search_regions(opened, query, k, where, level, per_slice, score, on_slow=warn)
+    if as_json:
+        print(json.dumps({"query": query.description, "model_id": query.model_id, "block": query.block,
+                          "box": query.box.as_tuple(), "level": level, "score": score, "where": where,
+                          "hits": regions.region_hits_as_dicts(hits)}, indent=2))
+        return
+    print_region_hits(hits, query.description, where)
 
 
 def index(

@@ -10,11 +10,12 @@ import numpy as np
 from embedstore.errors import InputError, UsageError
 from embedstore.inference.batching import SliceBatcher
 from embedstore.models.build import LoadedModel, rebuild_model
-from embedstore.models.embedder import Embedder
+from embedstore.models.embedder import Embedder, Embeddings
 from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.preprocess import DecodeSettings, decode_task
 from embedstore.sources.catalog import build_catalog
 from embedstore.sources.discover import check_sources, discover
+from embedstore.sources.records import SliceItem
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.store import Store
 
@@ -34,6 +35,17 @@ def embed_with(loaded: LoadedModel, spec: ModelSpec, path: str | Path, axis: str
     """`embed_file` with a model already rebuilt from `spec` (a service keeps it between queries).
     UsageError saying why when the file cannot be embedded; `max_pixels` as the ingest's
     `--max-pixels`."""
+    embeddings, _ = embeddings_of_file(loaded, spec, path, axis, max_pixels, keep_patches=False)
+    columns = {"cls": embeddings.cls, "patch_mean": embeddings.patch_mean}
+    for position, block in enumerate(spec.cls_layers):
+        columns[cls_column(block)] = embeddings.cls_layers[:, position]
+    return columns
+
+
+def embeddings_of_file(loaded: LoadedModel, spec: ModelSpec, path: str | Path, axis: str = "axial",
+                       max_pixels: int = DEFAULT_MAX_PIXELS,
+                       keep_patches: bool = False) -> tuple[Embeddings, list[SliceItem]]:
+    """Every slice of `path` through the model, and the slices (their native rows and columns)."""
     found, failures = discover(check_sources([path]))
     if not found and not failures:
         raise UsageError(f"{path} cannot be embedded: it is not a file embedstore reads ({READABLE})")
@@ -50,8 +62,5 @@ def embed_with(loaded: LoadedModel, spec: ModelSpec, path: str | Path, axis: str
             batcher.add(decode_task(task, settings))
         except InputError as error:  # what an ingest would record as a failures row
             raise UsageError(f"{path} cannot be embedded: {error.reason}: {error.message}") from None
-    embeddings = Embedder(loaded, engine="eager").embed(batcher.take()[1][spec.interpolation], keep_patches=False)
-    columns = {"cls": embeddings.cls, "patch_mean": embeddings.patch_mean}
-    for position, block in enumerate(spec.cls_layers):
-        columns[cls_column(block)] = embeddings.cls_layers[:, position]
-    return columns
+    items, pixels = batcher.take()
+    return Embedder(loaded, engine="eager").embed(pixels[spec.interpolation], keep_patches=keep_patches), items
