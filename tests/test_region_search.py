@@ -174,3 +174,87 @@ def test_a_store_without_patch_tokens_names_patch_layers(tmp_path, monkeypatch, 
     code, _, stderr = run_cli_here(["search", str(tmp_path / "store"), "--key", key, "--box", "0,0,8,8"],
                                    monkeypatch, capsys)
     assert code == 2 and "--patch-layers" in stderr and len(written) == 2
+
+
+def test_the_service_answers_a_box_with_boxed_results_and_refuses_bad_boxes(phantoms, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from embedstore.serve.app import ServeSettings, create_app
+
+    store, written, key_of, masks = phantoms
+    client = TestClient(create_app(ServeSettings(store.path, cache_folder=tmp_path / "cache")))
+    service = client.app.state.service
+    key = key_of[str(written[2]["path"])]
+    value, row, col, _ = written[2]["discs"][1]
+    body = {"key": service.ids.public(key), "box": list(disc_box(row, col)), "k": 6}
+    answer = client.post("/api/search", json=body)
+    assert answer.status_code == 200, answer.text
+    answer = answer.json()
+    assert answer["box"] == body["box"] and answer["plan"]["path"] == "exact-regions"
+    assert answer["plan"]["rows_kept"] == N_IMAGES - 1 and len(answer["results"]) == 6
+    for result in answer["results"]:
+        x0, y0, x1, y1 = result["box"]
+        assert 0 <= x0 < x1 <= result["cols"] and 0 <= y0 < y1 <= result["rows"]
+        stored = service.ids.stored(result["key"])
+        assert centre_class(masks[stored], result["box"]) == value
+        assert client.get(result["thumbnail"]).status_code == 200
+    for box, message in [([60, 0, 70, 10], "lies outside"), ([10, 10, 10, 20], "empty or inverted"),
+                         ([20, 10, 10, 20], "empty or inverted")]:
+        refused = client.post("/api/search", json={**body, "box": box})
+        assert refused.status_code == 400 and message in refused.json()["detail"]
+    assert client.post("/api/search", json={**body, "box": [1, 2, 3]}).status_code == 422
+    no_key = client.post("/api/search", json={"series_uid": answer["results"][0]["series_uid"], "box": body["box"]})
+    assert no_key.status_code == 400 and "key" in no_key.json()["detail"]
+
+
+def test_boxes_drawn_with_the_mouse_in_chromium_find_regions_and_show_theirs(phantoms, tmp_path):
+    browser_tests = pytest.importorskip("tests.test_serve_browser")
+    if not (browser_tests.CHROMIUM and browser_tests.CHROMEDRIVER):
+        pytest.skip("needs Chromium and its driver: apt-get install chromium chromium-driver")
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    store, written, key_of, masks = phantoms
+    item = written[4]
+    value, row, col, _ = item["discs"][0]
+    x0, y0, x1, y1 = disc_box(row, col)
+    with browser_tests.chromium() as browser, browser_tests.serving(store.path, tmp_path / "cache") as (url, app):
+        public = app.state.service.ids.public
+        browser.get(f"{url}/?by=key&q={public(key_of[str(item['path'])])}&feature=patch_mean&k=10")
+        browser_tests.wait_for_results(browser, "")
+        image = browser.find_element("css selector", "#query-view .thumb")
+        WebDriverWait(browser, 30).until(lambda _: image.get_property("naturalWidth") > 0)
+        side = image.size["width"]  # square: a 64×64 slice fills the square element
+
+        def offset(pixel: float) -> int:  # from the element's centre, as Selenium counts
+            return round((pixel / 64 - 0.5) * side)
+
+        status = browser.find_element("id", "status").text
+        (ActionChains(browser).move_to_element_with_offset(image, offset(x0), offset(y0)).click_and_hold()
+         .move_by_offset(offset(x1) - offset(x0), offset(y1) - offset(y0)).release().perform())
+        tiles = browser_tests.wait_for_results(browser, status)
+        assert "regions like box" in browser.find_element("id", "status").text and len(tiles) == 10
+        shown = browser.execute_script("""
+            return [...document.querySelectorAll('.tile')].map(tile => {
+              const box = tile.querySelector('.box');
+              return {key: tile.dataset.key, box: tile.dataset.box.split(',').map(Number),
+                      visible: !box.hidden && box.offsetWidth > 0 && box.offsetHeight > 0};});""")
+        hits = [(app.state.service.ids.stored(tile["key"]), tile["box"]) for tile in shown]
+        assert all(tile["visible"] for tile in shown)
+        assert all(0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 64 for _, box in hits)
+        assert np.mean([centre_class(masks[key], box) == value for key, box in hits]) >= 0.8
+        browser.save_screenshot(str(tmp_path / "regions.png"))
+
+        # "find regions like this" on a result: drag across its own matched box
+        first = browser.find_elements("css selector", ".tile .thumb")[0]
+        box = shown[0]["box"]
+        status = browser.find_element("id", "status").text
+        tile_side = first.size["width"]
+        (ActionChains(browser)
+         .move_to_element_with_offset(first, round((box[0] / 64 - 0.5) * tile_side),
+                                      round((box[1] / 64 - 0.5) * tile_side)).click_and_hold()
+         .move_by_offset(round((box[2] - box[0]) / 64 * tile_side), round((box[3] - box[1]) / 64 * tile_side))
+         .release().perform())
+        browser_tests.wait_for_results(browser, status)
+        assert browser.execute_script("return new URLSearchParams(location.search).get('q')") == shown[0]["key"]
+        assert "regions like box" in browser.find_element("id", "status").text

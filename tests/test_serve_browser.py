@@ -7,6 +7,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -16,9 +17,9 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs Chromium and its driver: apt-get install chromium chromium-driver")
 
 
-@pytest.fixture
-def server(patient_store, tmp_path):
-    """`embedstore serve` on a free loopback port, in a thread of this process."""
+@contextmanager
+def serving(store_path, cache_folder):
+    """`embedstore serve` on a free loopback port, in a thread of this process: (its URL, the app)."""
     import uvicorn
 
     from embedstore.serve.app import ServeSettings, create_app
@@ -26,7 +27,7 @@ def server(patient_store, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = create_app(ServeSettings(patient_store[0], cache_folder=tmp_path / "cache"))
+    app = create_app(ServeSettings(store_path, cache_folder=cache_folder))
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
@@ -34,13 +35,22 @@ def server(patient_store, tmp_path):
     while not uvicorn_server.started:
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture
-def browser():
+def server(patient_store, tmp_path):
+    with serving(patient_store[0], tmp_path / "cache") as (url, _):
+        yield url
+
+
+@contextmanager
+def chromium():
+    """Headless Chromium under Selenium, quit on the way out."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -49,8 +59,16 @@ def browser():
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def browser():
+    with chromium() as driver:
+        yield driver
 
 
 def wait_for_results(driver, previous_status: str) -> list[dict]:

@@ -113,6 +113,14 @@ class RegionQuery:
     own_key: str | None = None  # left out of the results
 
 
+class RegionHits(list):
+    """The hits of one region search, best first (a list of RegionHit), and `slices_scored`."""
+
+    def __init__(self, hits, slices_scored: int):
+        super().__init__(hits)
+        self.slices_scored = slices_scored
+
+
 @dataclass
 class RegionHit:
     rank: int
@@ -233,7 +241,7 @@ def late_scores(query: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int]
 
 
 def search_regions(store: Store, query: RegionQuery, k: int = 10, where: str | None = None, level: str = "slice",
-                   per_slice: int = 1, score: str = "window", on_slow=None) -> list[RegionHit]:
+                   per_slice: int = 1, score: str = "window", on_slow=None) -> RegionHits:
     """The k best regions (at most `per_slice` a slice; at `level` series or study, the best region of
     each), among the slices `where` keeps, the query's own slice left out. `on_slow(message)` is
     called once when the search takes long."""
@@ -254,10 +262,10 @@ def search_regions(store: Store, query: RegionQuery, k: int = 10, where: str | N
         condition += f" AND NOT ({equals('key', query.own_key)})"
     rows = store.rows(table, condition, ["key", "patch_shard", "patch_offset"])
     if not rows.num_rows:
-        return []
+        return RegionHits([], 0)
     rows = rows.sort_by([("patch_shard", "ascending"), ("patch_offset", "ascending")])
     scores, windows = _score_all(store, query, rows, spec, per_slice, score, on_slow)
-    return _ranked(store, query, rows, scores, windows, k, level, spec)
+    return RegionHits(_ranked(store, query, rows, scores, windows, k, level, spec), rows.num_rows)
 
 
 def _score_all(store: Store, query: RegionQuery, rows: pa.Table, spec: ModelSpec, per_slice: int, score: str,

@@ -6,6 +6,7 @@ Routes (OpenAPI at /docs and /openapi.json):
   POST /api/uploads?filename=F     an image file as the request body: embedded once per model, kept
                                    for the searches that name its upload_id
   POST /api/search                 by key, series_uid, study_uid or upload_id; k, level, model, feature, where
+                                   with box (on key): the regions most like it, each with its box
   GET  /api/items/{key}            GET /api/series/{uid}            GET /api/studies/{uid}
   GET  /thumbnails/{key}.png       the slice as its model saw it, 256 px on the long side
   GET  /                           the page (static/), which calls the routes above
@@ -38,7 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from embedstore.errors import InputError, StoreDamagedError, UsageError
-from embedstore.search import similar
+from embedstore.search import regions, similar
 from embedstore.search.degenerate import stored_feature_warning
 from embedstore.search.where import validated_where
 from embedstore.serve.public import FILTER_COLUMNS, ITEM_FIELDS, PublicIds
@@ -110,6 +111,11 @@ class SearchRequest(BaseModel):
                                 "default_feature (GET /api/models) when absent")
     where: str | None = Field(None, description="filter on " + ", ".join(FILTER_COLUMNS)
                               + ", e.g. \"modality = 'CT' AND study_date >= '2020-01-01'\"")
+    box: list[int] | None = Field(None, min_length=4, max_length=4, description="region search: X0, Y0, X1, Y1 "
+                                  "on the `key` slice, in its own pixels (columns then rows, the ends exclusive)")
+    per_slice: int = Field(1, ge=1, le=100, description="region search: most regions from one slice")
+    score: Literal["window", "late"] = Field("window", description="region search: how a region is scored")
+    block: int | None = Field(None, description="region search: the stored block; the last stored when absent")
 
 
 @dataclass
@@ -221,6 +227,8 @@ class Service:
 
     def search(self, request: SearchRequest) -> SearchResponse:
         model_id = self.model_id(request.model)
+        if request.box is not None:
+            return self.region_search(request, model_id)
         feature = request.feature or self.default_feature(model_id)[0]
         query = self.query(request, model_id, feature)
         table = series_table_name(model_id) if request.level == "series" else slices_table_name(model_id)
@@ -231,8 +239,35 @@ class Service:
             raise HTTPException(400, self.message(error)) from None
         strips = self.strips(hits, request.level)
         return SearchResponse(model_id=model_id, level=request.level, feature=feature, where=where,
-                              plan=SearchPlanInfo(**hits.plan.to_dict()),
+                              plan=SearchPlanInfo(**hits.plan.to_dict()), box=None,
                               results=[self.result(hit, model_id, strips.get(hit.key)) for hit in hits])
+
+    def region_search(self, request: SearchRequest, model_id: str) -> SearchResponse:
+        """The regions most like a box on a stored slice, each result with its matched box."""
+        if not request.key or any(getattr(request, name) for name in ("series_uid", "study_uid", "upload_id")):
+            raise HTTPException(400, "a box is drawn on one stored slice: give it with key alone")
+        stored = self.stored_or_404(request.key, "key")
+        table = slices_table_name(model_id)
+        try:
+            where = validated_where(request.where, self.filter_schema(table)) if request.where else None
+            query = regions.region_query_by_key(self.store, stored, regions.Box(*request.box), model_id, request.block)
+            hits = regions.search_regions(self.store, query, request.k, where, request.level, request.per_slice,
+                                          request.score)
+        except UsageError as error:
+            raise HTTPException(400, self.message(error).replace(stored, request.key)) from None
+        plan = SearchPlanInfo(path="exact-regions", rows_kept=hits.slices_scored,
+                              rows_total=self.store.table(table).count_rows(), nprobes=None)
+        return SearchResponse(model_id=model_id, level=request.level, feature=f"patch tokens of block {query.block}",
+                              where=where, plan=plan, box=list(query.box.as_tuple()),
+                              results=[self.region_result(hit, model_id) for hit in hits])
+
+    def region_result(self, hit: regions.RegionHit, model_id: str) -> SearchResult:
+        return SearchResult(
+            rank=hit.rank, score=hit.score, level=hit.level, key=self.ids.public(hit.key),
+            series_uid=self.ids.public(hit.series_uid), study_uid=self.ids.public(hit.study_uid),
+            **{name: getattr(hit, name) for name in ITEM_FIELDS}, n_slices=None, n_series=None,
+            thumbnail=self.thumbnail_url(hit.key, model_id), strip=[], box=list(hit.box), rows=hit.rows,
+            cols=hit.cols, **self.shown_path(hit.path))
 
     def filter_schema(self, table: str) -> pa.Schema:
         schema = self.store.schema(table)

@@ -49,6 +49,10 @@ class SearchResult(SliceMetadata):
     n_series: int | None
     thumbnail: str | None = Field(description="URL of the slice's (or the middle slice's) thumbnail")
     strip: list[str] = Field(description="series and study results: thumbnails of up to 6 slices in order")
+    box: list[int] | None = Field(None, description="region search: the matched region X0, Y0, X1, Y1 in the "
+                                  "slice's own pixels (columns then rows, the ends exclusive)")
+    rows: int | None = Field(None, description="region search: the slice's rows, which the box is counted in")
+    cols: int | None = Field(None, description="region search: the slice's columns")
     path: str | None = None
 
 
@@ -67,6 +71,7 @@ class SearchResponse(BaseModel):
     feature: str
     where: str | None = Field(description="the filter as applied")
     plan: SearchPlanInfo
+    box: list[int] | None = Field(None, description="region search: the query box as applied")
     results: list[SearchResult]
 
 

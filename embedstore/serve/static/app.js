@@ -77,11 +77,107 @@ function loadThumbnail(img, url) {
     .catch(() => { img.alt = "not readable"; img.classList.add("missing"); });
 }
 
+// Where an image's pixels lie inside its element (object-fit: contain letterboxes them), in CSS px.
+function contentRect(img) {
+  const scale = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);
+  const width = img.naturalWidth * scale, height = img.naturalHeight * scale;
+  return { left: img.offsetLeft + (img.clientWidth - width) / 2, top: img.offsetTop + (img.clientHeight - height) / 2,
+           width, height };
+}
+
+// Put `node` over the fractions [x0, y0, x1, y1] of the frame's image.
+function place(node, img, fractions) {
+  const rect = contentRect(img);
+  node.style.left = `${rect.left + fractions[0] * rect.width}px`;
+  node.style.top = `${rect.top + fractions[1] * rect.height}px`;
+  node.style.width = `${(fractions[2] - fractions[0]) * rect.width}px`;
+  node.style.height = `${(fractions[3] - fractions[1]) * rect.height}px`;
+  node.hidden = false;
+}
+
+// A result's matched box (slice pixels) drawn over its thumbnail once the thumbnail has loaded.
+function showBox(frame, box, rows, cols) {
+  const img = frame.querySelector(".thumb");
+  const draw = () => place(frame.querySelector(".box"), img, [box[0] / cols, box[1] / rows, box[2] / cols, box[3] / rows]);
+  img.complete && img.naturalWidth ? draw() : img.addEventListener("load", draw, { once: true });
+}
+
+// Drag on a frame's image to draw a box; `onBox` gets it as fractions of the image, [x0, y0, x1, y1].
+function boxDrawing(frame, onBox) {
+  const img = frame.querySelector(".thumb"), overlay = frame.querySelector(".draw");
+  let start = null;
+  const at = (event) => {
+    const rect = contentRect(img), bounds = img.getBoundingClientRect();
+    const x = (event.clientX - bounds.left - (rect.left - img.offsetLeft)) / rect.width;
+    const y = (event.clientY - bounds.top - (rect.top - img.offsetTop)) / rect.height;
+    return [Math.min(1, Math.max(0, x)), Math.min(1, Math.max(0, y))];
+  };
+  const span = (a, b) => [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
+  frame.classList.add("drawable");
+  frame.addEventListener("mousedown", (event) => {
+    if (!img.naturalWidth) return;
+    event.preventDefault();
+    start = at(event);
+  });
+  frame.addEventListener("mousemove", (event) => { if (start) place(overlay, img, span(start, at(event))); });
+  frame.addEventListener("mouseleave", () => { start = null; overlay.hidden = true; });
+  frame.addEventListener("mouseup", (event) => {
+    if (!start) return;
+    const box = span(start, at(event));
+    start = null;
+    overlay.hidden = true;
+    if (box[2] - box[0] > 0.01 && box[3] - box[1] > 0.01) onBox(box);  // a click is not a box
+  });
+}
+
+// A box drawn on slice `key` (fractions of its image) as pixels of the slice, then a region search.
+async function searchRegions(key, fractions) {
+  try {
+    const item = await api(`/api/items/${encodeURIComponent(key)}`);
+    const box = [Math.floor(fractions[0] * item.cols), Math.floor(fractions[1] * item.rows),
+                 Math.ceil(fractions[2] * item.cols), Math.ceil(fractions[3] * item.rows)];
+    setState({ by: "key", q: key, box: box.join(",") });
+    $("key").value = key;
+    await search();
+  } catch (error) {
+    status(error.message, true);
+  }
+}
+
+function thumbnailOf(key, modelId) {
+  return `/thumbnails/${encodeURIComponent(key)}.png?model=${encodeURIComponent(modelId)}`;
+}
+
+// The query slice, when the query is one: a box can be drawn on it, and a region query's box is shown.
+function showQuery(answer) {
+  const params = state(), view = $("query-view");
+  if (params.get("by") !== "key" || answer.level !== "slice") { view.hidden = true; return; }
+  const fresh = view.querySelector(".frame").cloneNode(true);  // a new node: no listeners of an earlier query
+  fresh.querySelector(".box").hidden = fresh.querySelector(".draw").hidden = true;
+  view.querySelector(".frame").replaceWith(fresh);
+  view.hidden = false;
+  const img = fresh.querySelector(".thumb");
+  img.removeAttribute("src");
+  loadThumbnail(img, thumbnailOf(params.get("q"), answer.model_id));
+  boxDrawing(fresh, (fractions) => searchRegions(params.get("q"), fractions));
+  if (answer.box) {
+    api(`/api/items/${encodeURIComponent(params.get("q"))}`)
+      .then((item) => showBox(fresh, answer.box, item.rows, item.cols)).catch(() => {});
+  }
+}
+
 function tile(result) {
   const node = $("tile").content.firstElementChild.cloneNode(true);
   node.dataset.score = result.score;
   node.dataset.key = result.key;
   loadThumbnail(node.querySelector(".thumb"), result.thumbnail);
+  if (result.box) {
+    node.dataset.box = result.box.join(",");
+    showBox(node.querySelector(".frame"), result.box, result.rows, result.cols);
+  }
+  if (result.level === "slice" || result.box) {
+    boxDrawing(node.querySelector(".frame"), (fractions) => searchRegions(result.key, fractions));
+  }
   for (const url of result.strip.length > 1 ? result.strip : []) {
     const img = document.createElement("img");
     img.alt = "";
@@ -98,8 +194,8 @@ function tile(result) {
     result.level === "slice" ? `slice ${result.slice_index}` :
     result.level === "series" ? slices : `${result.n_series} series, ${slices}`;
   node.querySelector(".more").addEventListener("click", () => {
-    const kind = MORE_LIKE_THIS[result.level];
-    setState({ by: kind, q: result[kind] });
+    const kind = result.box ? "key" : MORE_LIKE_THIS[result.level];
+    setState({ by: kind, q: result[kind], box: null });
     $("key").value = result[kind];
     search();
   });
@@ -113,7 +209,8 @@ async function search() {
   const level = params.get("level") || "slice";
   const body = { k: Number(params.get("k") || 20), level, model: params.get("model") || null,
                  feature: feature(), where: whereClause(params) };
-  const kinds = params.get("by") ? [params.get("by")] : QUERY_KINDS;  // a pasted id: try each kind in turn
+  if (params.get("box")) body.box = params.get("box").split(",").map(Number);  // a region search, on a key
+  const kinds = params.get("box") ? ["key"] : params.get("by") ? [params.get("by")] : QUERY_KINDS;  // a pasted id: each kind in turn
   status("Searching…");
   const started = performance.now();
   for (const kind of kinds) {
@@ -133,9 +230,12 @@ async function search() {
 }
 
 function render(answer, milliseconds) {
-  const names = { slice: "slices", series: "series", study: "studies" };
+  const names = answer.box ? { slice: "regions", series: "series' best regions", study: "studies' best regions" } :
+    { slice: "slices", series: "series", study: "studies" };
   $("results").replaceChildren(...answer.results.map(tile));
-  status(`${answer.results.length} ${names[answer.level]} (${answer.feature}, ${answer.model_id})` +
+  showQuery(answer);
+  status(`${answer.results.length} ${names[answer.level]}` + (answer.box ? ` like box ${answer.box.join(",")}` : "") +
+         ` (${answer.feature}, ${answer.model_id})` +
          (answer.where ? ` where ${answer.where}` : "") + ` in ${Math.round(milliseconds)} ms`);
 }
 
@@ -146,7 +246,7 @@ async function upload(file) {
     const answer = await api(`/api/uploads?filename=${encodeURIComponent(file.name)}` +
                              (model ? `&model=${encodeURIComponent(model)}` : ""),
                              { method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: file });
-    setState({ by: "upload_id", q: answer.upload_id });
+    setState({ by: "upload_id", q: answer.upload_id, box: null });
     $("key").value = "";
     await search();
   } catch (error) {
@@ -195,7 +295,7 @@ async function start() {
   }
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    setState({ q: $("key").value.trim(), by: null });
+    setState({ q: $("key").value.trim(), by: null, box: null });
     search();
   });
   $("file").addEventListener("change", () => { if ($("file").files[0]) upload($("file").files[0]); });
