@@ -183,7 +183,8 @@ class EmbedStore:
                 print(hit.rank, round(hit.score, 3), hit.key, hit.box)
         """
         if box is not None:
-            return self._search_regions(key, image, box, k, level, model, where, block, per_slice, score,
+            return self._search_regions(key=key, image=image, box=box, k=k, level=level, model=model, where=where,
+                                        block=block, per_slice=per_slice, score=score,
                                         other=next((v for v in (series_uid, study_uid, vector) if v is not None), None))
         from embedstore.search import similar  # torch: only when a search runs
 
@@ -192,7 +193,7 @@ class EmbedStore:
         query = similar.query_for(self.store, sources, feature, model)
         return similar.search(self.store, query, k, level, feature, where)
 
-    def _search_regions(self, key, image, box, k, level, model, where, block, per_slice, score,
+    def _search_regions(self, *, key, image, box, k, level, model, where, block, per_slice, score,
                         other) -> list[RegionHit]:
         from embedstore.search import regions
 

@@ -160,24 +160,6 @@ def print_hits(hits: list, level: str, description: str, where: str | None) -> N
     out.print(table)
 
 
-def print_region_hits(hits: list, description: str, where: str | None) -> None:
-    """Region search results: the slice each region is on (whole, for --key) and the matched box."""
-    if not hits:
-        out.print("no stored slices with patch tokens to rank" + (f": none matches {where}" if where else ""))
-        return
-    table = Table(title=f"regions most similar to {description}")
-    table.add_column("rank")
-    table.add_column("score")
-    table.add_column("key (for --key)", no_wrap=True, min_width=max(len(hit.key) for hit in hits))
-    table.add_column("box X0,Y0,X1,Y1", no_wrap=True)
-    for column in ["modality", "series description", "slice", "path"]:
-        table.add_column(column, overflow="fold")
-    for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.key, ",".join(map(str, hit.box)), hit.modality or "",
-                      hit.series_description or "", str(hit.slice_index), hit.path or "")
-    out.print(table)
-
-
 def print_index_report(report) -> None:
     parameters = report.parameters
     out.print(f"{parameters.index_type} on {report.table}.{report.column} ({report.rows:,} rows): "

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from embedstore.cli.options import FeatureOption, LevelOption, ModelIdOption, StoreArgument, WhereOption
-from embedstore.cli.render import out, print_hits, print_index_report, print_region_hits, warn
+from embedstore.cli.render import out, print_hits, print_index_report, warn
 
 
 def search(
@@ -43,8 +44,8 @@ def search(
 
     opened = Store.open(store)
     if box is not None:
-        search_regions(opened, image, key, series_uid or study_uid, box, k, level, where, model_id, block, per_slice,
-                       score, as_json)
+        search_regions(opened, image=image, key=key, other=series_uid or study_uid, box=box, k=k, level=level,
+                       where=where, model_id=model_id, block=block, per_slice=per_slice, score=score, as_json=as_json)
         return
     sources = {"--image": ("image", image), "--key": ("key", key), "--series-uid": ("series_uid", series_uid),
                "--study-uid": ("study_uid", study_uid)}
@@ -61,7 +62,7 @@ def search(
     print_hits(hits, level, query.description, where)
 
 
-def search_regions(opened, image: Path | None, key: str | None, other: str | None, box: str, k: int, level: str,
+def search_regions(opened, *, image: Path | None, key: str | None, other: str | None, box: str, k: int, level: str,
                    where: str | None, model_id: str | None, block: int | None, per_slice: int, score: str,
                    as_json: bool) -> None:
     from embedstore.errors import UsageError
@@ -79,6 +80,24 @@ def search_regions(opened, image: Path | None, key: str | None, other: str | Non
                           "hits": regions.region_hits_as_dicts(hits)}, indent=2))
         return
     print_region_hits(hits, query.description, where)
+
+
+def print_region_hits(hits: list, description: str, where: str | None) -> None:
+    """Region search results: the slice each region is on (whole, for --key) and the matched box."""
+    if not hits:
+        out.print("no stored slices with patch tokens to rank" + (f": none matches {where}" if where else ""))
+        return
+    table = Table(title=f"regions most similar to {description}")
+    table.add_column("rank")
+    table.add_column("score")
+    table.add_column("key (for --key)", no_wrap=True, min_width=max(len(hit.key) for hit in hits))
+    table.add_column("box X0,Y0,X1,Y1", no_wrap=True)
+    for column in ["modality", "series description", "slice", "path"]:
+        table.add_column(column, overflow="fold")
+    for hit in hits:
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.key, ",".join(map(str, hit.box)), hit.modality or "",
+                      hit.series_description or "", str(hit.slice_index), hit.path or "")
+    out.print(table)
 
 
 def index(
