@@ -35,7 +35,6 @@ from embedstore.store.schema import series_table_name, slices_table_name
 from embedstore.store.vectors import LEVELS, Vectors, load_vectors
 
 if TYPE_CHECKING:
-    from embedstore.search.regions import RegionHit
     from embedstore.search.similar import Hit, Hits
 
 __all__ = ["EmbedStore", "Hit", "Hits", "Vectors", "open_store"]
@@ -158,7 +157,7 @@ class EmbedStore:
                vector: np.ndarray | None = None, k: int = 10, level: str = "slice", model: str | None = None,
                feature: str = "cls", where: str | None = None, study_uid: str | None = None,
                box: tuple[int, int, int, int] | None = None, block: int | None = None, per_slice: int = 1,
-               score: str = "window") -> Hits | list[RegionHit]:
+               score: str = "window") -> Hits:
         """The k stored slices, series or studies (`level`) most similar (cosine) to one query:
         a stored slice (`key`), series (`series_uid`) or study (`study_uid`), an image file embedded
         on the fly with the store's model and preprocessing (`image`), or your own `vector` (D,) or
@@ -174,7 +173,7 @@ class EmbedStore:
             store.search(image="query.dcm", level="study", k=5)
 
         With `box=(x0, y0, x1, y1)` (columns then rows, in the `key` slice's or `image`'s own pixels)
-        it is a region search over the stored patch tokens (`block`, default the last stored): a list
+        it is a region search over the stored patch tokens (`block`, default the last stored): Hits
         of RegionHit, each a slice `key` with the matched `box` in that slice's pixels and a `score`,
         at most `per_slice` a slice (level slice) or the best of each series or study; `score` window
         or late (see embedstore.search.regions)::
@@ -182,27 +181,15 @@ class EmbedStore:
             for hit in store.search(key="dicom:1.2.826...:0", box=(120, 200, 180, 260), k=5):
                 print(hit.rank, round(hit.score, 3), hit.key, hit.box)
         """
-        if box is not None:
-            return self._search_regions(key=key, image=image, box=box, k=k, level=level, model=model, where=where,
-                                        block=block, per_slice=per_slice, score=score,
-                                        other=next((v for v in (series_uid, study_uid, vector) if v is not None), None))
-        from embedstore.search import similar  # torch: only when a search runs
+        from embedstore.search import regions, similar  # torch: only when a search runs
 
         sources = {"key": ("key", key), "series_uid": ("series_uid", series_uid), "study_uid": ("study_uid", study_uid),
                    "image": ("image", image), "vector": ("vector", vector)}
+        if box is not None:
+            query = regions.region_query_for(self.store, sources, box, model, block)
+            return regions.search_regions(self.store, query, k, where, level, per_slice, score)
         query = similar.query_for(self.store, sources, feature, model)
         return similar.search(self.store, query, k, level, feature, where)
-
-    def _search_regions(self, *, key, image, box, k, level, model, where, block, per_slice, score,
-                        other) -> list[RegionHit]:
-        from embedstore.search import regions
-
-        if other is not None or (key is None) == (image is None):
-            raise UsageError("a box needs exactly one of key or image: the slice it is drawn on")
-        parsed = regions.parse_box(box)
-        query = (regions.region_query_by_key(self.store, key, parsed, model, block) if key is not None else
-                 regions.region_query_by_image(self.store, image, parsed, model, block))
-        return regions.search_regions(self.store, query, k, where, level, per_slice, score)
 
     # ------------------------------------------------------------------ export and the rest
     def export(self, out: str | Path, format: str = "parquet", model: str | None = None, feature: str = "cls",

@@ -16,6 +16,7 @@ from embedstore.api import open_store
 from embedstore.store import Store
 from embedstore.store.patches import read_patches
 from embedstore.store.schema import slices_table_name
+from tests import test_serve_browser as browser_tests
 from tests.support import ingest_options, run_cli_here
 
 IMAGE_SIZE = 112  # 8×8 tokens: a 64 px image's token covers 8×8 of its pixels
@@ -207,10 +208,8 @@ def test_the_service_answers_a_box_with_boxed_results_and_refuses_bad_boxes(phan
     assert no_key.status_code == 400 and "key" in no_key.json()["detail"]
 
 
+@browser_tests.pytestmark  # skipped, as the page's other browser tests, where Chromium is not installed
 def test_boxes_drawn_with_the_mouse_in_chromium_find_regions_and_show_theirs(phantoms, tmp_path):
-    browser_tests = pytest.importorskip("tests.test_serve_browser")
-    if not (browser_tests.CHROMIUM and browser_tests.CHROMEDRIVER):
-        pytest.skip("needs Chromium and its driver: apt-get install chromium chromium-driver")
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import WebDriverWait
 

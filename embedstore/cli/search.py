@@ -43,12 +43,12 @@ def search(
     from embedstore.store import Store
 
     opened = Store.open(store)
-    if box is not None:
-        search_regions(opened, image=image, key=key, other=series_uid or study_uid, box=box, k=k, level=level,
-                       where=where, model_id=model_id, block=block, per_slice=per_slice, score=score, as_json=as_json)
-        return
     sources = {"--image": ("image", image), "--key": ("key", key), "--series-uid": ("series_uid", series_uid),
                "--study-uid": ("study_uid", study_uid)}
+    if box is not None:
+        search_regions(opened, sources, box=box, k=k, level=level, where=where, model_id=model_id, block=block,
+                       per_slice=per_slice, score=score, as_json=as_json)
+        return
     query = similar.query_for(opened, sources, feature, model_id)
     hits = similar.search(opened, query, k, level, feature, where)
     warn(stored_feature_warning(opened, query.model_id, feature, "series" if level == "series" else "slice"))
@@ -62,17 +62,11 @@ def search(
     print_hits(hits, level, query.description, where)
 
 
-def search_regions(opened, *, image: Path | None, key: str | None, other: str | None, box: str, k: int, level: str,
-                   where: str | None, model_id: str | None, block: int | None, per_slice: int, score: str,
-                   as_json: bool) -> None:
-    from embedstore.errors import UsageError
+def search_regions(opened, sources: dict, *, box: str, k: int, level: str, where: str | None, model_id: str | None,
+                   block: int | None, per_slice: int, score: str, as_json: bool) -> None:
     from embedstore.search import regions
 
-    if other is not None or (image is None) == (key is None):
-        raise UsageError("--box needs exactly one of --key or --image: the slice the box is drawn on")
-    parsed = regions.parse_box(box)
-    query = (regions.region_query_by_key(opened, key, parsed, model_id, block) if key is not None else
-             regions.region_query_by_image(opened, image, parsed, model_id, block))
+    query = regions.region_query_for(opened, sources, box, model_id, block)
     hits = regions.search_regions(opened, query, k, where, level, per_slice, score, on_slow=warn)
     if as_json:
         print(json.dumps({"query": query.description, "model_id": query.model_id, "block": query.block,

@@ -14,7 +14,8 @@ and 0.14 at 0.1% (benchmarks/filtered_search.py). So:
 - **index+probes N**: otherwise the probes are raised to nprobes / f (at most every partition), so
   the search compares as many kept rows as the measured unfiltered search compares rows;
 - **index**: no filter, or one that keeps (nearly) every row: the measured probes;
-- **exact**: no index on the column (or the study level): every kept row is compared.
+- **exact**: no index on the column (or the study level): every kept row is compared;
+- **exact-regions**: a region search (search/regions.py): every kept slice's patch tokens are scored.
 
 Counting the kept rows is a lookup in the scalar indexes `embedstore index` builds (under a
 millisecond at 1M rows). Measured with this rule (benchmarks/filtered_search.py, 1,000,000 × 384
@@ -42,7 +43,7 @@ from embedstore.store import Store
 
 EXACT_ROWS = 2_000  # kept rows compared one by one when they are read from the table
 EXACT_ROWS_COPIED = 20_000  # ... when the indexed column's flat copy holds them
-PATHS = ("exact", "exact-filtered", "index", "index+probes")
+PATHS = ("exact", "exact-filtered", "index", "index+probes", "exact-regions")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class SearchPlan:
             "index": f"the ANN index with the {self.nprobes} probes its recall was measured at",
             "index+probes": f"the ANN index with its probes raised from {self.index_nprobes} to {self.nprobes}, so "
                             "that it compares as many kept rows as an unfiltered search compares rows",
+            "exact-regions": "region search scores the patch tokens of every kept slice",
         }[self.path]
         return f"plan {self.name}: {rows}; {why}"
 

@@ -32,6 +32,8 @@ import torch
 
 from embedstore.errors import UsageError
 from embedstore.models.spec import ModelSpec
+from embedstore.search.plan import SearchPlan
+from embedstore.search.similar import Hits
 from embedstore.search.where import validated_where
 from embedstore.store import Store, among, equals
 from embedstore.store.patches import PatchReader
@@ -113,14 +115,6 @@ class RegionQuery:
     own_key: str | None = None  # left out of the results
 
 
-class RegionHits(list):
-    """The hits of one region search, best first (a list of RegionHit), and `slices_scored`."""
-
-    def __init__(self, hits, slices_scored: int):
-        super().__init__(hits)
-        self.slices_scored = slices_scored
-
-
 @dataclass
 class RegionHit:
     rank: int
@@ -195,6 +189,21 @@ def region_query_by_image(store: Store, image: str | Path, box: Box, model_id: s
                        _under_box(tokens, box, items[0].rows, items[0].cols, spec), box)
 
 
+def region_query_for(store: Store, sources: dict[str, tuple[str, object]], box, model_id: str | None = None,
+                     block: int | None = None) -> RegionQuery:
+    """The region query of the one source given, as `similar.query_for` takes them (caller's name →
+    (kind, value)); a box is drawn on one slice, so the kind must be key or image."""
+    given = [(name, kind, value) for name, (kind, value) in sources.items() if value is not None]
+    slice_sources = [name for name, (kind, _) in sources.items() if kind in ("key", "image")]
+    if len(given) != 1 or given[0][1] not in ("key", "image"):
+        raise UsageError(f"a box is drawn on one slice: give exactly one of {' or '.join(slice_sources)} with it")
+    _, kind, value = given[0]
+    parsed = parse_box(box)
+    if kind == "key":
+        return region_query_by_key(store, value, parsed, model_id, block)
+    return region_query_by_image(store, value, parsed, model_id, block)
+
+
 def _under_box(tokens: np.ndarray, box: Box, rows: int, cols: int, spec: ModelSpec) -> np.ndarray:
     r0, c0, r1, c1 = box_cells(box, rows, cols, spec.grid)
     return unit_tokens(np.asarray(tokens).reshape(*spec.grid, -1)[r0:r1, c0:c1])
@@ -241,10 +250,10 @@ def late_scores(query: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int]
 
 
 def search_regions(store: Store, query: RegionQuery, k: int = 10, where: str | None = None, level: str = "slice",
-                   per_slice: int = 1, score: str = "window", on_slow=None) -> RegionHits:
+                   per_slice: int = 1, score: str = "window", on_slow=None) -> Hits:
     """The k best regions (at most `per_slice` a slice; at `level` series or study, the best region of
-    each), among the slices `where` keeps, the query's own slice left out. `on_slow(message)` is
-    called once when the search takes long."""
+    each), among the slices `where` keeps, the query's own slice left out, with the plan (exact-regions:
+    every kept slice scored). `on_slow(message)` is called once when the search takes long."""
     if level not in LEVELS:
         raise UsageError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     if score not in SCORES:
@@ -260,12 +269,15 @@ def search_regions(store: Store, query: RegionQuery, k: int = 10, where: str | N
         condition += f" AND ({validated_where(where, store.schema(table))})"
     if query.own_key is not None:
         condition += f" AND NOT ({equals('key', query.own_key)})"
-    rows = store.rows(table, condition, ["key", "patch_shard", "patch_offset"])
+    group = [GROUP_COLUMNS[level]] if level in GROUP_COLUMNS else []
+    rows = store.rows(table, condition, ["key", "patch_shard", "patch_offset", *group])
+    plan = SearchPlan("exact-regions", rows.num_rows, store.count(table), filtered=bool(where))
     if not rows.num_rows:
-        return RegionHits([], 0)
+        return Hits([], plan)
     rows = rows.sort_by([("patch_shard", "ascending"), ("patch_offset", "ascending")])
     scores, windows = _score_all(store, query, rows, spec, per_slice, score, on_slow)
-    return RegionHits(_ranked(store, query, rows, scores, windows, k, level, spec), rows.num_rows)
+    groups = rows.column(group[0]).to_pylist() if group else None
+    return Hits(_ranked(store, query, rows, scores, windows, k, spec, groups=groups, level=level), plan)
 
 
 def _score_all(store: Store, query: RegionQuery, rows: pa.Table, spec: ModelSpec, per_slice: int, score: str,
@@ -297,21 +309,21 @@ def _score_all(store: Store, query: RegionQuery, rows: pa.Table, spec: ModelSpec
 
 
 def _ranked(store: Store, query: RegionQuery, rows: pa.Table, scores: np.ndarray, windows: np.ndarray, k: int,
-            level: str, spec: ModelSpec) -> list[RegionHit]:
-    """The best k regions (or groups' best regions) as hits, with their boxes in native pixels."""
+            spec: ModelSpec, *, groups: list[str] | None, level: str) -> list[RegionHit]:
+    """The best k regions (or, with each row's series or study in `groups`, the groups' best regions)
+    as hits, with their boxes in native pixels."""
     flat = scores.ravel()
     order = np.argsort(-flat, kind="stable")
     order = order[np.isfinite(flat[order])]
     keys = rows.column("key").to_pylist()
-    group_of = _groups(store, query.model_id, GROUP_COLUMNS[level]) if level != "slice" else None
     chosen: list[tuple[int, int, float]] = []  # (row, window, score), best first
     seen: set[str] = set()
     for index in order:
         row = int(index) // scores.shape[1]
-        if group_of is not None:  # a group's first region in score order is its best
-            if group_of[keys[row]] in seen:
+        if groups is not None:  # a group's first region in score order is its best
+            if groups[row] in seen:
                 continue
-            seen.add(group_of[keys[row]])
+            seen.add(groups[row])
         chosen.append((row, int(windows.flat[index]), float(flat[index])))
         if len(chosen) == k:
             break
@@ -325,11 +337,6 @@ def _ranked(store: Store, query: RegionQuery, rows: pa.Table, scores: np.ndarray
         box = cells_box(top, left, top + h, left + w, detail["rows"], detail["cols"], spec.grid)
         hits.append(RegionHit(rank=rank, score=score, level=level, box=box.as_tuple(), **detail))
     return hits
-
-
-def _groups(store: Store, model_id: str, column: str) -> dict[str, str]:
-    rows = store.rows(slices_table_name(model_id), "patch_shard IS NOT NULL", ["key", column])
-    return dict(zip(rows.column("key").to_pylist(), rows.column(column).to_pylist()))
 
 
 def _details(store: Store, model_id: str, keys: list[str]) -> dict[str, dict]:

@@ -55,7 +55,8 @@ DESCRIPTION_COLUMNS = ("body_part", "series_description", "study_date")
 
 
 class Hits(list):
-    """The hits of one search, best first (a list of Hit), and `plan`: how the search ran."""
+    """The hits of one search, best first (a list of Hit, or of search.regions.RegionHit), and `plan`:
+    how the search ran."""
 
     def __init__(self, hits, plan: SearchPlan):
         super().__init__(hits)

@@ -255,10 +255,8 @@ class Service:
                                           request.score)
         except UsageError as error:
             raise HTTPException(400, self.message(error).replace(stored, request.key)) from None
-        plan = SearchPlanInfo(path="exact-regions", rows_kept=hits.slices_scored,
-                              rows_total=self.store.table(table).count_rows(), nprobes=None)
         return SearchResponse(model_id=model_id, level=request.level, feature=f"patch tokens of block {query.block}",
-                              where=where, plan=plan, box=list(query.box.as_tuple()),
+                              where=where, plan=SearchPlanInfo(**hits.plan.to_dict()), box=list(query.box.as_tuple()),
                               results=[self.region_result(hit, model_id) for hit in hits])
 
     def region_result(self, hit: regions.RegionHit, model_id: str) -> SearchResult:
