@@ -219,6 +219,7 @@ def test_a_directory_being_made_into_a_store_is_waited_for_not_refused(tmp_path)
     path.mkdir()
     (path / COMMIT_LOCK).touch()  # another process's creation, under way or cut short
     (path / "tables").mkdir()
+    (path / ".embedstore-probe-x1y2").mkdir()  # a third process checking it can write here
     assert Store.open(path, create=True).manifest["format_version"] == 3
     other = tmp_path / "other"
     other.mkdir()

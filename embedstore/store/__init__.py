@@ -95,6 +95,8 @@ SHARED_TABLES = {"items": ITEMS_SCHEMA, "series": SERIES_SCHEMA, "models": MODEL
 # What a directory holds while another process creates a store in it, or after a creation was cut short.
 CREATION_FILES = {COMMIT_LOCK, LOCK_FILE, TABLES_DIR, MANIFEST_TEMP, KEY_FILE, KEY_TEMP, FINGERPRINT_FILE,
                   FINGERPRINT_TEMP}
+# check_store_writable's probe folder: another process checking the same new store may hold one in it.
+WRITE_PROBE_PREFIX = ".embedstore-probe-"
 # Lance's words for a data file it cannot read: missing, cut short, or bytes that do not decode.
 DAMAGE_MARKERS = ("LanceError(IO)", "Not found:", "corrupt", "column metadata", "Protobuf", "file size is too small",
                   "does not appear to be a Lance file")
@@ -631,7 +633,8 @@ def check_store_path(path: Path, create: bool) -> None:
         return
     if not create:
         raise UsageError(f"{path} is not an embedstore store (no {MANIFEST})")
-    if path.exists() and any(entry.name not in CREATION_FILES for entry in path.iterdir()):
+    if path.exists() and any(entry.name not in CREATION_FILES and not entry.name.startswith(WRITE_PROBE_PREFIX)
+                             for entry in path.iterdir()):
         raise UsageError(f"store path {path} is a non-empty directory that is not an embedstore store")
 
 
@@ -649,7 +652,7 @@ def check_store_writable(path: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write the store {path}: permission denied on {existing}")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".embedstore-probe-", dir=existing))
+        os.rmdir(tempfile.mkdtemp(prefix=WRITE_PROBE_PREFIX, dir=existing))
     except OSError as error:
         raise UsageError(f"cannot write the store {path}: {existing} does not take new folders "
                          f"({error.strerror or error})") from None
