@@ -157,7 +157,7 @@ class EmbedStore:
                vector: np.ndarray | None = None, k: int = 10, level: str = "slice", model: str | None = None,
                feature: str = "cls", where: str | None = None, study_uid: str | None = None,
                box: tuple[int, int, int, int] | None = None, block: int | None = None, per_slice: int = 1,
-               score: str = "window") -> Hits:
+               score: str = "window", exact: bool = False) -> Hits:
         """The k stored slices, series or studies (`level`) most similar (cosine) to one query:
         a stored slice (`key`), series (`series_uid`) or study (`study_uid`), an image file embedded
         on the fly with the store's model and preprocessing (`image`), or your own `vector` (D,) or
@@ -176,7 +176,8 @@ class EmbedStore:
         it is a region search over the stored patch tokens (`block`, default the last stored): Hits
         of RegionHit, each a slice `key` with the matched `box` in that slice's pixels and a `score`,
         at most `per_slice` a slice (level slice) or the best of each series or study; `score` window
-        or late (see embedstore.search.regions)::
+        or late (see embedstore.search.regions). Through the region index when `index_regions` built
+        one (plan index-regions), else, or with `exact`, every slice scored (plan exact-regions)::
 
             for hit in store.search(key="dicom:1.2.826...:0", box=(120, 200, 180, 260), k=5):
                 print(hit.rank, round(hit.score, 3), hit.key, hit.box)
@@ -187,9 +188,17 @@ class EmbedStore:
                    "image": ("image", image), "vector": ("vector", vector)}
         if box is not None:
             query = regions.region_query_for(self.store, sources, box, model, block)
-            return regions.search_regions(self.store, query, k, where, level, per_slice, score)
+            return regions.search_regions(self.store, query, k, where, level, per_slice, score, exact=exact)
         query = similar.query_for(self.store, sources, feature, model)
         return similar.search(self.store, query, k, level, feature, where)
+
+    def index_regions(self, model: str | None = None, block: int | None = None):
+        """Build (or bring up to date) the region index of a model's stored block (default the last),
+        which region searches then pick their candidates from; returns what it holds and costs
+        (embedstore.search.region_index.RegionIndexReport). The CLI's `index STORE --regions`."""
+        from embedstore.search.region_index import build_region_index
+
+        return build_region_index(self.store, model, block)
 
     # ------------------------------------------------------------------ export and the rest
     def export(self, out: str | Path, format: str = "parquet", model: str | None = None, feature: str = "cls",

@@ -56,7 +56,13 @@ HELP_FIXES = [
      "patch tokens. --block <int> With --box: the stored block whose patch tokens are compared (negative counts from "
      "the end). Default: the last stored. --per-slice <int> With --box: most regions from one slice. [default: 1] "
      "--score <str> With --box: window (the box's tokens against each window of that shape, in place) or late (each "
-     "token's best match anywhere, averaged). [default: window]"),
+     "token's best match anywhere, averaged). [default: window] --exact With --box: score every slice, even where a "
+     "region index (index --regions) would pick the candidates."),
+    ("index", "measure its recall@10. Arguments", "measure its recall@10. With --regions, the region index that region "
+     "search (search --box) picks candidates from. Arguments"),
+    ("index", "when the store holds several. -h, --help", "when the store holds several. --regions Build the region "
+     "index instead: sketches and a flat copy of the patch tokens, for search --box at archive scale. --block <int> "
+     "With --regions: the stored block to index (negative counts from the end). Default: the last stored. -h, --help"),
     # issue 25: a PACS's DICOMweb service as a source
     ("ingest", "SRC... Files or directories (searched recursively).", "SRC... Files or directories (searched "
      "recursively), a PACS's DICOMweb service (dicomweb+http(s)://HOST/PATH) or a bucket (s3://BUCKET/PREFIX)."),

@@ -6,6 +6,7 @@ the documented score; the CLI, the API and their errors."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -69,6 +70,56 @@ def test_region_search_finds_a_class_wherever_it_lies_better_than_slice_search(p
     assert means["window"] >= means["late"]  # the default is the better of the two
 
 
+def test_the_region_index_finds_what_exact_search_finds_and_the_slices_added_since(phantoms, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Candidates are few (30 of 59 slices), so the sketches decide what is re-ranked; an image added
+    after the index (a copy of one indexed, so its regions score 1) is found beside them; building
+    again adds its shard and nothing else."""
+    from embedstore.search import region_index
+
+    store, written, key_of, _ = phantoms
+    path = tmp_path / "store"
+    shutil.copytree(store.path, path)
+    code, out, _ = run_cli_here(["index", str(path), "--regions"], monkeypatch, capsys)
+    assert code == 0 and f"{N_IMAGES:,} slices in 1 patch shards (1 added)" in out, out
+    monkeypatch.setattr(region_index, "CANDIDATES", 5)  # k=3: 30 candidates
+    api = open_store(path)
+    recalls = []
+    for item in written[:20]:
+        key = key_of[str(item["path"])]
+        for _, row, col, _ in item["discs"]:
+            indexed = api.search(key=key, box=disc_box(row, col), k=3)
+            exact = api.search(key=key, box=disc_box(row, col), k=3, exact=True)
+            assert indexed.plan.path == "index-regions" and indexed.plan.candidates == 30
+            scored = {(hit.key, hit.box): hit.score for hit in exact}
+            found = [hit for hit in indexed if (hit.key, hit.box) in scored]
+            recalls.append(len(found) / len(exact))
+            assert all(abs(hit.score - scored[hit.key, hit.box]) < 1e-5 for hit in found)  # re-ranked exactly
+    assert np.mean(recalls) >= 0.9, np.mean(recalls)
+
+    source = written[5]
+    copy_dir = tmp_path / "later"
+    copy_dir.mkdir()
+    shutil.copy(source["path"], copy_dir / "copy.png")
+    ingest_more([copy_dir], path)
+    value, row, col, _ = source["discs"][0]
+    hits = api.search(key=key_of[str(source["path"])], box=disc_box(row, col), k=3)
+    assert hits.plan.path == "index-regions" and hits.plan.unindexed == 1
+    assert hits[0].path == str(copy_dir / "copy.png") and hits[0].score > 0.9999
+    report = api.index_regions()
+    assert (report.n_slices, report.n_shards, report.n_shards_added) == (N_IMAGES + 1, 2, 1)
+    assert api.search(key=key_of[str(source["path"])], box=disc_box(row, col), k=3).plan.unindexed == 0
+    code, out, _ = run_cli_here(["search", str(path), "--key", key_of[str(source["path"])], "--box",
+                                 ",".join(map(str, disc_box(row, col))), "--explain"], monkeypatch, capsys)
+    assert code == 0 and "plan index-regions" in out
+
+
+def ingest_more(sources, store_path) -> None:
+    from embedstore.pipeline.ingest import ingest
+
+    ingest(sources, store_path, ingest_options(image_size=IMAGE_SIZE, batch_size=16))
+
+
 def numpy_cells(start: int, end: int, length: int, cells: int) -> tuple[int, int]:
     centres = (np.arange(cells) + 0.5) * length / cells
     inside = np.flatnonzero((centres >= start) & (centres < end))
@@ -113,7 +164,8 @@ def test_exact_region_search_equals_numpy(phantoms):
     key = key_of[str(written[3]["path"])]
     for box in [(5, 9, 30, 22), (40, 40, 43, 44)]:  # a 3×2-token box, and one smaller than a token
         expected = numpy_regions(tokens, key, box, 64, 64, spec.grid_h, k=7, per_slice=2)
-        hits = open_store(store.path).search(key=key, box=box, k=7, per_slice=2)
+        hits = open_store(store.path).search(key=key, box=box, k=7, per_slice=2, exact=True)
+        assert hits.plan.path == "exact-regions"
         assert [(hit.key, hit.box) for hit in hits] == [(found[0], found[1]) for found in expected]
         np.testing.assert_allclose([hit.score for hit in hits], [found[2] for found in expected], atol=1e-5)
         assert all(0 <= hit.box[0] < hit.box[2] <= hit.cols and 0 <= hit.box[1] < hit.box[3] <= hit.rows for hit in hits)

@@ -34,6 +34,8 @@ def search(
     per_slice: int = typer.Option(1, "--per-slice", help="With --box: most regions from one slice."),
     score: str = typer.Option("window", "--score", help="With --box: window (the box's tokens against each window "
                               "of that shape, in place) or late (each token's best match anywhere, averaged)."),
+    exact: bool = typer.Option(False, "--exact", help="With --box: score every slice, even where a region index "
+                               "(index --regions) would pick the candidates."),
 ) -> None:
     """The stored slices, series or studies most similar to a query.
 
@@ -47,7 +49,7 @@ def search(
                "--study-uid": ("study_uid", study_uid)}
     if box is not None:
         search_regions(opened, sources, box=box, k=k, level=level, where=where, model_id=model_id, block=block,
-                       per_slice=per_slice, score=score, as_json=as_json)
+                       per_slice=per_slice, score=score, exact=exact, as_json=as_json, explain=explain)
         return
     query = similar.query_for(opened, sources, feature, model_id)
     hits = similar.search(opened, query, k, level, feature, where)
@@ -63,16 +65,18 @@ def search(
 
 
 def search_regions(opened, sources: dict, *, box: str, k: int, level: str, where: str | None, model_id: str | None,
-                   block: int | None, per_slice: int, score: str, as_json: bool) -> None:
+                   block: int | None, per_slice: int, score: str, exact: bool, as_json: bool, explain: bool) -> None:
     from embedstore.search import regions
 
     query = regions.region_query_for(opened, sources, box, model_id, block)
-    hits = regions.search_regions(opened, query, k, where, level, per_slice, score, on_slow=warn)
+    hits = regions.search_regions(opened, query, k, where, level, per_slice, score, on_slow=warn, exact=exact)
     if as_json:
         print(json.dumps({"query": query.description, "model_id": query.model_id, "block": query.block,
                           "box": query.box.as_tuple(), "level": level, "score": score, "where": where,
-                          "hits": regions.region_hits_as_dicts(hits)}, indent=2))
+                          "plan": hits.plan.to_dict(), "hits": regions.region_hits_as_dicts(hits)}, indent=2))
         return
+    if explain:
+        out.print(hits.plan.explain())
     print_region_hits(hits, query.description, where)
 
 
@@ -102,16 +106,34 @@ def index(
                                 "(--column is its former name)."),
     level: LevelOption = "slice",
     model_id: ModelIdOption = None,
+    regions: bool = typer.Option(False, "--regions", help="Build the region index instead: sketches and a flat copy "
+                                 "of the patch tokens, for search --box at archive scale."),
+    block: Optional[int] = typer.Option(None, "--block", help="With --regions: the stored block to index (negative "
+                                        "counts from the end). Default: the last stored."),
 ) -> None:
-    """Build an ANN index with parameters chosen from the table size, and measure its recall@10."""
+    """Build an ANN index with parameters chosen from the table size, and measure its recall@10.
+
+    With --regions, the region index that region search (search --box) picks candidates from."""
     from embedstore.search.index import NoIndex, build_index
     from embedstore.store import Store
 
+    if regions:
+        from embedstore.search.region_index import build_region_index
+
+        print_region_index_report(build_region_index(Store.open(store), model_id, block))
+        return
     report = build_index(Store.open(store), model_id, feature, level, index_type)
     if isinstance(report, NoIndex):
         out.print(report.reason)
     else:
         print_index_report(report)
+
+
+def print_region_index_report(report) -> None:
+    out.print(f"region index of {report.model_id} block {report.block}: {report.n_slices:,} slices in "
+              f"{report.n_shards:,} patch shards ({report.n_shards_added:,} added), {report.sketch_dim}-d sketches; "
+              f"{report.bytes_per_slice:,} bytes a slice, {report.size_bytes / 1e9:.2f} GB in {report.folder}; "
+              f"built in {report.seconds:.1f} s")
 
 
 def export(

@@ -15,7 +15,9 @@ and 0.14 at 0.1% (benchmarks/filtered_search.py). So:
   the search compares as many kept rows as the measured unfiltered search compares rows;
 - **index**: no filter, or one that keeps (nearly) every row: the measured probes;
 - **exact**: no index on the column (or the study level): every kept row is compared;
-- **exact-regions**: a region search (search/regions.py): every kept slice's patch tokens are scored.
+- **exact-regions**: a region search (search/regions.py): every kept slice's patch tokens are scored;
+- **index-regions**: a region search through the region index (search/region_index.py): windows
+  scored on its sketches, the best candidates (and slices added since the index) scored exactly.
 
 Counting the kept rows is a lookup in the scalar indexes `embedstore index` builds (under a
 millisecond at 1M rows). Measured with this rule (benchmarks/filtered_search.py, 1,000,000 × 384
@@ -43,7 +45,7 @@ from embedstore.store import Store
 
 EXACT_ROWS = 2_000  # kept rows compared one by one when they are read from the table
 EXACT_ROWS_COPIED = 20_000  # ... when the indexed column's flat copy holds them
-PATHS = ("exact", "exact-filtered", "index", "index+probes", "exact-regions")
+PATHS = ("exact", "exact-filtered", "index", "index+probes", "exact-regions", "index-regions")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class SearchPlan:
     nprobes: int | None = None  # partitions probed, on the index paths
     index_nprobes: int | None = None  # the probes `embedstore index` measured its recall at
     copied: bool = False  # the indexed column has a flat copy to read kept rows from
+    candidates: int | None = None  # index-regions: the indexed slices scored exactly
+    unindexed: int = 0  # index-regions: kept slices the region index does not hold, scored exactly
 
     @property
     def name(self) -> str:
@@ -75,6 +79,10 @@ class SearchPlan:
             "index+probes": f"the ANN index with its probes raised from {self.index_nprobes} to {self.nprobes}, so "
                             "that it compares as many kept rows as an unfiltered search compares rows",
             "exact-regions": "region search scores the patch tokens of every kept slice",
+            "index-regions": f"the region index scored every window of the kept slices on its sketches and "
+                             f"{self.candidates:,} candidates exactly"
+                             + (f", and the {self.unindexed:,} slices added since it was built" if self.unindexed
+                                else ""),
         }[self.path]
         return f"plan {self.name}: {rows}; {why}"
 

@@ -90,6 +90,7 @@ WRITER_LOCK = ".writer.lock"  # object storage only: the one writer's lock objec
 TABLES_DIR = "tables"
 PATCHES_DIR = "patches"
 VECTOR_COPIES_DIR = "vector-cache"  # flat copies of indexed columns (store/vector_cache.py)
+REGION_INDEX_DIR = "region-index"  # sketches and flat copies of patch tokens (search/region_index.py)
 SHARED_TABLES = {"items": ITEMS_SCHEMA, "series": SERIES_SCHEMA, "models": MODELS_SCHEMA,
                  "failures": FAILURES_SCHEMA, "runs": RUNS_SCHEMA, "files": FILES_SCHEMA}
 # What a directory holds while another process creates a store in it, or after a creation was cut short.
@@ -448,6 +449,7 @@ class Store:
                     self.db.drop_table(name)
                 remove_tree(local_folder(self.path, VECTOR_COPIES_DIR) / name)  # its index's flat copies
             remove_tree(self.patches_root / model_id)
+            remove_tree(local_folder(self.path, REGION_INDEX_DIR) / model_id)
             self.table("models").delete(equals("model_id", model_id))
             self._specs = None
 
