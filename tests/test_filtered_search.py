@@ -11,7 +11,7 @@ import pytest
 
 from embedstore.search.exact import exact_top_k
 from embedstore.search.index import build_index, index_for
-from embedstore.search.plan import EXACT_ROWS
+from embedstore.search.plan import EXACT_ROWS, PATHS, SearchPlan
 from embedstore.search.similar import query_by_matrix, search
 from embedstore.store import Store, among
 from embedstore.store.series import refresh_series
@@ -125,6 +125,16 @@ def test_a_filter_that_keeps_nothing_is_no_result_with_a_note_or_an_empty_list_w
     assert code == 0 and answer["plan"] == {"path": f"index+probes {probes}", "rows_kept": 3200,
                                             "rows_total": N_ROWS, "nprobes": probes}
     assert len(answer["hits"]) == 10
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_plan_explains_itself_with_only_its_own_fields_set(path):
+    # A plan carries the fields of its own path only (candidates on index-regions, probes on the IVF paths).
+    fields = {"index": {"nprobes": 20, "index_nprobes": 20}, "index+probes": {"nprobes": 41, "index_nprobes": 20},
+              "index-regions": {"candidates": 100, "unindexed": 3}}.get(path, {})
+    text = SearchPlan(path, 10, 1_000, True, **fields).explain()
+    assert text.startswith(f"plan {path.split('+')[0]}") and "10 of 1,000 rows" in text
+    assert ("added since" in text) == (path == "index-regions")
 
 
 def test_index_reports_the_recall_of_filtered_searches(tmp_path):

@@ -72,19 +72,24 @@ class SearchPlan:
         """The plan for a person: what ran, over how many rows, and why."""
         rows = (f"the filter keeps {self.rows_kept:,} of {self.rows_total:,} rows ({share(self):.2%})"
                 if self.filtered else f"{self.rows_total:,} rows")
-        why = {
-            "exact": "no ANN index on this column, so every row is compared",
-            "exact-filtered": f"few enough (at most {self.exact_rows:,}) to compare each one: exact",
-            "index": f"the ANN index with the {self.nprobes} probes its recall was measured at",
-            "index+probes": f"the ANN index with its probes raised from {self.index_nprobes} to {self.nprobes}, so "
-                            "that it compares as many kept rows as an unfiltered search compares rows",
-            "exact-regions": "region search scores the patch tokens of every kept slice",
-            "index-regions": f"the region index scored every window of the kept slices on its sketches and "
-                             f"{self.candidates:,} candidates exactly"
-                             + (f", and the {self.unindexed:,} slices added since it was built" if self.unindexed
-                                else ""),
-        }[self.path]
-        return f"plan {self.name}: {rows}; {why}"
+        return f"plan {self.name}: {rows}; {self.why()}"
+
+    def why(self) -> str:
+        # One branch per path: only the chosen path's fields are set (candidates is None off the region index).
+        if self.path == "exact":
+            return "no ANN index on this column, so every row is compared"
+        if self.path == "exact-filtered":
+            return f"few enough (at most {self.exact_rows:,}) to compare each one: exact"
+        if self.path == "index":
+            return f"the ANN index with the {self.nprobes} probes its recall was measured at"
+        if self.path == "index+probes":
+            return (f"the ANN index with its probes raised from {self.index_nprobes} to {self.nprobes}, so "
+                    "that it compares as many kept rows as an unfiltered search compares rows")
+        if self.path == "exact-regions":
+            return "region search scores the patch tokens of every kept slice"
+        added = f", and the {self.unindexed:,} slices added since it was built" if self.unindexed else ""
+        return (f"the region index scored every window of the kept slices on its sketches and "
+                f"{self.candidates:,} candidates exactly{added}")
 
     @property
     def exact_rows(self) -> int:
