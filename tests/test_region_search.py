@@ -9,11 +9,14 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from embedstore import samples
 from embedstore.api import open_store
+from embedstore.search.region_index import RegionIndex, ShardRows
 from embedstore.store import Store
 from embedstore.store.patches import read_patches
 from embedstore.store.schema import slices_table_name
@@ -309,3 +312,14 @@ def test_boxes_drawn_with_the_mouse_in_chromium_find_regions_and_show_theirs(pha
         browser_tests.wait_for_results(browser, status)
         assert browser.execute_script("return new URLSearchParams(location.search).get('q')") == shown[0]["key"]
         assert "regions like box" in browser.find_element("id", "status").text
+
+
+def test_shard_rows_split_into_runs_of_one_shard_and_know_which_rows_the_index_holds(tmp_path):
+    rows = pa.table({"patch_shard": ["m/a", "m/a", "m/b", "m/c", "m/c", "m/c"], "patch_offset": [0, 7, 3, 0, 1, 9]})
+    shard_rows = ShardRows.of(rows)
+    assert list(shard_rows.runs()) == [(0, 2), (2, 3), (3, 6)]
+    assert list(shard_rows.runs(1, 5)) == [(1, 2), (2, 3), (3, 5)]
+    assert [shard_rows.shard(first) for first, _ in shard_rows.runs()] == ["m/a", "m/b", "m/c"]
+    index = RegionIndex(tmp_path, 11, torch.zeros(4, 2), {"m/a": 5, "m/c": 2})  # m/b indexed never, m/c in part
+    assert index.holds(shard_rows).tolist() == [True, False, False, True, True, False]
+    assert list(shard_rows.take(np.array([1, 4])).runs()) == [(0, 1), (1, 2)]

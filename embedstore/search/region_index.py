@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from embedstore.errors import UsageError
-from embedstore.search.region_scores import unit_tokens
+from embedstore.search.region_scores import unit_tokens, window_sums
 from embedstore.store import REGION_INDEX_DIR, Store, now_utc
 from embedstore.store.location import local_folder
 from embedstore.store.patches import PatchReader
@@ -61,6 +62,37 @@ def shard_file(patch_shard: str, kind: str) -> str:
     return f"{patch_shard.rsplit('/', 1)[-1]}.{kind}.npy"
 
 
+@dataclass(frozen=True)
+class ShardRows:
+    """Rows sorted by patch shard and offset, as shard codes (a dictionary encoding: the rows of
+    20,000 slices name a few dozen shards) and offsets."""
+    names: list[str]  # the shards, by code
+    codes: np.ndarray  # (n,) each row's shard code
+    offsets: np.ndarray  # (n,) each row's offset in its shard
+
+    @classmethod
+    def of(cls, rows: pa.Table) -> ShardRows:
+        encoded = rows.column("patch_shard").combine_chunks().dictionary_encode()
+        return cls(encoded.dictionary.to_pylist(), encoded.indices.to_numpy(), rows.column("patch_offset").to_numpy())
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def take(self, positions: np.ndarray) -> ShardRows:
+        return ShardRows(self.names, self.codes[positions], self.offsets[positions])
+
+    def shard(self, position: int) -> str:
+        return self.names[self.codes[position]]
+
+    def runs(self, start: int = 0, end: int | None = None):
+        """(first, last) of each run of one shard among rows start..end."""
+        end = len(self) if end is None else end
+        if end <= start:
+            return
+        cuts = [start, *(start + 1 + np.flatnonzero(np.diff(self.codes[start:end]))).tolist(), end]
+        yield from zip(cuts[:-1], cuts[1:])
+
+
 @dataclass
 class RegionIndex:
     folder: Path
@@ -69,10 +101,10 @@ class RegionIndex:
     shards: dict[str, int]  # patch shard → rows the index holds
     _arrays: dict = field(default_factory=dict)
 
-    def holds(self, shards: list[str], offsets: np.ndarray) -> np.ndarray:
+    def holds(self, rows: ShardRows) -> np.ndarray:
         """Per row, whether the index holds it."""
-        held = np.array([self.shards.get(shard, 0) for shard in shards], dtype=np.int64)
-        return offsets < held
+        held = np.array([self.shards.get(name, 0) for name in rows.names], dtype=np.int64)
+        return rows.offsets < held[rows.codes] if len(rows) else np.zeros(0, dtype=bool)
 
     def array(self, patch_shard: str, kind: str) -> np.ndarray:
         """A shard's sketch or flat copy, as a memory map kept open: its pages stay mapped from one
@@ -210,16 +242,15 @@ def candidate_count(k: int, per_slice: int) -> int:
     return max(CANDIDATES, 10 * k * per_slice)
 
 
-def candidate_rows(index: RegionIndex, query: torch.Tensor, shards: list[str], offsets: np.ndarray,
-                   grid: tuple[int, int], score: str, n_candidates: int, groups: list | None) -> np.ndarray:
+def candidate_rows(index: RegionIndex, query: torch.Tensor, rows: ShardRows, grid: tuple[int, int], score: str, n_candidates: int, groups: list | None) -> np.ndarray:
     """Positions (into the given rows, all held by the index) of the `n_candidates` rows that score
     highest on the sketches; with `groups` (each row's series or study), the best row of each of the
     best groups."""
     query_sketch = (torch.nn.functional.normalize(query, dim=-1) @ index.projection).to(torch.bfloat16)
-    approximate = np.empty(len(offsets), dtype=np.float32)
-    for start, end in shard_runs(shards):
-        sketch = index.array(shards[start], "sketch")
-        part = offsets[start:end]
+    approximate = np.empty(len(rows), dtype=np.float32)
+    for start, end in rows.runs():
+        sketch = index.array(rows.shard(start), "sketch")
+        part = rows.offsets[start:end]
         tokens = grid[0] * grid[1]
         if 4 * len(part) * tokens >= len(sketch):  # most of the shard: score it all, keep the rows asked
             approximate[start:end] = sketch_scores(sketch, query_sketch, grid, score)[part]
@@ -242,31 +273,16 @@ def sketch_scores(sketch: np.ndarray, query_sketch: torch.Tensor, grid: tuple[in
     slices' sketches (n*Gh*Gw, d) and the query's (h, w, d), both bfloat16: the products of a few
     hundred slices at a time stay in the processor's cache while their windows are summed."""
     h, w, _ = query_sketch.shape
-    per_token = query_sketch.reshape(h * w, -1).T
+    per_position = query_sketch.reshape(h * w, -1)
     sketch = torch.from_numpy(sketch).view(torch.bfloat16)
     tokens = grid[0] * grid[1]
     n = len(sketch) // tokens
     out = torch.empty(n)
     for start in range(0, n, SLICES_PER_PASS):
         end = min(n, start + SLICES_PER_PASS)
-        products = (sketch[start * tokens:end * tokens] @ per_token).float().reshape(end - start, *grid, h * w)
+        products = (per_position @ sketch[start * tokens:end * tokens].T).float().reshape(h * w, end - start, tokens)
         if score == "late":
-            out[start:end] = products.amax(dim=(1, 2)).mean(dim=1)
-            continue
-        out_h, out_w = grid[0] - h + 1, grid[1] - w + 1
-        total = products[:, :out_h, :out_w, 0].clone()
-        for position in range(1, h * w):
-            i, j = divmod(position, w)
-            total += products[:, i:i + out_h, j:j + out_w, position]
-        out[start:end] = total.flatten(1).amax(dim=1) / (h * w)
+            out[start:end] = products.amax(dim=2).mean(dim=0)
+        else:
+            out[start:end] = window_sums(products, grid, (h, w)).flatten(1).amax(dim=1) / (h * w)
     return out.numpy()
-
-
-def shard_runs(shards: list[str], start: int = 0, end: int | None = None):
-    """(first, last) of each run of equal shards among rows start..end sorted by shard."""
-    end = len(shards) if end is None else end
-    first = start
-    for last in range(start + 1, end + 1):
-        if last == end or shards[last] != shards[first]:
-            yield first, last
-            first = last

@@ -13,24 +13,34 @@ def unit_tokens(tokens: np.ndarray) -> np.ndarray:
 
 
 def token_cosines(query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(n, T, h*w): the cosine of each of n slices' tokens (n, T, D), of any length, with each query
-    token (h, w, D) of unit length (dividing the products by the token lengths reads the tokens
-    once, where scaling them first would write a copy)."""
-    lengths = torch.linalg.vector_norm(tokens, dim=-1, keepdim=True).clamp_min(1e-12)
-    return (tokens @ query.reshape(-1, query.shape[-1]).T) / lengths
+    """(h*w, n, T): the cosine of each query token (h, w, D), of unit length, with each of n slices'
+    tokens (n, T, D), of any length, query position first (window_sums reads it so). Dividing the
+    products by the token lengths reads the tokens once, where scaling them first would write a copy."""
+    lengths = torch.linalg.vector_norm(tokens, dim=-1).clamp_min(1e-12)
+    products = torch.matmul(query.reshape(-1, query.shape[-1]), tokens.transpose(1, 2))  # (n, h*w, T)
+    return (products / lengths[:, None, :]).transpose(0, 1)
+
+
+def window_sums(products: torch.Tensor, grid: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """(n, Gh-h+1, Gw-w+1): per window of each slice, the sum over the query's h×w positions of the
+    product of that position with the token under it, from the products (h*w, n, Gh*Gw). Each
+    position's products are added shifted by its flat offset in the grid, as whole contiguous rows
+    (a third faster than adding (h, w) windows); sums that wrap past a row's end are cut off after."""
+    h, w = shape
+    length = grid[0] * grid[1] - (h - 1) * grid[1] - (w - 1)  # flat index of the last window, plus one
+    total = products[0, :, :length].clone()
+    for position in range(1, h * w):
+        offset = (position // w) * grid[1] + position % w
+        total += products[position, :, offset:offset + length]
+    out_h, out_w = grid[0] - h + 1, grid[1] - w + 1
+    return torch.nn.functional.pad(total, (0, w - 1)).reshape(-1, out_h, grid[1])[:, :, :out_w]
 
 
 def window_scores(query: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(n, Gh-h+1, Gw-w+1): the mean cosine of the query (h, w, D) with each window of each slice's
     tokens (n, Gh*Gw, D)."""
     h, w, _ = query.shape
-    cosines = token_cosines(query, tokens).reshape(len(tokens), *grid, h * w)
-    out_h, out_w = grid[0] - h + 1, grid[1] - w + 1
-    total = torch.zeros(len(tokens), out_h, out_w)
-    for i in range(h):
-        for j in range(w):
-            total += cosines[:, i:i + out_h, j:j + out_w, i * w + j]
-    return total / (h * w)
+    return window_sums(token_cosines(query, tokens), grid, (h, w)) / (h * w)
 
 
 def best_windows(scores: torch.Tensor, shape: tuple[int, int], per_slice: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +64,8 @@ def late_scores(query: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int]
     """(n,) scores, each query token's best cosine in the slice averaged, and (n,) window indices:
     the h×w window centred on the median place of those best matches."""
     h, w, _ = query.shape
-    values, places = token_cosines(query, tokens).max(dim=1)  # (n, h*w)
+    values, places = token_cosines(query, tokens).max(dim=2)
+    values, places = values.T, places.T  # (n, h*w)
     rows = (places // grid[1]).float().median(dim=1).values
     cols = (places % grid[1]).float().median(dim=1).values
     top = (rows - (h - 1) / 2).round().clamp(0, grid[0] - h).long()

@@ -36,8 +36,8 @@ import torch
 from embedstore.errors import UsageError
 from embedstore.models.spec import ModelSpec
 from embedstore.search.plan import SearchPlan
-from embedstore.search.region_index import (RegionIndex, candidate_count, candidate_rows, open_region_index,
-                                            shard_runs)
+from embedstore.search.region_index import (RegionIndex, ShardRows, candidate_count, candidate_rows,
+                                            open_region_index)
 from embedstore.search.region_scores import slice_scores, unit_tokens
 from embedstore.search.similar import Hits
 from embedstore.search.where import validated_where
@@ -250,13 +250,13 @@ def _candidates(index: RegionIndex, query: RegionQuery, rows: pa.Table, spec: Mo
                 n_candidates: int, group: list[str]) -> tuple[pa.Table, int]:
     """The rows to score exactly: the index's candidates among the rows it holds, then every row it
     does not hold (ingested since it was built); and how many of the latter."""
-    shards, offsets = rows.column("patch_shard").to_pylist(), rows.column("patch_offset").to_numpy()
-    held = index.holds(shards, offsets)
+    shard_rows = ShardRows.of(rows)
+    held = index.holds(shard_rows)
     kept = np.flatnonzero(held)
     if len(kept) > n_candidates:
         groups = rows.column(group[0]).take(kept).to_pylist() if group else None
-        chosen = candidate_rows(index, torch.from_numpy(query.tokens), [shards[i] for i in kept], offsets[kept],
-                                spec.grid, score, n_candidates, groups)
+        chosen = candidate_rows(index, torch.from_numpy(query.tokens), shard_rows.take(kept), spec.grid, score,
+                                n_candidates, groups)
         kept = kept[chosen]
     unindexed = np.flatnonzero(~held)
     return rows.take(np.concatenate([kept, unindexed])), len(unindexed)
@@ -267,8 +267,8 @@ def _score_all(store: Store, query: RegionQuery, rows: pa.Table, spec: ModelSpec
     """(n, per_slice) scores and window indices of every row, read (from the index's flat copy where
     it holds the row, else from Zarr) up to ROWS_PER_READ rows at a time, in storage order."""
     reader = PatchReader(store.patches_root)
-    shards, offsets = rows.column("patch_shard").to_pylist(), rows.column("patch_offset").to_numpy()
-    held = index.holds(shards, offsets) if index is not None else np.zeros(len(offsets), dtype=bool)
+    shard_rows = ShardRows.of(rows)
+    held = index.holds(shard_rows) if index is not None else np.zeros(len(shard_rows), dtype=bool)
     target = torch.from_numpy(query.tokens)
     scores = np.full((rows.num_rows, per_slice), -np.inf, dtype=np.float32)
     windows = np.zeros((rows.num_rows, per_slice), dtype=np.int64)
@@ -278,9 +278,9 @@ def _score_all(store: Store, query: RegionQuery, rows: pa.Table, spec: ModelSpec
         end = start + 1
         while end < rows.num_rows and end - start < ROWS_PER_READ and held[end] == held[start]:
             end += 1
-        stored = [index.array(shards[first], "tokens")[offsets[first:last]] if held[first]
-                  else reader.read(shards[first], offsets[first:last], query.block)
-                  for first, last in shard_runs(shards, start, end)]
+        stored = [index.array(shard_rows.shard(first), "tokens")[shard_rows.offsets[first:last]] if held[first]
+                  else reader.read(shard_rows.shard(first), shard_rows.offsets[first:last], query.block)
+                  for first, last in shard_rows.runs(start, end)]
         tokens = torch.from_numpy(np.concatenate(stored) if len(stored) > 1 else stored[0]).float()
         best, where = slice_scores(target, tokens, spec.grid, per_slice, score)
         scores[start:end], windows[start:end] = best.numpy(), where.numpy()
