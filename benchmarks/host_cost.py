@@ -1,0 +1,148 @@
+"""What a slice costs the host: decode only, against decode + today's preprocessing, per core.
+
+On a GPU the model is fast enough that the host decides ingest speed: every slice is read and
+decoded, mapped to [0, 1] (HU window, MR percentiles, VOI window), resized to the model's input
+with antialiasing and handed to the embedding process as float32. This measures, per input kind,
+the CPU milliseconds a decode worker spends on a slice:
+
+  decode       - `sources.native.read_native`: the file read, the pixels decoded and the
+                 modality LUT applied (float32 HU for CT): what a worker must do on the host
+  decode+prep  - `preprocess.decode_task`: the same plus the intensity mapping and the resize to
+                 224 px: what a decode worker does today
+
+and the bytes a slice it hands back (pickled to the embedding process): float32 at 224 px today, or
+the native pixels as stored. From the per-core rates it prints the cores one GPU needs to embed
+12,000 slices/s (a ViT-B/14 at 224 px in bf16 on one H100/H200) with today's split and with the
+workers only decoding.
+
+Inputs, generated here (the reader is embedstore's; the files are what scanners write):
+  CT 512 raw   - 512×512 uint16 CT, Explicit VR Little Endian (benchmarks/decode.py's volume)
+  CT 512 J2K   - the same, JPEG 2000 lossless (pylibjpeg-openjpeg)
+  CT 512 RLE   - the same, RLE lossless (pylibjpeg-rle)
+  MR 256       - a 256×256 multi-frame MR object (per-slice 5th-95th percentile mapping)
+  DX 2000×2500 - a 12-bit MONOCHROME1 radiograph with a VOI window
+
+One process, one torch thread (as a decode worker runs), readers alternated over the same files
+`--repeats` times; the median pass is reported.
+
+    python benchmarks/host_cost.py [--n 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # embedstore from this checkout
+from decode import ct_volume, write_pydicom_compressed, write_uncompressed  # noqa: E402  (this folder)
+
+GPU_SLICES_PER_S = 12_000  # ViT-B/14 at 224 px, bf16, one H100/H200
+IMAGE_SIZE = 224
+RADIOGRAPH = (2000, 2500)  # rows, columns
+
+
+def write_inputs(root: Path, n: int) -> dict[str, Path]:
+    """A folder of files per input kind; their names are the table's rows."""
+    import numpy as np
+    from pydicom import uid
+
+    from embedstore import samples
+
+    folders = {}
+    volume = ct_volume(n)
+    for name, write in (("CT 512 raw", partial(write_uncompressed, uid.ExplicitVRLittleEndian, 16)),
+                        ("CT 512 J2K", partial(write_pydicom_compressed, uid.JPEG2000Lossless, "pylibjpeg", 16)),
+                        ("CT 512 RLE", partial(write_pydicom_compressed, uid.RLELossless, "pylibjpeg", 16))):
+        folder = folders[name] = root / name.replace(" ", "-")
+        folder.mkdir()
+        for index, pixels in enumerate(volume):
+            write(pixels, folder / f"{index:04d}.dcm", root)
+    folders["MR 256"] = root / "mr"
+    samples.write_multiframe_mr(folders["MR 256"] / "mr.dcm", n_frames=n, size=256)
+    folders["DX 2000×2500"] = root / "dx"
+    rng = np.random.default_rng(0)
+    for index in range(max(2, n // 4)):  # a radiograph is one large slice: fewer of them
+        image = np.clip(rng.normal(0.5, 0.15, RADIOGRAPH), 0, 1)
+        samples.write_xray(folders["DX 2000×2500"] / f"{index}.dcm", image, monochrome1=True,
+                           window=(2048, 3000), seed=index)
+    return folders
+
+
+def read_tasks(folder: Path):
+    from embedstore.sources.catalog import build_catalog
+    from embedstore.sources.discover import check_sources, discover
+
+    found, failures = discover(check_sources([str(folder)]))
+    catalog = build_catalog(found, "axial")
+    if failures or catalog.failures or not catalog.tasks:
+        raise SystemExit(f"{folder}: generated files do not read: {(failures + catalog.failures)[:1]}")
+    return catalog.tasks
+
+
+def measure(tasks, repeats: int) -> dict:
+    """Median CPU ms a slice of decode only and decode + preprocessing, and bytes a slice handed back."""
+    from embedstore.intensity import IntensityConfig
+    from embedstore.preprocess import DecodeSettings, decode_task
+    from embedstore.sources.native import read_native
+
+    settings = DecodeSettings(IntensityConfig(), IMAGE_SIZE)
+    voi = [settings.intensity.uses_header_voi(task.items[0].modality) for task in tasks]
+    stages = {"decode": lambda: [read_native(task, uses) for task, uses in zip(tasks, voi)],
+              "decode+prep": lambda: [decode_task(task, settings) for task in tasks]}
+    slices = sum(len(task.items) for task in tasks)
+    outputs = {name: run() for name, run in stages.items()}  # warm-up, and what each hands back
+    spent: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(repeats):
+        for name, run in stages.items():
+            started = time.process_time()
+            run()
+            spent[name].append((time.process_time() - started) * 1e3 / slices)
+    native_bytes = sum(native.pixels.size * _stored_itemsize(task) for native, task in zip(outputs["decode"], tasks))
+    today_bytes = sum(len(pickle.dumps(decoded.pixels, protocol=5)) for decoded in outputs["decode+prep"])
+    return {"slices": slices, **{f"{name}_ms": statistics.median(values) for name, values in spent.items()},
+            "bytes_native": native_bytes / slices, "bytes_today": today_bytes / slices}
+
+
+def _stored_itemsize(task) -> int:
+    """Bytes a value as the file stores it (what a worker would hand back before the modality LUT)."""
+    import pydicom
+
+    return pydicom.dcmread(task.path, stop_before_pixels=True).BitsAllocated // 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=16, help="slices per kind (radiographs: a quarter)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # as a decode worker
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="host-cost-") as scratch:
+        for kind, folder in write_inputs(Path(scratch), args.n).items():
+            rows[kind] = measure(read_tasks(folder), args.repeats)
+    print(f"host CPU a slice, one core, resize to {IMAGE_SIZE} px; cores for one GPU at {GPU_SLICES_PER_S:,} slices/s")
+    print(f"{'input':<14}{'decode ms':>10}{'+prep ms':>10}{'ratio':>7}{'slices/s':>10}{'today':>8}"
+          f"{'cores':>7}{'today':>7}{'KB native':>10}{'KB today':>9}")
+    for kind, row in rows.items():
+        decode, today = row["decode_ms"], row["decode+prep_ms"]
+        row.update(ratio=decode / today, slices_per_s_core=1e3 / decode, slices_per_s_core_today=1e3 / today,
+                   cores_per_gpu=GPU_SLICES_PER_S * decode / 1e3, cores_per_gpu_today=GPU_SLICES_PER_S * today / 1e3)
+        print(f"{kind:<14}{decode:>10.2f}{today:>10.2f}{row['ratio']:>7.2f}{row['slices_per_s_core']:>10.0f}"
+              f"{row['slices_per_s_core_today']:>8.0f}{row['cores_per_gpu']:>7.0f}{row['cores_per_gpu_today']:>7.0f}"
+              f"{row['bytes_native'] / 1024:>10.0f}{row['bytes_today'] / 1024:>9.0f}")
+    print(json.dumps({"benchmark": "host_cost", "image_size": IMAGE_SIZE, "gpu_slices_per_s": GPU_SLICES_PER_S,
+                      "inputs": {kind: {key: round(value, 3) for key, value in row.items()}
+                                 for kind, row in rows.items()}}))
+
+
+if __name__ == "__main__":
+    main()
