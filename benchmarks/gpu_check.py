@@ -141,7 +141,7 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
     from embedstore.models.build import load_model
     from embedstore.models.embedder import Embedder
     from embedstore.pipeline.decode import DecodePool
-    from embedstore.preprocess import DecodeSettings
+    from embedstore.preprocess import DecodeSettings, maps_on_device
     from embedstore.sources.records import ReadTask, SliceItem
 
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -157,14 +157,17 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
         loaded = load_model("dinov2_vitb14", "random", image_size)
         spec = loaded.spec
         embedder = Embedder(loaded, str(device), "bf16", "eager", batch_size)
-        sink, write_note = store_sink(Path(scratch) / "store", loaded, embedder, batch_size)
-        with DecodePool(workers, DecodeSettings(spec.intensity, image_size, (spec.interpolation,))) as pool:
+        # On CUDA the workers only decode; the window and the resize run batched on the GPU (--preprocess-on auto)
+        settings = DecodeSettings(spec.intensity, image_size, (spec.interpolation,),
+                                  on_device=maps_on_device("auto", device))
+        sink, write_note = store_sink(Path(scratch) / "store", loaded, embedder, batch_size, settings)
+        with DecodePool(workers, settings) as pool:
             list(pool.decode(tasks[:workers * 8]))  # workers up and warm before the clock starts
             started = time.perf_counter()
             if sink is not None:
                 n_embedded = sink.run(pool, tasks)
             else:
-                batcher, n_embedded = SliceBatcher(batch_size), 0
+                batcher, n_embedded = SliceBatcher(batch_size, settings, device), 0
 
                 def embed(batch):
                     items, pixels = batch
@@ -194,7 +197,7 @@ class StoreSink:
 
     RUN_ID = "gpu-check-run"
 
-    def __init__(self, path: Path, loaded, embedder, batch_size: int):
+    def __init__(self, path: Path, loaded, embedder, batch_size: int, settings):
         from embedstore.pipeline.ingest import DEFAULT_COMMIT_ROWS
         from embedstore.pipeline.runner import RowCommitter, UnitRunner
         from embedstore.store import Store
@@ -202,7 +205,7 @@ class StoreSink:
         self.store = Store.open(path, create=True)
         self.store.add_model(loaded.spec)
         self.spec = loaded.spec
-        self.runner = UnitRunner([loaded], [embedder], self.store.patches_root, self.RUN_ID, batch_size)
+        self.runner = UnitRunner([loaded], [embedder], self.store.patches_root, self.RUN_ID, batch_size, settings)
         self.committer = RowCommitter(self.store, self.RUN_ID, [loaded.model_id], DEFAULT_COMMIT_ROWS, Counter())
 
     def run(self, pool, tasks) -> int:
@@ -222,10 +225,10 @@ class StoreSink:
         return self.committer.committed[self.spec.model_id]
 
 
-def store_sink(path: Path, loaded, embedder, batch_size: int) -> tuple[StoreSink | None, str]:
+def store_sink(path: Path, loaded, embedder, batch_size: int, settings) -> tuple[StoreSink | None, str]:
     """The ingest's runner and committer into an embedstore store, or None and why not."""
     try:
-        return StoreSink(path, loaded, embedder, batch_size), \
+        return StoreSink(path, loaded, embedder, batch_size, settings), \
             "store write measured (LanceDB rows and Zarr patches, by UnitRunner and RowCommitter)"
     except ImportError as error:
         return None, f"store write not measured: {error.name} is not installed"
@@ -246,8 +249,9 @@ def finetune_throughput(name: str, n_slices: int, image_size: int, batch_size: i
 
     with tempfile.TemporaryDirectory() as scratch:
         paths = samples.write_ct_series(Path(scratch) / "ct", n_slices=n_slices, size=512, shuffle_names=False)
-        items = [{"key": f"dicom:{p}:0", "path": str(p), "frame": 0, "study_uid": "study", "series_uid": "series",
-                  "slice_index": i, "modality": "CT", "body_part": None} for i, p in enumerate(paths)]
+        items = [{"key": f"dicom:{p}:0", "path": str(p), "frame": 0, "kind": "dicom", "axis": None, "study_uid": "study",
+                  "series_uid": "series", "slice_index": i, "modality": "CT", "body_part": None}
+                 for i, p in enumerate(paths)]
         loaded = load_model(name, "random", image_size)
         classifier = Classifier(prepare_backbone(loaded.model, "full"), loaded.spec, 2, 1)
         images = SliceImages(items, [i % 2 for i in range(n_slices)], loaded.spec, augment=True)

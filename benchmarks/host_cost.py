@@ -1,19 +1,19 @@
-"""What a slice costs the host: decode only, against decode + today's preprocessing, per core.
+"""What a slice costs a decode worker: decode only (`--preprocess-on device`) against decode + preprocessing
+(`--preprocess-on workers`, the only placement before it), per core.
 
 On a GPU the model is fast enough that the host decides ingest speed: every slice is read and
 decoded, mapped to [0, 1] (HU window, MR percentiles, VOI window), resized to the model's input
 with antialiasing and handed to the embedding process as float32. This measures, per input kind,
-the CPU milliseconds a decode worker spends on a slice:
+the CPU milliseconds a decode worker (`preprocess.decode_task`, one thread) spends on a slice:
 
-  decode       - `sources.native.read_native`: the file read, the pixels decoded and the
-                 modality LUT applied (float32 HU for CT): what a worker must do on the host
-  decode+prep  - `preprocess.decode_task`: the same plus the intensity mapping and the resize to
-                 224 px: what a decode worker does today
+  decode       - with DecodeSettings.on_device: the file read, the pixels decoded and the modality
+                 LUT applied (float32 HU for CT), the mapping's facts kept: all a worker does when
+                 the model's device maps and resizes
+  decode+prep  - the same plus the intensity mapping and the resize to 224 px in the worker
 
-and the bytes a slice it hands back (pickled to the embedding process): float32 at 224 px today, or
-the native pixels as stored. From the per-core rates it prints the cores one GPU needs to embed
-12,000 slices/s (a ViT-B/14 at 224 px in bf16 on one H100/H200) with today's split and with the
-workers only decoding.
+and the bytes a slice the worker hands back (its pickled DecodedFile): native float32 pixels, or
+224 px float32. From the per-core rates it prints the cores one GPU needs to embed 12,000 slices/s
+(a ViT-B/14 at 224 px in bf16 on one H100/H200) either way.
 
 Inputs, generated here (the reader is embedstore's; the files are what scanners write):
   CT 512 raw   - 512×512 uint16 CT, Explicit VR Little Endian (benchmarks/decode.py's volume)
@@ -90,12 +90,11 @@ def measure(tasks, repeats: int) -> dict:
     """Median CPU ms a slice of decode only and decode + preprocessing, and bytes a slice handed back."""
     from embedstore.intensity import IntensityConfig
     from embedstore.preprocess import DecodeSettings, decode_task
-    from embedstore.sources.native import read_native
 
-    settings = DecodeSettings(IntensityConfig(), IMAGE_SIZE)
-    voi = [settings.intensity.uses_header_voi(task.items[0].modality) for task in tasks]
-    stages = {"decode": lambda: [read_native(task, uses) for task, uses in zip(tasks, voi)],
-              "decode+prep": lambda: [decode_task(task, settings) for task in tasks]}
+    placements = {"decode": DecodeSettings(IntensityConfig(), IMAGE_SIZE, on_device=True),
+                  "decode+prep": DecodeSettings(IntensityConfig(), IMAGE_SIZE)}
+    stages = {name: partial(lambda settings: [decode_task(task, settings) for task in tasks], settings)
+              for name, settings in placements.items()}
     slices = sum(len(task.items) for task in tasks)
     outputs = {name: run() for name, run in stages.items()}  # warm-up, and what each hands back
     spent: dict[str, list[float]] = {name: [] for name in stages}
@@ -104,17 +103,9 @@ def measure(tasks, repeats: int) -> dict:
             started = time.process_time()
             run()
             spent[name].append((time.process_time() - started) * 1e3 / slices)
-    native_bytes = sum(native.pixels.size * _stored_itemsize(task) for native, task in zip(outputs["decode"], tasks))
-    today_bytes = sum(len(pickle.dumps(decoded.pixels, protocol=5)) for decoded in outputs["decode+prep"])
+    handed = {name: sum(len(pickle.dumps(decoded)) for decoded in output) / slices for name, output in outputs.items()}
     return {"slices": slices, **{f"{name}_ms": statistics.median(values) for name, values in spent.items()},
-            "bytes_native": native_bytes / slices, "bytes_today": today_bytes / slices}
-
-
-def _stored_itemsize(task) -> int:
-    """Bytes a value as the file stores it (what a worker would hand back before the modality LUT)."""
-    import pydicom
-
-    return pydicom.dcmread(task.path, stop_before_pixels=True).BitsAllocated // 8
+            "bytes_native": handed["decode"], "bytes_today": handed["decode+prep"]}
 
 
 def main() -> None:

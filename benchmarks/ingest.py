@@ -12,6 +12,7 @@ of the pipelines, not of start-up.
 
     python benchmarks/ingest.py [--n 512] [--model dinov2_vits14] [--second-model dinov2_vitb14]
                                 [--image-size 224] [--repeats 2] [--workers N ...]
+                                [--preprocess-on workers device]
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def bare_forward_rate(model, images, batch_size: int) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def cli_ingest(archive: Path, store: Path, args, workers: int | None, models: list[str]) -> dict:
+def cli_ingest(archive: Path, store: Path, args, workers: int | None, models: list[str],
+               preprocess_on: str | None = None) -> dict:
     summary_path = store.with_suffix(".json")
     command = [str(Path(sys.executable).parent / "embedstore"), "ingest", str(archive), "--store", str(store),
                *(part for model in models for part in ("--model", model)), "--weights", "random",
@@ -68,6 +70,8 @@ def cli_ingest(archive: Path, store: Path, args, workers: int | None, models: li
                "--json", str(summary_path)]
     if workers is not None:
         command += ["--workers", str(workers)]
+    if preprocess_on is not None:
+        command += ["--preprocess-on", preprocess_on]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads(summary_path.read_text())
     assert summary["n_embedded"] == args.n, summary
@@ -85,6 +89,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating bare / ingest pairs")
     parser.add_argument("--workers", type=int, nargs="*", default=[],
                         help="also measure ingest with these decode worker counts (one run each)")
+    parser.add_argument("--preprocess-on", nargs="*", default=[], choices=["workers", "device"],
+                        help="also measure ingest with the intensity mapping and resize placed here, one run each "
+                        "after each default run (the default on a CPU: workers)")
     args = parser.parse_args()
 
     import torch
@@ -100,13 +107,18 @@ def main() -> None:
         for one, batch in zip(loaded, images):
             bare_forward_rate(one.model, batch, args.batch_size)  # warm-up pass, discarded
 
-        rates = {"bare": [], "ingest": [], "bare_two": [], "ingest_two": []}
+        rates = {"bare": [], "ingest": [], "bare_two": [], "ingest_two": [],
+                 **{f"ingest_{place}": [] for place in args.preprocess_on}}
         summary = None
         for repeat in range(args.repeats):
             bare_one = bare_forward_rate(loaded[0].model, images[0], args.batch_size)
             rates["bare"].append(bare_one)
             summary = cli_ingest(scratch / "archive", scratch / f"store{repeat}", args, None, names[:1])
             rates["ingest"].append(summary["slices_per_s"])
+            for place in args.preprocess_on:
+                placed = cli_ingest(scratch / "archive", scratch / f"store-{place}{repeat}", args, None, names[:1],
+                                    place)
+                rates[f"ingest_{place}"].append(placed["slices_per_s"])
             if len(names) == 2:
                 bare_two = bare_forward_rate(loaded[1].model, images[1], args.batch_size)
                 rates["bare_two"].append(1.0 / (1.0 / bare_one + 1.0 / bare_two))  # the two back to back
@@ -124,6 +136,10 @@ def main() -> None:
     for workers, other in extra.items():
         print(f"{'embedstore ingest, workers=' + str(workers):44s} {other['slices_per_s']:8.1f} slices/s"
               f"   (ratio {other['slices_per_s'] / median['bare']:.3f})")
+    for place in args.preprocess_on:
+        placed = median[f"ingest_{place}"]
+        print(f"{'embedstore ingest, --preprocess-on ' + place:44s} {placed:8.1f} slices/s"
+              f"   runs {[round(r, 1) for r in rates[f'ingest_{place}']]} (ratio {placed / median['bare']:.3f})")
     print(f"{'ratio ingest / bare':44s} {ratio:8.3f}   (target >= 0.85)")
     ratio_two = None
     if median["ingest_two"]:
@@ -137,7 +153,8 @@ def main() -> None:
                       "bare_slices_per_s": round(median["bare"], 2), "ingest_slices_per_s": round(median["ingest"], 2),
                       "ratio": round(ratio, 4), "two_model_ratio": ratio_two and round(ratio_two, 4),
                       "workers": summary["workers"],
-                      "extra": {w: round(o["slices_per_s"], 2) for w, o in extra.items()}}))
+                      "extra": {w: round(o["slices_per_s"], 2) for w, o in extra.items()},
+                      "preprocess_on": {place: round(median[f"ingest_{place}"], 2) for place in args.preprocess_on}}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,64 +28,115 @@ from embedstore.sources.native import read_native
 from embedstore.sources.records import Failure, NativeSlices, ReadTask
 
 
-def to_unit_range(stack: np.ndarray, modality: str | None, config: IntensityConfig,
-                  header_windows: list[tuple[float, float] | None] | None = None) -> np.ndarray:
-    """(n, H, W) native values (HU for CT) → (n, H, W) float32 in [0, 1], per-slice min-max after
-    clipping to the modality's window (CT), percentiles (MR) or the file's own VOI window."""
-    stack = np.asarray(stack, dtype=np.float32)
-    if not np.isfinite(stack).all():  # NaN/inf voxels (common in float NIfTI) become the slice's minimum
+QUANTILE_VALUES = 1 << 24  # torch.quantile takes at most this many values at once
+
+
+def unit_stack(stack: torch.Tensor, parts: Sequence[tuple[NativeSlices, int, int]],
+               config: IntensityConfig) -> torch.Tensor:
+    """(n, H, W) native values (HU for CT), on any device → (n, C, H, W) float32 in [0, 1]. The
+    slices are the parts' one after another: each part a file's slices start..stop, with the facts
+    its reader found (modality, VOI windows, MONOCHROME1, body part). One implementation for the
+    decode workers (a file at a time, on the CPU) and the model's device (a batch of files of one
+    size); the per-slice bounds are worked out on the host, so the device never waits on a decision."""
+    stack = stack.float()
+    if not bool(torch.isfinite(stack).all()):  # NaN/inf voxels (common in float NIfTI) become the slice's minimum
         stack = fill_non_finite(stack)
-    n = len(stack)
-    low, high = np.full(n, -np.inf, dtype=np.float32), np.full(n, np.inf, dtype=np.float32)
-    if modality == "CT":
-        low[:], high[:] = config.ct_window
-    elif modality == "MR":
-        low[:], high[:] = np.percentile(stack.reshape(n, -1), config.mr_percentiles, axis=1)
-    if header_windows and config.uses_header_voi(modality):
-        for index, window in enumerate(header_windows):
-            if window is not None:
-                low[index], high[index] = window
-    if np.isfinite(low).any() or np.isfinite(high).any():
-        stack = np.clip(stack, low[:, None, None], high[:, None, None])
-    return spread_to_unit(stack)
+    bounds = SliceBounds.of(parts, config)
+    low, high = (torch.from_numpy(values).to(stack.device) for values in (bounds.low, bounds.high))
+    if len(bounds.percentile_rows):
+        rows = torch.from_numpy(bounds.percentile_rows).to(stack.device)
+        low[rows], high[rows] = percentiles(stack.index_select(0, rows).flatten(1), config.mr_percentiles)
+    unit = spread_to_unit(torch.clamp(stack, low[:, None, None], high[:, None, None]))[:, None]
+    if config.is_multi:
+        unit = unit.repeat(1, 3, 1, 1)
+    if len(bounds.window_rows):
+        # Each window maps linearly onto [0, 1] (no per-slice min-max): a channel means the same
+        # tissue range on every slice, as in the usual windowed-RGB inputs for CT.
+        rows = torch.from_numpy(bounds.window_rows).to(stack.device)
+        window_low, width = (torch.from_numpy(values).to(stack.device)[:, :, None, None]
+                             for values in (bounds.window_low, bounds.window_width))
+        unit[rows] = ((stack.index_select(0, rows)[:, None] - window_low) / width).clamp(0.0, 1.0)
+    if len(bounds.inverted_rows):
+        rows = torch.from_numpy(bounds.inverted_rows).to(stack.device)
+        unit[rows] = 1.0 - unit[rows]
+    return unit
 
 
-def spread_to_unit(stack: np.ndarray) -> np.ndarray:
-    minimum = stack.min(axis=(1, 2), keepdims=True)
-    span = stack.max(axis=(1, 2), keepdims=True) - minimum
+@dataclass(frozen=True)
+class SliceBounds:
+    """What the intensity mapping does to each slice of a stack, decided from the readers' facts:
+    clip bounds (±inf: none), the slices clipped to their own percentiles instead (MR), the CT slices
+    mapped through three windows (`--window multi`) and the slices stored inverted (MONOCHROME1)."""
+
+    low: np.ndarray  # (n,) float32
+    high: np.ndarray  # (n,) float32
+    percentile_rows: np.ndarray  # int64 positions
+    window_rows: np.ndarray
+    window_low: np.ndarray  # (len(window_rows), 3) float32
+    window_width: np.ndarray
+    inverted_rows: np.ndarray
+
+    @classmethod
+    def of(cls, parts: Sequence[tuple[NativeSlices, int, int]], config: IntensityConfig) -> SliceBounds:
+        low, high, percentile, multi, windows, inverted = [], [], [], [], [], []
+        for native, start, stop in parts:
+            first = len(low)
+            rows = range(first, first + stop - start)
+            uses_header = native.header_windows and config.uses_header_voi(native.modality)
+            for index in range(start, stop):
+                window = native.header_windows[index] if uses_header else None
+                if window is None and native.modality == "CT":
+                    window = config.ct_window
+                low.append(-np.inf if window is None else window[0])
+                high.append(np.inf if window is None else window[1])
+                if native.modality == "MR" and not (uses_header and native.header_windows[index] is not None):
+                    percentile.append(len(low) - 1)
+            if config.is_multi and native.modality == "CT":
+                multi.extend(rows)
+                windows.extend([[CT_WINDOWS[name] for name in config.multi_windows(native.body_part)]] * len(rows))
+            if native.monochrome1:
+                inverted.extend(rows)
+        windows = np.asarray(windows, dtype=np.float64).reshape(-1, 3, 2)
+        as_rows = partial(np.asarray, dtype=np.int64)
+        return cls(np.asarray(low, dtype=np.float32), np.asarray(high, dtype=np.float32), as_rows(percentile),
+                   as_rows(multi), windows[:, :, 0].astype(np.float32),
+                   (windows[:, :, 1] - windows[:, :, 0]).astype(np.float32), as_rows(inverted))
+
+
+def percentiles(rows: torch.Tensor, bounds: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of (m, N) values, its `bounds` percentiles (linear interpolation, as NumPy's default)."""
+    q = torch.tensor([bound / 100.0 for bound in bounds], dtype=rows.dtype, device=rows.device)
+    step = max(1, QUANTILE_VALUES // rows.shape[1])
+    found = torch.cat([torch.quantile(rows[start:start + step], q, dim=1) for start in range(0, len(rows), step)], 1)
+    return found[0], found[1]
+
+
+def spread_to_unit(stack: torch.Tensor) -> torch.Tensor:
+    minimum = stack.amin(dim=(1, 2), keepdim=True)
+    span = stack.amax(dim=(1, 2), keepdim=True) - minimum
     # A constant slice has span 0: divide by 1 instead, which maps it to all zeros.
-    return ((stack - minimum) / np.where(span > 0, span, 1.0)).astype(np.float32, copy=False)
+    return (stack - minimum) / torch.where(span > 0, span, torch.ones_like(span))
 
 
-def window_to_unit(stack: np.ndarray, low: float, high: float) -> np.ndarray:
-    return np.clip((stack - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32, copy=False)
-
-
-def fill_non_finite(stack: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(stack)
-    lowest = np.where(finite, stack, np.inf).min(axis=(1, 2), keepdims=True)
-    lowest = np.where(np.isfinite(lowest), lowest, 0.0)  # a slice with no finite value at all
-    return np.where(finite, stack, lowest).astype(np.float32)
+def fill_non_finite(stack: torch.Tensor) -> torch.Tensor:
+    finite = torch.isfinite(stack)
+    lowest = torch.where(finite, stack, torch.inf).amin(dim=(1, 2), keepdim=True)
+    lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)  # a slice with no finite value at all
+    return torch.where(finite, stack, lowest)
 
 
 def unit_channels(native: NativeSlices, config: IntensityConfig) -> tuple[np.ndarray, str]:
-    """(n, C, H, W) in [0, 1] and a label of what was done (the `intensity` column)."""
+    """A file's slices (n, C, H, W) in [0, 1] and a label of what was done (the `intensity` column)."""
+    unit = unit_stack(torch.from_numpy(np.asarray(native.pixels)), [(native, 0, len(native.pixels))], config)
+    return unit.numpy(), intensity_label(native, config)
+
+
+def intensity_label(native: NativeSlices, config: IntensityConfig) -> str:
     if config.is_multi and native.modality == "CT":
-        names = config.multi_windows(native.body_part)
-        stack = native.pixels if np.isfinite(native.pixels).all() else fill_non_finite(native.pixels)
-        # Each window maps linearly onto [0, 1] (no per-slice min-max): a channel means the same
-        # tissue range on every slice, as in the usual windowed-RGB inputs for CT.
-        unit = np.stack([window_to_unit(stack, *CT_WINDOWS[name]) for name in names], axis=1)
-        label = "multi:" + ",".join(names)
+        label = "multi:" + ",".join(config.multi_windows(native.body_part))
     else:
-        unit = to_unit_range(native.pixels, native.modality, config, native.header_windows)[:, None]
         label = _grey_label(native, config)
-        if config.is_multi:
-            unit = np.repeat(unit, 3, axis=1)
-    if native.monochrome1:
-        unit = 1.0 - unit
-        label += "+inverted"
-    return unit, label
+    return label + "+inverted" if native.monochrome1 else label
 
 
 def _grey_label(native: NativeSlices, config: IntensityConfig) -> str:
@@ -100,18 +152,16 @@ def _grey_label(native: NativeSlices, config: IntensityConfig) -> str:
     return "minmax"
 
 
-def resize_stack(unit: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
-    """(n, H, W) or (n, C, H, W) in [0, 1] → (n, C, size, size) with the model's interpolation
+def resize_stack(unit: np.ndarray | torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """(n, C, H, W) in [0, 1], on any device → (n, C, size, size) with the model's interpolation
     (antialiased where torch supports it: a 512 px slice shrunk to 224 must not alias)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))
-    if tensor.ndim == 3:
-        tensor = tensor[:, None]
+    tensor = torch.as_tensor(unit)
     if tensor.shape[-2:] != (size, size):
         if interpolation == "nearest":
             tensor = F.interpolate(tensor, size=(size, size), mode="nearest")
         else:
             tensor = F.interpolate(tensor, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
-    return tensor.clamp(0.0, 1.0).numpy()  # not in place: without a resize the tensor shares the caller's array
+    return tensor.clamp(0.0, 1.0)  # not in place: without a resize the tensor shares the caller's array
 
 
 @dataclass(frozen=True)
@@ -123,27 +173,44 @@ class DecodeSettings:
     image_size: int
     interpolations: tuple[str, ...] = ("bicubic",)
     max_pixels: int = DEFAULT_MAX_PIXELS  # the most values a frame may declare (--max-pixels)
+    # The workers only decode; the intensity mapping and the resize run batched on the model's
+    # device (inference/batching.py). Chosen by `placement_for(device)`.
+    on_device: bool = False
 
     @classmethod
-    def for_specs(cls, specs: Sequence[ModelSpec], max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeSettings:
+    def for_specs(cls, specs: Sequence[ModelSpec], max_pixels: int = DEFAULT_MAX_PIXELS,
+                  on_device: bool = False) -> DecodeSettings:
         """The one preprocessing chain of these models, from their stored specs alone: ingest (every
         model at once), read-back, thumbnails, uploads and fine-tuning all decode through it."""
         first = specs[0]
         if any(s.intensity != first.intensity or s.image_size != first.image_size for s in specs[1:]):
             raise UsageError("models decoded together need one intensity mapping and one image size")
-        return cls(first.intensity, first.image_size, tuple(sorted({s.interpolation for s in specs})), max_pixels)
+        return cls(first.intensity, first.image_size, tuple(sorted({s.interpolation for s in specs})), max_pixels,
+                   on_device)
+
+
+PLACEMENTS = ("auto", "workers", "device")
+
+
+def maps_on_device(placement: str, device: torch.device) -> bool:
+    """Whether the model's device maps and resizes (the decode workers only decode). auto: on CUDA,
+    where the host's cores are what limits ingest; on a CPU the workers do it, which measured faster
+    (benchmarks/ingest.py --preprocess-on): the model process keeps its cores for the model."""
+    if placement not in PLACEMENTS:
+        raise UsageError(f"--preprocess-on must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+    return device.type == "cuda" if placement == "auto" else placement == "device"
 
 
 def prepare_slices(native: NativeSlices, config: IntensityConfig, size: int,
                    interpolation: str = "bicubic") -> tuple[np.ndarray, str]:
     """Native slices → model-ready (n, C, size, size) float32 in [0, 1], and the intensity label."""
     unit, label = unit_channels(native, config)
-    return resize_stack(unit, size, interpolation), label
+    return resize_stack(unit, size, interpolation).numpy(), label
 
 
 @dataclass
 class DecodedFile:
-    """A read task's slices, preprocessed and ready for the model."""
+    """A read task's slices, preprocessed and ready for the model, or (settings.on_device) as read."""
 
     task: ReadTask
     pixels: dict[str, np.ndarray]  # interpolation → (n, C, S, S) float32 in [0, 1], in the order of task.items
@@ -154,6 +221,7 @@ class DecodedFile:
     failures: list[Failure] = field(default_factory=list)  # other copies of the instance, not used
     seconds: dict[str, float] = field(default_factory=dict)  # read_decode, preprocess
     codec_output: list[str] = field(default_factory=list)  # warnings and codec lines printed while reading it
+    native: NativeSlices | None = None  # the slices as read, for the model's device to map (no pixels then)
 
 
 def decode_task(task: ReadTask, settings: DecodeSettings) -> DecodedFile:
@@ -163,8 +231,11 @@ def decode_task(task: ReadTask, settings: DecodeSettings) -> DecodedFile:
     config = settings.intensity
     native = read_native(task, config.uses_header_voi(task.items[0].modality), settings.max_pixels)
     read = time.perf_counter()
-    unit, intensity = unit_channels(native, config)
-    pixels = {mode: resize_stack(unit, settings.image_size, mode) for mode in settings.interpolations}
+    rows, cols = native.pixels.shape[1:]
+    if settings.on_device:
+        return DecodedFile(task, {}, native.modality, rows, cols, intensity_label(native, config),
+                           seconds={"read_decode": read - started}, native=native)
+    unit = unit_stack(torch.from_numpy(native.pixels), [(native, 0, len(native.pixels))], config)
+    pixels = {mode: resize_stack(unit, settings.image_size, mode).numpy() for mode in settings.interpolations}
     seconds = {"read_decode": read - started, "preprocess": time.perf_counter() - read}
-    return DecodedFile(task, pixels, native.modality, native.pixels.shape[1], native.pixels.shape[2], intensity,
-                       seconds=seconds)
+    return DecodedFile(task, pixels, native.modality, rows, cols, intensity_label(native, config), seconds=seconds)

@@ -20,6 +20,10 @@ MODEL_ID_HELP = "The model (any unique prefix of its id), when the store holds s
 # (command, before, after), whitespace collapsed: the help fixes of the one-shape change (one help text per
 # option declared once), and options added since.
 HELP_FIXES = [
+    ("ingest", "--device <str> auto, cpu, cuda, cuda:N. [default: auto]", "--device <str> auto, cpu, cuda, cuda:N. "
+     "[default: auto] --preprocess-on <str> Where intensity mapping and resize run: workers (the decode processes), "
+     "device (batched on the model's device; the workers only decode) or auto (device on CUDA, workers on CPU). "
+     "[default: auto]"),
     ("search", "cls, patch_mean, clsN (CLS of the last N blocks), or cls/clsN+patch_mean.", FEATURE_HELP),
     ("export", "cls, patch_mean, clsN (CLS of the last N blocks), or cls/clsN+patch_mean.", FEATURE_HELP),
     ("export", "Filter on metadata columns, e.g. \"modality = 'CT'\".",

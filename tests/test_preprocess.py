@@ -10,7 +10,7 @@ from embedstore.errors import UsageError
 from embedstore.intensity import CT_WINDOWS, IntensityConfig
 from embedstore.models.embedder import normalize
 from embedstore.models.spec import IMAGENET_MEAN, IMAGENET_STD
-from embedstore.preprocess import prepare_slices, to_unit_range
+from embedstore.preprocess import prepare_slices, unit_channels
 from embedstore.sources.records import NativeSlices
 
 MODALITIES = ["CT", "MR", None]
@@ -18,6 +18,11 @@ MODALITIES = ["CT", "MR", None]
 
 def prepared(stack: np.ndarray, modality: str | None, config: IntensityConfig, size: int) -> np.ndarray:
     return prepare_slices(NativeSlices(stack, modality), config, size)[0]
+
+
+def to_unit_range(stack: np.ndarray, modality: str | None, config: IntensityConfig) -> np.ndarray:
+    """(n, H, W) native values → (n, H, W) in [0, 1], as one file's slices are mapped."""
+    return unit_channels(NativeSlices(stack, modality), config)[0][:, 0]
 
 
 def ramp(low: float, high: float, shape: tuple[int, int] = (16, 20)) -> np.ndarray:

@@ -71,6 +71,9 @@ def ingest(
     header_workers: Optional[int] = HEADER_WORKERS,
     header_batch: Optional[int] = HEADER_BATCH,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    preprocess_on: str = typer.Option(
+        "auto", help="Where intensity mapping and resize run: workers (the decode processes), device (batched on "
+        "the model's device; the workers only decode) or auto (device on CUDA, workers on CPU)."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     engine: str = typer.Option("auto", help="auto (tensorrt → compile → eager on CUDA; eager on CPU), eager, compile "
                                "or tensorrt; a compiled engine must match eager (cosine ≥ 0.999) or gives way."),
@@ -97,7 +100,7 @@ def ingest(
         keep_patches=patches, window=window, mr_percentiles=parse_percentiles(mr_percentiles), axis=axis,
         modality=modality, max_pixels=max_pixels, keep_patient_id=keep_patient_id,
         executor="ray" if ray_address else executor, ray_address=ray_address, ray_actors=ray_actors,
-        batch_size=batch_size, workers=workers, device=device, engine=engine,
+        batch_size=batch_size, workers=workers, device=device, preprocess_on=preprocess_on, engine=engine,
         precision=precision, overwrite=overwrite, show_progress=progress, header_workers=header_workers,
         header_batch=header_batch, query=query,
     )

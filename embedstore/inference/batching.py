@@ -1,20 +1,31 @@
-"""Model batches from decoded files of any size: the batching both executors share."""
+"""Model batches from decoded files of any size: the batching both executors share.
+
+Files decoded with `DecodeSettings.on_device` arrive as read (native values and the facts of their
+intensity mapping): a batch's slices are grouped by native size, each group copied to the model's
+device in one transfer (from pinned memory, asynchronously, on CUDA) and mapped and resized there
+as one tensor by the same code the decode workers run (preprocess.unit_stack, resize_stack).
+"""
 
 from __future__ import annotations
 
-import numpy as np
+from collections import defaultdict
 
-from embedstore.preprocess import DecodedFile
-from embedstore.sources.records import SliceItem
+import numpy as np
+import torch
+
+from embedstore.preprocess import DecodedFile, DecodeSettings, resize_stack, unit_stack
+from embedstore.sources.records import NativeSlices, SliceItem
 
 
 class SliceBatcher:
-    """Gathers decoded slices from files of any size into model batches of exactly `size`."""
+    """Gathers decoded slices from files of any size into model batches of exactly `size`; with
+    `settings` (on_device) and the model's `device`, maps and resizes the files' native slices there."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, settings: DecodeSettings | None = None, device: torch.device | None = None):
         self.size = size
+        self.settings, self.device = settings, device or torch.device("cpu")
         self._items: list[SliceItem] = []
-        self._pixels: list[dict[str, np.ndarray]] = []  # interpolation → (n, C, S, S), per decoded file
+        self._pieces: list[tuple[DecodedFile, int, int]] = []  # (file, first, last) of its slices still to batch
         self._count = 0
 
     def add(self, decoded: DecodedFile) -> None:
@@ -23,7 +34,7 @@ class SliceBatcher:
             item.rows, item.cols = decoded.rows, decoded.cols
             item.intensity = decoded.intensity
         self._items.extend(decoded.task.items)
-        self._pixels.append(decoded.pixels)
+        self._pieces.append((decoded, 0, len(decoded.task.items)))
         self._count += len(decoded.task.items)
 
     def pending(self) -> int:
@@ -32,12 +43,48 @@ class SliceBatcher:
     def full(self) -> bool:
         return self._count >= self.size
 
-    def take(self) -> tuple[list[SliceItem], dict[str, np.ndarray]]:
-        """The next batch: its items and, per interpolation, its pixels."""
-        pixels = {mode: np.concatenate([p[mode] for p in self._pixels]) if len(self._pixels) > 1
-                  else self._pixels[0][mode] for mode in self._pixels[0]}
+    def take(self) -> tuple[list[SliceItem], dict[str, np.ndarray | torch.Tensor]]:
+        """The next batch: its items and, per interpolation, its pixels (a tensor on the model's
+        device when it maps them)."""
         n = min(self.size, self._count)
         items, self._items = self._items[:n], self._items[n:]
-        self._pixels = [{mode: stack[n:] for mode, stack in pixels.items()}] if n < self._count else []
+        pieces, wanted = [], n
+        while wanted:
+            decoded, first, last = self._pieces[0]
+            taken = min(wanted, last - first)
+            pieces.append((decoded, first, first + taken))
+            wanted -= taken
+            if first + taken == last:
+                self._pieces.pop(0)
+            else:
+                self._pieces[0] = (decoded, first + taken, last)
         self._count -= n
-        return items, {mode: stack[:n] for mode, stack in pixels.items()}
+        if pieces[0][0].native is not None:
+            return items, self._on_device([(decoded.native, first, last) for decoded, first, last in pieces])
+        return items, {mode: np.concatenate([decoded.pixels[mode][first:last] for decoded, first, last in pieces])
+                       for mode in pieces[0][0].pixels}
+
+    def _on_device(self, parts: list[tuple[NativeSlices, int, int]]) -> dict[str, torch.Tensor]:
+        """The parts' slices mapped and resized on the device, a group of one native size at a time."""
+        settings = self.settings
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)  # native size → positions of its parts
+        for position, (native, _, _) in enumerate(parts):
+            groups[native.pixels.shape[1:]].append(position)
+        starts = np.cumsum([0] + [last - first for _, first, last in parts])
+        size, channels = settings.image_size, settings.intensity.channels
+        out = {mode: torch.empty((starts[-1], channels, size, size), device=self.device)
+               for mode in settings.interpolations}
+        for members in groups.values():
+            group = [parts[position] for position in members]
+            stack = torch.from_numpy(np.concatenate([native.pixels[first:last] for native, first, last in group]))
+            if self.device.type == "cuda":  # a pinned buffer copies while the device keeps working
+                stack = stack.pin_memory()
+            unit = unit_stack(stack.to(self.device, non_blocking=True), group, settings.intensity)
+            rows = torch.from_numpy(np.concatenate([np.arange(starts[p], starts[p + 1]) for p in members]))
+            for mode, pixels in out.items():
+                resized = resize_stack(unit, size, mode)
+                if len(groups) == 1:
+                    out[mode] = resized  # batch order already
+                else:
+                    pixels[rows.to(self.device)] = resized
+        return out

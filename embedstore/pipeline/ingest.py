@@ -27,7 +27,7 @@ from embedstore.pipeline.on_ray import RayActors, embed_on_ray, engine_of
 from embedstore.pipeline.progress import IngestProgress, spinner, status
 from embedstore.pipeline.runner import UNIT_SLICES, EmbedOutcome, RowCommitter, UnitRunner, unit_slices_for
 from embedstore.pipeline.stream import SeriesFeed, UnitStream
-from embedstore.preprocess import DecodeSettings
+from embedstore.preprocess import DecodeSettings, maps_on_device
 from embedstore.sources.catalog import declared_modality
 from embedstore.sources.discover import check_sources
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
@@ -79,6 +79,7 @@ class IngestOptions:
     batch_size: int = 32
     workers: int | None = None  # decode processes; None: default_workers() for the device
     device: str = "auto"
+    preprocess_on: str = "auto"  # auto | workers | device: where intensity mapping and resize run (maps_on_device)
     precision: str = "fp32"
     engine: str = "auto"  # auto | eager | compile | tensorrt (models/engines.py)
     overwrite: bool = False
@@ -135,6 +136,7 @@ def check_options(options: IngestOptions) -> tuple[IntensityConfig, str | None, 
     modality = declared_modality(options.modality)
     intensity = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
     device = pick_device(options.device)
+    maps_on_device(options.preprocess_on, device)  # an unknown placement is a wrong request too
     check_precision(options.precision)
     candidate_engines(options.engine, device)  # an unknown engine is a wrong request: nothing written yet
     return intensity, modality, device
@@ -197,7 +199,8 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     run_id = new_run_id()
     config = {**asdict(options), "workers": workers, "device": str(device), "sources": [str(p) for p in source_paths]}
     store.start_run(run_id, [s.model_id for s in specs], config)
-    job = EmbedJob(options, specs, run_id, str(store.patches_root), DecodeSettings.for_specs(specs, options.max_pixels))
+    job = EmbedJob(options, specs, run_id, str(store.patches_root), DecodeSettings.for_specs(specs, options.max_pixels,
+                                                         maps_on_device(options.preprocess_on, device)))
     # The catalog thread writes through a Store of its own: a Store's commit lock is held per object.
     scan = CatalogScan(Store.open(store_path), source_paths, catalog_options(options),
                        HeaderSettings(options.axis, options.max_pixels, RowSettings(run_id, key)))
@@ -277,7 +280,7 @@ class Distributor:
             progress.phase("preparing")
             self.runner = UnitRunner(models, [Embedder(m, options.device, options.precision, options.engine,
                                                        options.batch_size) for m in models],
-                                     store.patches_root, job.run_id, options.batch_size)
+                                     store.patches_root, job.run_id, options.batch_size, job.settings)
 
     def __call__(self, units) -> None:
         self.progress.phase("embedding")

@@ -52,7 +52,7 @@ class EmbedActor:
         models = [rebuild_model(spec) for spec in job.specs]
         embedders = [Embedder(loaded, options.device, options.precision, options.engine, options.batch_size)
                      for loaded in models]
-        self.runner = UnitRunner(models, embedders, job.patches_root, job.run_id, options.batch_size)
+        self.runner = UnitRunner(models, embedders, job.patches_root, job.run_id, options.batch_size, job.settings)
         self.settings = job.settings
         self.units_done = 0
 

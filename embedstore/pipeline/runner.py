@@ -27,7 +27,7 @@ from embedstore.models.build import LoadedModel
 from embedstore.models.embedder import Embedder, Embeddings
 from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.pipeline.progress import IngestProgress
-from embedstore.preprocess import DecodedFile
+from embedstore.preprocess import DecodedFile, DecodeSettings
 from embedstore.sources.records import Failure, ReadTask, SliceItem
 from embedstore.store import Store, among
 from embedstore.store.location import remove_tree, store_root
@@ -77,8 +77,8 @@ class UnitRunner:
     """The models on their device, and the one function that turns a decoded unit into rows."""
 
     def __init__(self, models: list[LoadedModel], embedders: list[Embedder], patches_root: Path, run_id: str,
-                 batch_size: int):
-        self.models, self.embedders = models, embedders
+                 batch_size: int, settings: DecodeSettings):
+        self.models, self.embedders, self.settings = models, embedders, settings
         self.patches_root, self.run_id, self.batch_size = store_root(patches_root), run_id, batch_size
 
     def run(self, unit: WorkUnit, decoded: list[tuple[ReadTask, DecodedFile | list[Failure]]],
@@ -88,7 +88,7 @@ class UnitRunner:
         failures: list[Failure] = []
         n_failed_items = n_warned_files = 0
         seconds: Counter = Counter()
-        batcher = SliceBatcher(self.batch_size)
+        batcher = SliceBatcher(self.batch_size, self.settings, self.embedders[0].device)
         for task, result in decoded:
             if isinstance(result, list):
                 failures.extend(result)
