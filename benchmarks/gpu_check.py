@@ -1,22 +1,28 @@
-"""GPU check: model-only images/s with MFU, and the decode → preprocess → embed pipeline's slices/s.
+"""GPU check: model-only images/s with MFU, and where every millisecond of the decode → embed pipeline goes.
 
 Needs only torch, timm, numpy and pydicom (embedstore is imported from this checkout); whatever else
 is missing is skipped with the reason printed. Run through `benchmarks/gpu_check.sh`.
 
-Model only (random weights: speed does not depend on them), at 224 px, for dinov2_vitb14 and
-dinov2_vitl14, in eager fp32, eager bf16, compile bf16 and, where torch-tensorrt is installed,
-TensorRT fp16. MFU = achieved FLOP/s over the GPU's dense peak for that precision, with FLOPs per
-image counted from the architecture (ViT-B/14 at 224: 46 GFLOP).
+Model only (random weights: speed does not depend on them): ViT-S/14, ViT-B/14 and ViT-L/14 at 224 px
+and ViT-B/14 at 518 px (RAD-DINO's size), in eager fp32, bf16 and fp16, compile bf16 (ViT-B at 224
+only: compiling takes a minute a model) and, where torch-tensorrt is installed, TensorRT fp16, each
+with its cosine to eager fp32 (the parity gate an ingest applies, models/engines.py). MFU = achieved
+FLOP/s over the GPU's dense peak for that precision, FLOPs per image counted from the architecture
+(ViT-B/14 at 224: 46 GFLOP).
+
+Pipeline: generated uncompressed 512×512 16-bit CT DICOM files read by embedstore's reader in decode
+worker processes that only decode (DecodePool), batched, copied to the device and mapped there (HU
+window, resize to 224: --preprocess-on device, what an ingest does on CUDA), embedded by embedstore's
+Embedder in bf16. Per slice: the workers' CPU time, the wait for them, the H2D copy with the mapping,
+the forward with its D2H copy (the device synchronised between stages), GPU utilisation sampled
+through NVML where it answers. Then, where lancedb and zarr are importable (it says which), the same
+through the ingest's own UnitRunner (embed, patch shards) and RowCommitter (LanceDB rows), with their
+stage times (write, commit). Last, the worst cosine between the patch_mean of the same slices mapped
+on the CPU and on the device.
 
 Fine-tune: `embedstore finetune`'s training loop (rows read back from generated DICOM in decode
 workers, augmented, a full fine-tune of ViT-B/14 in bf16, checkpoints per epoch) against a bare timm
 loop on tensors already on the GPU, same batch and image size (target >= 0.85x).
-
-Pipeline: generated uncompressed 512×512 16-bit CT DICOM files read by embedstore's reader in
-decode worker processes (embedstore's DecodePool), preprocessed (HU window, resize to 224), and
-embedded by embedstore's Embedder in bf16; where lancedb and zarr are importable (it says which),
-the work units run through the ingest's own UnitRunner (embed, patch shards) and RowCommitter
-(LanceDB rows), as the local distributor runs them, so the store write is measured too.
 
     python benchmarks/gpu_check.py [--smoke]     # --smoke: tiny sizes on the CPU, to test the script
 """
@@ -40,7 +46,10 @@ PEAK_FLOPS = {
     "H200": {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12},
     "A100": {"fp32": 19.5e12, "bf16": 312e12, "fp16": 312e12},
 }
-MODELS = {"dinov2_vitb14": 256, "dinov2_vitl14": 128}  # name → batch size
+# (name, image size, batch size): ViT-S/B/L at 224, and ViT-B at 518 (RAD-DINO's input size)
+MODELS = [("dinov2_vits14", 224, 512), ("dinov2_vitb14", 224, 256), ("dinov2_vitl14", 224, 128),
+          ("dinov2_vitb14", 518, 32)]
+COMPILED = ("dinov2_vitb14", 224)  # torch.compile takes a minute a model: measured on this one only
 
 
 def vit_flops_per_image(model) -> float:
@@ -77,7 +86,7 @@ def model_only(name: str, batch_size: int, image_size: int, device, iterations: 
     import torch
 
     from embedstore.models.build import load_model
-    from embedstore.models.engines import EmbeddingForward
+    from embedstore.models.engines import MIN_COSINE, EmbeddingForward, worst_cosine
 
     loaded = load_model(name, "random", image_size)
     # what ingest runs: pooled CLS, patch mean, CLS of the last 4 blocks, patch tokens of the last
@@ -85,25 +94,33 @@ def model_only(name: str, batch_size: int, image_size: int, device, iterations: 
     flops = vit_flops_per_image(loaded.model)
     batch = torch.randn(batch_size, 3, image_size, image_size, device=device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    modes = [("eager", "fp32"), ("eager", "bf16"), ("compile", "bf16"), ("tensorrt", "fp16")]
+    modes = [("eager", "fp32"), ("eager", "bf16"), ("eager", "fp16"), ("compile", "bf16"), ("tensorrt", "fp16")]
+    if (name, image_size) != COMPILED and device.type == "cuda":
+        modes.remove(("compile", "bf16"))
+    with torch.inference_mode():
+        reference = module(batch)
     for engine, precision in modes:
-        row = {"model": name, "engine": engine, "precision": precision, "batch": batch_size,
+        row = {"model": name, "image_size": image_size, "engine": engine, "precision": precision, "batch": batch_size,
                "gflop_per_image": round(flops / 1e9, 1)}
         try:
             forward = build_forward(module, engine, precision, batch, device)
             with torch.inference_mode():
                 rate = images_per_second(forward, batch, iterations)
+                # the parity gate an ingest applies (models/engines.py): CLS and patch mean against eager fp32
+                row["cosine_to_eager_fp32"] = round(worst_cosine(reference[:2], forward(batch)[:2]), 6)
         except Exception as error:  # a missing package or an unsupported GPU: say so, go on
             row["skipped"] = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
             results.append(row)
-            print(f"{name:15s} {engine:9s} {precision:5s} skipped: {row['skipped']}", flush=True)
+            print(f"{name:15s} {image_size:4d} {engine:9s} {precision:5s} skipped: {row['skipped']}", flush=True)
             continue
         peak = peak_flops(device_name, precision)
         row.update(images_per_s=round(rate, 1), tflops=round(rate * flops / 1e12, 1),
                    mfu=round(rate * flops / peak, 3) if peak else None)
         results.append(row)
-        print(f"{name:15s} {engine:9s} {precision:5s} {rate:9.1f} images/s  {rate * flops / 1e12:6.1f} TFLOP/s"
-              f"  MFU {row['mfu'] if peak else 'n/a (unknown peak)'}", flush=True)
+        print(f"{name:15s} {image_size:4d} {engine:9s} {precision:5s} {rate:9.1f} images/s  "
+              f"{rate * flops / 1e12:6.1f} TFLOP/s  MFU {row['mfu'] if peak else 'n/a (unknown peak)'}  cosine to "
+              f"eager fp32 {row['cosine_to_eager_fp32']}{'' if row['cosine_to_eager_fp32'] >= MIN_COSINE else ' FAILS'}",
+              flush=True)
     del module
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -132,62 +149,168 @@ def build_forward(module, engine: str, precision: str, batch, device):
 
 
 def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: dict) -> None:
-    """Generated DICOM → embedstore's DecodePool (reader + preprocessing) → Embedder, through the
-    ingest's UnitRunner and RowCommitter into a store where its libraries exist."""
+    """Generated DICOM → embedstore's DecodePool (the workers only decode on CUDA) → the batcher (H2D copy,
+    window and resize on the device) → Embedder, timed per stage; then, where lancedb and zarr exist,
+    the same through the ingest's UnitRunner and RowCommitter into a store (write and commit)."""
     import torch
 
-    from embedstore import samples
-    from embedstore.inference.batching import SliceBatcher
     from embedstore.models.build import load_model
     from embedstore.models.embedder import Embedder
     from embedstore.pipeline.decode import DecodePool
-    from embedstore.preprocess import DecodeSettings, maps_on_device
-    from embedstore.sources.records import ReadTask, SliceItem
+    from embedstore.preprocess import DecodeSettings
 
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     with tempfile.TemporaryDirectory() as scratch:
-        paths = []
-        per_series = 64
-        for series in range(0, n_slices, per_series):  # written once, read many: generation is not timed
-            paths += samples.write_ct_series(Path(scratch) / f"s{series}", n_slices=min(per_series, n_slices - series),
-                                             size=512, seed=series, shuffle_names=False)
-        tasks = [ReadTask("dicom", str(p), [SliceItem(f"dicom:{p}:0", str(p), "study", f"series{i // per_series}",
-                                                      i % per_series, modality="CT")])
-                 for i, p in enumerate(paths)]
+        tasks = ct_tasks(Path(scratch), n_slices)
         loaded = load_model("dinov2_vitb14", "random", image_size)
         spec = loaded.spec
         embedder = Embedder(loaded, str(device), "bf16", "eager", batch_size)
-        # On CUDA the workers only decode; the window and the resize run batched on the GPU (--preprocess-on auto)
-        settings = DecodeSettings(spec.intensity, image_size, (spec.interpolation,),
-                                  on_device=maps_on_device("auto", device))
-        sink, write_note = store_sink(Path(scratch) / "store", loaded, embedder, batch_size, settings)
+        # The workers only decode; the window and the resize run batched on the model's device, as an ingest
+        # on CUDA does (--preprocess-on auto); --smoke runs that path on the CPU
+        settings = DecodeSettings(spec.intensity, image_size, (spec.interpolation,), on_device=True)
         with DecodePool(workers, settings) as pool:
             list(pool.decode(tasks[:workers * 8]))  # workers up and warm before the clock starts
-            started = time.perf_counter()
+            pool.stage_seconds.clear()
+            embedder.embed(torch.zeros(batch_size, 3, image_size, image_size), keep_patches=False)  # kernels warm
+            with UtilisationSampler(device) as sampler:
+                stages, n_embedded, seconds = staged_pass(pool, tasks, embedder, settings, batch_size)
+            rate = n_embedded / seconds
+            stages["host_decode_cpu_ms_per_slice"] = 1e3 * sum(pool.stage_seconds.values()) / n_embedded
+            results.update(slices=n_embedded, decode_workers=workers, preprocess_on_device=settings.on_device,
+                           slices_per_s=round(rate, 1), gpu_utilisation=sampler.summary(),
+                           stages_ms_per_slice={name: round(value, 3) for name, value in stages.items()})
+            print(f"pipeline: {n_embedded} DICOM slices 512x512 → dinov2_vitb14 bf16 at {image_size}px, {workers} "
+                  f"decode workers, mapping on the {'device' if settings.on_device else 'workers'}: {rate:.1f} "
+                  f"slices/s; ms a slice by stage {results['stages_ms_per_slice']}; GPU busy {sampler.summary()}",
+                  flush=True)
+            sink, write_note = store_sink(Path(scratch) / "store", loaded, embedder, batch_size, settings)
             if sink is not None:
-                n_embedded = sink.run(pool, tasks)
-            else:
-                batcher, n_embedded = SliceBatcher(batch_size, settings, device), 0
+                started = time.perf_counter()
+                committed = sink.run(pool, tasks)
+                torch.cuda.synchronize() if device.type == "cuda" else None
+                results["with_store"] = {"slices_per_s": round(committed / (time.perf_counter() - started), 1),
+                                         "stage_ms_per_slice": sink.stage_ms(committed)}
+            results["store_write"] = write_note
+            print(f"pipeline with the store: {results.get('with_store', write_note)}", flush=True)
+        results["cpu_vs_device_patch_mean_cosine"] = placement_cosine(tasks[:2 * batch_size], embedder, settings)
+        print(f"patch_mean of the same slices mapped on the CPU and on {device}: worst cosine "
+              f"{results['cpu_vs_device_patch_mean_cosine']}", flush=True)
 
-                def embed(batch):
-                    items, pixels = batch
-                    embedder.embed(pixels[spec.interpolation], keep_patches=False)
-                    return len(items)
 
-                for _, decoded in pool.decode(tasks):
-                    if isinstance(decoded, list):
-                        raise RuntimeError(f"a generated slice failed to decode: {decoded[0].message}")
-                    batcher.add(decoded)
-                    while batcher.full():
-                        n_embedded += embed(batcher.take())
-                if batcher.pending():
-                    n_embedded += embed(batcher.take())
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            seconds = time.perf_counter() - started
-    rate = n_embedded / seconds
-    results.update(slices=n_embedded, decode_workers=workers, slices_per_s=round(rate, 1), store_write=write_note)
-    print(f"pipeline: {n_embedded} DICOM slices 512x512 → dinov2_vitb14 bf16 at {image_size}px, {workers} decode "
-          f"workers: {rate:.1f} slices/s ({write_note})", flush=True)
+def ct_tasks(folder: Path, n_slices: int, per_series: int = 64) -> list:
+    """Uncompressed 512×512 CT slices written in series of `per_series` (not timed), as read tasks."""
+    from embedstore import samples
+    from embedstore.sources.records import ReadTask, SliceItem
+
+    paths = []
+    for series in range(0, n_slices, per_series):
+        paths += samples.write_ct_series(folder / f"s{series}", n_slices=min(per_series, n_slices - series),
+                                         size=512, seed=series, shuffle_names=False)
+    return [ReadTask("dicom", str(p), [SliceItem(f"dicom:{p}:0", str(p), "study", f"series{i // per_series}",
+                                                 i % per_series, modality="CT")]) for i, p in enumerate(paths)]
+
+
+def staged_pass(pool, tasks, embedder, settings, batch_size: int) -> tuple[dict, int, float]:
+    """Every task decoded, batched and embedded, with the wall time a slice of each stage: waiting for
+    the workers, the batch's H2D copy and mapping on the device, the forward with its D2H copy (the
+    device is synchronised around each, so a stage's time is its own)."""
+    import torch
+
+    from embedstore.inference.batching import SliceBatcher
+
+    sync = torch.cuda.synchronize if embedder.device.type == "cuda" else (lambda: None)
+    batcher = SliceBatcher(batch_size, settings, embedder.device)
+    spent = {"wait_decode": 0.0, "h2d_and_map": 0.0, "forward_and_d2h": 0.0}
+    n_embedded = 0
+    started = clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        sync()
+        now = time.perf_counter()
+        spent[stage] += now - clock
+        clock = now
+
+    def embed() -> int:
+        items, pixels = batcher.take()
+        lap("h2d_and_map")
+        embedder.embed(pixels[settings.interpolations[0]], keep_patches=False)
+        lap("forward_and_d2h")
+        return len(items)
+
+    for _, decoded in pool.decode(tasks):
+        lap("wait_decode")
+        if isinstance(decoded, list):
+            raise RuntimeError(f"a generated slice failed to decode: {decoded[0].message}")
+        batcher.add(decoded)
+        while batcher.full():
+            n_embedded += embed()
+    if batcher.pending():
+        n_embedded += embed()
+    seconds = time.perf_counter() - started
+    return {f"{stage}_ms_per_slice": 1e3 * value / n_embedded for stage, value in spent.items()}, n_embedded, seconds
+
+
+def placement_cosine(tasks, embedder, settings) -> float:
+    """The worst cosine between the patch_mean of slices mapped in the workers (on the CPU) and on the
+    model's device, both embedded on the device: the two placements' kernels differ by float rounding."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from embedstore.inference.batching import SliceBatcher
+    from embedstore.preprocess import decode_task
+
+    vectors = []
+    for on_device in (False, True):
+        batcher = SliceBatcher(len(tasks), replace(settings, on_device=on_device), embedder.device)
+        for task in tasks:
+            batcher.add(decode_task(task, replace(settings, on_device=on_device)))
+        _, pixels = batcher.take()
+        vectors.append(embedder.embed(pixels[settings.interpolations[0]], keep_patches=False).patch_mean)
+    cpu, device = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in vectors)
+    return round(float((cpu * device).sum(axis=1).min()), 6)
+
+
+class UtilisationSampler:
+    """GPU utilisation sampled every 0.1 s (torch.cuda.utilization, through NVML) while the block runs."""
+
+    def __init__(self, device):
+        self.device, self.samples, self.problem = device, [], None
+
+    def __enter__(self) -> "UtilisationSampler":
+        import threading
+
+        import torch
+
+        self._stop = threading.Event()
+        if self.device.type != "cuda":
+            self.problem = "no CUDA device"
+            return self
+        try:
+            torch.cuda.utilization(self.device)
+        except Exception as error:  # pynvml missing, or NVML unavailable in this container
+            self.problem = f"not sampled: {type(error).__name__}: {error}"[:160]
+            return self
+
+        def sample() -> None:
+            while not self._stop.wait(0.1):
+                self.samples.append(torch.cuda.utilization(self.device))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.samples:
+            self._thread.join()
+
+    def summary(self) -> dict | str:
+        if not self.samples:
+            return self.problem or "no samples"
+        return {"mean_percent": round(sum(self.samples) / len(self.samples), 1), "min_percent": min(self.samples),
+                "samples": len(self.samples)}
 
 
 class StoreSink:
@@ -223,6 +346,10 @@ class StoreSink:
         if self.committer.failures:
             raise RuntimeError(f"a generated slice failed: {self.committer.failures[0].message}")
         return self.committer.committed[self.spec.model_id]
+
+    def stage_ms(self, slices: int) -> dict[str, float]:
+        """Milliseconds a slice of each stage the runner and committer recorded (decode: summed over workers)."""
+        return {stage: round(1e3 * seconds / slices, 3) for stage, seconds in self.committer.stage_seconds.items()}
 
 
 def store_sink(path: Path, loaded, embedder, batch_size: int, settings) -> tuple[StoreSink | None, str]:
@@ -295,15 +422,15 @@ def main() -> None:
         models = MODELS
     elif args.smoke:
         device, image_size, iterations, n_slices = torch.device("cpu"), 28, 1, 24
-        models = {"dinov2_vits14": 4}
+        models = [("dinov2_vits14", 28, 4)]
     else:
         print("no CUDA device: nothing to measure (use --smoke to test the script on the CPU)")
         return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     result = {"benchmark": "gpu_check", "device": name, "model_only": [], "pipeline": {}, "finetune": {}}
-    for model, batch_size in models.items():
-        model_only(model, batch_size, image_size, device, iterations, result["model_only"])
+    for model, size, batch_size in models:
+        model_only(model, batch_size, size, device, iterations, result["model_only"])
     pipeline(n_slices, image_size, 256 if device.type == "cuda" else 8, device, result["pipeline"])
     finetune_throughput("dinov2_vitb14" if device.type == "cuda" else "dinov2_vits14", n_slices // 2, image_size,
                         64 if device.type == "cuda" else 4, device, result["finetune"])

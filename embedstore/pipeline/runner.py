@@ -105,7 +105,10 @@ class UnitRunner:
                    for loaded, wanted in zip(self.models, unit.wanted)]
         items: list[SliceItem] = []
         while batcher.pending():
+            started = time.perf_counter()
             batch_items, pixels = batcher.take()
+            if self.settings.on_device:  # the intensity mapping and resize ran here, not in the workers
+                seconds["preprocess"] += time.perf_counter() - started
             items.extend(batch_items)
             for writer, embedder in zip(writers, self.embedders):
                 chosen = [i for i, item in enumerate(batch_items) if item.item_id in writer.wanted]
