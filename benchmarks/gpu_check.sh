@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check, under 8 minutes on one GPU: model-only images/s with MFU for dinov2_vitb14 and
-# dinov2_vitl14 (eager fp32, eager bf16, compile bf16, TensorRT fp16 where installed), and the
-# generated-DICOM → decode → preprocess → embed pipeline's slices/s. Needs only torch, timm, numpy
-# and pydicom; everything else missing is skipped with the reason printed.
+# GPU check, under 8 minutes on one GPU: model-only images/s with MFU for ViT-S/B/L at 224 and ViT-B
+# at 518 (eager fp32/bf16/fp16, compile bf16, TensorRT fp16 where installed, each with its cosine to
+# eager fp32), and the generated-DICOM → decode → device mapping → embed pipeline's slices/s with the
+# milliseconds of each stage. Needs only torch, timm, numpy and pydicom; everything else missing is
+# skipped with the reason printed.
 #
 #   bash benchmarks/gpu_check.sh            # on a machine with a CUDA GPU
 #   bash benchmarks/gpu_check.sh --smoke    # tiny sizes on the CPU: checks the script itself

@@ -17,7 +17,7 @@ On the region phantoms (tests/test_region_search.py, random weights) the window 
 precision@10 (1.00 against 0.965, 120 queries), so it is the default.
 
 Without a region index the search is exhaustive: every kept slice is scored, read from Zarr shard by
-shard (about 1 ms a slice here). With one (`embedstore index --regions`, search/region_index.py) its
+shard (about 0.7-0.9 ms a slice here). With one (`embedstore index --regions`, search/region_index.py) its
 sketches pick the candidates, which are scored exactly from its copy of the tokens, beside every kept
 slice it does not hold; `exact` skips it.
 """
