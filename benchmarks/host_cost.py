@@ -91,10 +91,11 @@ def measure(tasks, repeats: int) -> dict:
     from embedstore.intensity import IntensityConfig
     from embedstore.preprocess import DecodeSettings, decode_task
 
-    placements = {"decode": DecodeSettings(IntensityConfig(), IMAGE_SIZE, on_device=True),
-                  "decode+prep": DecodeSettings(IntensityConfig(), IMAGE_SIZE)}
-    stages = {name: partial(lambda settings: [decode_task(task, settings) for task in tasks], settings)
-              for name, settings in placements.items()}
+    def decode_all(settings) -> list:
+        return [decode_task(task, settings) for task in tasks]
+
+    stages = {"decode": partial(decode_all, DecodeSettings(IntensityConfig(), IMAGE_SIZE, on_device=True)),
+              "decode+prep": partial(decode_all, DecodeSettings(IntensityConfig(), IMAGE_SIZE))}
     slices = sum(len(task.items) for task in tasks)
     outputs = {name: run() for name, run in stages.items()}  # warm-up, and what each hands back
     spent: dict[str, list[float]] = {name: [] for name in stages}

@@ -174,7 +174,7 @@ class DecodeSettings:
     interpolations: tuple[str, ...] = ("bicubic",)
     max_pixels: int = DEFAULT_MAX_PIXELS  # the most values a frame may declare (--max-pixels)
     # The workers only decode; the intensity mapping and the resize run batched on the model's
-    # device (inference/batching.py). Chosen by `placement_for(device)`.
+    # device (inference/batching.py). Chosen by `maps_on_device`.
     on_device: bool = False
 
     @classmethod
@@ -194,8 +194,9 @@ PLACEMENTS = ("auto", "workers", "device")
 
 def maps_on_device(placement: str, device: torch.device) -> bool:
     """Whether the model's device maps and resizes (the decode workers only decode). auto: on CUDA,
-    where the host's cores are what limits ingest; on a CPU the workers do it, which measured faster
-    (benchmarks/ingest.py --preprocess-on): the model process keeps its cores for the model."""
+    where the host's cores are what limits ingest; on a CPU the workers, where both placements
+    measured the same (benchmarks/ingest.py --preprocess-on device) and decode processes, where
+    there are any, would otherwise idle while the model's cores are busy."""
     if placement not in PLACEMENTS:
         raise UsageError(f"--preprocess-on must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     return device.type == "cuda" if placement == "auto" else placement == "device"
@@ -235,7 +236,7 @@ def decode_task(task: ReadTask, settings: DecodeSettings) -> DecodedFile:
     if settings.on_device:
         return DecodedFile(task, {}, native.modality, rows, cols, intensity_label(native, config),
                            seconds={"read_decode": read - started}, native=native)
-    unit = unit_stack(torch.from_numpy(native.pixels), [(native, 0, len(native.pixels))], config)
+    unit, label = unit_channels(native, config)
     pixels = {mode: resize_stack(unit, settings.image_size, mode).numpy() for mode in settings.interpolations}
     seconds = {"read_decode": read - started, "preprocess": time.perf_counter() - read}
-    return DecodedFile(task, pixels, native.modality, rows, cols, intensity_label(native, config), seconds=seconds)
+    return DecodedFile(task, pixels, native.modality, rows, cols, label, seconds=seconds)

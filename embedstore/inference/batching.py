@@ -70,21 +70,22 @@ class SliceBatcher:
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)  # native size → positions of its parts
         for position, (native, _, _) in enumerate(parts):
             groups[native.pixels.shape[1:]].append(position)
+        if len(groups) == 1:  # one size: the group is the batch, in order
+            return self._mapped(parts)
         starts = np.cumsum([0] + [last - first for _, first, last in parts])
         size, channels = settings.image_size, settings.intensity.channels
         out = {mode: torch.empty((starts[-1], channels, size, size), device=self.device)
                for mode in settings.interpolations}
         for members in groups.values():
-            group = [parts[position] for position in members]
-            stack = torch.from_numpy(np.concatenate([native.pixels[first:last] for native, first, last in group]))
-            if self.device.type == "cuda":  # a pinned buffer copies while the device keeps working
-                stack = stack.pin_memory()
-            unit = unit_stack(stack.to(self.device, non_blocking=True), group, settings.intensity)
             rows = torch.from_numpy(np.concatenate([np.arange(starts[p], starts[p + 1]) for p in members]))
-            for mode, pixels in out.items():
-                resized = resize_stack(unit, size, mode)
-                if len(groups) == 1:
-                    out[mode] = resized  # batch order already
-                else:
-                    pixels[rows.to(self.device)] = resized
+            for mode, resized in self._mapped([parts[position] for position in members]).items():
+                out[mode][rows.to(self.device)] = resized
         return out
+
+    def _mapped(self, group: list[tuple[NativeSlices, int, int]]) -> dict[str, torch.Tensor]:
+        """One native size's slices, copied to the device in one transfer, mapped and resized there."""
+        stack = torch.from_numpy(np.concatenate([native.pixels[first:last] for native, first, last in group]))
+        if self.device.type == "cuda":  # a pinned buffer copies while the device keeps working
+            stack = stack.pin_memory()
+        unit = unit_stack(stack.to(self.device, non_blocking=True), group, self.settings.intensity)
+        return {mode: resize_stack(unit, self.settings.image_size, mode) for mode in self.settings.interpolations}

@@ -199,8 +199,8 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     run_id = new_run_id()
     config = {**asdict(options), "workers": workers, "device": str(device), "sources": [str(p) for p in source_paths]}
     store.start_run(run_id, [s.model_id for s in specs], config)
-    job = EmbedJob(options, specs, run_id, str(store.patches_root), DecodeSettings.for_specs(specs, options.max_pixels,
-                                                         maps_on_device(options.preprocess_on, device)))
+    settings = DecodeSettings.for_specs(specs, options.max_pixels, maps_on_device(options.preprocess_on, device))
+    job = EmbedJob(options, specs, run_id, str(store.patches_root), settings)
     # The catalog thread writes through a Store of its own: a Store's commit lock is held per object.
     scan = CatalogScan(Store.open(store_path), source_paths, catalog_options(options),
                        HeaderSettings(options.axis, options.max_pixels, RowSettings(run_id, key)))

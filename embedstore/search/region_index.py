@@ -104,7 +104,7 @@ class RegionIndex:
     def holds(self, rows: ShardRows) -> np.ndarray:
         """Per row, whether the index holds it."""
         held = np.array([self.shards.get(name, 0) for name in rows.names], dtype=np.int64)
-        return rows.offsets < held[rows.codes] if len(rows) else np.zeros(0, dtype=bool)
+        return rows.offsets < held[rows.codes]
 
     def array(self, patch_shard: str, kind: str) -> np.ndarray:
         """A shard's sketch or flat copy, as a memory map kept open: its pages stay mapped from one
@@ -242,7 +242,8 @@ def candidate_count(k: int, per_slice: int) -> int:
     return max(CANDIDATES, 10 * k * per_slice)
 
 
-def candidate_rows(index: RegionIndex, query: torch.Tensor, rows: ShardRows, grid: tuple[int, int], score: str, n_candidates: int, groups: list | None) -> np.ndarray:
+def candidate_rows(index: RegionIndex, query: torch.Tensor, rows: ShardRows, grid: tuple[int, int], score: str,
+                   n_candidates: int, groups: list | None) -> np.ndarray:
     """Positions (into the given rows, all held by the index) of the `n_candidates` rows that score
     highest on the sketches; with `groups` (each row's series or study), the best row of each of the
     best groups."""
