@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import numpy as np
@@ -31,50 +31,58 @@ from embedstore.sources.records import Failure, NativeSlices, ReadTask
 QUANTILE_VALUES = 1 << 24  # torch.quantile takes at most this many values at once
 
 
-def unit_stack(stack: torch.Tensor, parts: Sequence[tuple[NativeSlices, int, int]],
-               config: IntensityConfig) -> torch.Tensor:
-    """(n, H, W) native values (HU for CT), on any device → (n, C, H, W) float32 in [0, 1]. The
-    slices are the parts' one after another: each part a file's slices start..stop, with the facts
-    its reader found (modality, VOI windows, MONOCHROME1, body part). One implementation for the
-    decode workers (a file at a time, on the CPU) and the model's device (a batch of files of one
-    size); the per-slice bounds are worked out on the host, so the device never waits on a decision."""
+def unit_stack(stack: torch.Tensor, parts: Sequence[tuple[NativeSlices, int, int]], config: IntensityConfig,
+               device: torch.device | None = None) -> torch.Tensor:
+    """(n, H, W) stored values → (n, C, H, W) float32 in [0, 1] on `device` (default: the stack's).
+    The slices are the parts' one after another: each part a file's slices start..stop, with the
+    facts its reader found (modality LUT, VOI windows, MONOCHROME1, body part). One implementation for
+    the decode workers (a file at a time, on the CPU) and the model's device (a batch of files of one
+    size); the per-slice decisions are made on the host and copied before the pixels, so the device
+    never waits on a decision and the pixels' copy waits on nothing."""
+    device = device or stack.device
+    bounds = SliceBounds.of(parts, config).on(device)
+    stack = to_device(stack, device)
+    may_be_non_finite = stack.is_floating_point()
     stack = stack.float()
-    if not bool(torch.isfinite(stack).all()):  # NaN/inf voxels (common in float NIfTI) become the slice's minimum
+    if bounds.rescale is not None:  # the modality LUT: HU for CT
+        stack = stack * bounds.rescale[:, 0, None, None] + bounds.rescale[:, 1, None, None]
+    # NaN/inf voxels (common in float NIfTI) become the slice's minimum. The fill leaves finite
+    # values as they are: on a GPU it always runs rather than make the host wait for a check.
+    if may_be_non_finite and (device.type != "cpu" or not bool(torch.isfinite(stack).all())):
         stack = fill_non_finite(stack)
-    bounds = SliceBounds.of(parts, config)
-    low, high = (torch.from_numpy(values).to(stack.device) for values in (bounds.low, bounds.high))
-    if len(bounds.percentile_rows):
-        rows = torch.from_numpy(bounds.percentile_rows).to(stack.device)
-        low[rows], high[rows] = percentiles(stack.index_select(0, rows).flatten(1), config.mr_percentiles)
+    low, high = bounds.low, bounds.high
+    if bounds.percentile_rows is not None:
+        low[bounds.percentile_rows], high[bounds.percentile_rows] = percentiles(
+            stack.index_select(0, bounds.percentile_rows).flatten(1), config.mr_percentiles)
     unit = spread_to_unit(torch.clamp(stack, low[:, None, None], high[:, None, None]))[:, None]
     if config.is_multi:
         unit = unit.repeat(1, 3, 1, 1)
-    if len(bounds.window_rows):
+    if bounds.window_rows is not None:
         # Each window maps linearly onto [0, 1] (no per-slice min-max): a channel means the same
         # tissue range on every slice, as in the usual windowed-RGB inputs for CT.
-        rows = torch.from_numpy(bounds.window_rows).to(stack.device)
-        window_low, width = (torch.from_numpy(values).to(stack.device)[:, :, None, None]
-                             for values in (bounds.window_low, bounds.window_width))
-        unit[rows] = ((stack.index_select(0, rows)[:, None] - window_low) / width).clamp(0.0, 1.0)
-    if len(bounds.inverted_rows):
-        rows = torch.from_numpy(bounds.inverted_rows).to(stack.device)
-        unit[rows] = 1.0 - unit[rows]
+        windows = stack.index_select(0, bounds.window_rows)[:, None]
+        unit[bounds.window_rows] = ((windows - bounds.window_low[:, :, None, None])
+                                    / bounds.window_width[:, :, None, None]).clamp(0.0, 1.0)
+    if bounds.inverted_rows is not None:
+        unit[bounds.inverted_rows] = 1.0 - unit[bounds.inverted_rows]
     return unit
 
 
 @dataclass(frozen=True)
 class SliceBounds:
-    """What the intensity mapping does to each slice of a stack, decided from the readers' facts:
-    clip bounds (±inf: none), the slices clipped to their own percentiles instead (MR), the CT slices
-    mapped through three windows (`--window multi`) and the slices stored inverted (MONOCHROME1)."""
+    """What the intensity mapping does to each slice of a stack, decided from the readers' facts: the
+    modality LUT (slope, intercept), clip bounds (±inf: none), the slices clipped to their own
+    percentiles instead (MR), the CT slices mapped through three windows (`--window multi`) and the
+    slices stored inverted (MONOCHROME1). Row sets are None where no slice needs the step."""
 
-    low: np.ndarray  # (n,) float32
-    high: np.ndarray  # (n,) float32
-    percentile_rows: np.ndarray  # int64 positions
-    window_rows: np.ndarray
-    window_low: np.ndarray  # (len(window_rows), 3) float32
-    window_width: np.ndarray
-    inverted_rows: np.ndarray
+    rescale: torch.Tensor | None  # (n, 2) float32
+    low: torch.Tensor  # (n,) float32
+    high: torch.Tensor
+    percentile_rows: torch.Tensor | None  # int64 positions
+    window_rows: torch.Tensor | None
+    window_low: torch.Tensor | None  # (len(window_rows), 3) float32
+    window_width: torch.Tensor | None
+    inverted_rows: torch.Tensor | None
 
     @classmethod
     def of(cls, parts: Sequence[tuple[NativeSlices, int, int]], config: IntensityConfig) -> SliceBounds:
@@ -97,10 +105,38 @@ class SliceBounds:
             if native.monochrome1:
                 inverted.extend(rows)
         windows = np.asarray(windows, dtype=np.float64).reshape(-1, 3, 2)
-        as_rows = partial(np.asarray, dtype=np.int64)
-        return cls(np.asarray(low, dtype=np.float32), np.asarray(high, dtype=np.float32), as_rows(percentile),
-                   as_rows(multi), windows[:, :, 0].astype(np.float32),
-                   (windows[:, :, 1] - windows[:, :, 0]).astype(np.float32), as_rows(inverted))
+        values = partial(torch.tensor, dtype=torch.float32)
+        return cls(_rescale_rows(parts), values(low), values(high), _rows(percentile), _rows(multi),
+                   values(windows[:, :, 0]) if multi else None,
+                   values(windows[:, :, 1] - windows[:, :, 0]) if multi else None, _rows(inverted))
+
+    def on(self, device: torch.device) -> SliceBounds:
+        """The same decisions on `device` (a few hundred bytes, copied before the pixels they map)."""
+        values = {name: getattr(self, name) for name in (f.name for f in fields(self))}
+        return SliceBounds(**{name: value if value is None else to_device(value, device)
+                              for name, value in values.items()})
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. On CUDA through pinned memory and asynchronously: a copy from
+    pageable memory would first wait for everything queued on the stream."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
+def _rows(positions: list[int]) -> torch.Tensor | None:
+    return torch.tensor(positions, dtype=torch.int64) if positions else None
+
+
+def _rescale_rows(parts: Sequence[tuple[NativeSlices, int, int]]) -> torch.Tensor | None:
+    """Each slice's (slope, intercept); None where no part has a modality LUT left to apply."""
+    if all(native.rescale is None for native, _, _ in parts):
+        return None
+    identity = np.array([[1.0, 0.0]], dtype=np.float32)
+    return torch.from_numpy(np.concatenate([
+        native.rescale[start:stop] if native.rescale is not None else np.repeat(identity, stop - start, axis=0)
+        for native, start, stop in parts]))
 
 
 def percentiles(rows: torch.Tensor, bounds: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +163,7 @@ def fill_non_finite(stack: torch.Tensor) -> torch.Tensor:
 
 def unit_channels(native: NativeSlices, config: IntensityConfig) -> tuple[np.ndarray, str]:
     """A file's slices (n, C, H, W) in [0, 1] and a label of what was done (the `intensity` column)."""
-    unit = unit_stack(torch.from_numpy(np.asarray(native.pixels)), [(native, 0, len(native.pixels))], config)
+    unit = unit_stack(torch.from_numpy(native.stored), [(native, 0, len(native.stored))], config)
     return unit.numpy(), intensity_label(native, config)
 
 
@@ -232,7 +268,7 @@ def decode_task(task: ReadTask, settings: DecodeSettings) -> DecodedFile:
     config = settings.intensity
     native = read_native(task, config.uses_header_voi(task.items[0].modality), settings.max_pixels)
     read = time.perf_counter()
-    rows, cols = native.pixels.shape[1:]
+    rows, cols = native.stored.shape[1:]
     if settings.on_device:
         return DecodedFile(task, {}, native.modality, rows, cols, intensity_label(native, config),
                            seconds={"read_decode": read - started}, native=native)

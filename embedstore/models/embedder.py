@@ -65,9 +65,14 @@ class Embedder:
         self.engine = build_engine(module, engine, self.device, self.dtype, batch_size, spec.image_size,
                                    cache_key=f"{spec.model_id}-{layers}")
 
-    @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor, keep_patches: bool = True) -> Embeddings:
         """`pixels`: (n, 1 or 3, S, S) in [0, 1] from `preprocess.prepare_slices`."""
+        return self.launch(pixels, keep_patches).collect()
+
+    @torch.inference_mode()
+    def launch(self, pixels: np.ndarray | torch.Tensor, keep_patches: bool = True) -> LaunchedBatch:
+        """The forward of `pixels` queued on the device (on a CPU: run): the caller can prepare the
+        next batch before it waits for this one's vectors with `collect()`."""
         spec = self.loaded.spec
         batch = normalize(torch.as_tensor(pixels).to(self.device, non_blocking=True), spec.mean, spec.std)
         outputs = []
@@ -76,9 +81,23 @@ class Embedder:
             for start in range(0, len(batch), step):
                 outputs.append(forward_padded(self.engine.forward, batch[start:start + step], self.engine.batch_size))
         cls, patch_mean, cls_layers, patches = (torch.cat([o[part] for o in outputs]) for part in range(4))
+        return LaunchedBatch(cls, patch_mean, cls_layers, patches if keep_patches else None)
+
+
+@dataclass
+class LaunchedBatch:
+    """A batch's outputs on the model's device, maybe still being computed."""
+
+    cls: torch.Tensor
+    patch_mean: torch.Tensor
+    cls_layers: torch.Tensor
+    patches: torch.Tensor | None
+
+    def collect(self) -> Embeddings:
+        """The vectors on the host (waits for the forward)."""
         return Embeddings(
-            cls=cls.float().cpu().numpy(),
-            patch_mean=patch_mean.float().cpu().numpy(),
-            cls_layers=cls_layers.float().cpu().numpy(),
-            patches=patches.to(torch.float16).cpu().numpy() if keep_patches else None,
+            cls=self.cls.float().cpu().numpy(),
+            patch_mean=self.patch_mean.float().cpu().numpy(),
+            cls_layers=self.cls_layers.float().cpu().numpy(),
+            patches=self.patches.to(torch.float16).cpu().numpy() if self.patches is not None else None,
         )

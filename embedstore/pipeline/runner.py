@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from embedstore.inference.batching import SliceBatcher
 from embedstore.models.build import LoadedModel
-from embedstore.models.embedder import Embedder, Embeddings
+from embedstore.models.embedder import Embedder, Embeddings, LaunchedBatch
 from embedstore.models.spec import ModelSpec, cls_column
 from embedstore.pipeline.progress import IngestProgress
 from embedstore.preprocess import DecodedFile, DecodeSettings
@@ -58,6 +58,10 @@ def unit_slices_for(specs: list[ModelSpec], requested: int) -> int:
     """`requested` slices per unit, fewer when the models' patch tokens would make a unit too big."""
     patch_bytes = sum(len(s.patch_layers) * s.num_patches * s.embed_dim * 2 for s in specs)
     return max(8, min(requested, UNIT_PATCH_BYTES // max(1, patch_bytes)))
+
+
+# A batch's items and each model's queued forward: (model's rows, positions in the batch, outputs).
+Launched = tuple[list[SliceItem], list[tuple["ModelRows", list[int], LaunchedBatch]]]
 
 
 @dataclass
@@ -104,31 +108,61 @@ class UnitRunner:
         writers = [ModelRows(loaded, self.patches_root, self.run_id, unit.unit_id, wanted)
                    for loaded, wanted in zip(self.models, unit.wanted)]
         items: list[SliceItem] = []
-        while batcher.pending():
-            started = time.perf_counter()
-            batch_items, pixels = batcher.take()
-            if self.settings.on_device:  # the intensity mapping and resize ran here, not in the workers
-                seconds["preprocess"] += time.perf_counter() - started
-            items.extend(batch_items)
-            for writer, embedder in zip(writers, self.embedders):
-                chosen = [i for i, item in enumerate(batch_items) if item.item_id in writer.wanted]
-                if not chosen:
-                    continue
-                started = time.perf_counter()
-                images = pixels[writer.spec.interpolation]
-                embeddings = embedder.embed(images if len(chosen) == len(batch_items) else images[chosen],
-                                            keep_patches=bool(writer.spec.patch_layers))
-                seconds["embed"] += time.perf_counter() - started
-                started = time.perf_counter()
-                writer.add([batch_items[i] for i in chosen], embeddings)
-                seconds["write_patches"] += time.perf_counter() - started
-            if on_batch:
-                on_batch(len(batch_items))
+        # Batch k+1 is taken (on CUDA: copied and mapped on the batcher's stream) before batch k's
+        # vectors are waited for, and batch k is written while batch k+1's forward runs.
+        launched: Launched | None = None
+        while batcher.pending() or launched is not None:
+            prepared = self._prepare(batcher, seconds) if batcher.pending() else None
+            finished = self._collect(launched, seconds) if launched is not None else None
+            launched = self._launch(prepared, writers, seconds) if prepared is not None else None
+            if finished is not None:
+                items.extend(self._write(finished, seconds))
+                if on_batch:
+                    on_batch(len(finished[0]))
         started = time.perf_counter()
         vectors = {writer.spec.model_id: writer.close() for writer in writers if writer.n_rows}
         seconds["write_patches"] += time.perf_counter() - started
         return UnitOutput(unit.unit_id, item_rows(items, self.run_id), vectors, failures, n_failed_items,
                           len(items), dict(seconds), n_warned_files=n_warned_files, parts=unit.parts)
+
+    def _prepare(self, batcher: SliceBatcher, seconds: Counter) -> tuple[list[SliceItem], dict]:
+        started = time.perf_counter()
+        prepared = batcher.take()
+        if self.settings.on_device:  # the intensity mapping and resize ran here, not in the workers
+            seconds["preprocess"] += time.perf_counter() - started
+        return prepared
+
+    def _launch(self, prepared: tuple[list[SliceItem], dict], writers: list[ModelRows], seconds: Counter) -> Launched:
+        """Every model's forward of the batch, queued (on a CPU: run), for the slices each lacks."""
+        batch_items, pixels = prepared
+        started = time.perf_counter()
+        forwards = []
+        for writer, embedder in zip(writers, self.embedders):
+            chosen = [i for i, item in enumerate(batch_items) if item.item_id in writer.wanted]
+            if chosen:
+                images = pixels[writer.spec.interpolation]
+                forwards.append((writer, chosen, embedder.launch(
+                    images if len(chosen) == len(batch_items) else images[chosen],
+                    keep_patches=bool(writer.spec.patch_layers))))
+        seconds["embed"] += time.perf_counter() - started
+        return batch_items, forwards
+
+    @staticmethod
+    def _collect(launched: Launched, seconds: Counter) -> tuple[list[SliceItem], list]:
+        started = time.perf_counter()
+        batch_items, forwards = launched
+        collected = [(writer, chosen, outputs.collect()) for writer, chosen, outputs in forwards]
+        seconds["embed"] += time.perf_counter() - started
+        return batch_items, collected
+
+    @staticmethod
+    def _write(finished: tuple[list[SliceItem], list], seconds: Counter) -> list[SliceItem]:
+        started = time.perf_counter()
+        batch_items, collected = finished
+        for writer, chosen, embeddings in collected:
+            writer.add([batch_items[i] for i in chosen], embeddings)
+        seconds["write_patches"] += time.perf_counter() - started
+        return batch_items
 
 
 class ModelRows:

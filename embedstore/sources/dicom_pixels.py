@@ -26,6 +26,7 @@ from embedstore.errors import (
     InputError,
 )
 from embedstore.sources.dicom import PIXEL_KEYWORDS, parse_dicom
+from embedstore.sources.records import in_native_order, modality_values
 
 try:  # GDCM prints its own diagnostics to stderr; a failure row says what matters
     import gdcm
@@ -49,10 +50,16 @@ LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, a
 
 @dataclass
 class DicomPixels:
-    pixels: np.ndarray  # (n, rows, cols) float32 after the modality LUT; colour reduced to luminance
+    stored: np.ndarray  # (n, rows, cols) as stored; float32 after a LUT or a colour reduction to luminance
     windows: list[tuple[float, float] | None]  # the file's own VOI window per frame, as (low, high)
     monochrome1: bool  # higher values are to be shown darker
     voi_lut_applied: bool = False  # the file's VOI LUT Sequence has already mapped the values
+    rescale: np.ndarray | None = None  # (n, 2) float32 slope, intercept per frame: the modality LUT still to apply
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """(n, rows, cols) float32 after the modality LUT (Hounsfield units for CT)."""
+        return modality_values(self.stored, self.rescale)
 
 
 def read_dicom_pixels(path: str, frames: list[int], apply_voi_lut: bool = False) -> DicomPixels:
@@ -79,21 +86,21 @@ def read_dicom_pixels(path: str, frames: list[int], apply_voi_lut: bool = False)
         stored = stored[None]
     if frames != list(range(n_frames)):  # a resumed subset; a full read needs no copy
         stored = stored[frames]
+    rescale = None
     if photometric == "PALETTE COLOR":
-        pixels = apply_color_lut(stored, ds).astype(np.float32) @ LUMINANCE
+        stored = apply_color_lut(stored, ds).astype(np.float32) @ LUMINANCE
     elif samples > 1:  # pydicom has already turned YBR into RGB; radiology is grey
-        pixels = stored[..., :3].astype(np.float32) @ LUMINANCE
+        stored = stored[..., :3].astype(np.float32) @ LUMINANCE
     else:
-        pixels = _modality_lut(stored, ds, frames)
+        stored, rescale = _modality_lut(stored, ds, frames)
     windows, lut_applied = [None] * len(frames), False
     if samples == 1 and photometric != "PALETTE COLOR":
         if apply_voi_lut and ds.get("VOILUTSequence"):
-            pixels = _apply_voi_lut(pixels, ds, syntax.is_little_endian)
+            stored, rescale = _apply_voi_lut(modality_values(stored, rescale), ds, syntax.is_little_endian), None
             lut_applied = True
         else:
             windows = _voi_windows(ds, frames)
-    return DicomPixels(np.ascontiguousarray(pixels, dtype=np.float32), windows, photometric == "MONOCHROME1",
-                       lut_applied)
+    return DicomPixels(in_native_order(stored), windows, photometric == "MONOCHROME1", lut_applied, rescale)
 
 
 @dataclass(frozen=True)
@@ -314,33 +321,27 @@ def _frame_item(ds: Dataset, sequence: str, frame: int) -> Dataset | None:
     return None
 
 
-def _modality_lut(stored: np.ndarray, ds: Dataset, frames: list[int]) -> np.ndarray:
-    """Stored values → output units (Hounsfield units for CT), per frame for enhanced objects."""
+def _modality_lut(stored: np.ndarray, ds: Dataset, frames: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored values and the per-frame slope and intercept that make output units of them
+    (Hounsfield units for CT), left to the intensity mapping; a Modality LUT Sequence is applied here."""
     if ds.get("ModalityLUTSequence"):
-        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    # float32 throughout (HU need no more), converting and rescaling in one pass where possible
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32), None
     if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        return _rescaled(stored, ds)
-    pixels = stored.astype(np.float32)
-    for position, frame in enumerate(frames):
-        item = _frame_item(ds, "PixelValueTransformationSequence", frame)
-        if item is not None:
-            pixels[position] = _rescaled(pixels[position], item)
-    return pixels
+        return stored, np.tile(_rescale(ds), (len(frames), 1))
+    items = [_frame_item(ds, "PixelValueTransformationSequence", frame) for frame in frames]  # enhanced objects
+    if all(item is None for item in items):
+        return stored, None
+    return stored, np.stack([_rescale(item) if item is not None else _rescale(Dataset()) for item in items])
 
 
-def _rescaled(stored: np.ndarray, source: Dataset) -> np.ndarray:
+def _rescale(source: Dataset) -> np.ndarray:
+    """(slope, intercept) as float32; identity where the source gives neither."""
     try:
         slope = (_text_numbers(source, "RescaleSlope") or [1.0])[0]
         intercept = (_text_numbers(source, "RescaleIntercept") or [0.0])[0]
     except ValueError as error:
         raise InputError(INVALID_HEADER, f"rescale slope or intercept is not a number: {error}", "decode") from None
-    if slope == 1.0:
-        return np.add(stored, np.float32(intercept), dtype=np.float32)
-    pixels = np.multiply(stored, np.float32(slope), dtype=np.float32)
-    if intercept:
-        pixels += np.float32(intercept)
-    return pixels
+    return np.array([slope, intercept], dtype=np.float32)
 
 
 def _voi_windows(ds: Dataset, frames: list[int]) -> list[tuple[float, float] | None]:

@@ -58,8 +58,8 @@ def _read_native(task: ReadTask, path: str, apply_voi_lut: bool, max_pixels: int
     first = task.items[0]
     if task.kind == "dicom":
         read = read_dicom_pixels(path, frames, apply_voi_lut)
-        return NativeSlices(read.pixels, first.modality, read.windows, read.monochrome1, first.body_part,
-                            read.voi_lut_applied)
+        return NativeSlices(read.stored, first.modality, read.windows, read.monochrome1, first.body_part,
+                            read.voi_lut_applied, read.rescale)
     if task.kind == "nifti":
         volume, modality = read_nifti_slices(path, task.axis, first.modality)
         return NativeSlices(volume[frames], modality)

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from embedstore.errors import CORRUPT_STREAM, NOT_IMAGE, TOO_LARGE, TRUNCATED, UNREADABLE, InputError
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS, check_declared_size
-from embedstore.sources.records import ReadTask, SliceItem
+from embedstore.sources.records import ReadTask, SliceItem, in_native_order
 
 GREY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "F"}
 # Pages are read one at a time: a long stack read in parts keeps a decode worker to a few pages.
@@ -63,9 +63,10 @@ def raster_tasks(layout: RasterLayout, modality: str | None = None) -> list[Read
 
 
 def read_raster(path: str, pages: list[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The listed pages (of one size) as (n, rows, cols) float32 in their stored value range."""
+    """The listed pages (of one size) as (n, rows, cols) values as stored (uint8 for 8-bit grey or
+    colour reduced to grey, 16 or 32-bit integers, float32)."""
     with _opened(path, max_pixels, "decode") as image:
-        return np.stack([_page_pixels(image, page, max_pixels) for page in pages])
+        return in_native_order(np.stack([_page_pixels(image, page, max_pixels) for page in pages]))
 
 
 def _page_pixels(image: Image.Image, page: int, max_pixels: int) -> np.ndarray:
@@ -74,7 +75,7 @@ def _page_pixels(image: Image.Image, page: int, max_pixels: int) -> np.ndarray:
     image.load()
     if image.mode not in GREY_MODES:
         image = image.convert("L")
-    return np.asarray(image, dtype=np.float32)
+    return np.asarray(image)
 
 
 def _check_page(image: Image.Image, max_pixels: int, stage: str) -> None:

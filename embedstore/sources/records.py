@@ -55,15 +55,38 @@ class ReadTask:
 
 @dataclass
 class NativeSlices:
-    """Slices as read, before any intensity mapping: what the preprocessing starts from."""
+    """Slices as read, before any intensity mapping: what the preprocessing starts from. DICOM
+    values stay as stored (int16, uint16, uint8: a half or a quarter of float32's bytes to hand from
+    a decode worker to the model's device) with the linear modality LUT still to apply, per slice."""
 
-    pixels: np.ndarray  # (n, rows, cols) float32; DICOM: modality LUT applied (Hounsfield units for CT)
+    stored: np.ndarray  # (n, rows, cols) stored values, or float32 where a LUT or a colour reduction made them
     modality: str | None
     # Per slice (low, high) of the file's own VOI window, None where the file gives none.
     header_windows: list[tuple[float, float] | None] | None = None
     monochrome1: bool = False  # stored inverted (X-ray): high values are to be shown dark
     body_part: str | None = None
     voi_lut_applied: bool = False  # the file's VOI LUT Sequence has already mapped the values
+    rescale: np.ndarray | None = None  # (n, 2) float32 slope, intercept of each slice's modality LUT; None: none
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """(n, rows, cols) float32 after the modality LUT (Hounsfield units for CT)."""
+        return modality_values(self.stored, self.rescale)
+
+
+def modality_values(stored: np.ndarray, rescale: np.ndarray | None) -> np.ndarray:
+    """Stored values through per-slice slope and intercept, in float32, on the host. The product and
+    the sum are rounded one at a time, as the device mapping (preprocess.unit_stack) does them."""
+    values = stored.astype(np.float32)
+    if rescale is not None:
+        values *= rescale[:, 0, None, None]
+        values += rescale[:, 1, None, None]
+    return values
+
+
+def in_native_order(values: np.ndarray) -> np.ndarray:
+    """C-contiguous, writable, in this machine's byte order (torch takes no other), copied only if needed."""
+    return np.require(values, values.dtype.newbyteorder("="), ["C", "W"])
 
 
 @dataclass
