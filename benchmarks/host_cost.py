@@ -109,6 +109,55 @@ def measure(tasks, repeats: int) -> dict:
             "bytes_native": handed["decode"], "bytes_today": handed["decode+prep"]}
 
 
+def decode_as_float32(tasks, settings) -> list:
+    """A worker's chunk as before stored values travelled: modality LUT applied, float32, pickled."""
+    from embedstore.pipeline.decode import decode_chunk
+
+    results = decode_chunk(tasks, settings)
+    for result in results:
+        result.native.stored, result.native.rescale = result.native.pixels, None
+    return results
+
+
+def handoff_cost(tasks, repeats: int, copies: int = 8) -> dict:
+    """CPU ms a slice the embedding process spends receiving native slices from two decode worker
+    processes and gathering them into one batch buffer (as the device batcher does), per hand-over:
+    pickled float32 through the pipe (modality LUT applied in the worker: the way before), pickled
+    stored values, and shared memory (pipeline/handoff.py). Workers' own decode is not counted."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    from embedstore.intensity import IntensityConfig
+    from embedstore.pipeline.decode import chunk_tasks, decode_chunk
+    from embedstore.pipeline.handoff import adopt_chunk, handoff_directory, remove_directory
+    from embedstore.preprocess import DecodeSettings
+
+    settings = DecodeSettings(IntensityConfig(), IMAGE_SIZE, on_device=True)
+    chunks = list(chunk_tasks(list(tasks) * copies))
+    slices = sum(len(task.items) for chunk in chunks for task in chunk)
+    directory = handoff_directory()
+    ways = {"pipe float32": partial(decode_as_float32, settings=settings),
+            "pipe stored": partial(decode_chunk, settings=settings),
+            "shared memory": partial(decode_chunk, settings=settings, handoff=directory)}
+    spent: dict[str, list[float]] = {way: [] for way in ways}
+    try:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in range(repeats + 1):  # the first pass starts the workers
+                for way, run in ways.items():
+                    started = time.process_time()
+                    gathered = 0
+                    for future in [pool.submit(run, chunk) for chunk in chunks]:
+                        results = future.result()
+                        adopt_chunk(results)
+                        gathered += np.concatenate([result.native.stored for result in results]).nbytes
+                    spent[way].append((time.process_time() - started) * 1e3 / slices)
+    finally:
+        remove_directory(directory)
+    return {"slices": slices, **{f"{way}_ms": statistics.median(values[1:]) for way, values in spent.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16, help="slices per kind (radiographs: a quarter)")
@@ -121,6 +170,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="host-cost-") as scratch:
         for kind, folder in write_inputs(Path(scratch), args.n).items():
             rows[kind] = measure(read_tasks(folder), args.repeats)
+            if kind == "CT 512 raw":
+                handoff = handoff_cost(read_tasks(folder), args.repeats)
     print(f"host CPU a slice, one core, resize to {IMAGE_SIZE} px; cores for one GPU at {GPU_SLICES_PER_S:,} slices/s")
     print(f"{'input':<14}{'decode ms':>10}{'+prep ms':>10}{'ratio':>7}{'slices/s':>10}{'today':>8}"
           f"{'cores':>7}{'today':>7}{'KB native':>10}{'KB today':>9}")
@@ -131,9 +182,14 @@ def main() -> None:
         print(f"{kind:<14}{decode:>10.2f}{today:>10.2f}{row['ratio']:>7.2f}{row['slices_per_s_core']:>10.0f}"
               f"{row['slices_per_s_core_today']:>8.0f}{row['cores_per_gpu']:>7.0f}{row['cores_per_gpu_today']:>7.0f}"
               f"{row['bytes_native'] / 1024:>10.0f}{row['bytes_today'] / 1024:>9.0f}")
+    print(f"\nthe embedding process's CPU a 512×512 CT slice, receiving it from 2 decode workers and gathering "
+          f"it into a batch ({handoff['slices']} slices):")
+    for way in ("pipe float32", "pipe stored", "shared memory"):
+        print(f"  {way:<14}{handoff[way + '_ms']:>7.3f} ms  ({1e3 / handoff[way + '_ms']:,.0f} slices/s)")
     print(json.dumps({"benchmark": "host_cost", "image_size": IMAGE_SIZE, "gpu_slices_per_s": GPU_SLICES_PER_S,
                       "inputs": {kind: {key: round(value, 3) for key, value in row.items()}
-                                 for kind, row in rows.items()}}))
+                                 for kind, row in rows.items()},
+                      "handoff_ms": {key: round(value, 4) for key, value in handoff.items()}}))
 
 
 if __name__ == "__main__":

@@ -5,15 +5,23 @@ several sizes that batches mix and split. On the CPU both run the same code in a
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 
 from embedstore import samples
 from embedstore.errors import UsageError
+from embedstore.intensity import IntensityConfig
+from embedstore.pipeline import handoff
+from embedstore.pipeline.decode import DecodePool
 from embedstore.pipeline.ingest import ingest
+from embedstore.preprocess import DecodeSettings, decode_task
+from embedstore.sources.catalog import build_catalog
+from embedstore.sources.discover import check_sources, discover
 from embedstore.store import Store
 from embedstore.store.schema import slices_table_name
-from tests.support import ingest_options
+from tests.support import TEST_IMAGE_SIZE, ingest_options
 
 BATCH = 5  # smaller than a series: batches split files and mix native sizes
 
@@ -44,12 +52,13 @@ def stored(path) -> dict[str, dict]:
 
 @pytest.mark.parametrize("window", ["auto", "multi"])
 def test_the_devices_mapping_stores_the_vectors_the_workers_mapping_stores(archive, tmp_path, window):
-    runs = {}
+    runs, directories = {}, handoff_directories()
     for placement, workers in (("workers", 0), ("device", 1)):  # a worker process: the native slices travel
         options = ingest_options(window=window, preprocess_on=placement, workers=workers, batch_size=BATCH)
         summary = ingest([archive], tmp_path / placement, options)
         assert summary.n_failed == 0 and summary.n_embedded == 16
         runs[placement] = stored(tmp_path / placement)
+    assert handoff_directories() == directories
     workers, device = runs["workers"], runs["device"]
     assert sorted(workers) == sorted(device)
     labels = {row["intensity"] for row in workers.values()}
@@ -65,3 +74,42 @@ def test_an_unknown_placement_is_a_wrong_request(archive, tmp_path):
     with pytest.raises(UsageError, match="--preprocess-on"):
         ingest([archive], tmp_path / "store", ingest_options(preprocess_on="gpu"))
     assert not (tmp_path / "store").exists()
+
+
+def handoff_directories() -> set[str]:
+    return {path.name for path in handoff.SHARED_MEMORY.glob("embedstore-decoded-*")}
+
+
+def test_decode_workers_hand_stored_values_through_shared_memory_and_leave_nothing_behind(archive):
+    """Native CT slices come back from a worker process as stored (uint16) with their slope and intercept, in
+    a mapping of a chunk file already unlinked, equal to what an inline decode reads; the pool's
+    directory goes with the pool."""
+    settings = DecodeSettings(IntensityConfig(), TEST_IMAGE_SIZE, on_device=True)
+    tasks = build_catalog(discover(check_sources([archive / "ct"]))[0], "axial").tasks
+    before = handoff_directories()
+    with DecodePool(2, settings) as pool:
+        results = [result for _, result in pool.decode(tasks)]
+        assert len(handoff_directories() - before) == 1
+        (directory,) = handoff_directories() - before
+        assert not any((handoff.SHARED_MEMORY / directory).iterdir())  # each file unlinked once mapped
+    assert handoff_directories() == before
+    for task, result in zip(tasks, results):
+        stored = result.native.stored
+        assert stored.dtype == np.uint16 and isinstance(stored.base, mmap.mmap)
+        inline = decode_task(task, settings).native
+        assert np.array_equal(stored, inline.stored) and np.array_equal(result.native.rescale, inline.rescale)
+        assert result.native.rescale[0].tolist() == [1.0, -1024.0]
+        assert np.array_equal(result.native.pixels, inline.pixels)
+
+
+def test_values_stay_on_the_pipe_when_shared_memory_cannot_take_them(archive, tmp_path):
+    settings = DecodeSettings(IntensityConfig(), TEST_IMAGE_SIZE, on_device=True)
+    (task, *_) = build_catalog(discover(check_sources([archive / "ct-small"]))[0], "axial").tasks
+    results = [decode_task(task, settings)]
+    handoff.share_chunk(results, str(tmp_path / "gone"))  # no such directory: nothing written, nothing lost
+    assert isinstance(results[0].native.stored, np.ndarray) and not (tmp_path / "gone").exists()
+    handoff.share_chunk(results, str(tmp_path))
+    assert isinstance(results[0].native.stored, handoff.SharedValues) and len(list(tmp_path.iterdir())) == 1
+    handoff.adopt_chunk(results)
+    assert np.array_equal(results[0].native.stored, decode_task(task, settings).native.stored)
+    assert not list(tmp_path.iterdir())

@@ -2,7 +2,8 @@
 
 Work goes out in chunks of a few files (small files would otherwise cost more in messaging than
 in decoding) with a bounded number of chunks in flight, so memory stays flat however large the
-archive. Results come back in submission order. `workers=0` decodes inline, for tiny jobs and tests
+archive. Results come back in submission order; native slices (the model's device maps them)
+through shared memory (handoff.py). `workers=0` decodes inline, for tiny jobs and tests
 (a PACS's instances and a bucket's objects fetched ahead in a few threads: their time is the network's).
 """
 
@@ -17,6 +18,7 @@ from functools import partial
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from embedstore.errors import DECODE_ERROR, DUPLICATE_INSTANCE, WORKER_CRASHED, InputError, SourceUnavailableError
+from embedstore.pipeline.handoff import adopt_chunk, handoff_directory, remove_directory, share_chunk
 from embedstore.preprocess import DecodedFile, DecodeSettings, decode_task
 from embedstore.sources.codec_output import CodecOutput, captured_output, with_output
 from embedstore.sources.dicom import parse_dicom
@@ -86,8 +88,12 @@ def _parse_copy(path: str) -> None:
         parse_dicom(local)
 
 
-def decode_chunk(tasks: list[ReadTask], settings: DecodeSettings) -> list:
-    return [decode_or_fail(task, settings) for task in tasks]
+def decode_chunk(tasks: list[ReadTask], settings: DecodeSettings, handoff: str | None = None) -> list:
+    """The chunk's results; with a `handoff` directory (a worker process), decoded values travel there."""
+    results = [decode_or_fail(task, settings) for task in tasks]
+    if handoff is not None:
+        share_chunk(results, handoff)
+    return results
 
 
 def chunk_tasks(tasks: Iterable[ReadTask], chunk_slices: int = CHUNK_SLICES) -> Iterator[list[ReadTask]]:
@@ -110,8 +116,13 @@ class DecodePool:
         self.stage_seconds: Counter = Counter()  # read_decode and preprocess, summed over workers
         self._executor: ProcessPoolExecutor | None = None
         self._threads: ThreadPoolExecutor | None = None  # inline retrievals of remote sources
+        # Workers hand native slices (settings.on_device) back through shared memory (handoff.py);
+        # mapped slices are few bytes after the resize and take the pipe.
+        self._handoff: str | None = None
 
     def __enter__(self) -> "DecodePool":
+        if self.workers and self.settings.on_device:
+            self._handoff = handoff_directory()
         if self.workers:
             # Start every worker now (spawn start-up is seconds: torch import) so it overlaps the
             # catalog and planning instead of delaying the first batch.
@@ -130,6 +141,9 @@ class DecodePool:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        if self._handoff is not None:
+            remove_directory(self._handoff)
+            self._handoff = None
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
@@ -176,15 +190,15 @@ class DecodePool:
 
     def _decode_inline(self, chunk: list[ReadTask]) -> Iterator[tuple[ReadTask, DecodedFile | list[Failure]]]:
         results = decode_chunk(chunk, self.settings)
-        self._account(results)
+        self._received(results)
         return zip(chunk, results)
 
     def _submit(self, chunk: list[ReadTask]) -> Future:
         try:
-            return self._pool().submit(decode_chunk, chunk, self.settings)
+            return self._pool().submit(decode_chunk, chunk, self.settings, self._handoff)
         except BrokenProcessPool:
             self._replace_pool()
-            return self._pool().submit(decode_chunk, chunk, self.settings)
+            return self._pool().submit(decode_chunk, chunk, self.settings, self._handoff)
 
     def _replace_pool(self) -> None:
         if self._executor is not None:
@@ -199,7 +213,7 @@ class DecodePool:
             # Retry this chunk's files one by one in a fresh pool: only the culprit becomes a failure.
             self._replace_pool()
             return ((task, self._decode_alone(task)) for task in chunk)
-        self._account(results)
+        self._received(results)
         return zip(chunk, results)
 
     def _decode_alone(self, task: ReadTask) -> DecodedFile | list[Failure]:
@@ -208,10 +222,12 @@ class DecodePool:
         except BrokenProcessPool as error:
             self._replace_pool()
             return [Failure(task.path, "decode", WORKER_CRASHED, f"decode worker died reading this file: {error}")]
-        self._account([result])
+        self._received([result])
         return result
 
-    def _account(self, results: list) -> None:
+    def _received(self, results: list) -> None:
+        """Results back: their values taken from shared memory, their stage seconds counted."""
+        adopt_chunk(results)
         for result in results:
             if isinstance(result, DecodedFile):
                 self.stage_seconds.update(result.seconds)
