@@ -15,7 +15,9 @@ worker processes that only decode (DecodePool), batched, copied to the device an
 window, resize to 224: --preprocess-on device, what an ingest does on CUDA), embedded by embedstore's
 Embedder in bf16. Per slice: the workers' CPU time, the wait for them, the H2D copy with the mapping,
 the forward with its D2H copy (the device synchronised between stages), GPU utilisation sampled
-through NVML where it answers. Then, where lancedb and zarr are importable (it says which), the same
+through NVML where it answers; then the same slices as an ingest runs them, one batch ahead (the next
+batch copied and mapped on a stream of its own during the forward, nothing synchronised): the
+end-to-end rate. Then, where lancedb and zarr are importable (it says which), the same
 through the ingest's own UnitRunner (embed, patch shards) and RowCommitter (LanceDB rows), with their
 stage times (write, commit). Last, the worst cosine between the patch_mean of the same slices mapped
 on the CPU and on the device.
@@ -176,13 +178,19 @@ def pipeline(n_slices: int, image_size: int, batch_size: int, device, results: d
                 stages, n_embedded, seconds = staged_pass(pool, tasks, embedder, settings, batch_size)
             rate = n_embedded / seconds
             stages["host_decode_cpu_ms_per_slice"] = 1e3 * sum(pool.stage_seconds.values()) / n_embedded
+            with UtilisationSampler(device) as overlapped_sampler:
+                n_overlapped, overlapped_seconds = overlapped_pass(pool, tasks, embedder, settings, batch_size)
             results.update(slices=n_embedded, decode_workers=workers, preprocess_on_device=settings.on_device,
                            slices_per_s=round(rate, 1), gpu_utilisation=sampler.summary(),
-                           stages_ms_per_slice={name: round(value, 3) for name, value in stages.items()})
+                           stages_ms_per_slice={name: round(value, 3) for name, value in stages.items()},
+                           overlapped={"slices": n_overlapped,
+                                       "slices_per_s": round(n_overlapped / overlapped_seconds, 1),
+                                       "gpu_utilisation": overlapped_sampler.summary()})
             print(f"pipeline: {n_embedded} DICOM slices 512x512 → dinov2_vitb14 bf16 at {image_size}px, {workers} "
                   f"decode workers, mapping on the {'device' if settings.on_device else 'workers'}: {rate:.1f} "
-                  f"slices/s; ms a slice by stage {results['stages_ms_per_slice']}; GPU busy {sampler.summary()}",
-                  flush=True)
+                  f"slices/s stage by stage; ms a slice by stage {results['stages_ms_per_slice']}; GPU busy "
+                  f"{sampler.summary()}; overlapped as an ingest runs (one batch ahead, no synchronisation): "
+                  f"{results['overlapped']}", flush=True)
             sink, write_note = store_sink(Path(scratch) / "store", loaded, embedder, batch_size, settings)
             if sink is not None:
                 started = time.perf_counter()
@@ -249,6 +257,41 @@ def staged_pass(pool, tasks, embedder, settings, batch_size: int) -> tuple[dict,
         n_embedded += embed()
     seconds = time.perf_counter() - started
     return {f"{stage}_ms_per_slice": 1e3 * value / n_embedded for stage, value in spent.items()}, n_embedded, seconds
+
+
+def overlapped_pass(pool, tasks, embedder, settings, batch_size: int, unit_slices: int = 256) -> tuple[int, float]:
+    """Every task decoded and embedded as the ingest's UnitRunner does it: a unit's decoded files
+    batched, batch k+1 copied and mapped on the batcher's stream while batch k's forward runs
+    (inference.batching.one_batch_ahead), nothing synchronised but the vectors' D2H. Slices, seconds."""
+    import torch
+
+    from embedstore.inference.batching import SliceBatcher, one_batch_ahead
+
+    batcher = SliceBatcher(batch_size, settings, embedder.device)
+
+    def take():
+        return batcher.take() if batcher.pending() else None
+
+    def launch(batch):
+        items, pixels = batch
+        return len(items), embedder.launch(pixels[settings.interpolations[0]], keep_patches=False)
+
+    def collect(launched) -> int:
+        slices, outputs = launched
+        outputs.collect()
+        return slices
+
+    n_embedded = 0
+    started = time.perf_counter()
+    for _, decoded in pool.decode(tasks):
+        if isinstance(decoded, list):
+            raise RuntimeError(f"a generated slice failed to decode: {decoded[0].message}")
+        batcher.add(decoded)
+        if batcher.pending() >= unit_slices:
+            n_embedded += sum(one_batch_ahead(take, launch, collect))
+    n_embedded += sum(one_batch_ahead(take, launch, collect))
+    torch.cuda.synchronize() if embedder.device.type == "cuda" else None
+    return n_embedded, time.perf_counter() - started
 
 
 def placement_cosine(tasks, embedder, settings) -> float:

@@ -26,6 +26,7 @@ def test_the_gpu_check_runs_its_smoke_form_and_reports_every_stage():
     assert pipeline["preprocess_on_device"] and pipeline["slices"] == 24 and pipeline["slices_per_s"] > 0
     assert set(pipeline["stages_ms_per_slice"]) == {"wait_decode_ms_per_slice", "h2d_and_map_ms_per_slice",
                                                    "forward_and_d2h_ms_per_slice", "host_decode_cpu_ms_per_slice"}
+    assert pipeline["overlapped"]["slices"] == 24 and pipeline["overlapped"]["slices_per_s"] > 0  # each slice once
     assert {"read_decode", "preprocess", "embed", "write_patches", "commit"} <= set(
         pipeline["with_store"]["stage_ms_per_slice"])
     assert pipeline["cpu_vs_device_patch_mean_cosine"] >= 0.999

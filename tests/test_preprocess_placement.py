@@ -12,6 +12,7 @@ import pytest
 
 from embedstore import samples
 from embedstore.errors import UsageError
+from embedstore.inference.batching import one_batch_ahead
 from embedstore.intensity import IntensityConfig
 from embedstore.pipeline import handoff
 from embedstore.pipeline.decode import DecodePool
@@ -113,3 +114,29 @@ def test_values_stay_on_the_pipe_when_shared_memory_cannot_take_them(archive, tm
     handoff.adopt_chunk(results)
     assert np.array_equal(results[0].native.stored, decode_task(task, settings).native.stored)
     assert not list(tmp_path.iterdir())
+
+
+def test_batches_run_one_ahead_so_the_next_batch_is_mapped_and_written_around_a_forward():
+    """The order the runner relies on for overlap on CUDA: batch k+1 taken before batch k's outputs
+    are waited for, and launched before the caller writes batch k; every batch once, in order."""
+    events, batches = [], iter(range(3))
+
+    def take():
+        batch = next(batches, None)
+        events.append(f"take {batch}")
+        return batch
+
+    def launch(batch):
+        events.append(f"launch {batch}")
+        return batch
+
+    def collect(batch):
+        events.append(f"collect {batch}")
+        return batch
+
+    for batch in one_batch_ahead(take, launch, collect):
+        events.append(f"write {batch}")
+    assert events == ["take 0", "launch 0",
+                      "take 1", "collect 0", "launch 1", "write 0",
+                      "take 2", "collect 1", "launch 2", "write 1",
+                      "take None", "collect 2", "write 2"]

@@ -12,12 +12,32 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from embedstore.preprocess import DecodedFile, DecodeSettings, resize_stack, to_device, unit_stack
 from embedstore.sources.records import NativeSlices, SliceItem
+
+Prepared, Launched, Finished = TypeVar("Prepared"), TypeVar("Launched"), TypeVar("Finished")
+
+
+def one_batch_ahead(take: Callable[[], Prepared | None], launch: Callable[[Prepared], Launched],
+                    collect: Callable[[Launched], Finished]) -> Iterator[Finished]:
+    """Batches from `take` (None when there are no more) through `launch` (the forward queued on the
+    device) and `collect` (its outputs on the host), one batch ahead: batch k+1 is taken before
+    batch k is collected, and launched before the caller handles batch k's outputs, so the next
+    batch's copy and mapping and the caller's writes overlap a forward on the device."""
+    launched = None
+    while True:
+        prepared = take()
+        finished = collect(launched) if launched is not None else None
+        launched = launch(prepared) if prepared is not None else None
+        if finished is not None:
+            yield finished
+        if launched is None:
+            return
 
 
 class SliceBatcher:

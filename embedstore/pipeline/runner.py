@@ -16,13 +16,14 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from embedstore.inference.batching import SliceBatcher
+from embedstore.inference.batching import SliceBatcher, one_batch_ahead
 from embedstore.models.build import LoadedModel
 from embedstore.models.embedder import Embedder, Embeddings, LaunchedBatch
 from embedstore.models.spec import ModelSpec, cls_column
@@ -108,24 +109,21 @@ class UnitRunner:
         writers = [ModelRows(loaded, self.patches_root, self.run_id, unit.unit_id, wanted)
                    for loaded, wanted in zip(self.models, unit.wanted)]
         items: list[SliceItem] = []
-        # Batch k+1 is taken (on CUDA: copied and mapped on the batcher's stream) before batch k's
-        # vectors are waited for, and batch k is written while batch k+1's forward runs.
-        launched: Launched | None = None
-        while batcher.pending() or launched is not None:
-            prepared = self._prepare(batcher, seconds) if batcher.pending() else None
-            finished = self._collect(launched, seconds) if launched is not None else None
-            launched = self._launch(prepared, writers, seconds) if prepared is not None else None
-            if finished is not None:
-                items.extend(self._write(finished, seconds))
-                if on_batch:
-                    on_batch(len(finished[0]))
+        for finished in one_batch_ahead(partial(self._prepare, batcher, seconds),
+                                        partial(self._launch, writers=writers, seconds=seconds),
+                                        partial(self._collect, seconds=seconds)):
+            items.extend(self._write(finished, seconds))
+            if on_batch:
+                on_batch(len(finished[0]))
         started = time.perf_counter()
         vectors = {writer.spec.model_id: writer.close() for writer in writers if writer.n_rows}
         seconds["write_patches"] += time.perf_counter() - started
         return UnitOutput(unit.unit_id, item_rows(items, self.run_id), vectors, failures, n_failed_items,
                           len(items), dict(seconds), n_warned_files=n_warned_files, parts=unit.parts)
 
-    def _prepare(self, batcher: SliceBatcher, seconds: Counter) -> tuple[list[SliceItem], dict]:
+    def _prepare(self, batcher: SliceBatcher, seconds: Counter) -> tuple[list[SliceItem], dict] | None:
+        if not batcher.pending():
+            return None
         started = time.perf_counter()
         prepared = batcher.take()
         if self.settings.on_device:  # the intensity mapping and resize ran here, not in the workers
