@@ -269,9 +269,6 @@ def overlapped_pass(pool, tasks, embedder, settings, batch_size: int, unit_slice
 
     batcher = SliceBatcher(batch_size, settings, embedder.device)
 
-    def take():
-        return batcher.take() if batcher.pending() else None
-
     def launch(batch):
         items, pixels = batch
         return len(items), embedder.launch(pixels[settings.interpolations[0]], keep_patches=False)
@@ -288,8 +285,8 @@ def overlapped_pass(pool, tasks, embedder, settings, batch_size: int, unit_slice
             raise RuntimeError(f"a generated slice failed to decode: {decoded[0].message}")
         batcher.add(decoded)
         if batcher.pending() >= unit_slices:
-            n_embedded += sum(one_batch_ahead(take, launch, collect))
-    n_embedded += sum(one_batch_ahead(take, launch, collect))
+            n_embedded += sum(one_batch_ahead(batcher.take, launch, collect))
+    n_embedded += sum(one_batch_ahead(batcher.take, launch, collect))
     torch.cuda.synchronize() if embedder.device.type == "cuda" else None
     return n_embedded, time.perf_counter() - started
 

@@ -6,14 +6,16 @@ decoded, mapped to [0, 1] (HU window, MR percentiles, VOI window), resized to th
 with antialiasing and handed to the embedding process as float32. This measures, per input kind,
 the CPU milliseconds a decode worker (`preprocess.decode_task`, one thread) spends on a slice:
 
-  decode       - with DecodeSettings.on_device: the file read, the pixels decoded and the modality
-                 LUT applied (float32 HU for CT), the mapping's facts kept: all a worker does when
+  decode       - with DecodeSettings.on_device: the file read and the pixels decoded, kept as stored
+                 with the mapping's facts (slope and intercept, VOI windows): all a worker does when
                  the model's device maps and resizes
-  decode+prep  - the same plus the intensity mapping and the resize to 224 px in the worker
+  decode+prep  - the same plus the modality LUT, the intensity mapping and the resize to 224 px in
+                 the worker
 
-and the bytes a slice the worker hands back (its pickled DecodedFile): native float32 pixels, or
+and the bytes a slice the worker hands back (its pickled DecodedFile): native stored values, or
 224 px float32. From the per-core rates it prints the cores one GPU needs to embed 12,000 slices/s
-(a ViT-B/14 at 224 px in bf16 on one H100/H200) either way.
+(a ViT-B/14 at 224 px in bf16 on one H100/H200) either way. Then the embedding process's side of
+the hand-over (`handoff_cost`).
 
 Inputs, generated here (the reader is embedstore's; the files are what scanners write):
   CT 512 raw   - 512×512 uint16 CT, Explicit VR Little Endian (benchmarks/decode.py's volume)
@@ -147,11 +149,10 @@ def handoff_cost(tasks, repeats: int, copies: int = 8) -> dict:
             for _ in range(repeats + 1):  # the first pass starts the workers
                 for way, run in ways.items():
                     started = time.process_time()
-                    gathered = 0
                     for future in [pool.submit(run, chunk) for chunk in chunks]:
                         results = future.result()
                         adopt_chunk(results)
-                        gathered += np.concatenate([result.native.stored for result in results]).nbytes
+                        np.concatenate([result.native.stored for result in results])  # every value read once
                     spent[way].append((time.process_time() - started) * 1e3 / slices)
     finally:
         remove_directory(directory)

@@ -25,7 +25,7 @@ from embedstore.intensity import CT_WINDOWS, IntensityConfig
 from embedstore.models.spec import ModelSpec
 from embedstore.sources.limits import DEFAULT_MAX_PIXELS
 from embedstore.sources.native import read_native
-from embedstore.sources.records import Failure, NativeSlices, ReadTask
+from embedstore.sources.records import IDENTITY_RESCALE, Failure, NativeSlices, ReadTask
 
 
 QUANTILE_VALUES = 1 << 24  # torch.quantile takes at most this many values at once
@@ -133,9 +133,8 @@ def _rescale_rows(parts: Sequence[tuple[NativeSlices, int, int]]) -> torch.Tenso
     """Each slice's (slope, intercept); None where no part has a modality LUT left to apply."""
     if all(native.rescale is None for native, _, _ in parts):
         return None
-    identity = np.array([[1.0, 0.0]], dtype=np.float32)
     return torch.from_numpy(np.concatenate([
-        native.rescale[start:stop] if native.rescale is not None else np.repeat(identity, stop - start, axis=0)
+        native.rescale[start:stop] if native.rescale is not None else np.tile(IDENTITY_RESCALE, (stop - start, 1))
         for native, start, stop in parts]))
 
 

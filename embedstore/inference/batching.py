@@ -67,9 +67,12 @@ class SliceBatcher:
     def full(self) -> bool:
         return self._count >= self.size
 
-    def take(self) -> tuple[list[SliceItem], dict[str, np.ndarray | torch.Tensor]]:
+    def take(self) -> tuple[list[SliceItem], dict[str, np.ndarray | torch.Tensor]] | None:
         """The next batch: its items and, per interpolation, its pixels (a tensor on the model's
-        device when it maps them; on CUDA, ready for the current stream's next kernels)."""
+        device when it maps them; on CUDA, ready for the current stream's next kernels); None when
+        no slice is pending."""
+        if not self._count:
+            return None
         n = min(self.size, self._count)
         items, self._items = self._items[:n], self._items[n:]
         pieces, wanted = [], n

@@ -127,19 +127,20 @@ class IngestSummary:
         return asdict(self)
 
 
-def check_options(options: IngestOptions) -> tuple[IntensityConfig, str | None, object]:
-    """The intensity mapping, declared modality and device an ingest asks for; UsageError for a wrong
-    request, before anything is loaded or written."""
+def check_options(options: IngestOptions) -> tuple[IntensityConfig, str | None, object, bool]:
+    """The intensity mapping, declared modality and device an ingest asks for, and whether that device
+    maps and resizes (`--preprocess-on`); UsageError for a wrong request, before anything is loaded or
+    written."""
     if options.batch_size < 1 or (options.workers is not None and options.workers < 0):
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
     check_catalog_options(catalog_options(options))  # axis, --max-pixels, header reads, executor
     modality = declared_modality(options.modality)
     intensity = IntensityConfig(window=options.window, mr_percentiles=tuple(options.mr_percentiles))
     device = pick_device(options.device)
-    maps_on_device(options.preprocess_on, device)  # an unknown placement is a wrong request too
+    on_device = maps_on_device(options.preprocess_on, device)  # an unknown placement is a wrong request too
     check_precision(options.precision)
     candidate_engines(options.engine, device)  # an unknown engine is a wrong request: nothing written yet
-    return intensity, modality, device
+    return intensity, modality, device, on_device
 
 
 def open_for_models(store_path: Path, options: IngestOptions, specs: list[ModelSpec]) -> tuple[Store, bytes | None]:
@@ -187,7 +188,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     store_path = store_root(store_path)
     check_store_path(store_path, create=True)
     check_store_writable(store_path)
-    intensity, modality, device = check_options(options)
+    intensity, modality, device, on_device = check_options(options)
     with spinner(f"loading {', '.join(options.models)} ({options.weights} weights)", options.show_progress):
         models = loaded or load_models(options, intensity)
     loading_seconds = time.perf_counter() - wall_started
@@ -199,7 +200,7 @@ def ingest(sources: list[str | Path], store_path: str | Path, options: IngestOpt
     run_id = new_run_id()
     config = {**asdict(options), "workers": workers, "device": str(device), "sources": [str(p) for p in source_paths]}
     store.start_run(run_id, [s.model_id for s in specs], config)
-    settings = DecodeSettings.for_specs(specs, options.max_pixels, maps_on_device(options.preprocess_on, device))
+    settings = DecodeSettings.for_specs(specs, options.max_pixels, on_device)
     job = EmbedJob(options, specs, run_id, str(store.patches_root), settings)
     # The catalog thread writes through a Store of its own: a Store's commit lock is held per object.
     scan = CatalogScan(Store.open(store_path), source_paths, catalog_options(options),

@@ -122,8 +122,6 @@ class UnitRunner:
                           len(items), dict(seconds), n_warned_files=n_warned_files, parts=unit.parts)
 
     def _prepare(self, batcher: SliceBatcher, seconds: Counter) -> tuple[list[SliceItem], dict] | None:
-        if not batcher.pending():
-            return None
         started = time.perf_counter()
         prepared = batcher.take()
         if self.settings.on_device:  # the intensity mapping and resize ran here, not in the workers

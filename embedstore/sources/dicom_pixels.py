@@ -26,7 +26,7 @@ from embedstore.errors import (
     InputError,
 )
 from embedstore.sources.dicom import PIXEL_KEYWORDS, parse_dicom
-from embedstore.sources.records import in_native_order, modality_values
+from embedstore.sources.records import IDENTITY_RESCALE, in_native_order, modality_values
 
 try:  # GDCM prints its own diagnostics to stderr; a failure row says what matters
     import gdcm
@@ -331,11 +331,11 @@ def _modality_lut(stored: np.ndarray, ds: Dataset, frames: list[int]) -> tuple[n
     items = [_frame_item(ds, "PixelValueTransformationSequence", frame) for frame in frames]  # enhanced objects
     if all(item is None for item in items):
         return stored, None
-    return stored, np.stack([_rescale(item) if item is not None else _rescale(Dataset()) for item in items])
+    return stored, np.stack([_rescale(item) if item is not None else IDENTITY_RESCALE for item in items])
 
 
 def _rescale(source: Dataset) -> np.ndarray:
-    """(slope, intercept) as float32; identity where the source gives neither."""
+    """(slope, intercept) as float32; 1 and 0 where the source gives neither."""
     try:
         slope = (_text_numbers(source, "RescaleSlope") or [1.0])[0]
         intercept = (_text_numbers(source, "RescaleIntercept") or [0.0])[0]

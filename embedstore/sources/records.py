@@ -74,6 +74,9 @@ class NativeSlices:
         return modality_values(self.stored, self.rescale)
 
 
+IDENTITY_RESCALE = np.array([1.0, 0.0], dtype=np.float32)  # (slope, intercept) of a slice stored in output units
+
+
 def modality_values(stored: np.ndarray, rescale: np.ndarray | None) -> np.ndarray:
     """Stored values through per-slice slope and intercept, in float32, on the host. The product and
     the sum are rounded one at a time, as the device mapping (preprocess.unit_stack) does them."""
